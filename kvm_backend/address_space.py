@@ -1,0 +1,106 @@
+"""The guest's user address space as the VMM hands it out: program break and mmap area.
+
+    user_start .. program .. brk_start ->heap->brk   ...   mmap_low <-mmap area- mmap_top | stack
+                                                                                         user_end
+
+Memory is identity-mapped and present from boot, so brk and mmap only move bookkeeping.
+Fresh memory is zero; memory handed out a second time (munmap'ed, or below a lowered brk)
+is zeroed first, as Linux guarantees for anonymous memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import replace
+
+from vmstate.state import PAGE_SIZE, AddressSpace
+
+from .memory import GuestMemory
+
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+DEFAULT_STACK_SIZE = 8 << 20
+
+
+def page_up(value: int) -> int:
+    return (value + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+class UserAddressSpace:
+    def __init__(self, state: AddressSpace, memory: GuestMemory):
+        self.state = state
+        self.memory = memory
+
+    @classmethod
+    def fresh(cls, memory: GuestMemory, user_start: int, heap_start: int) -> UserAddressSpace:
+        stack_size = min(DEFAULT_STACK_SIZE, memory.size // 8)
+        top = memory.size - stack_size
+        return cls(AddressSpace(user_start=user_start, user_end=memory.size, brk_start=heap_start,
+                                brk=heap_start, mmap_low=top, mmap_top=top), memory)
+
+    @property
+    def stack_top(self) -> int:
+        return self.state.user_end
+
+    def brk(self, requested: int) -> int:
+        s = self.state
+        if s.brk_start <= requested <= s.mmap_low:
+            if requested < s.brk:
+                self.memory.zero(requested, s.brk - requested)
+            self.state = replace(s, brk=requested)
+        return self.state.brk
+
+    def mmap(self, addr: int, length: int, flags: int, host_fd: int | None, offset: int) -> int:
+        """Returns the address, or a negative errno. Only anonymous and private file mappings."""
+        if length <= 0 or flags & MAP_FIXED or offset % PAGE_SIZE:
+            return -errno.EINVAL
+        if not flags & MAP_ANONYMOUS and (flags & MAP_SHARED or host_fd is None):
+            return -errno.ENODEV if host_fd is not None else -errno.EBADF
+        size = page_up(length)
+        start = self._take_free_range(size)
+        if start is None:
+            start = self.state.mmap_low - size
+            if start < page_up(self.state.brk):
+                return -errno.ENOMEM
+            self.state = replace(self.state, mmap_low=start)
+        if host_fd is not None and not flags & MAP_ANONYMOUS:
+            view = self.memory.user_view(start, length)
+            read = os.preadv(host_fd, [view], offset)
+            self.memory.mark_written(start, read)
+        return start
+
+    def _take_free_range(self, size: int) -> int | None:
+        """First fit from the ranges freed by munmap; the memory is zeroed before reuse."""
+        ranges = list(self.state.free_ranges)
+        for i, (start, length) in enumerate(ranges):
+            if length >= size:
+                ranges[i:i + 1] = [(start, length - size)] if length > size else []
+                self.state = replace(self.state, free_ranges=tuple(ranges))
+                taken = start + length - size
+                self.memory.zero(taken, size)
+                return taken
+        return None
+
+    def munmap(self, addr: int, length: int) -> int:
+        s = self.state
+        size = page_up(length)
+        if addr % PAGE_SIZE or length <= 0:
+            return -errno.EINVAL
+        if addr < s.mmap_low or addr + size > s.mmap_top:
+            return 0    # Linux accepts unmapping what is not mapped
+        self.state = replace(s, free_ranges=_insert_range(s.free_ranges, addr, size))
+        return 0
+
+    def in_user_memory(self, addr: int, length: int) -> bool:
+        return self.state.user_start <= addr and addr + length <= self.state.user_end
+
+
+def _insert_range(ranges, addr: int, size: int) -> tuple[tuple[int, int], ...]:
+    """Add [addr, addr+size) to a sorted list of free ranges, merging overlaps and neighbours."""
+    merged: list[list[int]] = []
+    for start, length in sorted([*ranges, (addr, size)]):
+        if merged and start <= merged[-1][0] + merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], start + length - merged[-1][0])
+        else:
+            merged.append([start, length])
+    return tuple((start, length) for start, length in merged)

@@ -1,0 +1,162 @@
+"""The VMM's file table: guest file descriptors mapped to host files under the guest root.
+
+Guest fds are the VMM's own numbers, not host fds, so the table can be saved (path, flags,
+mode, offset) and rebuilt on another host. Paths are resolved with openat2(RESOLVE_BENEATH)
+relative to the root directory: the kernel itself refuses `..`, absolute paths and symlinks
+that would leave it, with no window between a check and the open.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import posixpath
+from dataclasses import dataclass, replace
+
+from vmstate.errors import RestoreError
+from vmstate.state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT, OpenFile
+
+SYS_openat2 = 437
+RESOLVE_NO_MAGICLINKS, RESOLVE_BENEATH = 0x02, 0x08
+MAX_GUEST_FDS = 1024
+# Flags that only matter when a file is created; a restore reopens without them.
+CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC
+STDIO = {0: (FD_STDIN, 0), 1: (FD_STDOUT, 1), 2: (FD_STDERR, 2)}
+STDIO_HOST_FD = {kind: host_fd for kind, host_fd in STDIO.values()}
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def open_beneath(root_fd: int, path: str, flags: int, mode: int) -> int:
+    """openat2(root_fd, path, RESOLVE_BENEATH): a host fd, or OSError (EACCES on escape)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0,
+                   RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(SYS_openat2, root_fd, os.fsencode(path), ctypes.byref(how),
+                       ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(errno.EACCES if err == errno.EXDEV else err, os.strerror(err), path)
+    return fd
+
+
+def normalize_guest_path(path: str) -> str:
+    """The path as recorded in the file table: relative to the root, `.`/`..` folded.
+    Raises OSError(EACCES) for a path that is absolute or climbs out of the root."""
+    if path.startswith("/"):
+        raise OSError(errno.EACCES, "absolute paths are outside the guest root", path)
+    normal = posixpath.normpath(path)
+    if normal == ".." or normal.startswith("../"):
+        raise OSError(errno.EACCES, "path leaves the guest root", path)
+    return normal
+
+
+@dataclass
+class GuestFile:
+    entry: OpenFile
+    host_fd: int
+
+    @property
+    def owns_host_fd(self) -> bool:
+        return self.entry.kind == FD_FILE
+
+
+class FileTable:
+    def __init__(self, root: str):
+        self.root = root
+        try:
+            self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise RestoreError(f"guest root {root}: {e.strerror}") from None
+        self._files: dict[int, GuestFile] = {}
+
+    @classmethod
+    def with_stdio(cls, root: str) -> FileTable:
+        table = cls(root)
+        for fd, (kind, host_fd) in STDIO.items():
+            table._files[fd] = GuestFile(OpenFile(fd=fd, kind=kind, flags=os.O_RDWR), host_fd)
+        return table
+
+    def close_all(self) -> None:
+        for fd in list(self._files):
+            self.close(fd)
+        os.close(self.root_fd)
+
+    def _lowest_free_fd(self) -> int:
+        fd = 0
+        while fd in self._files:
+            fd += 1
+        if fd >= MAX_GUEST_FDS:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return fd
+
+    def open(self, path: str, flags: int, mode: int) -> int:
+        recorded = normalize_guest_path(path)
+        host_fd = open_beneath(self.root_fd, recorded, flags, mode)
+        try:
+            fd = self._lowest_free_fd()
+        except OSError:
+            os.close(host_fd)
+            raise
+        self._files[fd] = GuestFile(OpenFile(fd, FD_FILE, recorded, flags, mode & 0o7777, 0),
+                                    host_fd)
+        return fd
+
+    def get(self, fd: int) -> GuestFile:
+        try:
+            return self._files[fd]
+        except KeyError:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+    def close(self, fd: int) -> None:
+        guest_file = self._files.pop(fd, None)
+        if guest_file is None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        if guest_file.owns_host_fd:
+            os.close(guest_file.host_fd)
+
+    def snapshot(self) -> tuple[OpenFile, ...]:
+        """The table as plain data, with each file's current offset."""
+        entries = []
+        for fd in sorted(self._files):
+            guest_file = self._files[fd]
+            offset = 0
+            if guest_file.owns_host_fd:
+                offset = os.lseek(guest_file.host_fd, 0, os.SEEK_CUR)
+            entries.append(replace(guest_file.entry, offset=offset))
+        return tuple(entries)
+
+    @classmethod
+    def reopen(cls, root: str, entries: tuple[OpenFile, ...]) -> FileTable:
+        """Rebuild a saved table: files reopened without creation flags (never truncated)
+        and positioned at their saved offsets; stdio bound to this VMM's own streams."""
+        table = cls(root)
+        try:
+            for entry in entries:
+                table._files[entry.fd] = GuestFile(entry, table._reopen_one(entry))
+        except RestoreError:
+            table.close_all()
+            raise
+        return table
+
+    def _reopen_one(self, entry: OpenFile) -> int:
+        if entry.kind != FD_FILE:
+            return STDIO_HOST_FD[entry.kind]
+        where = f"guest fd {entry.fd} ({entry.path!r})"
+        try:
+            if normalize_guest_path(entry.path) != entry.path:
+                raise OSError(errno.EACCES, "path is not in normal form", entry.path)
+            host_fd = open_beneath(self.root_fd, entry.path, entry.flags & ~CREATION_FLAGS, 0)
+        except OSError as e:
+            reason = ("path is outside the guest root" if e.errno == errno.EACCES
+                      else f"cannot be reopened: {e.strerror}")
+            raise RestoreError(f"{where}: {reason} (root {self.root})") from None
+        os.lseek(host_fd, entry.offset, os.SEEK_SET)
+        return host_fd

@@ -1,0 +1,338 @@
+"""Thin, typed wrappers over the KVM ioctl API: Kvm (/dev/kvm) -> Vm -> Vcpu.
+
+Each method wraps one ioctl. Objects own their file descriptors and close them as context
+managers. KVM_RUN results come back as one of the small frozen exit dataclasses below.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+from dataclasses import dataclass
+
+from . import abi
+from .ioctls import (
+    KVM_CHECK_EXTENSION, KVM_CREATE_VCPU, KVM_CREATE_VM, KVM_GET_API_VERSION, KVM_GET_CPUID2,
+    KVM_GET_DEBUGREGS, KVM_GET_DIRTY_LOG, KVM_GET_MP_STATE, KVM_GET_MSR_INDEX_LIST, KVM_GET_MSRS,
+    KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_SUPPORTED_CPUID, KVM_GET_VCPU_EVENTS,
+    KVM_GET_VCPU_MMAP_SIZE, KVM_GET_XCRS, KVM_GET_XSAVE, KVM_GET_XSAVE2, KVM_RUN,
+    KVM_SET_CPUID2, KVM_SET_DEBUGREGS, KVM_SET_GUEST_DEBUG, KVM_SET_MP_STATE, KVM_SET_MSRS,
+    KVM_SET_REGS, KVM_SET_SREGS, KVM_SET_USER_MEMORY_REGION, KVM_SET_VCPU_EVENTS,
+    KVM_SET_XCRS, KVM_SET_XSAVE)
+
+KVM_API_VERSION = 12
+
+
+class KvmUnavailable(Exception):
+    """/dev/kvm is missing, not accessible, or cannot create a VM."""
+
+
+class KvmIoctlError(Exception):
+    """An ioctl failed or did less than asked (e.g. KVM_SET_MSRS set fewer MSRs)."""
+
+
+# --- exits ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IoExit:
+    port: int
+    is_out: bool
+    size: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class HltExit:
+    pass
+
+
+@dataclass(frozen=True)
+class DebugExit:
+    pc: int
+    exception: int
+    dr6: int
+
+
+@dataclass(frozen=True)
+class MmioExit:
+    address: int
+    is_write: bool
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ShutdownExit:
+    """Triple fault: the guest could not even deliver an exception."""
+
+
+@dataclass(frozen=True)
+class FailEntryExit:
+    reason: int
+
+
+@dataclass(frozen=True)
+class InternalErrorExit:
+    suberror: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InterruptedExit:
+    """KVM_RUN returned EINTR (a signal, or immediate_exit was set)."""
+
+
+@dataclass(frozen=True)
+class UnknownExit:
+    reason: int
+
+
+Exit = (IoExit | HltExit | DebugExit | MmioExit | ShutdownExit | FailEntryExit
+        | InternalErrorExit | InterruptedExit | UnknownExit)
+
+KVM_EXIT_IO, KVM_EXIT_DEBUG, KVM_EXIT_HLT, KVM_EXIT_MMIO = 2, 4, 5, 6
+KVM_EXIT_SHUTDOWN, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTR, KVM_EXIT_INTERNAL_ERROR = 8, 9, 10, 17
+
+
+def _ioctl(fd: int, request: int, arg=0, what: str = "") -> int:
+    try:
+        return fcntl.ioctl(fd, request, arg, True) if not isinstance(arg, int) \
+            else fcntl.ioctl(fd, request, arg)
+    except OSError as e:
+        raise KvmIoctlError(f"{what or hex(request)} failed: {os.strerror(e.errno)}") from e
+
+
+class _Fd:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Kvm(_Fd):
+    """The /dev/kvm system fd."""
+
+    def __init__(self, path: str = "/dev/kvm"):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(f"{path} does not exist (is the kvm module loaded?)") from None
+        except PermissionError:
+            raise KvmUnavailable(f"no permission to open {path} (add yourself to the kvm "
+                                 "group or run as root)") from None
+        except OSError as e:
+            raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from None
+        super().__init__(fd)
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+        if version != KVM_API_VERSION:
+            self.close()
+            raise KvmUnavailable(f"{path} speaks KVM API {version}, expected {KVM_API_VERSION}")
+
+    def check_extension(self, cap: int) -> int:
+        return fcntl.ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
+
+    def vcpu_mmap_size(self) -> int:
+        return fcntl.ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE)
+
+    def supported_cpuid(self) -> list[abi.kvm_cpuid_entry2]:
+        return _grow_until_fits(lambda n: abi.kvm_cpuid2(n), self.fd, KVM_GET_SUPPORTED_CPUID,
+                                "nent", "entries")
+
+    def msr_index_list(self) -> list[int]:
+        return _grow_until_fits(lambda n: abi.kvm_msr_list(n), self.fd, KVM_GET_MSR_INDEX_LIST,
+                                "nmsrs", "indices")
+
+    def create_vm(self) -> Vm:
+        try:
+            fd = fcntl.ioctl(self.fd, KVM_CREATE_VM, 0)
+        except OSError as e:
+            raise KvmUnavailable(f"KVM_CREATE_VM failed: {e.strerror}") from None
+        return Vm(fd, self)
+
+
+def _grow_until_fits(make, fd: int, request: int, count_field: str, array_field: str) -> list:
+    """Call an ioctl that answers E2BIG until its flexible array is large enough."""
+    count = 64
+    while True:
+        buf = make(count)
+        try:
+            fcntl.ioctl(fd, request, buf, True)
+        except OSError as e:
+            if e.errno == errno.E2BIG and count < 1 << 16:
+                count *= 4
+                continue
+            raise KvmIoctlError(f"ioctl {request:#x} failed: {e.strerror}") from None
+        array = getattr(buf, array_field)
+        return [array[i] for i in range(getattr(buf, count_field))]
+
+
+class Vm(_Fd):
+    def __init__(self, fd: int, kvm: Kvm):
+        super().__init__(fd)
+        self.kvm = kvm
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int,
+                               host_addr: int, flags: int = 0) -> None:
+        region = abi.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, host_addr)
+        _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytearray:
+        """The slot's dirty bitmap (bit i = page i written since the last call)."""
+        bitmap = bytearray(((npages + 63) // 64) * 8)
+        holder = (ctypes.c_char * len(bitmap)).from_buffer(bitmap)
+        log = abi.kvm_dirty_log(slot, 0, ctypes.addressof(holder))
+        _ioctl(self.fd, KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+        del holder
+        return bitmap
+
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        fd = _ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
+        return Vcpu(fd, self.kvm.vcpu_mmap_size())
+
+
+class Vcpu(_Fd):
+    def __init__(self, fd: int, mmap_size: int):
+        super().__init__(fd)
+        self._run_map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_page = abi.kvm_run.from_buffer(self._run_map)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            del self.run_page
+            self._run_map.close()
+        super().close()
+
+    def run(self) -> Exit:
+        try:
+            fcntl.ioctl(self.fd, KVM_RUN, 0)
+        except InterruptedError:
+            return InterruptedExit()
+        except OSError as e:
+            raise KvmIoctlError(f"KVM_RUN failed: {e.strerror}") from None
+        return self._decode_exit()
+
+    def _decode_exit(self) -> Exit:
+        run = self.run_page
+        reason = run.exit_reason
+        if reason == KVM_EXIT_IO:
+            io = run.exit.io
+            start = io.data_offset
+            data = bytes(self._run_map[start:start + io.size * io.count])
+            return IoExit(io.port, io.direction == 1, io.size, data)
+        if reason == KVM_EXIT_DEBUG:
+            d = run.exit.debug
+            return DebugExit(d.pc, d.exception, d.dr6)
+        if reason == KVM_EXIT_HLT:
+            return HltExit()
+        if reason == KVM_EXIT_MMIO:
+            m = run.exit.mmio
+            return MmioExit(m.phys_addr, bool(m.is_write), bytes(m.data[:m.len]))
+        if reason == KVM_EXIT_SHUTDOWN:
+            return ShutdownExit()
+        if reason == KVM_EXIT_FAIL_ENTRY:
+            return FailEntryExit(run.exit.fail_entry.hardware_entry_failure_reason)
+        if reason == KVM_EXIT_INTERNAL_ERROR:
+            internal = run.exit.internal
+            return InternalErrorExit(internal.suberror,
+                                     tuple(internal.data[:min(internal.ndata, 16)]))
+        if reason == KVM_EXIT_INTR:
+            return InterruptedExit()
+        return UnknownExit(reason)
+
+    # -- register state ----------------------------------------------------------------------
+
+    def _get(self, request: int, struct, what: str):
+        _ioctl(self.fd, request, struct, what)
+        return struct
+
+    def get_regs(self) -> abi.kvm_regs:
+        return self._get(KVM_GET_REGS, abi.kvm_regs(), "KVM_GET_REGS")
+
+    def set_regs(self, regs: abi.kvm_regs) -> None:
+        _ioctl(self.fd, KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self) -> abi.kvm_sregs:
+        return self._get(KVM_GET_SREGS, abi.kvm_sregs(), "KVM_GET_SREGS")
+
+    def set_sregs(self, sregs: abi.kvm_sregs) -> None:
+        _ioctl(self.fd, KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Read MSRs; KVM stops at the first one it cannot read, so only those are returned."""
+        buf = abi.kvm_msrs(len(indices))
+        buf.nmsrs = len(indices)
+        for entry, index in zip(buf.entries, indices):
+            entry.index = index
+        count = _ioctl(self.fd, KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+        return {buf.entries[i].index: buf.entries[i].data for i in range(count)}
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        """Write MSRs in order; returns how many KVM accepted before the first refusal."""
+        buf = abi.kvm_msrs(len(values))
+        buf.nmsrs = len(values)
+        for entry, (index, value) in zip(buf.entries, values.items()):
+            entry.index, entry.data = index, value
+        return _ioctl(self.fd, KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+
+    def get_xsave(self, size: int) -> bytes:
+        buf = abi.kvm_xsave(size)
+        request = KVM_GET_XSAVE2 if size > abi.XSAVE_LEGACY_SIZE else KVM_GET_XSAVE
+        _ioctl(self.fd, request, buf, "KVM_GET_XSAVE")
+        return bytes(buf)
+
+    def set_xsave(self, data: bytes) -> None:
+        buf = abi.kvm_xsave(max(len(data), abi.XSAVE_LEGACY_SIZE))
+        ctypes.memmove(buf, data, len(data))
+        _ioctl(self.fd, KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> abi.kvm_xcrs:
+        return self._get(KVM_GET_XCRS, abi.kvm_xcrs(), "KVM_GET_XCRS")
+
+    def set_xcrs(self, xcrs: abi.kvm_xcrs) -> None:
+        _ioctl(self.fd, KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+
+    def get_vcpu_events(self) -> abi.kvm_vcpu_events:
+        return self._get(KVM_GET_VCPU_EVENTS, abi.kvm_vcpu_events(), "KVM_GET_VCPU_EVENTS")
+
+    def set_vcpu_events(self, events: abi.kvm_vcpu_events) -> None:
+        _ioctl(self.fd, KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def get_mp_state(self) -> int:
+        return self._get(KVM_GET_MP_STATE, abi.kvm_mp_state(), "KVM_GET_MP_STATE").mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        _ioctl(self.fd, KVM_SET_MP_STATE, abi.kvm_mp_state(state), "KVM_SET_MP_STATE")
+
+    def get_debugregs(self) -> abi.kvm_debugregs:
+        return self._get(KVM_GET_DEBUGREGS, abi.kvm_debugregs(), "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, regs: abi.kvm_debugregs) -> None:
+        _ioctl(self.fd, KVM_SET_DEBUGREGS, regs, "KVM_SET_DEBUGREGS")
+
+    def set_cpuid(self, entries: list[abi.kvm_cpuid_entry2]) -> None:
+        buf = abi.kvm_cpuid2(len(entries))
+        for i, entry in enumerate(entries):
+            buf.entries[i] = entry
+        _ioctl(self.fd, KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+
+    def get_cpuid(self) -> list[abi.kvm_cpuid_entry2]:
+        return _grow_until_fits(lambda n: abi.kvm_cpuid2(n), self.fd, KVM_GET_CPUID2,
+                                "nent", "entries")
+
+    def set_guest_debug(self, control: int, debugregs: list[int]) -> None:
+        dbg = abi.kvm_guest_debug(control=control)
+        for i, value in enumerate(debugregs):
+            dbg.debugreg[i] = value
+        _ioctl(self.fd, KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")

@@ -1,0 +1,138 @@
+"""Load a static x86-64 Linux executable into guest memory and build its initial stack.
+
+The checks give one-line reasons a user can act on: not ELF, 32-bit, another machine,
+dynamically linked, position-independent, or larger than the guest's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from vmstate.errors import FileMissingError, ProgramError
+from vmstate.state import PAGE_SIZE
+
+from .machine import USER_START
+from .memory import GuestMemory
+
+# Auxiliary vector keys (<elf.h>) that musl and glibc static startup code read.
+AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_ENTRY = 0, 3, 4, 5, 6, 9
+AT_UID, AT_EUID, AT_GID, AT_EGID, AT_CLKTCK, AT_SECURE, AT_RANDOM, AT_EXECFN = (
+    11, 12, 13, 14, 17, 23, 25, 31)
+
+
+@dataclass(frozen=True)
+class Segment:
+    vaddr: int
+    file_offset: int
+    file_size: int
+    mem_size: int
+
+
+@dataclass(frozen=True)
+class Program:
+    path: str
+    entry: int
+    segments: tuple[Segment, ...]
+    phdr_addr: int
+    phent: int
+    phnum: int
+
+    @property
+    def end(self) -> int:
+        return max(s.vaddr + s.mem_size for s in self.segments)
+
+
+def _page_up(value: int) -> int:
+    return (value + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def inspect_program(path: str) -> Program:
+    """Parse and validate the ELF headers (no guest needed)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileMissingError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ProgramError(f"{path}: cannot open: {e.strerror}") from None
+    with f:
+        if f.read(4) != b"\x7fELF":
+            raise ProgramError(f"{path}: not an ELF executable")
+        f.seek(0)
+        try:
+            return _parse(path, ELFFile(f))
+        except (ELFError, struct.error, ValueError) as e:
+            raise ProgramError(f"{path}: corrupt ELF file ({e})") from None
+
+
+def _parse(path: str, elf: ELFFile) -> Program:
+    if elf.elfclass != 64:
+        raise ProgramError(f"{path}: 32-bit ELF; vmstate runs x86-64 (64-bit) programs only")
+    if elf["e_machine"] != "EM_X86_64":
+        raise ProgramError(f"{path}: ELF for {elf['e_machine']}, not x86-64")
+    segments, phdr_addr, interp = [], None, False
+    for seg in elf.iter_segments():
+        kind = seg["p_type"]
+        if kind == "PT_INTERP":
+            interp = True
+        elif kind == "PT_PHDR":
+            phdr_addr = seg["p_vaddr"]
+        elif kind == "PT_LOAD" and seg["p_memsz"]:
+            segments.append(Segment(seg["p_vaddr"], seg["p_offset"], seg["p_filesz"],
+                                    seg["p_memsz"]))
+    if interp:
+        raise ProgramError(f"{path}: dynamically linked; build it with musl-gcc -static")
+    if elf["e_type"] == "ET_DYN":
+        raise ProgramError(f"{path}: position-independent executable (PIE); link with "
+                           "-static -no-pie")
+    if elf["e_type"] != "ET_EXEC" or not segments:
+        raise ProgramError(f"{path}: not an executable ({elf['e_type']})")
+    if phdr_addr is None:   # the headers lie inside the first segment that maps file offset e_phoff
+        phoff = elf["e_phoff"]
+        phdr_addr = next((s.vaddr + phoff - s.file_offset for s in segments
+                          if s.file_offset <= phoff < s.file_offset + s.file_size), 0)
+    return Program(path, elf["e_entry"], tuple(segments), phdr_addr, elf["e_phentsize"],
+                   elf["e_phnum"])
+
+
+def load_program(program: Program, memory: GuestMemory, limit: int) -> None:
+    """Copy the loadable segments into guest memory (bss is already zero in fresh memory)."""
+    for seg in program.segments:
+        if seg.vaddr < USER_START or seg.vaddr + seg.mem_size > limit:
+            raise ProgramError(
+                f"{program.path}: segment at {seg.vaddr:#x}-{seg.vaddr + seg.mem_size:#x} does "
+                f"not fit in guest memory {USER_START:#x}-{limit:#x} (try a larger --memory)")
+    with open(program.path, "rb") as f:
+        for seg in program.segments:
+            memory.write_phys(seg.vaddr, os.pread(f.fileno(), seg.file_size, seg.file_offset))
+
+
+def build_stack(memory: GuestMemory, program: Program, argv: list[str], stack_top: int) -> int:
+    """Write argc, argv, envp and the auxiliary vector below `stack_top`; return the initial
+    RSP (16-byte aligned, pointing at argc), as the Linux ELF loader does."""
+    strings = bytearray()
+    offsets = []
+    for arg in argv:
+        offsets.append(len(strings))
+        strings += os.fsencode(arg) + b"\0"
+    random_offset = len(strings)
+    strings += os.urandom(16)
+    area = (stack_top - len(strings)) & ~0xF
+    memory.write_phys(area, bytes(strings))
+    arg_ptrs = [area + off for off in offsets]
+    auxv = [AT_PHDR, program.phdr_addr, AT_PHENT, program.phent, AT_PHNUM, program.phnum,
+            AT_PAGESZ, PAGE_SIZE, AT_ENTRY, program.entry, AT_UID, 0, AT_EUID, 0, AT_GID, 0,
+            AT_EGID, 0, AT_SECURE, 0, AT_CLKTCK, 100, AT_RANDOM, area + random_offset,
+            AT_EXECFN, arg_ptrs[0], AT_NULL, 0]
+    words = [len(argv), *arg_ptrs, 0, 0, *auxv]      # argc, argv..., NULL, envp: NULL, auxv
+    rsp = (area - 8 * len(words)) & ~0xF
+    memory.write_phys(rsp, struct.pack(f"<{len(words)}Q", *words))
+    return rsp
+
+
+def heap_start(program: Program) -> int:
+    return _page_up(program.end)

@@ -1,0 +1,100 @@
+"""Shared fixtures: the KVM probe behind the `kvm` marker, the installed `vmstate` command,
+and the guest programs built from examples/ and tests/guests/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+GUESTS = REPO / "tests" / "guests"
+
+
+def _probe_kvm() -> str | None:
+    """None if a VM can be created, else the reason it cannot."""
+    try:
+        from kvm_backend.kvm import Kvm, KvmUnavailable
+    except Exception as e:    # pragma: no cover - import problems are reported as the reason
+        return f"cannot import kvm_backend: {e}"
+    try:
+        with Kvm() as kvm:
+            kvm.create_vm().close()
+    except KvmUnavailable as e:
+        return str(e)
+    return None
+
+
+_KVM_MISSING = _probe_kvm()
+
+
+def pytest_sessionstart(session):
+    """Say loudly that KVM tests will not run, or stop at once when CI requires them."""
+    if _KVM_MISSING is None:
+        return
+    if os.environ.get("VMSTATE_REQUIRE_KVM") == "1":
+        pytest.exit(f"VMSTATE_REQUIRE_KVM=1 but KVM is unavailable: {_KVM_MISSING}",
+                    returncode=1)
+    print(f"\n*** KVM TESTS WILL BE SKIPPED: {_KVM_MISSING} ***\n", file=sys.stderr)
+
+
+def pytest_collection_modifyitems(config, items):
+    if _KVM_MISSING is None:
+        return
+    skip = pytest.mark.skip(reason=f"KVM unavailable: {_KVM_MISSING}")
+    for item in items:
+        if "kvm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vmstate_cmd() -> str:
+    """The installed console script (next to this Python, as `pip install` put it)."""
+    candidate = Path(sys.executable).parent / "vmstate"
+    found = str(candidate) if candidate.exists() else shutil.which("vmstate")
+    if not found:
+        pytest.fail("the vmstate command is not installed (run `make setup`)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def built_guests() -> None:
+    for directory in (EXAMPLES, GUESTS):
+        subprocess.run(["make", "-s", "-C", str(directory)], check=True)
+
+
+@pytest.fixture
+def example(built_guests):
+    return lambda name: str(EXAMPLES / name)
+
+
+@pytest.fixture
+def guest(built_guests):
+    return lambda name: str(GUESTS / name)
+
+
+@pytest.fixture
+def vmstate(vmstate_cmd, tmp_path):
+    """Run `vmstate ARGS...` in a scratch directory; returns the CompletedProcess."""
+    def run(*args, input: bytes | None = None, cwd: Path | None = None, env=None,
+            timeout: float = 120):
+        return subprocess.run([vmstate_cmd, *map(str, args)], input=input,
+                              capture_output=True, cwd=cwd or tmp_path, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    return run
+
+
+def one_line_error(result) -> str:
+    """Assert the command failed with exactly one line on stderr and no traceback."""
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("vmstate: "), stderr
+    return lines[0]

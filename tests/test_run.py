@@ -1,0 +1,56 @@
+"""`vmstate run`: the bundled examples through the installed command, on real KVM."""
+
+import pytest
+
+pytestmark = pytest.mark.kvm
+
+
+def test_hello_prints_float_tls_malloc_and_args(vmstate, example):
+    result = vmstate("run", example("hello"), "first", "--second")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == f"hello from {example('hello')}"
+    assert lines[1:] == ["small block, large block ends with 'x'", "tls counter = 42",
+                         "pi is about 3.141593", "arg 1: first", "arg 2: --second"]
+
+
+def test_lab_app_writes_its_file_in_root(vmstate, example, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    result = vmstate("run", "--root", root, example("lab_app"))
+    assert result.returncode == 0, result.stderr
+    assert (root / "ay_caramba.txt").read_bytes().startswith(b"Hello World !!!\n")
+
+
+def test_echo_lines_answers_stdin(vmstate, example):
+    result = vmstate("run", example("echo_lines"), input=b"first\nsecond line\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [
+        "line 1: first (5 bytes)", "line 2: second line (11 bytes)", "2 lines read"]
+
+
+def test_guest_exit_status_is_the_command_status(vmstate, guest):
+    result = vmstate("run", guest("nostdlib"))
+    assert result.returncode == 3
+    assert result.stdout == b"no libc here\n"
+
+
+def test_trace_lines_are_strace_like(vmstate, example, tmp_path):
+    result = vmstate("run", "--trace", example("lab_app"))
+    trace = result.stderr.decode().splitlines()
+    assert 'open("./ay_caramba.txt", O_RDWR|O_CREAT|O_LARGEFILE, 0777) = 3' in trace
+    assert 'write(3, "Hello World !!!\\n", 16) = 16' in trace
+    assert trace[-1] == "exit_group(0) = ?"
+
+
+def test_unserviced_call_gets_enosys_and_is_named_in_trace(vmstate, guest):
+    result = vmstate("run", "--trace", guest("unknown_syscall"))
+    assert result.returncode == 0
+    assert result.stdout == b"uname: ENOSYS\n"
+    assert "uname(0x0, " in result.stderr.decode()
+    assert "= -1 ENOSYS (Function not implemented)" in result.stderr.decode()
+
+
+def test_many_system_calls_run(vmstate, guest):
+    result = vmstate("run", guest("syscall_loop"), "3000")
+    assert result.returncode == 0, result.stderr

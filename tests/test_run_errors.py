@@ -1,0 +1,113 @@
+"""Bad programs, hostile guests and missing KVM: one-line errors, documented exit codes."""
+
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from conftest import one_line_error
+from vmstate.errors import EXIT_CANNOT_RUN, EXIT_NO_KVM, EXIT_NOT_FOUND
+
+pytestmark = pytest.mark.kvm
+
+
+def _patched_copy(src, dst, offset, data):
+    shutil.copy(src, dst)
+    with open(dst, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    return dst
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("text", "not an ELF executable"),
+    ("dynamic", "dynamically linked"),
+    ("pie", "position-independent executable (PIE)"),
+    ("elf32", "32-bit ELF"),
+    ("arm64", "ELF for EM_AARCH64, not x86-64"),
+    ("truncated", "corrupt ELF file"),
+])
+def test_unrunnable_programs(vmstate, guest, example, tmp_path, case, expected):
+    program = {
+        "text": lambda: _write(tmp_path / "notes.txt", b"just text\n"),
+        "dynamic": lambda: guest("dynamic"),
+        "pie": lambda: guest("pie"),
+        "elf32": lambda: _patched_copy(example("hello"), tmp_path / "elf32", 4, b"\x01"),
+        "arm64": lambda: _patched_copy(example("hello"), tmp_path / "arm64", 18,
+                                       struct.pack("<H", 183)),
+        "truncated": lambda: _write(tmp_path / "trunc", open(example("hello"), "rb").read(100)),
+    }[case]()
+    result = vmstate("run", program)
+    assert result.returncode == EXIT_CANNOT_RUN
+    assert expected in one_line_error(result)
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def test_missing_program(vmstate, tmp_path):
+    result = vmstate("run", tmp_path / "nothing")
+    assert result.returncode == EXIT_NOT_FOUND
+    assert "no such file" in one_line_error(result)
+
+
+def test_program_larger_than_memory(vmstate, guest):
+    result = vmstate("run", "--memory", "16M", guest("big_bss"))
+    assert result.returncode == EXIT_CANNOT_RUN
+    assert "does not fit in guest memory" in one_line_error(result)
+
+
+def test_bad_memory_size(vmstate, example):
+    result = vmstate("run", "--memory", "lots", example("hello"))
+    assert "bad size 'lots'" in one_line_error(result)
+
+
+def test_guest_cannot_escape_root(vmstate, guest, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "inside.txt").write_text("ok")
+    os.symlink("/etc/passwd", root / "escape_link")
+    result = vmstate("run", "--root", root, guest("escape"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [
+        "../../etc/passwd: Permission denied", "/etc/passwd: Permission denied",
+        "escape_link: Permission denied", "inside.txt: OPENED"]
+
+
+def test_wild_pointers_get_efault_and_the_guest_goes_on(vmstate, guest):
+    result = vmstate("run", guest("wild_pointer"), input=b"")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [
+        "write(wild) = -14", "read(kernel area) = -14", "open(wild path) = -14",
+        "writev(wild iovec) = -14", "still alive"]
+
+
+def test_null_dereference_is_reported_not_hung(vmstate, guest):
+    result = vmstate("run", guest("null_deref"), timeout=30)
+    assert result.returncode == 128 + 11
+    assert result.stdout == b"about to fault\n"
+    message = one_line_error(result)
+    assert "#PF page fault (vector 14)" in message
+    assert "write of address 0x0" in message
+    assert "at rip 0x" in message
+
+
+def test_missing_kvm_device(vmstate, example, tmp_path):
+    result = vmstate("run", example("hello"), env={"VMSTATE_KVM_DEVICE": str(tmp_path / "kvm")})
+    assert result.returncode == EXIT_NO_KVM
+    assert "KVM is not available" in one_line_error(result)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run as an unprivileged user")
+def test_kvm_without_permission(vmstate_cmd, example, tmp_path):
+    os.chmod(tmp_path, 0o777)
+    result = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", vmstate_cmd, "run",
+         example("hello")], capture_output=True, cwd=tmp_path)
+    assert result.returncode == EXIT_NO_KVM
+    assert "no permission to open /dev/kvm" in one_line_error(result)

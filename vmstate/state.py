@@ -1,0 +1,244 @@
+"""The VM state as plain, immutable data.
+
+These dataclasses know nothing of KVM or ctypes: the image reader/writer, split, join and info
+work on them alone, and kvm_backend.vcpu_state is the one place that converts them to and from
+the live KVM structures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PAGE_SIZE = 4096
+
+GP_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+SEGMENT_REGISTERS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+
+
+@dataclass(frozen=True)
+class Registers:
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 0x2
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment register with its hidden (descriptor cache) part, as KVM exposes it."""
+    selector: int = 0
+    base: int = 0
+    limit: int = 0
+    type: int = 0
+    present: int = 0
+    dpl: int = 0
+    db: int = 0
+    s: int = 0
+    l: int = 0
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+
+SEGMENT_FIELDS = ("selector", "base", "limit", "type", "present", "dpl", "db", "s", "l", "g",
+                  "avl", "unusable")
+
+
+@dataclass(frozen=True)
+class DescriptorTable:
+    base: int = 0
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class SpecialRegisters:
+    cs: Segment = Segment()
+    ds: Segment = Segment()
+    es: Segment = Segment()
+    fs: Segment = Segment()
+    gs: Segment = Segment()
+    ss: Segment = Segment()
+    tr: Segment = Segment()
+    ldt: Segment = Segment()
+    gdt: DescriptorTable = DescriptorTable()
+    idt: DescriptorTable = DescriptorTable()
+    cr0: int = 0
+    cr2: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    cr8: int = 0
+    efer: int = 0
+    apic_base: int = 0
+    interrupt_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class VcpuEvents:
+    """Pending/injected exceptions, interrupts, NMI and SMI (struct kvm_vcpu_events)."""
+    exception_injected: int = 0
+    exception_nr: int = 0
+    exception_has_error_code: int = 0
+    exception_pending: int = 0
+    exception_error_code: int = 0
+    interrupt_injected: int = 0
+    interrupt_nr: int = 0
+    interrupt_soft: int = 0
+    interrupt_shadow: int = 0
+    nmi_injected: int = 0
+    nmi_pending: int = 0
+    nmi_masked: int = 0
+    sipi_vector: int = 0
+    flags: int = 0
+    smi_smm: int = 0
+    smi_pending: int = 0
+    smi_inside_nmi: int = 0
+    smi_latched_init: int = 0
+    triple_fault_pending: int = 0
+    exception_has_payload: int = 0
+    exception_payload: int = 0
+
+
+VCPU_EVENT_FIELDS = tuple(VcpuEvents.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class DebugRegisters:
+    db0: int = 0
+    db1: int = 0
+    db2: int = 0
+    db3: int = 0
+    dr6: int = 0xFFFF0FF0
+    dr7: int = 0x400
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    function: int
+    index: int = 0
+    flags: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """Everything KVM holds for one vCPU. `xsave` is the raw XSAVE area (FPU, SSE, ...)."""
+    id: int = 0
+    regs: Registers = Registers()
+    sregs: SpecialRegisters = SpecialRegisters()
+    msrs: tuple[tuple[int, int], ...] = ()
+    xsave: bytes = b""
+    xcrs: tuple[tuple[int, int], ...] = ()
+    events: VcpuEvents = VcpuEvents()
+    mp_state: int = 0
+    debugregs: DebugRegisters = DebugRegisters()
+    cpuid: tuple[CpuidEntry, ...] = ()
+
+    def msr(self, index: int, default: int | None = None) -> int | None:
+        return dict(self.msrs).get(index, default)
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """A range of guest physical memory and which of its pages are present.
+
+    `present` holds (first_page, page_count) runs, page numbers relative to the region start.
+    Pages outside every run were never touched and read as zero; a present page may be zero.
+    """
+    guest_phys_addr: int
+    size: int
+    present: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def page_count(self) -> int:
+        return self.size // PAGE_SIZE
+
+    @property
+    def present_pages(self) -> int:
+        return sum(count for _, count in self.present)
+
+
+# Kinds of guest file descriptors.
+FD_FILE = "file"        # a regular file under the guest's root, reopened by path on restore
+FD_STDIN = "stdin"      # the VMM's own standard streams, reattached on restore
+FD_STDOUT = "stdout"
+FD_STDERR = "stderr"
+FD_KINDS = (FD_FILE, FD_STDIN, FD_STDOUT, FD_STDERR)
+
+
+@dataclass(frozen=True)
+class OpenFile:
+    """One entry of the VMM's file table. `path` is relative to the guest root."""
+    fd: int
+    kind: str
+    path: str = ""
+    flags: int = 0
+    mode: int = 0
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    """A system call the guest was blocked in at save time; the guest re-issues it on resume
+    (RIP points at its `syscall` instruction)."""
+    nr: int
+    args: tuple[int, int, int, int, int, int]
+    rip: int
+
+
+@dataclass(frozen=True)
+class AddressSpace:
+    """The VMM's view of the guest's user address space (all addresses are guest virtual)."""
+    user_start: int = 0
+    user_end: int = 0
+    brk_start: int = 0
+    brk: int = 0
+    mmap_low: int = 0          # lowest address handed out by mmap so far (grows down)
+    mmap_top: int = 0          # top of the mmap area (bottom of the stack area)
+    free_ranges: tuple[tuple[int, int], ...] = ()  # (start, length) freed by munmap, reusable
+
+
+@dataclass(frozen=True)
+class VmmState:
+    """Device and bookkeeping state kept by the VMM rather than by KVM."""
+    program: str = ""
+    argv: tuple[str, ...] = ()
+    files: tuple[OpenFile, ...] = ()
+    address_space: AddressSpace = AddressSpace()
+    pending: PendingCall | None = None
+
+
+@dataclass(frozen=True)
+class ExtraSection:
+    """A section this version does not understand, carried through unchanged."""
+    type: int
+    instance: int
+    flags: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class VmState:
+    vcpus: tuple[VcpuState, ...]
+    memory: tuple[MemoryRegion, ...]
+    vmm: VmmState = VmmState()
+    extra: tuple[ExtraSection, ...] = field(default=())

@@ -1,0 +1,25 @@
+"""Human-friendly sizes: "64M", "1G", "4096" (binary multiples)."""
+
+from .errors import VmstateError
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, suffix = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in "KMGT" else (cleaned, "")
+    try:
+        value = int(number, 0) * _SUFFIXES[suffix]
+    except (ValueError, KeyError):
+        raise VmstateError(f"bad size {text!r} (examples: 64M, 1G, 268435456)") from None
+    if value <= 0:
+        raise VmstateError(f"bad size {text!r}: must be positive")
+    return value
+
+
+def format_size(value: int) -> str:
+    for suffix in ("T", "G", "M", "K"):
+        unit = _SUFFIXES[suffix]
+        if value >= unit and value % unit == 0:
+            return f"{value // unit} {suffix}iB"
+    return f"{value} bytes"
