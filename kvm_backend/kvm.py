@@ -13,6 +13,8 @@ import mmap
 import os
 from dataclasses import dataclass
 
+from vmstate.mapping import close_mapping
+
 from . import abi
 from .ioctls import (
     KVM_CHECK_EXTENSION, KVM_CREATE_VCPU, KVM_CREATE_VM, KVM_GET_API_VERSION, KVM_GET_CPUID2,
@@ -211,7 +213,7 @@ class Vcpu(_Fd):
     def close(self) -> None:
         if self.fd >= 0:
             del self.run_page
-            self._run_map.close()
+            close_mapping(self._run_map)
         super().close()
 
     def run(self) -> Exit:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+from vmstate.mapping import close_mapping
 from vmstate.state import PAGE_SIZE
 
 MAP_NORESERVE = 0x4000  # <sys/mman.h>; Python's mmap module does not export it
@@ -36,9 +37,9 @@ class GuestMemory:
         self._vmm_written = bytearray(size // PAGE_SIZE)
 
     def close(self) -> None:
-        self.view.release()
         del self._anchor
-        self._map.close()
+        self.view = None
+        close_mapping(self._map)
 
     # -- the VMM's own access (boot structures, stacks, state capture): no user-range check ---
 

@@ -10,17 +10,14 @@ import errno
 import os
 import struct
 
+from vmstate.linux import flag_names, open_flag_names
+
 from .memory import GuestFault, GuestMemory
-from .syscall_names import SYSCALL_NAMES
+from vmstate.syscall_names import SYSCALL_NAMES
 
 SHOWN_BYTES = 32
 SHOWN_IOVECS = 4
 
-OPEN_FLAGS = [(0o100, "O_CREAT"), (0o200, "O_EXCL"), (0o400, "O_NOCTTY"), (0o1000, "O_TRUNC"),
-              (0o2000, "O_APPEND"), (0o4000, "O_NONBLOCK"), (0o10000, "O_DSYNC"),
-              (0o40000, "O_DIRECT"), (0o100000, "O_LARGEFILE"), (0o200000, "O_DIRECTORY"),
-              (0o400000, "O_NOFOLLOW"), (0o1000000, "O_NOATIME"), (0o2000000, "O_CLOEXEC"),
-              (0o4000000, "O_SYNC"), (0o10000000, "O_PATH")]
 PROT_FLAGS = [(1, "PROT_READ"), (2, "PROT_WRITE"), (4, "PROT_EXEC")]
 MAP_FLAGS = [(0x01, "MAP_SHARED"), (0x02, "MAP_PRIVATE"), (0x10, "MAP_FIXED"),
              (0x20, "MAP_ANONYMOUS"), (0x100, "MAP_GROWSDOWN"), (0x4000, "MAP_NORESERVE"),
@@ -55,20 +52,6 @@ def _quote(data: bytes, truncated: bool) -> str:
         else:
             out.append(f"\\x{b:02x}")
     return '"' + "".join(out) + '"' + ("..." if truncated else "")
-
-
-def _flags(value: int, table, zero: str = "0", access_mode: bool = False) -> str:
-    names = []
-    if access_mode:
-        names.append(("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[value & 3])
-        value &= ~3
-    for bit, name in table:
-        if value & bit:
-            names.append(name)
-            value &= ~bit
-    if value:
-        names.append(hex(value))
-    return "|".join(names) or zero
 
 
 def _buffer(memory: GuestMemory, addr: int, length: int) -> str:
@@ -121,13 +104,13 @@ def format_arg(kind: str, value: int, length: int, result: int, memory: GuestMem
         case "iov_out":
             return _iovecs(memory, value, length, max(result, 0))
         case "oflags":
-            return _flags(value, OPEN_FLAGS, access_mode=True)
+            return open_flag_names(value)
         case "mode":
             return f"0{value:o}" if value else "0"
         case "prot":
-            return _flags(value, PROT_FLAGS, "PROT_NONE")
+            return flag_names(value, PROT_FLAGS, "PROT_NONE")
         case "mflags":
-            return _flags(value, MAP_FLAGS)
+            return flag_names(value, MAP_FLAGS)
         case "whence":
             return WHENCE[value] if value < len(WHENCE) else str(value)
         case "clock":

@@ -1,27 +1,36 @@
 """One virtual machine: KVM objects, guest memory, vCPU 0 and the VMM's devices, and the run
-loop that services the guest's system calls until it exits, faults or is stopped."""
+loop that services the guest's system calls until it exits, faults or is saved."""
 
 from __future__ import annotations
 
 import os
 import struct
+import time
 from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 
 from vmstate import x86
-from vmstate.errors import KvmNotAvailableError
-from vmstate.state import VcpuState
+from vmstate.errors import KvmNotAvailableError, RestoreError
+from vmstate.image.reader import Image
+from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytemap
+from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
 
 from . import abi, machine, vcpu_state
 from .address_space import UserAddressSpace
 from .files import FileTable
-from .kvm import (
-    HltExit, InterruptedExit, Kvm, KvmUnavailable, MmioExit, ShutdownExit, Vcpu)
+from .kvm import HltExit, InterruptedExit, Kvm, KvmUnavailable, MmioExit, ShutdownExit, Vcpu
 from .loader import build_stack, heap_start, inspect_program, load_program
 from .memory import GuestMemory
-from .syscalls import GuestExit, LinuxSyscalls
+from .stop import StopRequest
+from .syscalls import CallInterrupted, GuestExit, LinuxSyscalls, SaveRequested
 
-SYSRET_RFLAGS_MASK = 0x3C7FD7     # the RFLAGS bits sysretq takes from R11 (RF and VM cleared)
+SYSRET_RFLAGS_MASK = 0x3C7FD7       # the RFLAGS bits sysretq takes from R11 (RF and VM cleared)
+SYSCALL_INSTRUCTION = b"\x0f\x05"
 FAULT_FRAME = struct.Struct("<7Q")  # vector, error code, rip, cs, rflags, rsp, ss
+KVM_DEVICE_ENV = "VMSTATE_KVM_DEVICE"   # another path for /dev/kvm (tests, odd hosts)
+TIMING_ENV = "VMSTATE_TIMING"           # print CLOCK_MONOTONIC marks for the benchmarks
 
 
 @dataclass(frozen=True)
@@ -37,10 +46,14 @@ class Faulted:
     signal: int
 
 
-Outcome = Exited | Faulted
+@dataclass(frozen=True)
+class Saved:
+    """The VM was stopped and its state handed to the save handler, which said `where`."""
+    where: str
 
 
-KVM_DEVICE_ENV = "VMSTATE_KVM_DEVICE"    # another path for /dev/kvm (tests, odd hosts)
+Outcome = Exited | Faulted | Saved
+SaveHandler = Callable[[VmState, list[memoryview]], str]
 
 
 def open_kvm() -> Kvm:
@@ -52,19 +65,28 @@ def open_kvm() -> Kvm:
         raise KvmNotAvailableError(f"KVM is not available: {e}") from None
 
 
+def _timing_mark(label: str) -> None:
+    if os.environ.get(TIMING_ENV):
+        os.write(2, f"vmstate-timing {label} {time.clock_gettime_ns(time.CLOCK_MONOTONIC)}\n"
+                 .encode())
+
+
 class VirtualMachine:
-    def __init__(self, kvm: Kvm, memory_size: int, memory: GuestMemory | None = None):
+    def __init__(self, kvm: Kvm, memory: GuestMemory):
         self.kvm = kvm
         self.vm = kvm.create_vm()
-        self.memory = memory or GuestMemory(memory_size)
-        self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_address,
+        self.memory = memory
+        self.vm.set_user_memory_region(0, 0, memory.size, memory.host_address,
                                        abi.KVM_MEM_LOG_DIRTY_PAGES)
         self.vcpu: Vcpu = self.vm.create_vcpu(0)
+        self.vcpu.run_page.kvm_valid_regs = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
         self.files: FileTable | None = None
         self.address_space: UserAddressSpace | None = None
+        self.program, self.argv = "", ()
         self.star = machine.STAR
-        run = self.vcpu.run_page
-        run.kvm_valid_regs = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+        self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
+        self.stop = StopRequest(self.vcpu.run_page)
+        self._present = np.zeros(memory.size // PAGE_SIZE, dtype=np.uint8)
 
     def close(self) -> None:
         if self.files is not None:
@@ -86,7 +108,7 @@ class VirtualMachine:
              root: str) -> VirtualMachine:
         """A VM about to run `program_path`'s first instruction, in ring 3."""
         program = inspect_program(program_path)
-        vm = cls(kvm, memory_size)
+        vm = cls(kvm, GuestMemory(memory_size))
         try:
             for addr, data in machine.boot_structures(memory_size):
                 vm.memory.write_phys(addr, data)
@@ -96,6 +118,7 @@ class VirtualMachine:
             load_program(program, vm.memory, vm.address_space.state.mmap_top)
             rsp = build_stack(vm.memory, program, argv, vm.address_space.stack_top)
             vm.files = FileTable.with_stdio(root)
+            vm.program, vm.argv = program_path, tuple(argv)
             apic_base = vm.vcpu.get_sregs().apic_base
             vcpu_state.apply(vm.vcpu, VcpuState(
                 regs=machine.boot_registers(program.entry, rsp),
@@ -107,16 +130,54 @@ class VirtualMachine:
             raise
         return vm
 
+    @classmethod
+    def restore(cls, kvm: Kvm, image: Image, root: str) -> VirtualMachine:
+        """A blank VM given the image's state; its memory maps the image copy-on-write."""
+        state = image.state
+        _check_restorable(state)
+        region, placement = state.memory[0], image.region_data[0]
+        memory = GuestMemory(region.size, image_fd=image.fd, image_offset=placement.data_offset)
+        vm = cls(kvm, memory)
+        try:
+            vm._present = bytemap_from_runs(region.present, region.size // PAGE_SIZE)
+            aspace = state.vmm.address_space
+            vm.address_space = UserAddressSpace(aspace, memory)
+            memory.set_user_range(aspace.user_start, aspace.user_end)
+            vm.program, vm.argv = state.vmm.program, state.vmm.argv
+            vcpu = state.vcpus[0]
+            vm.star = vcpu.msr(x86.MSR_STAR, machine.STAR)
+            vm.refused_msrs = vcpu_state.apply(vm.vcpu, vcpu)
+            vm.files = FileTable.reopen(root, state.vmm.files)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, trace=None) -> Outcome:
+    def run(self, trace=None, save: SaveHandler | None = None,
+            gate: Callable[[], None] | None = None) -> Outcome:
+        """Run until the guest exits, faults, or is saved through `save`. `gate` is called
+        before the VMM acts on the guest's first exit (restore verifies memory there)."""
         syscalls = LinuxSyscalls(self.memory, self.files, self.address_space, _SyncedCpu(self),
-                                 trace=trace)
+                                 trace=trace, stop_fd=self.stop.cancel_fd,
+                                 save_enabled=save is not None)
+        _timing_mark("first-kvm-run")
+        try:
+            return self._run_loop(syscalls, save, gate)
+        finally:
+            self.stop.stopped()
+
+    def _run_loop(self, syscalls: LinuxSyscalls, save: SaveHandler | None,
+                  gate: Callable[[], None] | None) -> Outcome:
         while True:
             exit = self.vcpu.run()
+            if gate is not None:
+                gate()
+                gate = None
             match exit:
                 case MmioExit(address=machine.DOORBELL_GPA):
-                    outcome = self._service_syscall(syscalls)
+                    outcome = self._service_syscall(syscalls, save)
                     if outcome is not None:
                         return outcome
                 case HltExit():
@@ -126,28 +187,50 @@ class VirtualMachine:
                     return Faulted(f"guest triple fault (rip {rip:#x}): it could not even "
                                    "deliver an exception", x86.SIGSEGV)
                 case InterruptedExit():
-                    continue
+                    if self.stop.requested.is_set() and save is not None:
+                        return self._save(save, pending=None)
                 case _:
                     rip = self.vcpu.run_page.s.regs.rip
                     return Faulted(f"unexpected KVM exit {exit} at rip {rip:#x}", x86.SIGSEGV)
 
-    def _service_syscall(self, syscalls: LinuxSyscalls) -> Outcome | None:
+    def _service_syscall(self, syscalls: LinuxSyscalls, save: SaveHandler | None
+                         ) -> Outcome | None:
         regs = self.vcpu.run_page.s.regs
-        args = (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
+        nr, args = regs.rax, (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
         try:
-            result = syscalls.dispatch(regs.rax, args)
+            result = syscalls.dispatch(nr, args)
         except GuestExit as e:
             return Exited(e.status)
+        except SaveRequested:
+            self._return_to_user(0)             # after the restore, syscall(400) returns 0
+            return self._save(save, pending=None)
+        except CallInterrupted:
+            return self._save(save, pending=self._rewind_to_syscall(nr, args))
         self._return_to_user(result)
         return None
 
     def _return_to_user(self, result: int) -> None:
         """Do what `sysretq` would: RAX = result, RIP = RCX, RFLAGS from R11, user CS/SS
         (needed on hardware KVM, where `syscall` entered ring 0; PVM stays in ring 3)."""
+        regs = self.vcpu.run_page.s.regs
+        regs.rax = result & 0xFFFFFFFFFFFFFFFF
+        self._leave_syscall_entry(regs.rcx)
+
+    def _rewind_to_syscall(self, nr: int, args: tuple[int, ...]) -> PendingCall:
+        """Put the guest back on its `syscall` instruction, so that it re-issues the call
+        when it resumes (a blocked read loses no data)."""
+        regs = self.vcpu.run_page.s.regs
+        rip = regs.rcx - len(SYSCALL_INSTRUCTION)
+        if self.memory.read_phys(rip, 2) != SYSCALL_INSTRUCTION:
+            raise RestoreError(f"no syscall instruction before {regs.rcx:#x}")
+        regs.rax = nr
+        self._leave_syscall_entry(rip)
+        return PendingCall(nr, args, rip)
+
+    def _leave_syscall_entry(self, rip: int) -> None:
         run = self.vcpu.run_page
         regs, sregs = run.s.regs, run.s.sregs
-        regs.rax = result & 0xFFFFFFFFFFFFFFFF
-        regs.rip = regs.rcx
+        regs.rip = rip
         regs.rflags = (regs.r11 & SYSRET_RFLAGS_MASK) | x86.RFLAGS_FIXED
         run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS
         if sregs.cs.dpl != 3:
@@ -176,6 +259,56 @@ class VirtualMachine:
             report += f", error code {error_code:#x}"
         report += f", rsp {rsp:#x}" + ("" if cs & 3 == 3 else " (in the guest kernel stub)")
         return Faulted(report, signal)
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def _save(self, save: SaveHandler, pending: PendingCall | None) -> Saved:
+        self.stop.stopped()
+        self._complete_pending_exit()
+        return Saved(save(self.capture(pending), [self.memory.view]))
+
+    def _complete_pending_exit(self) -> None:
+        """One KVM_RUN with immediate_exit set: KVM finishes the MMIO exit it is waiting on and
+        takes our edited sync registers, then returns without running the guest."""
+        run = self.vcpu.run_page
+        run.immediate_exit = 1
+        exit = self.vcpu.run()
+        run.immediate_exit = 0
+        if not isinstance(exit, InterruptedExit):
+            raise RestoreError(f"the vCPU did not stop for the save ({exit})")
+
+    def capture(self, pending: PendingCall | None = None) -> VmState:
+        """The whole VM state. The vCPU must be stopped with no exit pending."""
+        msrs = vcpu_state.msr_indices(self.kvm, self.vcpu)
+        vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, msrs)
+        vmm = VmmState(program=self.program, argv=self.argv, files=self.files.snapshot(),
+                       address_space=self.address_space.state, pending=pending)
+        region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
+        return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
+
+    def present_pages(self) -> np.ndarray:
+        """Pages ever written: by the guest (KVM's dirty log), by the VMM, or present in the
+        image this VM was restored from. One byte per page."""
+        dirty = self.vm.get_dirty_log(0, self.memory.size // PAGE_SIZE)
+        self._present |= bytemap_from_bits(dirty, len(self._present))
+        self._present |= np.frombuffer(self.memory.vmm_written_pages, dtype=np.uint8)
+        return self._present
+
+
+def _check_restorable(state: VmState) -> None:
+    """This VMM runs one vCPU over one region of memory at guest physical 0."""
+    if len(state.vcpus) != 1 or len(state.memory) != 1:
+        raise RestoreError(f"the image has {len(state.vcpus)} vCPUs and {len(state.memory)} "
+                           "memory regions; this VMM restores 1 vCPU and 1 region")
+    region = state.memory[0]
+    if region.guest_phys_addr != 0 or region.size % machine.LARGE_PAGE \
+            or not machine.USER_START < region.size <= machine.MAX_MEMORY:
+        raise RestoreError(f"memory region {region.guest_phys_addr:#x}+{region.size:#x} does "
+                           "not fit this VMM's layout")
+    aspace = state.vmm.address_space
+    if not machine.USER_START <= aspace.user_start <= aspace.user_end <= region.size:
+        raise RestoreError(f"user address range {aspace.user_start:#x}-{aspace.user_end:#x} "
+                           "lies outside guest memory")
 
 
 class _SyncedCpu:

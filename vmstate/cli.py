@@ -18,6 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Save, inspect, edit and migrate the state of small KVM virtual machines.")
 
 DEFAULT_MEMORY = "64M"
+DEFAULT_IMAGE = "vm_image.sav"
 
 
 @app.callback()
@@ -30,28 +31,87 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+RootOption = Annotated[Path, typer.Option(help="Directory the guest's file paths resolve in.")]
+TraceOption = Annotated[bool, typer.Option(help="Print each guest system call on stderr.")]
+ImageOption = Annotated[Path, typer.Option("--image", help="Where a SAVE writes the image.")]
+SignalOption = Annotated[bool, typer.Option(help="Save the VM when vmstate gets SIGUSR1.")]
+InterruptOption = Annotated[bool, typer.Option(help="Save the VM on SIGINT (Ctrl-C).")]
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
     program: Annotated[Path, typer.Argument(help="Static x86-64 Linux executable.")],
     args: Annotated[Optional[list[str]], typer.Argument(help="Arguments for the program.")] = None,
     memory: Annotated[str, typer.Option(help="Guest memory size (e.g. 64M, 1G).")] = DEFAULT_MEMORY,
-    root: Annotated[Path, typer.Option(help="Directory the guest's file paths resolve in.")] = Path("."),
-    trace: Annotated[bool, typer.Option(help="Print each guest system call on stderr.")] = False,
+    root: RootOption = Path("."),
+    trace: TraceOption = False,
+    image: ImageOption = Path(DEFAULT_IMAGE),
+    save_on_signal: SignalOption = False,
+    save_on_interrupt: InterruptOption = False,
 ):
     """Run PROGRAM in a new KVM virtual machine; its exit status becomes vmstate's.
 
-    Example: vmstate run --trace examples/hello one two
+    The guest asks for a SAVE with syscall(400): the VM is written to --image and vmstate
+    exits 0. Example: vmstate run --trace examples/hello one two
     """
-    from kvm_backend.session import run_program
+    from kvm_backend.session import SaveOptions, run_program
     outcome = run_program(str(program), [str(program), *(args or [])], parse_size(memory),
-                          str(root), trace=sys.stderr if trace else None)
+                          str(root), SaveOptions(str(image), save_on_signal, save_on_interrupt),
+                          trace=sys.stderr if trace else None)
     _finish(outcome)
 
 
+@app.command()
+def restore(
+    image_file: Annotated[Path, typer.Argument(metavar="IMAGE", help="A saved VM image.")],
+    root: RootOption = Path("."),
+    trace: TraceOption = False,
+    image: ImageOption = Path(DEFAULT_IMAGE),
+    save_on_signal: SignalOption = False,
+    save_on_interrupt: InterruptOption = False,
+):
+    """Create a blank VM from IMAGE and resume the guest exactly where it stopped.
+
+    Example: vmstate restore vm_image.sav
+    """
+    from kvm_backend.session import SaveOptions, restore_image
+    outcome = restore_image(str(image_file), str(root),
+                            SaveOptions(str(image), save_on_signal, save_on_interrupt),
+                            trace=sys.stderr if trace else None)
+    _finish(outcome)
+
+
+@app.command()
+def info(
+    image_file: Annotated[Path, typer.Argument(metavar="IMAGE", help="A saved VM image.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the data as JSON.")] = False,
+    instructions: Annotated[int, typer.Option(help="How many instructions to disassemble.")] = 8,
+):
+    """Show what a VM image holds: registers, MSRs, memory, open files, next instructions.
+
+    Checks every checksum first (memory included). Works without KVM.
+    Example: vmstate info --json vm_image.sav
+    """
+    import json
+
+    from .image.reader import Image
+    from .info import describe, render_text
+    with Image(str(image_file)) as image:
+        image.verify_memory()
+        data = describe(image, instructions)
+    if json_output:
+        print(json.dumps(data, indent=2))
+    else:
+        print(render_text(data, "all checksums verified"))
+
+
 def _finish(outcome) -> None:
-    from kvm_backend.vm import Exited
+    from kvm_backend.vm import Exited, Saved
     if isinstance(outcome, Exited):
         raise typer.Exit(outcome.status)
+    if isinstance(outcome, Saved):
+        print(f"vmstate: VM saved to {outcome.where}", file=sys.stderr)
+        raise typer.Exit(0)
     _fail(outcome.report, EXIT_SIGNAL_BASE + outcome.signal)
 
 

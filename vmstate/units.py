@@ -18,8 +18,10 @@ def parse_size(text: str) -> int:
 
 
 def format_size(value: int) -> str:
+    """1536 -> '1.5 KiB', 67108864 -> '64 MiB'."""
     for suffix in ("T", "G", "M", "K"):
         unit = _SUFFIXES[suffix]
-        if value >= unit and value % unit == 0:
-            return f"{value // unit} {suffix}iB"
+        if value >= unit:
+            amount = value / unit
+            return f"{amount:.0f} {suffix}iB" if amount == int(amount) else f"{amount:.1f} {suffix}iB"
     return f"{value} bytes"

@@ -1,0 +1,66 @@
+"""Stopping a running vCPU from outside the run loop: on a host signal (save on SIGUSR1 /
+SIGINT) or when the restore-time memory check fails.
+
+A request sets `requested`, makes `cancel_fd` readable (to wake a blocking read on stdin), and
+kicks the vCPU: `immediate_exit` makes the next KVM_RUN return at once, and a real-time signal
+to the main thread interrupts a KVM_RUN already under way. It kicks until the run loop says it
+has stopped, so a request landing just before KVM_RUN is entered is never lost. Signals are
+noticed through Python's wakeup fd by a watcher thread, which runs while the main thread is
+blocked in KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+KICK_SIGNAL = signal.SIGRTMIN
+KICK_INTERVAL = 0.005
+
+
+class StopRequest:
+    def __init__(self, run_page):
+        self.run_page = run_page
+        self.requested = threading.Event()
+        self.reason = ""
+        self._stopped = threading.Event()
+        self._main = threading.main_thread().ident
+        self.cancel_fd, self._cancel_w = os.pipe()
+        signal.signal(KICK_SIGNAL, lambda *_: None)    # interrupts KVM_RUN, nothing more
+
+    def request(self, reason: str) -> None:
+        """Ask the run loop to stop (any thread)."""
+        if self.requested.is_set():
+            return
+        self.reason = reason
+        self.requested.set()
+        os.write(self._cancel_w, b"x")
+        threading.Thread(target=self._kick, daemon=True, name="vcpu-kick").start()
+
+    def _kick(self) -> None:
+        while not self._stopped.wait(KICK_INTERVAL):
+            self.run_page.immediate_exit = 1
+            signal.pthread_kill(self._main, KICK_SIGNAL)
+
+    def stopped(self) -> None:
+        """The run loop has stopped the vCPU: stop kicking."""
+        self._stopped.set()
+
+    def on_signals(self, signals: list[signal.Signals]) -> None:
+        """Request a stop when any of `signals` arrives (call from the main thread)."""
+        if not signals:
+            return
+        wanted = {int(s) for s in signals}
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        for sig in signals:
+            signal.signal(sig, lambda *_: None)         # the watcher does the work
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+        def watch() -> None:
+            while True:
+                for signum in os.read(read_fd, 64):
+                    if signum in wanted:
+                        self.request(f"signal {signal.Signals(signum).name}")
+        threading.Thread(target=watch, daemon=True, name="signal-watch").start()

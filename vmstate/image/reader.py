@@ -1,0 +1,293 @@
+"""Open an image file and check it: every structure, every bound, every checksum.
+
+Metadata (header, table, sections) is read and verified at open; memory extents are verified
+by `Image.verify_memory`, which restore runs in parallel with starting the guest."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import posixpath
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import xxhash
+
+from ..errors import FileMissingError, ImageError
+from ..mapping import close_mapping
+from ..pages import merge_runs
+from ..state import PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
+from . import codec
+from . import layout as L
+
+MAX_SECTIONS = 1 << 16
+MAX_SECTION_SIZE = 1 << 26
+
+
+@dataclass(frozen=True)
+class SectionEntry:
+    index: int
+    type: int
+    flags: int
+    instance: int
+    offset: int
+    size: int
+    hash: int
+
+    @property
+    def name(self) -> str:
+        return L.SECTION_NAMES.get(self.type, f"type {self.type:#06x}")
+
+    def describe(self) -> str:
+        return f"section {self.index} ({self.name}, instance {self.instance})"
+
+
+@dataclass(frozen=True)
+class Extent:
+    first_page: int
+    page_count: int
+    hash: int
+
+
+@dataclass(frozen=True)
+class RegionData:
+    """Where a memory region's pages live in the file, and their checksums."""
+    data_offset: int
+    extents: tuple[Extent, ...]
+
+
+def checksum(data) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+class Image:
+    """A checked image file. `state` is the VM state; memory stays in the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileMissingError(f"{path}: no such image file") from None
+        except OSError as e:
+            raise ImageError(f"cannot open: {e.strerror}", path) from None
+        self._map: mmap.mmap | None = None
+        try:
+            self.file_size = os.fstat(self.fd).st_size
+            self.version, self.sections = self._read_header_and_table()
+            self.region_data: list[RegionData] = []   # filled with the regions, by index
+            self.state = self._decode_sections()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        if self._map is not None:
+            close_mapping(self._map)
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _error(self, message: str, offset: int) -> ImageError:
+        return ImageError(message, f"{self.path}: offset {offset:#x}")
+
+    def _read(self, offset: int, length: int, what: str) -> bytes:
+        if offset + length > self.file_size:
+            raise self._error(f"{what} runs past the end of the file ({self.file_size} bytes): "
+                              "truncated image", offset)
+        return os.pread(self.fd, length, offset)
+
+    # -- header and section table --------------------------------------------------------------
+
+    def _read_header_and_table(self) -> tuple[tuple[int, int], list[SectionEntry]]:
+        raw = self._read(0, L.HEADER.size, "header")
+        (magic, major, minor, header_size, count, _flags, table_offset, file_size, table_hash,
+         header_hash) = L.HEADER.unpack(raw)
+        if magic != L.MAGIC:
+            raise self._error(f"bad magic {magic!r} (expected {L.MAGIC!r}): not a vmstate "
+                              "image", 0)
+        if major != L.VERSION_MAJOR:
+            newer = "newer than" if major > L.VERSION_MAJOR else "not supported by"
+            raise self._error(f"image format version {major}.{minor} is {newer} this vmstate "
+                              f"(reads {L.VERSION_MAJOR}.x)", 8)
+        if checksum(raw[:L.HEADER_HASHED]) != header_hash:
+            raise self._error("header checksum mismatch (the header is corrupt)", 56)
+        if file_size != self.file_size:
+            problem = "truncated image" if self.file_size < file_size else "trailing bytes"
+            raise self._error(f"file is {self.file_size} bytes but its header says {file_size}: "
+                              f"{problem}", 32)
+        if header_size != L.HEADER.size or table_offset < header_size or count > MAX_SECTIONS:
+            raise self._error(f"implausible header (header size {header_size}, table at "
+                              f"{table_offset:#x}, {count} sections)", 12)
+        table = self._read(table_offset, count * L.SECTION_ENTRY.size, "section table")
+        if checksum(table) != table_hash:
+            raise self._error("section table checksum mismatch", table_offset)
+        entries = [SectionEntry(i, *L.SECTION_ENTRY.unpack_from(table, i * L.SECTION_ENTRY.size))
+                   for i in range(count)]
+        table_end = table_offset + len(table)
+        for entry in entries:
+            if (entry.offset < table_end or entry.offset % L.ALIGN
+                    or entry.size > MAX_SECTION_SIZE or entry.offset + entry.size > file_size):
+                raise self._error(f"{entry.describe()} has an impossible place "
+                                  f"({entry.size} bytes at {entry.offset:#x})",
+                                  table_offset + entry.index * L.SECTION_ENTRY.size)
+        return (major, minor), entries
+
+    # -- sections -----------------------------------------------------------------------------
+
+    def _payload(self, entry: SectionEntry) -> bytes:
+        data = self._read(entry.offset, entry.size, entry.describe())
+        if checksum(data) != entry.hash:
+            raise self._error(f"{entry.describe()}: checksum mismatch (the section is corrupt)",
+                              entry.offset)
+        return data
+
+    def _decode_sections(self) -> VmState:
+        vcpu_parts: dict[int, dict[str, object]] = defaultdict(dict)
+        regions: dict[int, tuple[MemoryRegion, RegionData]] = {}
+        vmm: dict[str, object] = {}
+        extra = []
+        for entry in self.sections:
+            data = self._payload(entry)
+            try:
+                if entry.type in codec.VCPU_DECODERS:
+                    field, decode = codec.VCPU_DECODERS[entry.type]
+                    self._once(vcpu_parts[entry.instance], field, decode(data), entry)
+                elif entry.type == L.MEMORY_REGION:
+                    self._once(regions, entry.instance, self._decode_region(data), entry)
+                elif entry.type in VMM_DECODERS:
+                    field, decode = VMM_DECODERS[entry.type]
+                    self._once(vmm, field, decode(data), entry)
+                elif entry.flags & L.SECTION_OPTIONAL:
+                    extra.append(ExtraSection(entry.type, entry.instance, entry.flags, data))
+                else:
+                    raise ValueError("unknown mandatory section: written by a newer vmstate?")
+            except ValueError as e:
+                raise self._error(f"{entry.describe()}: {e}", entry.offset) from None
+        return VmState(vcpus=self._assemble_vcpus(vcpu_parts),
+                       memory=self._assemble_regions(regions),
+                       vmm=self._assemble_vmm(vmm), extra=tuple(extra))
+
+    @staticmethod
+    def _once(parts: dict, field: str, value, entry: SectionEntry) -> None:
+        if field in parts:
+            raise ValueError("appears twice")
+        parts[field] = value
+
+    def _assemble_vcpus(self, parts: dict[int, dict]) -> tuple[VcpuState, ...]:
+        if not parts:
+            raise self._error("the image holds no vCPU", 0)
+        vcpus = []
+        for vcpu_id in sorted(parts):
+            missing = [L.SECTION_NAMES[t] for t in codec.REQUIRED_VCPU_SECTIONS
+                       if codec.VCPU_DECODERS[t][0] not in parts[vcpu_id]]
+            if missing:
+                raise self._error(f"vCPU {vcpu_id} lacks {', '.join(missing)}", 0)
+            vcpus.append(VcpuState(id=vcpu_id, **parts[vcpu_id]))
+        return tuple(vcpus)
+
+    def _decode_region(self, data: bytes) -> tuple[MemoryRegion, RegionData]:
+        r = codec.PayloadReader(data)
+        gpa, size, data_offset, count = r.take(L.REGION)
+        extents = tuple(Extent(*r.take(L.EXTENT)) for _ in range(count))
+        r.end()
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or data_offset % PAGE_SIZE or not size:
+            raise ValueError(f"region {gpa:#x}+{size:#x} at file offset {data_offset:#x} is not "
+                             "page aligned")
+        if data_offset + size > self.file_size:
+            raise ValueError(f"region data {data_offset:#x}+{size:#x} runs past the end of the "
+                             "file")
+        next_page = 0
+        for extent in extents:
+            if extent.first_page < next_page or extent.page_count == 0:
+                raise ValueError(f"extent at page {extent.first_page} overlaps or is out of order")
+            next_page = extent.first_page + extent.page_count
+        if next_page > size // PAGE_SIZE:
+            raise ValueError(f"extents reach page {next_page}, past the region's "
+                             f"{size // PAGE_SIZE} pages")
+        present = merge_runs(tuple((e.first_page, e.page_count) for e in extents))
+        return MemoryRegion(gpa, size, present), RegionData(data_offset, extents)
+
+    def _assemble_regions(self, regions: dict) -> tuple[MemoryRegion, ...]:
+        if sorted(regions) != list(range(len(regions))):
+            raise self._error(f"memory regions are numbered {sorted(regions)}, expected 0.."
+                              f"{len(regions) - 1}", 0)
+        spans = sorted((data.data_offset, data.data_offset + region.size)
+                       for region, data in regions.values())
+        metadata_end = max(entry.offset + entry.size for entry in self.sections)
+        for (start, end), (next_start, _) in zip([(0, metadata_end), *spans], spans):
+            if next_start < end:
+                raise self._error(f"memory data at {next_start:#x} overlaps other data ending at "
+                                  f"{end:#x}", next_start)
+        self.region_data = [regions[i][1] for i in range(len(regions))]
+        return tuple(regions[i][0] for i in range(len(regions)))
+
+    def _assemble_vmm(self, parts: dict) -> VmmState:
+        program, argv = parts.pop("program", ("", ()))
+        vmm = VmmState(program=program, argv=argv, **parts)
+        for f in vmm.files:
+            normal = posixpath.normpath(f.path) if f.path else ""
+            if f.kind == "file" and (f.path.startswith("/") or normal != f.path
+                                     or normal == ".." or normal.startswith("../")):
+                raise self._error(f"file table: guest fd {f.fd} path {f.path!r} is not a "
+                                  "normalized path inside the guest root", 0)
+        return vmm
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    def region_view(self, index: int) -> memoryview:
+        """Read-only view of one region's bytes in the file (absent pages read as zero)."""
+        if self._map is None:
+            self._map = mmap.mmap(self.fd, self.file_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        data = self.region_data[index]
+        return memoryview(self._map)[data.data_offset:
+                                     data.data_offset + self.state.memory[index].size]
+
+    def read_phys(self, address: int, length: int) -> bytes:
+        """Bytes of guest physical memory (absent pages read as zero)."""
+        for index, region in enumerate(self.state.memory):
+            offset = address - region.guest_phys_addr
+            if 0 <= offset and offset + length <= region.size:
+                return bytes(self.region_view(index)[offset:offset + length])
+        raise ImageError(f"guest physical {address:#x}+{length:#x} is outside guest memory",
+                         self.path)
+
+    def extent_jobs(self):
+        for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
+            view = self.region_view(index)
+            for extent in data.extents:
+                start = extent.first_page * PAGE_SIZE
+                yield region, data, extent, view[start:start + extent.page_count * PAGE_SIZE]
+
+    def verify_memory(self, workers: int = 2) -> None:
+        """Check every memory extent's checksum; ImageError names the first bad one."""
+        jobs = list(self.extent_jobs())
+        with ThreadPoolExecutor(workers) as pool:
+            results = pool.map(lambda job: checksum(job[3]) == job[2].hash, jobs)
+            for (region, data, extent, _), ok in zip(jobs, results):
+                if not ok:
+                    gpa = region.guest_phys_addr + extent.first_page * PAGE_SIZE
+                    end = gpa + extent.page_count * PAGE_SIZE
+                    raise self._error(f"guest memory {gpa:#x}-{end:#x} fails its checksum (the "
+                                      "memory is corrupt)",
+                                      data.data_offset + extent.first_page * PAGE_SIZE)
+
+
+VMM_DECODERS = {
+    L.VMM_PROGRAM: ("program", codec.decode_program),
+    L.VMM_FILES: ("files", codec.decode_files),
+    L.VMM_ADDRESS_SPACE: ("address_space", codec.decode_address_space),
+    L.VMM_PENDING_CALL: ("pending", codec.decode_pending),
+}
+
+
+def open_image(path: str) -> Image:
+    return Image(path)
