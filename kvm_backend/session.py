@@ -13,7 +13,7 @@ from vmstate.state import VmState
 from vmstate.units import format_size
 
 from .machine import LARGE_PAGE, MAX_MEMORY
-from .vm import Outcome, SaveHandler, VirtualMachine, open_kvm
+from .vm import Outcome, SaveHandler, VirtualMachine, open_kvm, timing_mark
 
 MIN_MEMORY = 8 << 20
 DEFAULT_IMAGE = "vm_image.sav"
@@ -50,8 +50,9 @@ def save_to_file(path: str) -> SaveHandler:
 def run_program(program: str, argv: list[str], memory_size: int, root: str,
                 save: SaveOptions, trace=None) -> Outcome:
     memory_size = check_memory_size(memory_size)
+    from .boot import boot          # the ELF loader is not needed to restore
     kvm = open_kvm()
-    with VirtualMachine.boot(kvm, program, argv, memory_size, root) as vm:
+    with boot(kvm, program, argv, memory_size, root) as vm:
         vm.stop.on_signals(save.signals)
         return vm.run(trace=trace, save=save_to_file(save.image))
 
@@ -88,6 +89,7 @@ class _MemoryVerification:
             except Exception as e:      # reported by wait(), in the main thread
                 self.error = e
                 stop.request("memory verification failed")
+            timing_mark("memory-verified")
         self._thread = threading.Thread(target=verify, daemon=True, name="verify-memory")
         self._thread.start()
 

@@ -3,7 +3,6 @@ and the order in which state is read from and applied to a vCPU."""
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import astuple, fields
 
 from vmstate import x86

@@ -9,19 +9,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
 from vmstate.image.reader import Image
-from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytemap
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
+from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytemap, union
+from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
 
 from . import abi, machine, vcpu_state
 from .address_space import UserAddressSpace
 from .files import FileTable
 from .kvm import HltExit, InterruptedExit, Kvm, KvmUnavailable, MmioExit, ShutdownExit, Vcpu
-from .loader import build_stack, heap_start, inspect_program, load_program
 from .memory import GuestMemory
 from .stop import StopRequest
 from .syscalls import CallInterrupted, GuestExit, LinuxSyscalls, SaveRequested
@@ -65,7 +62,7 @@ def open_kvm() -> Kvm:
         raise KvmNotAvailableError(f"KVM is not available: {e}") from None
 
 
-def _timing_mark(label: str) -> None:
+def timing_mark(label: str) -> None:
     if os.environ.get(TIMING_ENV):
         os.write(2, f"vmstate-timing {label} {time.clock_gettime_ns(time.CLOCK_MONOTONIC)}\n"
                  .encode())
@@ -86,7 +83,7 @@ class VirtualMachine:
         self.star = machine.STAR
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.stop = StopRequest(self.vcpu.run_page)
-        self._present = np.zeros(memory.size // PAGE_SIZE, dtype=np.uint8)
+        self._present = bytes(memory.size // PAGE_SIZE)      # pages known present so far
 
     def close(self) -> None:
         if self.files is not None:
@@ -104,33 +101,6 @@ class VirtualMachine:
     # -- creation ------------------------------------------------------------------------------
 
     @classmethod
-    def boot(cls, kvm: Kvm, program_path: str, argv: list[str], memory_size: int,
-             root: str) -> VirtualMachine:
-        """A VM about to run `program_path`'s first instruction, in ring 3."""
-        program = inspect_program(program_path)
-        vm = cls(kvm, GuestMemory(memory_size))
-        try:
-            for addr, data in machine.boot_structures(memory_size):
-                vm.memory.write_phys(addr, data)
-            vm.address_space = UserAddressSpace.fresh(vm.memory, machine.USER_START,
-                                                      heap_start(program))
-            vm.memory.set_user_range(machine.USER_START, vm.address_space.state.user_end)
-            load_program(program, vm.memory, vm.address_space.state.mmap_top)
-            rsp = build_stack(vm.memory, program, argv, vm.address_space.stack_top)
-            vm.files = FileTable.with_stdio(root)
-            vm.program, vm.argv = program_path, tuple(argv)
-            apic_base = vm.vcpu.get_sregs().apic_base
-            vcpu_state.apply(vm.vcpu, VcpuState(
-                regs=machine.boot_registers(program.entry, rsp),
-                sregs=machine.boot_sregs(apic_base), msrs=machine.BOOT_MSRS,
-                cpuid=vcpu_state.cpuid_from_kvm(kvm.supported_cpuid()),
-                mp_state=abi.KVM_MP_STATE_RUNNABLE))
-        except BaseException:
-            vm.close()
-            raise
-        return vm
-
-    @classmethod
     def restore(cls, kvm: Kvm, image: Image, root: str) -> VirtualMachine:
         """A blank VM given the image's state; its memory maps the image copy-on-write."""
         state = image.state
@@ -139,7 +109,7 @@ class VirtualMachine:
         memory = GuestMemory(region.size, image_fd=image.fd, image_offset=placement.data_offset)
         vm = cls(kvm, memory)
         try:
-            vm._present = bytemap_from_runs(region.present, region.size // PAGE_SIZE)
+            vm._present = bytes(bytemap_from_runs(region.present, region.size // PAGE_SIZE))
             aspace = state.vmm.address_space
             vm.address_space = UserAddressSpace(aspace, memory)
             memory.set_user_range(aspace.user_start, aspace.user_end)
@@ -162,7 +132,7 @@ class VirtualMachine:
         syscalls = LinuxSyscalls(self.memory, self.files, self.address_space, _SyncedCpu(self),
                                  trace=trace, stop_fd=self.stop.cancel_fd,
                                  save_enabled=save is not None)
-        _timing_mark("first-kvm-run")
+        timing_mark("first-kvm-run")
         try:
             return self._run_loop(syscalls, save, gate)
         finally:
@@ -175,6 +145,7 @@ class VirtualMachine:
             if gate is not None:
                 gate()
                 gate = None
+                timing_mark("gate-passed")
             match exit:
                 case MmioExit(address=machine.DOORBELL_GPA):
                     outcome = self._service_syscall(syscalls, save)
@@ -263,9 +234,12 @@ class VirtualMachine:
     # -- saving --------------------------------------------------------------------------------
 
     def _save(self, save: SaveHandler, pending: PendingCall | None) -> Saved:
+        timing_mark("save-start")
         self.stop.stopped()
         self._complete_pending_exit()
-        return Saved(save(self.capture(pending), [self.memory.view]))
+        where = save(self.capture(pending), [self.memory.view])
+        timing_mark("save-done")
+        return Saved(where)
 
     def _complete_pending_exit(self) -> None:
         """One KVM_RUN with immediate_exit set: KVM finishes the MMIO exit it is waiting on and
@@ -286,12 +260,12 @@ class VirtualMachine:
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 
-    def present_pages(self) -> np.ndarray:
+    def present_pages(self) -> bytes:
         """Pages ever written: by the guest (KVM's dirty log), by the VMM, or present in the
         image this VM was restored from. One byte per page."""
         dirty = self.vm.get_dirty_log(0, self.memory.size // PAGE_SIZE)
-        self._present |= bytemap_from_bits(dirty, len(self._present))
-        self._present |= np.frombuffer(self.memory.vmm_written_pages, dtype=np.uint8)
+        self._present = union(union(self._present, bytemap_from_bits(dirty, len(self._present))),
+                              self.memory.vmm_written_pages)
         return self._present
 
 
@@ -309,6 +283,11 @@ def _check_restorable(state: VmState) -> None:
     if not machine.USER_START <= aspace.user_start <= aspace.user_end <= region.size:
         raise RestoreError(f"user address range {aspace.user_start:#x}-{aspace.user_end:#x} "
                            "lies outside guest memory")
+    pending, regs = state.vmm.pending, state.vcpus[0].regs
+    if pending is not None and (regs.rip, regs.rax) != (pending.rip, pending.nr):
+        raise RestoreError(f"the pending call (syscall {pending.nr} at {pending.rip:#x}) does not "
+                           f"match the registers (rax {regs.rax:#x}, rip {regs.rip:#x}): the "
+                           "guest would not re-issue it")
 
 
 class _SyncedCpu:

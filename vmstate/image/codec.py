@@ -34,6 +34,9 @@ class PayloadReader:
         return chunk
 
     def end(self) -> None:
+        if self.pos > len(self.data):
+            raise ValueError(f"payload ends at byte {len(self.data)}, its last string needs "
+                             f"padding to {self.pos}")
         if self.pos != len(self.data):
             raise ValueError(f"{len(self.data) - self.pos} unexpected bytes after the payload")
 

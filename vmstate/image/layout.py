@@ -20,7 +20,7 @@ PAGE = 4096
 ALIGN = 8
 
 # magic, major, minor, header_size, section_count, flags, table_offset, file_size,
-# table_hash, reserved, header_hash (over bytes 0..56)
+# table_hash, reserved, header_hash (over the 56 bytes 0..55)
 HEADER = struct.Struct("<8sHHIIIQQQ8xQ")
 HEADER_HASHED = 56
 # type, flags, instance, offset, size, hash

@@ -16,13 +16,15 @@ import xxhash
 
 from ..errors import FileMissingError, ImageError
 from ..mapping import close_mapping
-from ..pages import merge_runs
+from ..pages import bytemap_from_runs, is_zero, merge_runs, runs_from_bytemap
 from ..state import PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
 from . import codec
 from . import layout as L
 
+_INVERT = bytes([1] + [0] * 255)     # byte map translation: present <-> absent
 MAX_SECTIONS = 1 << 16
-MAX_SECTION_SIZE = 1 << 26
+MAX_SECTION_SIZE = 1 << 28      # a 64 GiB region with every other page present needs 192 MiB
+MAX_XCRS = 16                   # what struct kvm_xcrs holds
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,21 @@ class RegionData:
     extents: tuple[Extent, ...]
 
 
+def _data_segments(fd: int, start: int, end: int):
+    """(offset, end) of the parts of [start, end) the file system stores (SEEK_DATA/HOLE)."""
+    position = start
+    while position < end:
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError:                 # ENXIO: no more data
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        position = hole
+
+
 def checksum(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
@@ -78,6 +95,7 @@ class Image:
             self.version, self.sections = self._read_header_and_table()
             self.region_data: list[RegionData] = []   # filled with the regions, by index
             self.state = self._decode_sections()
+            self._check_padding()
         except BaseException:
             os.close(self.fd)
             raise
@@ -108,12 +126,15 @@ class Image:
     # -- header and section table --------------------------------------------------------------
 
     def _read_header_and_table(self) -> tuple[tuple[int, int], list[SectionEntry]]:
-        raw = self._read(0, L.HEADER.size, "header")
-        (magic, major, minor, header_size, count, _flags, table_offset, file_size, table_hash,
-         header_hash) = L.HEADER.unpack(raw)
-        if magic != L.MAGIC:
-            raise self._error(f"bad magic {magic!r} (expected {L.MAGIC!r}): not a vmstate "
+        start = os.pread(self.fd, len(L.MAGIC), 0)
+        if not start:
+            raise self._error("the file is empty (truncated, or not a vmstate image)", 0)
+        if start != L.MAGIC[:len(start)]:
+            raise self._error(f"bad magic {start!r} (expected {L.MAGIC!r}): not a vmstate "
                               "image", 0)
+        raw = self._read(0, L.HEADER.size, "header")
+        (_, major, minor, header_size, count, flags, table_offset, file_size, table_hash,
+         header_hash) = L.HEADER.unpack(raw)
         if major != L.VERSION_MAJOR:
             newer = "newer than" if major > L.VERSION_MAJOR else "not supported by"
             raise self._error(f"image format version {major}.{minor} is {newer} this vmstate "
@@ -124,21 +145,26 @@ class Image:
             problem = "truncated image" if self.file_size < file_size else "trailing bytes"
             raise self._error(f"file is {self.file_size} bytes but its header says {file_size}: "
                               f"{problem}", 32)
-        if header_size != L.HEADER.size or table_offset < header_size or count > MAX_SECTIONS:
+        if header_size != L.HEADER.size or table_offset != header_size or count > MAX_SECTIONS \
+                or flags:
             raise self._error(f"implausible header (header size {header_size}, table at "
-                              f"{table_offset:#x}, {count} sections)", 12)
+                              f"{table_offset:#x}, {count} sections, flags {flags:#x})", 12)
         table = self._read(table_offset, count * L.SECTION_ENTRY.size, "section table")
         if checksum(table) != table_hash:
             raise self._error("section table checksum mismatch", table_offset)
         entries = [SectionEntry(i, *L.SECTION_ENTRY.unpack_from(table, i * L.SECTION_ENTRY.size))
                    for i in range(count)]
-        table_end = table_offset + len(table)
-        for entry in entries:
-            if (entry.offset < table_end or entry.offset % L.ALIGN
+        position = table_offset + len(table)
+        for entry in sorted(entries, key=lambda e: e.offset):
+            where = table_offset + entry.index * L.SECTION_ENTRY.size
+            if (entry.offset < position or entry.offset % L.ALIGN
                     or entry.size > MAX_SECTION_SIZE or entry.offset + entry.size > file_size):
-                raise self._error(f"{entry.describe()} has an impossible place "
-                                  f"({entry.size} bytes at {entry.offset:#x})",
-                                  table_offset + entry.index * L.SECTION_ENTRY.size)
+                raise self._error(f"{entry.describe()} has an impossible place ({entry.size} "
+                                  f"bytes at {entry.offset:#x}: misaligned, overlapping or out "
+                                  "of the file)", where)
+            if entry.flags & ~L.SECTION_OPTIONAL:
+                raise self._error(f"{entry.describe()} has unknown flags {entry.flags:#x}", where)
+            position = entry.offset + entry.size
         return (major, minor), entries
 
     # -- sections -----------------------------------------------------------------------------
@@ -149,6 +175,17 @@ class Image:
             raise self._error(f"{entry.describe()}: checksum mismatch (the section is corrupt)",
                               entry.offset)
         return data
+
+    def _check_padding(self) -> None:
+        """Bytes between the table, the payloads and the memory data are not covered by any
+        checksum, so they must be zero: no bit of the file may change unnoticed."""
+        spans = sorted((e.offset, e.offset + e.size) for e in self.sections)
+        position = L.HEADER.size + L.SECTION_ENTRY.size * len(self.sections)
+        data_start = min((d.data_offset for d in self.region_data), default=self.file_size)
+        for start, end in [*spans, (data_start, data_start)]:
+            if start > position and any(self._read(position, start - position, "padding")):
+                raise self._error("non-zero bytes in padding (the file is corrupt)", position)
+            position = max(position, end)
 
     def _decode_sections(self) -> VmState:
         vcpu_parts: dict[int, dict[str, object]] = defaultdict(dict)
@@ -164,6 +201,8 @@ class Image:
                 elif entry.type == L.MEMORY_REGION:
                     self._once(regions, entry.instance, self._decode_region(data), entry)
                 elif entry.type in VMM_DECODERS:
+                    if entry.instance:
+                        raise ValueError("VMM sections have instance 0")
                     field, decode = VMM_DECODERS[entry.type]
                     self._once(vmm, field, decode(data), entry)
                 elif entry.flags & L.SECTION_OPTIONAL:
@@ -191,7 +230,11 @@ class Image:
                        if codec.VCPU_DECODERS[t][0] not in parts[vcpu_id]]
             if missing:
                 raise self._error(f"vCPU {vcpu_id} lacks {', '.join(missing)}", 0)
-            vcpus.append(VcpuState(id=vcpu_id, **parts[vcpu_id]))
+            vcpu = VcpuState(id=vcpu_id, **parts[vcpu_id])
+            if len(vcpu.xcrs) > MAX_XCRS:
+                raise self._error(f"vCPU {vcpu_id} has {len(vcpu.xcrs)} XCRs (at most "
+                                  f"{MAX_XCRS})", 0)
+            vcpus.append(vcpu)
         return tuple(vcpus)
 
     def _decode_region(self, data: bytes) -> tuple[MemoryRegion, RegionData]:
@@ -199,7 +242,9 @@ class Image:
         gpa, size, data_offset, count = r.take(L.REGION)
         extents = tuple(Extent(*r.take(L.EXTENT)) for _ in range(count))
         r.end()
-        if gpa % PAGE_SIZE or size % PAGE_SIZE or data_offset % PAGE_SIZE or not size:
+        if not size:
+            raise ValueError("memory region of size 0")
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or data_offset % PAGE_SIZE:
             raise ValueError(f"region {gpa:#x}+{size:#x} at file offset {data_offset:#x} is not "
                              "page aligned")
         if data_offset + size > self.file_size:
@@ -220,23 +265,36 @@ class Image:
         if sorted(regions) != list(range(len(regions))):
             raise self._error(f"memory regions are numbered {sorted(regions)}, expected 0.."
                               f"{len(regions) - 1}", 0)
-        spans = sorted((data.data_offset, data.data_offset + region.size)
-                       for region, data in regions.values())
         metadata_end = max(entry.offset + entry.size for entry in self.sections)
-        for (start, end), (next_start, _) in zip([(0, metadata_end), *spans], spans):
-            if next_start < end:
-                raise self._error(f"memory data at {next_start:#x} overlaps other data ending at "
-                                  f"{end:#x}", next_start)
+        expected = L.align(metadata_end, L.PAGE)      # regions follow each other, no gaps
+        for i in range(len(regions)):
+            region, data = regions[i]
+            if data.data_offset != expected:
+                raise self._error(f"memory region {i} data at {data.data_offset:#x}, expected "
+                                  f"{expected:#x} (right after the previous part)",
+                                  data.data_offset)
+            expected += L.align(region.size, L.PAGE)
+        if regions and expected != self.file_size:
+            raise self._error(f"{self.file_size - expected} bytes after the last memory region",
+                              expected)
+        guest_ranges = sorted((r.guest_phys_addr, r.guest_phys_addr + r.size)
+                              for r, _ in regions.values())
+        for (_, end), (start, _) in zip(guest_ranges, guest_ranges[1:]):
+            if start < end:
+                raise self._error(f"memory regions overlap at guest physical {start:#x}", 0)
         self.region_data = [regions[i][1] for i in range(len(regions))]
         return tuple(regions[i][0] for i in range(len(regions)))
 
     def _assemble_vmm(self, parts: dict) -> VmmState:
         program, argv = parts.pop("program", ("", ()))
         vmm = VmmState(program=program, argv=argv, **parts)
+        fds = [f.fd for f in vmm.files]
+        if len(set(fds)) != len(fds) or any(fd < 0 for fd in fds):
+            raise self._error(f"file table: guest fds {fds} are not distinct and >= 0", 0)
         for f in vmm.files:
             normal = posixpath.normpath(f.path) if f.path else ""
-            if f.kind == "file" and (f.path.startswith("/") or normal != f.path
-                                     or normal == ".." or normal.startswith("../")):
+            if f.kind == "file" and (f.path.startswith("/") or normal != f.path or normal in
+                                     ("", ".", "..") or normal.startswith("../")):
                 raise self._error(f"file table: guest fd {f.fd} path {f.path!r} is not a "
                                   "normalized path inside the guest root", 0)
         return vmm
@@ -260,6 +318,25 @@ class Image:
         raise ImageError(f"guest physical {address:#x}+{length:#x} is outside guest memory",
                          self.path)
 
+    def _check_holes(self) -> None:
+        """Pages outside every extent were never touched and must read as zero. Only the
+        parts of the file that the file system actually stores need looking at."""
+        for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
+            view = self.region_view(index)
+            absent = bytemap_from_runs(region.present, region.page_count).translate(_INVERT)
+            for start, end in _data_segments(self.fd, data.data_offset,
+                                             data.data_offset + region.size):
+                first, last = ((start - data.data_offset) // PAGE_SIZE,
+                               (end - data.data_offset + PAGE_SIZE - 1) // PAGE_SIZE)
+                for run_first, run_count in runs_from_bytemap(absent[first:last]):
+                    page = first + run_first
+                    chunk = view[page * PAGE_SIZE:(page + run_count) * PAGE_SIZE]
+                    if not is_zero(chunk):
+                        gpa = region.guest_phys_addr + page * PAGE_SIZE
+                        raise self._error(f"guest memory {gpa:#x}: a page recorded as never "
+                                          "touched holds data (the memory is corrupt)",
+                                          data.data_offset + page * PAGE_SIZE)
+
     def extent_jobs(self):
         for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
             view = self.region_view(index)
@@ -268,7 +345,9 @@ class Image:
                 yield region, data, extent, view[start:start + extent.page_count * PAGE_SIZE]
 
     def verify_memory(self, workers: int = 2) -> None:
-        """Check every memory extent's checksum; ImageError names the first bad one."""
+        """Check every memory extent's checksum, and that absent pages read as zero;
+        ImageError names the first bad place."""
+        self._check_holes()
         jobs = list(self.extent_jobs())
         with ThreadPoolExecutor(workers) as pool:
             results = pool.map(lambda job: checksum(job[3]) == job[2].hash, jobs)

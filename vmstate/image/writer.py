@@ -16,7 +16,7 @@ from ..pages import split_runs
 from ..state import PAGE_SIZE, VmState
 from . import codec
 from . import layout as L
-from .reader import checksum
+from .reader import MAX_SECTION_SIZE, checksum
 
 MAX_WRITE = 1 << 30          # Linux writes at most ~2 GiB per call; keep calls well below
 
@@ -63,6 +63,11 @@ def plan_image(state: VmState, region_views: list[memoryview], workers: int = 2)
 
     def region_size(i: int) -> int:
         return L.REGION.size + L.EXTENT.size * len(extents[i])
+
+    for i in range(len(state.memory)):
+        if region_size(i) > MAX_SECTION_SIZE:
+            raise VmstateError(f"memory region {i} is too fragmented for one image section "
+                               f"({len(extents[i])} runs of pages)")
 
     offset = L.HEADER.size + L.SECTION_ENTRY.size * len(sections)
     offsets = []

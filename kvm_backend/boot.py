@@ -1,0 +1,40 @@
+"""Booting a fresh VM: load a static ELF program and set the vCPU up at its entry point."""
+
+from __future__ import annotations
+
+from vmstate.state import VcpuState
+
+from . import abi, machine, vcpu_state
+from .address_space import UserAddressSpace
+from .files import FileTable
+from .kvm import Kvm
+from .loader import build_stack, heap_start, inspect_program, load_program
+from .memory import GuestMemory
+from .vm import VirtualMachine
+
+
+def boot(kvm: Kvm, program_path: str, argv: list[str], memory_size: int,
+         root: str) -> VirtualMachine:
+    """A VM about to run `program_path`'s first instruction, in ring 3."""
+    program = inspect_program(program_path)
+    vm = VirtualMachine(kvm, GuestMemory(memory_size))
+    try:
+        for addr, data in machine.boot_structures(memory_size):
+            vm.memory.write_phys(addr, data)
+        vm.address_space = UserAddressSpace.fresh(vm.memory, machine.USER_START,
+                                                  heap_start(program))
+        vm.memory.set_user_range(machine.USER_START, vm.address_space.state.user_end)
+        load_program(program, vm.memory, vm.address_space.state.mmap_top)
+        rsp = build_stack(vm.memory, program, argv, vm.address_space.stack_top)
+        vm.files = FileTable.with_stdio(root)
+        vm.program, vm.argv = program_path, tuple(argv)
+        apic_base = vm.vcpu.get_sregs().apic_base
+        vcpu_state.apply(vm.vcpu, VcpuState(
+            regs=machine.boot_registers(program.entry, rsp),
+            sregs=machine.boot_sregs(apic_base), msrs=machine.BOOT_MSRS,
+            cpuid=vcpu_state.cpuid_from_kvm(kvm.supported_cpuid()),
+            mp_state=abi.KVM_MP_STATE_RUNNABLE))
+    except BaseException:
+        vm.close()
+        raise
+    return vm

@@ -1,0 +1,129 @@
+"""Hypothesis strategies for VM states and their memory (shared by the format tests)."""
+
+from __future__ import annotations
+
+import mmap
+
+from hypothesis import strategies as st
+
+from vmstate.image import layout as L
+from vmstate.state import (
+    PAGE_SIZE, AddressSpace, CpuidEntry, DebugRegisters, DescriptorTable, ExtraSection,
+    MemoryRegion, OpenFile, PendingCall, Registers, Segment, SpecialRegisters, VcpuEvents,
+    VcpuState, VmmState, VmState)
+
+u8 = st.integers(0, 0xFF)
+u16 = st.integers(0, 0xFFFF)
+u32 = st.integers(0, 0xFFFFFFFF)
+u64 = st.integers(0, 0xFFFFFFFFFFFFFFFF)
+names = st.text(st.characters(codec="utf-8", exclude_characters="\0/"), min_size=1, max_size=12)
+
+
+def _fields(cls, **overrides):
+    return st.builds(cls, **{name: overrides.get(name, u64)
+                             for name in cls.__dataclass_fields__})
+
+
+segments = st.builds(Segment, selector=u16, base=u64, limit=u32, type=u8, present=u8, dpl=u8,
+                     db=u8, s=u8, l=u8, g=u8, avl=u8, unusable=u8)
+sregs = st.builds(SpecialRegisters, cs=segments, ds=segments, es=segments, fs=segments,
+                  gs=segments, ss=segments, tr=segments, ldt=segments,
+                  gdt=st.builds(DescriptorTable, u64, u16),
+                  idt=st.builds(DescriptorTable, u64, u16),
+                  cr0=u64, cr2=u64, cr3=u64, cr4=u64, cr8=u64, efer=u64, apic_base=u64,
+                  interrupt_bitmap=st.tuples(u64, u64, u64, u64))
+events = st.builds(VcpuEvents, **{
+    name: (u32 if name in ("exception_error_code", "sipi_vector", "flags")
+           else u64 if name == "exception_payload" else u8)
+    for name in VcpuEvents.__dataclass_fields__})
+
+
+@st.composite
+def vcpus(draw, vcpu_id: int) -> VcpuState:
+    return VcpuState(
+        id=vcpu_id, regs=draw(_fields(Registers)), sregs=draw(sregs),
+        msrs=tuple(draw(st.lists(st.tuples(u32, u64), max_size=6))),
+        xsave=draw(st.binary(max_size=600)),
+        xcrs=tuple(draw(st.lists(st.tuples(u32, u64), max_size=2))),
+        events=draw(events), mp_state=draw(u32),
+        debugregs=draw(_fields(DebugRegisters)),
+        cpuid=tuple(draw(st.lists(st.builds(CpuidEntry, u32, u32, u32, u32, u32, u32, u32),
+                                  max_size=4))))
+
+
+@st.composite
+def regions(draw, index: int) -> tuple[MemoryRegion, bytes]:
+    pages = draw(st.integers(1, 24))
+    present = draw(st.lists(st.booleans(), min_size=pages, max_size=pages))
+    runs, start = [], None
+    for page, here in enumerate([*present, False]):
+        if here and start is None:
+            start = page
+        elif not here and start is not None:
+            runs.append((start, page - start))
+            start = None
+    contents = bytearray(pages * PAGE_SIZE)
+    for first, count in runs:
+        seed = draw(st.binary(min_size=1, max_size=16))
+        contents[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = \
+            (seed * (count * PAGE_SIZE // len(seed) + 1))[:count * PAGE_SIZE]
+    return MemoryRegion(index * (64 << 20), pages * PAGE_SIZE, tuple(runs)), bytes(contents)
+
+
+open_files = st.builds(
+    OpenFile, fd=st.integers(0, 1023), kind=st.sampled_from(L.FILE_KINDS),
+    path=st.lists(names.filter(lambda n: n not in (".", "..")), min_size=1, max_size=3)
+    .map("/".join), flags=u32, mode=st.integers(0, 0o7777), offset=st.integers(0, 1 << 62))
+address_spaces = st.builds(AddressSpace, u64, u64, u64, u64, u64, u64,
+                           st.lists(st.tuples(u64, u64), max_size=3).map(tuple))
+pending_calls = st.builds(PendingCall, u64, st.tuples(u64, u64, u64, u64, u64, u64), u64)
+known_types = set(L.SECTION_NAMES)
+extras = st.builds(ExtraSection, type=u16.filter(lambda t: t not in known_types),
+                   instance=u32, flags=st.just(L.SECTION_OPTIONAL), data=st.binary(max_size=40))
+
+
+@st.composite
+def vm_states(draw) -> tuple[VmState, list[bytes]]:
+    vcpu_list = tuple(draw(vcpus(i)) for i in range(draw(st.integers(1, 2))))
+    region_pairs = [draw(regions(i)) for i in range(draw(st.integers(1, 2)))]
+    vmm = VmmState(program=draw(names), argv=tuple(draw(st.lists(names, max_size=3))),
+                   files=tuple(draw(st.lists(open_files, max_size=3, unique_by=lambda f: f.fd))),
+                   address_space=draw(address_spaces),
+                   pending=draw(st.none() | pending_calls))
+    state = VmState(vcpus=vcpu_list, memory=tuple(r for r, _ in region_pairs), vmm=vmm,
+                    extra=tuple(draw(st.lists(extras, max_size=2))))
+    return state, [contents for _, contents in region_pairs]
+
+
+def memory_views(contents: list[bytes]) -> list[memoryview]:
+    views = []
+    for data in contents:
+        mapping = mmap.mmap(-1, len(data))
+        mapping[:] = data
+        views.append(memoryview(mapping))
+    return views
+
+
+def sample_state(pages: int = 32) -> tuple[VmState, list[bytes]]:
+    """A fixed, hand-made state: two runs of present pages with holes around them, a file,
+    a pending call and an optional section of a future version."""
+    contents = bytearray(pages * PAGE_SIZE)
+    runs = ((2, 3), (10, pages - 14))
+    for first, count in runs:
+        for page in range(first, first + count):
+            contents[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = bytes([page + 1]) * PAGE_SIZE
+    vcpu = VcpuState(id=0, regs=Registers(rax=1, rip=0x401000, rsp=0x3fff000),
+                     sregs=SpecialRegisters(cr0=0x80010033, cr3=0x5000, efer=0x501),
+                     msrs=((0xC0000082, 0x4800), (0xC0000081, 0x20001000000000)),
+                     xsave=bytes(range(256)) * 2, xcrs=((0, 1),), mp_state=0,
+                     cpuid=(CpuidEntry(0, eax=0xD), CpuidEntry(1, eax=0xA00F11)))
+    vmm = VmmState(program="app", argv=("app", "arg"),
+                   files=(OpenFile(0, "stdin", flags=2), OpenFile(3, "file", "dir/data.txt", 0x42,
+                                                                 0o644, 17)),
+                   address_space=AddressSpace(0x200000, pages * PAGE_SIZE, 0x300000, 0x301000,
+                                              0x400000, 0x500000, ((0x410000, 0x1000),)),
+                   pending=PendingCall(0, (0, 0x3000, 10, 0, 0, 0), 0x401000))
+    extra = (ExtraSection(0x7F00, 0, L.SECTION_OPTIONAL, b"from a newer vmstate"),)
+    state = VmState(vcpus=(vcpu,), memory=(MemoryRegion(0, pages * PAGE_SIZE, runs),), vmm=vmm,
+                    extra=extra)
+    return state, [bytes(contents)]

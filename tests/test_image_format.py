@@ -1,0 +1,152 @@
+"""The image format without KVM: lossless round trips (Hypothesis), and every kind of damage
+detected with a message that names the place."""
+
+import os
+import random
+import re
+import subprocess
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from strategies import memory_views, sample_state, vm_states
+from vmstate.errors import ImageError, VmstateError
+from vmstate.image import layout as L
+from vmstate.image.reader import open_image
+from vmstate.image.writer import write_image
+from vmstate.state import PAGE_SIZE
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SETTINGS
+@given(generated=vm_states())
+def test_write_read_rewrite_is_lossless_and_byte_identical(tmp_path, generated):
+    state, contents = generated
+    first, second = tmp_path / "first.sav", tmp_path / "second.sav"
+    write_image(str(first), state, memory_views(contents))
+    with open_image(str(first)) as image:
+        assert image.state == state
+        image.verify_memory()
+        for index, data in enumerate(contents):
+            assert image.region_view(index).tobytes() == data
+        write_image(str(second), image.state,
+                    [image.region_view(i) for i in range(len(contents))])
+    assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.fixture
+def sample_image(tmp_path):
+    state, contents = sample_state()
+    path = tmp_path / "sample.sav"
+    write_image(str(path), state, memory_views(contents))
+    return path
+
+
+def _damaged(path, offset, xor=None, size=None):
+    data = bytearray(path.read_bytes())
+    if xor is not None:
+        data[offset] ^= xor
+    damaged = path.with_name(f"damaged-{offset}")
+    damaged.write_bytes(bytes(data[:size]) if size is not None else bytes(data))
+    return damaged
+
+
+def _open_and_verify(path):
+    with open_image(str(path)) as image:
+        image.verify_memory()
+
+
+def test_every_metadata_bit_flip_is_detected(sample_image):
+    with open_image(str(sample_image)) as image:
+        metadata_end = image.region_data[0].data_offset
+    rng = random.Random(7)
+    for offset in range(metadata_end):
+        with pytest.raises(ImageError) as caught:
+            _open_and_verify(_damaged(sample_image, offset, 1 << rng.randrange(8)))
+        assert str(caught.value).startswith(f"{sample_image.parent}/damaged-{offset}: offset 0x")
+
+
+def test_memory_bit_flips_are_detected_in_extents_and_in_holes(sample_image):
+    with open_image(str(sample_image)) as image:
+        data_offset = image.region_data[0].data_offset
+        region = image.state.memory[0]
+    present = {first + i for first, count in region.present for i in range(count)}
+    absent = set(range(region.page_count)) - present
+    assert present and absent
+    for page, expected in ((min(present), "fails its checksum"),
+                           (max(present), "fails its checksum"),
+                           (min(absent), "recorded as never touched holds data")):
+        offset = data_offset + page * PAGE_SIZE + 123
+        with pytest.raises(ImageError, match=expected) as caught:
+            _open_and_verify(_damaged(sample_image, offset, 0x10))
+        reported = re.search(r"offset (0x[0-9a-f]+): guest memory (0x[0-9a-f]+)(?:-(0x[0-9a-f]+))?",
+                             str(caught.value))
+        file_offset, start, end = (int(x, 16) if x else None for x in reported.groups())
+        assert start <= page * PAGE_SIZE < (end or start + PAGE_SIZE)
+        assert file_offset == data_offset + start
+
+
+def test_truncation_anywhere_is_detected(sample_image):
+    size = sample_image.stat().st_size
+    cuts = [0, 1, 8, 63, 64, 65, 100, 200, 1000, 4096, size - PAGE_SIZE, size - 1]
+    for cut in cuts:
+        with pytest.raises(ImageError, match="truncated|past the end|empty"):
+            _open_and_verify(_damaged(sample_image, 0, size=cut))
+
+
+def test_bad_magic_and_newer_version(sample_image):
+    with pytest.raises(ImageError, match=r"offset 0x0: bad magic b'XMSTATE\\x00'"):
+        _open_and_verify(_damaged(sample_image, 0, ord("V") ^ ord("X")))
+    data = bytearray(sample_image.read_bytes())
+    header = list(L.HEADER.unpack_from(data))
+    header[1] = L.VERSION_MAJOR + 1
+    packed = L.HEADER.pack(*header)
+    data[:L.HEADER.size] = packed
+    newer = sample_image.with_name("newer.sav")
+    newer.write_bytes(bytes(data))
+    with pytest.raises(ImageError, match=r"format version 2\.0 is newer than this vmstate"):
+        _open_and_verify(newer)
+
+
+def test_unknown_mandatory_section_is_refused(tmp_path):
+    state, contents = sample_state()
+    mandatory = replace(state, extra=(replace(state.extra[0], flags=0),))
+    path = tmp_path / "mandatory.sav"
+    write_image(str(path), mandatory, memory_views(contents))
+    with pytest.raises(ImageError, match="unknown mandatory section"):
+        _open_and_verify(path)
+
+
+def test_file_table_path_outside_root_is_refused(tmp_path):
+    state, contents = sample_state()
+    for bad in ("../escape.txt", "/etc/passwd", "a/../../b"):
+        files = (replace(state.vmm.files[0], kind="file", path=bad),)
+        path = tmp_path / "escape.sav"
+        write_image(str(path), replace(state, vmm=replace(state.vmm, files=files)),
+                    memory_views(contents))
+        with pytest.raises(ImageError, match="not a normalized path inside the guest root"):
+            _open_and_verify(path)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs, so that a write runs out of space half way."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)]
+                      ).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_no_partial_file_when_the_disk_fills(tiny_filesystem):
+    state, contents = sample_state()
+    with pytest.raises(VmstateError, match="cannot write .*out.sav: No space left on device"):
+        write_image(str(tiny_filesystem / "out.sav"), state, memory_views(contents))
+    assert os.listdir(tiny_filesystem) == []

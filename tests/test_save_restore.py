@@ -1,0 +1,165 @@
+"""SAVE and RESTORE through the installed command, on real KVM: the lab flow, state that
+must survive, saves requested by host signals, and the pending read of a blocked guest."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from vmstate.image.reader import open_image
+
+pytestmark = pytest.mark.kvm
+
+
+def test_lab_flow(vmstate, example, tmp_path):
+    saved = vmstate("run", example("lab_app"))
+    assert saved.returncode == 0, saved.stderr
+    assert "VM saved to vm_image.sav" in saved.stderr.decode()
+    assert (tmp_path / "ay_caramba.txt").read_bytes() == b"Hello World !!!\n"
+    restored = vmstate("restore", "vm_image.sav")
+    assert restored.returncode == 0, restored.stderr
+    assert (tmp_path / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
+
+
+def test_restore_reopens_without_truncating_at_the_saved_offset(vmstate, example, tmp_path):
+    assert vmstate("run", "--image", "lab.sav", example("lab_app")).returncode == 0
+    (tmp_path / "ay_caramba.txt").write_bytes(b"Hello World !!!\nXXXXXXXXXXXXtail kept\n")
+    assert vmstate("restore", "lab.sav").returncode == 0
+    assert (tmp_path / "ay_caramba.txt").read_bytes() == \
+        b"Hello World !!!\nBye Bye !!!\ntail kept\n"
+
+
+def test_restore_resolves_files_in_another_root(vmstate, example, tmp_path):
+    assert vmstate("run", example("lab_app")).returncode == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ay_caramba.txt").write_bytes(b"0123456789abcdef")
+    assert vmstate("restore", "--root", other, "vm_image.sav").returncode == 0
+    assert (other / "ay_caramba.txt").read_bytes() == b"0123456789abcdefBye Bye !!!\n"
+    assert (tmp_path / "ay_caramba.txt").read_bytes() == b"Hello World !!!\n"
+
+
+def test_missing_file_at_restore_is_a_clear_error(vmstate, example, tmp_path):
+    from conftest import one_line_error
+    assert vmstate("run", example("lab_app")).returncode == 0
+    (tmp_path / "ay_caramba.txt").unlink()
+    result = vmstate("restore", "vm_image.sav")
+    assert result.returncode == 125
+    assert "guest fd 3 ('ay_caramba.txt'): cannot be reopened" in one_line_error(result)
+
+
+def test_sse_register_counter_and_save_result_survive(vmstate, example):
+    saved = vmstate("run", example("sse_keeper"))
+    assert saved.stdout == b"before save: xmm7 = 3.141592653589793, counter = 1\n"
+    restored = vmstate("restore", "vm_image.sav")
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout == (b'after restore: xmm7 = 3.141592653589793, counter = 2, '
+                               b'save returned 0, message = "original message"\n')
+
+
+def test_memory_survives_and_untouched_pages_are_holes(vmstate, example, tmp_path):
+    assert vmstate("run", "--memory", "128M", example("fill_memory"), "32").returncode == 0
+    image = tmp_path / "vm_image.sav"
+    with open_image(str(image)) as img:
+        present = img.state.memory[0].present_pages * 4096
+    assert 32 << 20 <= present < 40 << 20
+    assert image.stat().st_size > 128 << 20                   # apparent size: all of memory
+    assert image.stat().st_blocks * 512 < present + (1 << 20)  # on disk: only what is present
+    restored = vmstate("restore", "vm_image.sav")
+    assert restored.stdout == b"32 MiB intact after restore\n", restored.stderr
+
+
+def test_restored_vm_saves_again_and_image_is_not_modified(vmstate, guest, tmp_path):
+    first = vmstate("run", guest("save_twice"))
+    assert first.stdout == b"step one\n"
+    digest = hashlib.sha256((tmp_path / "vm_image.sav").read_bytes()).hexdigest()
+    second = vmstate("restore", "--image", "second.sav", "vm_image.sav")
+    assert second.stdout == b"step two\n", second.stderr
+    assert hashlib.sha256((tmp_path / "vm_image.sav").read_bytes()).hexdigest() == digest
+    again = vmstate("restore", "--image", "other.sav", "vm_image.sav")
+    assert again.stdout == b"step two\n"                    # an image restores any number of times
+    third = vmstate("restore", "second.sav")
+    assert third.returncode == 0, third.stderr
+    assert third.stdout == b"step three ba\n"
+
+
+def test_second_save_may_replace_the_image_it_runs_from(vmstate, guest, tmp_path):
+    assert vmstate("run", guest("save_twice")).stdout == b"step one\n"
+    assert vmstate("restore", "vm_image.sav").stdout == b"step two\n"
+    assert vmstate("restore", "vm_image.sav").stdout == b"step three ba\n"
+
+
+def _start(vmstate_cmd, cwd, *args, stdin=subprocess.DEVNULL):
+    return subprocess.Popen([vmstate_cmd, *map(str, args)], cwd=cwd, stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigusr1_saves_a_computing_guest(vmstate_cmd, vmstate, guest, tmp_path):
+    process = _start(vmstate_cmd, tmp_path, "run", "--save-on-signal", guest("spin"), "4000")
+    assert process.stdout.readline() == b"spinning\n"
+    time.sleep(0.3)
+    process.send_signal(signal.SIGUSR1)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert b"VM saved to vm_image.sav" in err
+    with open_image(str(tmp_path / "vm_image.sav")) as img:
+        assert img.state.vmm.pending is None
+        assert img.state.vcpus[0].sregs.cs.selector == 0x33     # stopped in the application
+    restored = vmstate("restore", "vm_image.sav", timeout=120)
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout == b"counted to 4000000000\n"
+
+
+def test_sigint_saves_only_when_asked(vmstate_cmd, guest, tmp_path):
+    plain = _start(vmstate_cmd, tmp_path, "run", guest("spin"), "4000")
+    assert plain.stdout.readline() == b"spinning\n"
+    plain.send_signal(signal.SIGINT)
+    assert plain.wait(timeout=30) == 130
+    assert not (tmp_path / "vm_image.sav").exists()
+    asked = _start(vmstate_cmd, tmp_path, "run", "--save-on-interrupt", guest("spin"), "4000")
+    assert asked.stdout.readline() == b"spinning\n"
+    asked.send_signal(signal.SIGINT)
+    assert asked.wait(timeout=30) == 0
+    assert (tmp_path / "vm_image.sav").exists()
+
+
+def test_reader_blocked_in_read_is_saved_with_its_pending_call(vmstate_cmd, vmstate, example,
+                                                               tmp_path):
+    read_end, write_end = os.pipe()       # the same pipe feeds the saved and the restored VM
+    process = _start(vmstate_cmd, tmp_path, "run", "--save-on-signal", example("echo_lines"),
+                     stdin=read_end)
+    os.write(write_end, b"first\n")
+    assert process.stdout.readline() == b"line 1: first (5 bytes)\n"
+    time.sleep(0.2)                                   # now blocked reading the next line
+    process.send_signal(signal.SIGUSR1)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    os.write(write_end, b"second\n")            # reaches the restored guest's re-issued read
+    os.close(write_end)
+    with open_image(str(tmp_path / "vm_image.sav")) as img:
+        pending = img.state.vmm.pending
+        assert pending is not None and pending.nr == 0 and pending.args[0] == 0
+        assert img.state.vcpus[0].regs.rip == pending.rip
+    info = vmstate("info", "vm_image.sav")
+    assert "Pending call   read(0x0, " in info.stdout.decode()
+    restored = subprocess.run([vmstate_cmd, "restore", "vm_image.sav"], stdin=read_end,
+                              capture_output=True, cwd=tmp_path, timeout=60)
+    os.close(read_end)
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout == b"line 2: second (6 bytes)\n2 lines read\n"
+
+
+def test_killed_save_leaves_no_partial_image(vmstate_cmd, example, tmp_path):
+    process = _start(vmstate_cmd, tmp_path, "run", "--memory", "1G", "--image", "big.sav",
+                     example("fill_memory"), "768")
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".part") for p in tmp_path.iterdir()):
+        assert process.poll() is None, "the save finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.kill()
+    process.wait()
+    assert not (tmp_path / "big.sav").exists()
