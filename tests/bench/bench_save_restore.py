@@ -1,7 +1,7 @@
 """SAVE and RESTORE at 64 MiB, 1 GiB and 4 GiB of guest memory, a quarter of it touched.
 
 - restore: process start to the first KVM_RUN (the first guest instruction), and to the
-  first exit the VMM services (memory checksums verified by then);
+  end of the memory verification that runs beside the guest (no exit is serviced before);
 - save: guest memory written per second, from the guest's SAVE request to the renamed,
   fsynced image, against `cp --sparse=always` of the same image (and cp followed by sync);
 - image size on disk against the touched memory.
@@ -53,22 +53,26 @@ def test_save_and_restore(vmstate_cmd, example, tmp_path, memory_mib, touched_mi
     for _ in range(RUNS):
         start, m = timed([vmstate_cmd, "restore", "vm_image.sav"], tmp_path, env)
         first_instruction.append((m["first-kvm-run"] - start) / 1e6)
-        first_exit.append((m["gate-passed"] - start) / 1e6)
+        first_exit.append((m["memory-verified"] - start) / 1e6)
 
-    copy = tmp_path / "copy.sav"
-    cp = median_seconds(["cp", "--sparse=always", str(image), str(copy)], runs=RUNS)
-    cp_sync = median_seconds(["sh", "-c", f"cp --sparse=always {image} {copy} && sync {copy}"],
-                             runs=RUNS)
+    # Like a save, the copy goes to a new file while the previous one still exists, and
+    # then replaces it (overwriting in place would recycle the old copy's page cache).
+    copy, fresh = tmp_path / "copy.sav", tmp_path / "copy.new"
+    cp = median_seconds(["sh", "-c", f"cp --sparse=always {image} {fresh} && mv {fresh} {copy}"],
+                        runs=RUNS)
+    cp_sync = median_seconds(["sh", "-c", f"cp --sparse=always {image} {fresh} && sync {fresh} "
+                              f"&& mv {fresh} {copy}"], runs=RUNS)
     save = statistics.median(save_seconds)
     gib = touched / 2**30
     report(f"{memory_mib} MiB guest, {touched_mib} MiB touched (medians of {RUNS})", [
         ("restore: start -> first guest instruction", f"{statistics.median(first_instruction):.1f} ms"),
-        ("restore: start -> first exit serviced (memory verified)",
+        ("restore: start -> memory checksums verified (in parallel)",
          f"{statistics.median(first_exit):.1f} ms"),
         ("save: SAVE request -> image renamed and fsynced", f"{save * 1e3:.1f} ms, "
                                                            f"{gib / save:.2f} GiB/s"),
-        ("baseline: cp --sparse=always of the image", f"{cp * 1e3:.1f} ms, {gib / cp:.2f} GiB/s"),
-        ("baseline: cp --sparse=always + sync", f"{cp_sync * 1e3:.1f} ms, {gib / cp_sync:.2f} GiB/s"),
+        ("baseline: cp --sparse=always of the image to a new file",
+         f"{cp * 1e3:.1f} ms, {gib / cp:.2f} GiB/s"),
+        ("baseline: the same cp + sync of the copy", f"{cp_sync * 1e3:.1f} ms, {gib / cp_sync:.2f} GiB/s"),
         ("save / cp", f"{cp / save:.2f}x the throughput"),
         ("save / (cp + sync)", f"{cp_sync / save:.2f}x the throughput"),
         ("image on disk / touched memory", f"{stored / touched:.3f} ({stored >> 20} MiB)")])

@@ -6,6 +6,8 @@ pages left as holes."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -109,6 +111,28 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def write_memory(fd: int, pieces, progress=None) -> None:
+    """Write memory pieces with O_DIRECT where the file system allows it: they are page
+    aligned in the file and in memory, and going around the page cache is both faster here
+    (no page allocation) and leaves nothing to flush at fsync. Falls back to buffered I/O."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        pass
+    for piece in pieces:
+        try:
+            pwrite_all(fd, piece.data, piece.file_offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL or not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)     # this source or file refuses O_DIRECT
+            pwrite_all(fd, piece.data, piece.file_offset)
+        if progress is not None:
+            progress(len(piece.data))
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
 def write_image(path: str, state: VmState, region_views: list[memoryview],
                 progress=None) -> ImagePlan:
     """Write the image atomically (temporary file, fsync, rename); returns its plan."""
@@ -117,10 +141,7 @@ def write_image(path: str, state: VmState, region_views: list[memoryview],
         with atomic_output(path) as f:
             f.truncate(plan.file_size)
             pwrite_all(f.fileno(), plan.metadata, 0)
-            for piece in plan.pieces:
-                pwrite_all(f.fileno(), piece.data, piece.file_offset)
-                if progress is not None:
-                    progress(len(piece.data))
+            write_memory(f.fileno(), plan.pieces, progress)
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None
     return plan
