@@ -87,14 +87,3 @@ def vmstate(vmstate_cmd, tmp_path):
                               capture_output=True, cwd=cwd or tmp_path, timeout=timeout,
                               env={**os.environ, **(env or {})})
     return run
-
-
-def one_line_error(result) -> str:
-    """Assert the command failed with exactly one line on stderr and no traceback."""
-    stderr = result.stderr.decode()
-    assert result.returncode != 0
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("vmstate: "), stderr
-    return lines[0]

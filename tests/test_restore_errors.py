@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import one_line_error
+from helpers import one_line_error
 from vmstate.image import layout as L
 from vmstate.image.reader import open_image
 from vmstate.state import PAGE_SIZE

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import one_line_error
+from helpers import one_line_error
 from vmstate.errors import EXIT_CANNOT_RUN, EXIT_NO_KVM, EXIT_NOT_FOUND
 
 pytestmark = pytest.mark.kvm

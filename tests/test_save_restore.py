@@ -43,7 +43,7 @@ def test_restore_resolves_files_in_another_root(vmstate, example, tmp_path):
 
 
 def test_missing_file_at_restore_is_a_clear_error(vmstate, example, tmp_path):
-    from conftest import one_line_error
+    from helpers import one_line_error
     assert vmstate("run", example("lab_app")).returncode == 0
     (tmp_path / "ay_caramba.txt").unlink()
     result = vmstate("restore", "vm_image.sav")
