@@ -13,6 +13,7 @@ from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
 from vmstate.image.reader import Image
 from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytemap, union
+from vmstate.validate import problems
 from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
 
 from . import abi, machine, vcpu_state
@@ -283,11 +284,8 @@ def _check_restorable(state: VmState) -> None:
     if not machine.USER_START <= aspace.user_start <= aspace.user_end <= region.size:
         raise RestoreError(f"user address range {aspace.user_start:#x}-{aspace.user_end:#x} "
                            "lies outside guest memory")
-    pending, regs = state.vmm.pending, state.vcpus[0].regs
-    if pending is not None and (regs.rip, regs.rax) != (pending.rip, pending.nr):
-        raise RestoreError(f"the pending call (syscall {pending.nr} at {pending.rip:#x}) does not "
-                           f"match the registers (rax {regs.rax:#x}, rip {regs.rip:#x}): the "
-                           "guest would not re-issue it")
+    for problem in problems(state):
+        raise RestoreError(problem.message)
 
 
 class _SyncedCpu:

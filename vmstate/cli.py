@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_ERROR, EXIT_SIGNAL_BASE, VmstateError
+from .errors import EXIT_ERROR, EXIT_SIGNAL_BASE, FileMissingError, VmstateError
 from .units import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -105,6 +105,79 @@ def info(
         print(render_text(data, "all checksums verified"))
 
 
+DEFAULT_CORE, DEFAULT_XML = "vm.core", "hw.xml"
+
+
+@app.command()
+def split(
+    image_file: Annotated[Path, typer.Argument(metavar="IMAGE", help="A saved VM image.")],
+    core: Annotated[Path, typer.Option(help="The ELF core to write (memory).")] = Path(DEFAULT_CORE),
+    xml: Annotated[Path, typer.Option(help="The XML to write (hardware state).")] = Path(DEFAULT_XML),
+):
+    """Split IMAGE into an ELF core for gdb (software state) and an XML file (hardware state).
+
+    Example: vmstate split vm_image.sav && gdb examples/lab_app vm.core
+    """
+    from .split import split as split_image
+    from .units import format_size
+    result = split_image(str(image_file), str(core), str(xml))
+    print(f"vmstate: wrote {core} ({len(result.core.segments)} memory segments, "
+          f"{format_size(result.core.file_size)} apparent size) and {xml} "
+          f"({format_size(result.xml_bytes)})", file=sys.stderr)
+
+
+@app.command()
+def join(
+    core: Annotated[Path, typer.Argument(help="The ELF core from split (gdb may have edited it).")],
+    xml: Annotated[Path, typer.Argument(help="The hardware-state XML from split (edited or not).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="The new image.")] = None,
+    app_program: Annotated[Optional[Path], typer.Option("--app", help="The guest program, to name "
+                                                        "symbols in changed pages.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print what changed; write nothing.")] = False,
+):
+    """Rebuild an image from CORE (memory) and XML (registers, MSRs, devices, files).
+
+    The XML is validated against schemas/hardware-state.rng; the summary of what changed goes
+    to stdout. Example: vmstate join vm.core hw.xml -o new.sav
+    """
+    from .join import join as join_parts, render_summary
+    from .symbols import Symbols
+    if output is None and not dry_run:
+        _fail("join needs -o NEW.sav (or --dry-run)", 2)
+    result, joined = join_parts(str(core), str(xml), _read_input(xml))
+    try:
+        print(render_summary(result, Symbols(str(app_program)) if app_program else None))
+        if not dry_run:
+            joined.write(str(output))
+            print(f"vmstate: wrote {output}", file=sys.stderr)
+    finally:
+        joined.close()
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def gdb(
+    target: Annotated[Path, typer.Argument(metavar="IMAGE|CORE", help="An image (split first) "
+                                           "or a core from split.")],
+    gdb_args: Annotated[Optional[list[str]], typer.Argument(help="More gdb arguments "
+                                                            "(e.g. -batch -ex bt).")] = None,
+    app_program: Annotated[Optional[Path], typer.Option("--app", help="The guest program "
+                                                        "(default: the one recorded).")] = None,
+):
+    """Open gdb in write mode on a core, with the program's symbols loaded by symbol-file
+    (so no write can land in the program file). An IMAGE is split first into vm.core and
+    hw.xml. Example: vmstate gdb vm_image.sav -- -batch -ex bt
+    """
+    from .gdb import run_gdb
+    run_gdb(str(target), str(app_program) if app_program else None, gdb_args or [])
+
+
+def _read_input(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileMissingError(f"{path}: no such file") from None
+
+
 def _finish(outcome) -> None:
     from kvm_backend.vm import Exited, Saved
     if isinstance(outcome, Exited):
@@ -126,6 +199,10 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_ERROR)
+    except OSError as e:     # I/O outside the formats' own checks: disk full, permissions
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"vmstate: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except Exception as e:  # a bug in vmstate: one line, the traceback only on request
         if os.environ.get("VMSTATE_DEBUG"):

@@ -41,7 +41,9 @@ def decode(xsave: bytes) -> FpuState:
 def encode(fpu: FpuState, xsave: bytes) -> bytes:
     """`xsave` with its legacy region replaced by `fpu` (all other bytes kept)."""
     area = bytearray(xsave.ljust(LEGACY_SIZE, b"\0"))
+    reserved = area[5]                  # the pad byte after the abridged tag word
     CONTROL.pack_into(area, 0, *(getattr(fpu, name) for name in CONTROL_FIELDS))
+    area[5] = reserved
     for i, value in enumerate(fpu.st):
         area[ST_OFFSET + 16 * i:ST_OFFSET + 16 * i + 10] = value
     for i, value in enumerate(fpu.xmm):

@@ -16,12 +16,12 @@ import xxhash
 
 from ..errors import FileMissingError, ImageError
 from ..mapping import close_mapping
-from ..pages import bytemap_from_runs, is_zero, merge_runs, runs_from_bytemap
+from ..pages import merge_runs
+from ..sparse import nonzero_pages_outside
 from ..state import PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
 from . import codec
 from . import layout as L
 
-_INVERT = bytes([1] + [0] * 255)     # byte map translation: present <-> absent
 MAX_SECTIONS = 1 << 16
 MAX_SECTION_SIZE = 1 << 28      # a 64 GiB region with every other page present needs 192 MiB
 MAX_XCRS = 16                   # what struct kvm_xcrs holds
@@ -59,79 +59,63 @@ class RegionData:
     extents: tuple[Extent, ...]
 
 
-def _data_segments(fd: int, start: int, end: int):
-    """(offset, end) of the parts of [start, end) the file system stores (SEEK_DATA/HOLE)."""
-    position = start
-    while position < end:
-        try:
-            data = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError:                 # ENXIO: no more data
-            return
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole
-        position = hole
-
-
 def checksum(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-class Image:
-    """A checked image file. `state` is the VM state; memory stays in the file."""
+class ImageMetadata:
+    """An image's header, section table and decoded sections, checked. `read(offset, length)`
+    gives the file's bytes. A file_size of None means only the metadata is at hand (the copy
+    a core file carries): the size is then taken from the header."""
 
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise FileMissingError(f"{path}: no such image file") from None
-        except OSError as e:
-            raise ImageError(f"cannot open: {e.strerror}", path) from None
-        self._map: mmap.mmap | None = None
-        try:
-            self.file_size = os.fstat(self.fd).st_size
-            self.version, self.sections = self._read_header_and_table()
-            self.region_data: list[RegionData] = []   # filled with the regions, by index
-            self.state = self._decode_sections()
-            self._check_padding()
-        except BaseException:
-            os.close(self.fd)
-            raise
+    def __init__(self, name: str, read, file_size: int | None):
+        self.path = name
+        self._read_bytes = read
+        self.file_size = file_size
+        self.version, self.sections = self._read_header_and_table()
+        self.region_data: list[RegionData] = []   # filled with the regions, by index
+        self.state = self._decode_sections()
+        self._check_padding()
 
-    def close(self) -> None:
-        if self._map is not None:
-            close_mapping(self._map)
-            self._map = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    @property
+    def metadata_size(self) -> int:
+        """Bytes from the start of the file to the first byte of guest memory (the header,
+        table, payloads and the zero padding after them)."""
+        payloads_end = max([L.HEADER.size + L.SECTION_ENTRY.size * len(self.sections)]
+                           + [e.offset + e.size for e in self.sections])
+        return min((d.data_offset for d in self.region_data), default=payloads_end)
 
-    def __enter__(self):
-        return self
+    def metadata(self) -> bytes:
+        return self._read_bytes(0, self.metadata_size)
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def digest(self) -> int:
+        """XXH3-64 of the metadata: it covers every section and every memory checksum, so
+        it identifies the whole image."""
+        return checksum(self.metadata())
 
     def _error(self, message: str, offset: int) -> ImageError:
         return ImageError(message, f"{self.path}: offset {offset:#x}")
 
     def _read(self, offset: int, length: int, what: str) -> bytes:
-        if offset + length > self.file_size:
+        data = self._read_bytes(offset, length) if offset + length <= self.file_size else b""
+        if len(data) != length:
             raise self._error(f"{what} runs past the end of the file ({self.file_size} bytes): "
                               "truncated image", offset)
-        return os.pread(self.fd, length, offset)
+        return data
 
     # -- header and section table --------------------------------------------------------------
 
     def _read_header_and_table(self) -> tuple[tuple[int, int], list[SectionEntry]]:
-        start = os.pread(self.fd, len(L.MAGIC), 0)
+        start = self._read_bytes(0, len(L.MAGIC))
         if not start:
             raise self._error("the file is empty (truncated, or not a vmstate image)", 0)
         if start != L.MAGIC[:len(start)]:
             raise self._error(f"bad magic {start!r} (expected {L.MAGIC!r}): not a vmstate "
                               "image", 0)
+        if self.file_size is None:     # metadata only: take the (checksummed) header's word
+            header = self._read_bytes(0, L.HEADER.size)
+            self.file_size = (L.HEADER.unpack(header)[7] if len(header) == L.HEADER.size
+                              else len(header))
         raw = self._read(0, L.HEADER.size, "header")
         (_, major, minor, header_size, count, flags, table_offset, file_size, table_hash,
          header_hash) = L.HEADER.unpack(raw)
@@ -299,7 +283,39 @@ class Image:
                                   "normalized path inside the guest root", 0)
         return vmm
 
-    # -- memory ---------------------------------------------------------------------------------
+
+
+class Image(ImageMetadata):
+    """A checked image file. `state` is the VM state; memory stays in the file."""
+
+    def __init__(self, path: str):
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileMissingError(f"{path}: no such image file") from None
+        except OSError as e:
+            raise ImageError(f"cannot open: {e.strerror}", path) from None
+        self._map: mmap.mmap | None = None
+        try:
+            super().__init__(path, lambda offset, length: os.pread(self.fd, length, offset),
+                             os.fstat(self.fd).st_size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        if self._map is not None:
+            close_mapping(self._map)
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def region_view(self, index: int) -> memoryview:
         """Read-only view of one region's bytes in the file (absent pages read as zero)."""
@@ -319,23 +335,15 @@ class Image:
                          self.path)
 
     def _check_holes(self) -> None:
-        """Pages outside every extent were never touched and must read as zero. Only the
-        parts of the file that the file system actually stores need looking at."""
+        """Pages outside every extent were never touched and must read as zero."""
         for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
-            view = self.region_view(index)
-            absent = bytemap_from_runs(region.present, region.page_count).translate(_INVERT)
-            for start, end in _data_segments(self.fd, data.data_offset,
-                                             data.data_offset + region.size):
-                first, last = ((start - data.data_offset) // PAGE_SIZE,
-                               (end - data.data_offset + PAGE_SIZE - 1) // PAGE_SIZE)
-                for run_first, run_count in runs_from_bytemap(absent[first:last]):
-                    page = first + run_first
-                    chunk = view[page * PAGE_SIZE:(page + run_count) * PAGE_SIZE]
-                    if not is_zero(chunk):
-                        gpa = region.guest_phys_addr + page * PAGE_SIZE
-                        raise self._error(f"guest memory {gpa:#x}: a page recorded as never "
-                                          "touched holds data (the memory is corrupt)",
-                                          data.data_offset + page * PAGE_SIZE)
+            stray = nonzero_pages_outside(self.fd, data.data_offset, self.region_view(index),
+                                          region.present)
+            if stray:
+                page = stray[0][0]
+                raise self._error(f"guest memory {region.guest_phys_addr + page * PAGE_SIZE:#x}: "
+                                  "a page recorded as never touched holds data (the memory is "
+                                  "corrupt)", data.data_offset + page * PAGE_SIZE)
 
     def extent_jobs(self):
         for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):

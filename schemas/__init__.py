@@ -1,0 +1,1 @@
+"""The normative formats: the XML hardware-state schema and the format specifications."""

@@ -1,0 +1,60 @@
+"""ELF64 structures for x86-64 core files, each declared once (see schemas/core-format.md)."""
+
+from __future__ import annotations
+
+import struct
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_SYSV = 2, 1, 1, 0
+ET_CORE, EM_X86_64 = 4, 62
+PT_LOAD, PT_NOTE = 1, 4
+PF_X, PF_W, PF_R = 1, 2, 4
+NT_PRSTATUS, NT_FPREGSET, NT_PRPSINFO, NT_X86_XSTATE = 1, 2, 3, 0x202
+
+# e_ident, e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize,
+# e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+# p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+PHDR = struct.Struct("<IIQQQQQQ")
+NHDR = struct.Struct("<III")            # namesz, descsz, type
+MAX_PHNUM = 0xFFFF - 1                  # PN_XNUM (0xffff) would need section 0; we stay below
+
+# struct elf_prstatus (x86-64): siginfo (signo, code, errno), cursig, sigpend, sighold,
+# pid, ppid, pgrp, sid, utime, stime, cutime, cstime (timevals), 27 registers, fpvalid.
+PRSTATUS = struct.Struct("<iiih2xQQiiii64x27Qi4x")
+# The 27 registers of user_regs_struct, in order.
+PRSTATUS_REGISTERS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+                      "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags",
+                      "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")
+# struct elf_prpsinfo: state, sname, zomb, nice, flag, uid, gid, pid, ppid, pgrp, sid,
+# fname[16], psargs[80]
+PRPSINFO = struct.Struct("<bcbb4xQIIiiii16s80s")
+XSAVE_XCR0_OFFSET = 464                 # where Linux (and gdb) keep XCR0 in an XSTATE note
+
+assert EHDR.size == 64 and PHDR.size == 56 and PRSTATUS.size == 336 and PRPSINFO.size == 136
+
+
+def note(name: bytes, kind: int, desc: bytes) -> bytes:
+    """One ELF note: header, NUL-terminated name and descriptor, each padded to 4 bytes."""
+    name += b"\0"
+    return (NHDR.pack(len(name), len(desc), kind) + name.ljust(_pad4(len(name)), b"\0")
+            + desc.ljust(_pad4(len(desc)), b"\0"))
+
+
+def iter_notes(data: bytes):
+    """(name, type, descriptor) of each note in a PT_NOTE segment's bytes."""
+    position = 0
+    while position + NHDR.size <= len(data):
+        namesz, descsz, kind = NHDR.unpack_from(data, position)
+        position += NHDR.size
+        name = data[position:position + namesz].rstrip(b"\0")
+        position += _pad4(namesz)
+        desc = data[position:position + descsz]
+        if len(desc) != descsz:
+            raise ValueError(f"note {name!r} runs past the end of its segment")
+        position += _pad4(descsz)
+        yield name, kind, desc
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3

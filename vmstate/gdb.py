@@ -1,0 +1,44 @@
+"""`vmstate gdb`: gdb on a split core, in write mode, the program loaded for symbols only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from .core import Core
+from .errors import FileMissingError, VmstateError
+from .image import layout
+
+DEFAULT_CORE, DEFAULT_XML = "vm.core", "hw.xml"
+
+
+def gdb_command(core: str, program: str, extra: list[str]) -> list[str]:
+    """`symbol-file`, not `file`: with no executable target, a write to an address the core
+    does not hold fails instead of silently patching the program file."""
+    return ["gdb", "-q", "-write", "-ex", f"symbol-file {program}", "-ex", f"core-file {core}",
+            *extra]
+
+
+def run_gdb(target: str, program: str | None, extra: list[str]) -> None:
+    """Replaces this process with gdb."""
+    if shutil.which("gdb") is None:
+        raise VmstateError("gdb is not installed (Debian: apt-get install gdb)")
+    if not os.path.exists(target):
+        raise FileMissingError(f"{target}: no such file")
+    with open(target, "rb") as f:
+        is_image = f.read(len(layout.MAGIC)) == layout.MAGIC
+    core = target
+    if is_image:
+        from .split import split
+        split(target, DEFAULT_CORE, DEFAULT_XML)
+        core = DEFAULT_CORE
+        print(f"vmstate: split {target} into {DEFAULT_CORE} and {DEFAULT_XML}; after editing: "
+              f"vmstate join {DEFAULT_CORE} {DEFAULT_XML} -o new.sav", file=sys.stderr)
+    if program is None:
+        with Core(core) as opened:
+            program = opened.source.state.vmm.program
+    if not os.path.exists(program):
+        raise FileMissingError(f"{program}: the guest program is needed for symbols (--app)")
+    sys.stdout.flush()
+    os.execvp("gdb", gdb_command(core, program, extra))

@@ -1,0 +1,42 @@
+"""`vmstate split`: an image becomes an ELF core (memory, for gdb) and an XML file (hardware)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+from .atomic import atomic_output
+from .core import CoreLayout, write_core
+from .hwxml import Provenance, to_xml
+from .image.reader import Image
+from .state import PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    core: CoreLayout
+    xml_bytes: int
+
+
+def page_digests(image: Image) -> tuple[bytes, ...]:
+    """Per region: the XXH3-64 of each present page, in order, as packed little-endian u64."""
+    digests = []
+    for index, region in enumerate(image.state.memory):
+        view = image.region_view(index)
+        values = [xxhash.xxh3_64_intdigest(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
+                  for first, count in region.present for page in range(first, first + count)]
+        digests.append(struct.pack(f"<{len(values)}Q", *values))
+    return tuple(digests)
+
+
+def split(image_path: str, core_path: str, xml_path: str, progress=None) -> SplitResult:
+    with Image(image_path) as image:
+        image.verify_memory()
+        layout = write_core(core_path, image, progress)
+        provenance = Provenance(image.digest(), image_path, core_path, page_digests(image))
+        document = to_xml(image.state, provenance)
+    with atomic_output(xml_path) as f:
+        f.write(document)
+    return SplitResult(layout, len(document))

@@ -1,0 +1,45 @@
+"""Symbol names for guest addresses, from the program's ELF symbol table."""
+
+from __future__ import annotations
+
+import bisect
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from .errors import VmstateError
+
+
+class Symbols:
+    def __init__(self, path: str):
+        entries = []
+        try:
+            with open(path, "rb") as f:
+                for section in ELFFile(f).iter_sections():
+                    if isinstance(section, SymbolTableSection):
+                        entries += [(s["st_value"], s["st_size"], s.name) for s in
+                                    section.iter_symbols()
+                                    if s.name and s["st_info"]["type"] in ("STT_FUNC",
+                                                                           "STT_OBJECT")]
+        except (OSError, ELFError) as e:
+            raise VmstateError(f"{path}: cannot read symbols: {e}") from None
+        entries.sort()
+        self._starts = [start for start, _, _ in entries]
+        self._entries = entries
+
+    def describe(self, address: int) -> str | None:
+        """'name+0xoff' for an address inside a known function or object, else None."""
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i < 0:
+            return None
+        start, size, name = self._entries[i]
+        if address < start + max(size, 1):
+            return name if address == start else f"{name}+{address - start:#x}"
+        return None
+
+    def in_range(self, start: int, end: int) -> list[str]:
+        """Names of the symbols that overlap [start, end), by address."""
+        first = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        return [name for s, size, name in self._entries[first:bisect.bisect_left(self._starts, end)]
+                if s + max(size, 1) > start]

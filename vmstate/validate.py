@@ -1,0 +1,63 @@
+"""Checks that a VM state can run: what join refuses to write and restore refuses to start.
+Each problem names where in the hardware state it is (an XPath into the XML)."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from . import x86
+from .state import FD_FILE, VmState
+
+
+@dataclass(frozen=True)
+class Problem:
+    xpath: str          # where in the hardware XML, e.g. /vmstate-hardware/vcpu[@id='0']/...
+    message: str
+
+
+def problems(state: VmState) -> list[Problem]:
+    found = []
+    for vcpu in state.vcpus:
+        at = f"/vmstate-hardware/vcpu[@id='{vcpu.id}']"
+        regs, s = vcpu.regs, vcpu.sregs
+        if not x86.is_canonical(regs.rip):
+            found.append(Problem(f"{at}/registers/reg[@name='rip']",
+                                 f"vCPU {vcpu.id}: rip {regs.rip:#x} is not a canonical address"))
+        found += [Problem(f"{at}/control/reg[@name='{name}']", f"vCPU {vcpu.id}: {message}")
+                  for name, message in _long_mode_problems(s.cr0, s.cr4, s.efer)]
+    pending = state.vmm.pending
+    if pending is not None and state.vcpus:
+        regs = state.vcpus[0].regs
+        if (regs.rip, regs.rax) != (pending.rip, pending.nr):
+            found.append(Problem("/vmstate-hardware/vmm/pending-call",
+                                 f"the pending call (syscall {pending.nr} at {pending.rip:#x}) "
+                                 f"does not match the registers (rax {regs.rax:#x}, rip "
+                                 f"{regs.rip:#x}): the guest would not re-issue it"))
+    for f in state.vmm.files:
+        if f.kind == FD_FILE and not is_inside_root(f.path):
+            found.append(Problem(f"/vmstate-hardware/vmm/files/fd[@number='{f.fd}']",
+                                 f"guest fd {f.fd}: path {f.path!r} is outside the guest root "
+                                 "(use a relative path without '..')"))
+    return found
+
+
+def _long_mode_problems(cr0: int, cr4: int, efer: int) -> list[tuple[str, str]]:
+    """(register, reason) for each reason the vCPU cannot execute in 64-bit long mode."""
+    out = []
+    if not cr0 & x86.CR0_PG or not cr0 & x86.CR0_PE:
+        out.append(("cr0", f"cr0 {cr0:#x} lacks PE or PG: long mode needs paging"))
+    if not cr4 & x86.CR4_PAE:
+        out.append(("cr4", f"cr4 {cr4:#x} lacks PAE: long mode needs PAE paging"))
+    if cr4 & x86.CR4_LA57:
+        out.append(("cr4", f"cr4 {cr4:#x} sets LA57: 5-level paging is not supported"))
+    if not efer & x86.EFER_LME or not efer & x86.EFER_LMA:
+        out.append(("efer", f"efer {efer:#x} lacks LME or LMA: the vCPU would not be in long mode"))
+    return out
+
+
+def is_inside_root(path: str) -> bool:
+    """A normalized relative path that stays below the guest root."""
+    normal = posixpath.normpath(path) if path else ""
+    return not (path.startswith("/") or normal != path or normal in ("", ".", "..")
+                or normal.startswith("../"))
