@@ -168,7 +168,10 @@ def gdb(
     hw.xml. Example: vmstate gdb vm_image.sav -- -batch -ex bt
     """
     from .gdb import run_gdb
-    run_gdb(str(target), str(app_program) if app_program else None, gdb_args or [])
+    extra = list(gdb_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    run_gdb(str(target), str(app_program) if app_program else None, extra)
 
 
 def _read_input(path: Path) -> bytes:
