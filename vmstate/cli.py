@@ -141,12 +141,15 @@ def join(
     to stdout. Example: vmstate join vm.core hw.xml -o new.sav
     """
     from .join import join as join_parts, render_summary
-    from .symbols import Symbols
     if output is None and not dry_run:
         _fail("join needs -o NEW.sav (or --dry-run)", 2)
     result, joined = join_parts(str(core), str(xml), _read_input(xml))
     try:
-        print(render_summary(result, Symbols(str(app_program)) if app_program else None))
+        symbols = None
+        if app_program:
+            from .symbols import Symbols
+            symbols = Symbols(str(app_program))
+        print(render_summary(result, symbols))
         if not dry_run:
             joined.write(str(output))
             print(f"vmstate: wrote {output}", file=sys.stderr)

@@ -6,6 +6,8 @@ so join(split(image)) with no edits is the image again, byte for byte."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import mmap
 from dataclasses import dataclass, fields, is_dataclass, replace
 
@@ -17,11 +19,10 @@ from .errors import FormatError, VmstateError
 from .hwxml import HardwareDocument, XmlError, from_xml
 from .image.reader import ImageMetadata, checksum
 from .image.writer import write_image
-from .mapping import close_mapping
+from .mapping import close_mapping, prefetch
 from .pages import merge_runs
 from .sparse import nonzero_pages_outside
 from .state import PAGE_SIZE, MemoryRegion, VmState
-from .symbols import Symbols
 from .validate import problems
 from .x86 import msr_name
 
@@ -48,6 +49,10 @@ class _CoreMemory:
         self._map = mmap.mmap(core.fd, core.file_size, mmap.MAP_SHARED, mmap.PROT_READ) \
             if core.file_size else None
         self.offsets = [self._direct_map_offset(i, r) for i, r in enumerate(regions)]
+        if self._map is not None:
+            prefetch(self._map, [(offset + first * PAGE_SIZE, count * PAGE_SIZE)
+                                 for offset, region in zip(self.offsets, regions)
+                                 for first, count in region.present])
         self.views = [memoryview(self._map)[off:off + r.size]
                       for off, r in zip(self.offsets, regions)]
         self._check_aliases(regions)
@@ -159,9 +164,11 @@ class _Joined:
         for i, (old, new) in enumerate(zip(self.source.state.memory, self.state.memory)):
             for page in self._changed_pages(i):
                 changes.append(self._change(old, page, "changed", mappings))
-            old_pages = set(_pages(old.present))
-            for page in _pages(new.present):
-                if page not in old_pages:
+            if new.present != old.present:
+                before = bytemap_from_runs(old.present, old.page_count)
+                after = bytemap_from_runs(new.present, new.page_count)
+                added = bytes(a & ~b for a, b in zip(after, before))
+                for page in _pages(runs_from_bytemap(added)):
                     changes.append(self._change(old, page, "added", mappings))
         return sorted(changes, key=lambda c: c.physical)
 
@@ -178,8 +185,7 @@ class _Joined:
         view, data = self.memory.views[index], self.source.region_data[index]
         digests = memoryview(self.document.provenance.page_digests[index]).cast("Q") \
             if self.document.provenance.page_digests[index] else None
-        page_numbers = list(_pages(self.source.state.memory[index].present))
-        position = {page: n for n, page in enumerate(page_numbers)}
+        position = _PresentIndex(self.source.state.memory[index].present)
         changed = []
         for extent in data.extents:
             start = extent.first_page * PAGE_SIZE
@@ -187,7 +193,7 @@ class _Joined:
                 continue
             for page in range(extent.first_page, extent.first_page + extent.page_count):
                 now = xxhash.xxh3_64_intdigest(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
-                if digests is None or now != digests[position[page]]:
+                if digests is None or now != digests[position.of(page)]:
                     changed.append(page)
         return changed
 
@@ -205,6 +211,19 @@ class _Joined:
 def _pages(runs):
     for first, count in runs:
         yield from range(first, first + count)
+
+
+class _PresentIndex:
+    """A present page's position among all present pages (the order of page digests)."""
+
+    def __init__(self, runs):
+        self.firsts = [first for first, _ in runs]
+        self.before = list(itertools.accumulate((count for _, count in runs), initial=0))
+        self.runs = runs
+
+    def of(self, page: int) -> int:
+        i = bisect.bisect_right(self.firsts, page) - 1
+        return self.before[i] + page - self.runs[i][0]
 
 
 # -- what changed ------------------------------------------------------------------------------
@@ -293,7 +312,8 @@ def _diff_fpu(prefix: str, old: bytes, new: bytes) -> list[tuple[str, str, str]]
     return out
 
 
-def render_summary(result: JoinResult, symbols: Symbols | None) -> str:
+def render_summary(result: JoinResult, symbols=None) -> str:
+    """The summary join prints; `symbols` (a vmstate.symbols.Symbols) names what pages hold."""
     lines = []
     for what, old, new in result.field_changes:
         lines.append(f"  {what}: {old} -> {new}")

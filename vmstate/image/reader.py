@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..errors import FileMissingError, ImageError
-from ..mapping import close_mapping
+from ..mapping import close_mapping, prefetch
 from ..pages import merge_runs
 from ..sparse import nonzero_pages_outside
 from ..state import PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
@@ -317,10 +317,14 @@ class Image(ImageMetadata):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def region_view(self, index: int) -> memoryview:
-        """Read-only view of one region's bytes in the file (absent pages read as zero)."""
+    def _mapping(self) -> mmap.mmap:
         if self._map is None:
             self._map = mmap.mmap(self.fd, self.file_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return self._map
+
+    def region_view(self, index: int) -> memoryview:
+        """Read-only view of one region's bytes in the file (absent pages read as zero)."""
+        self._mapping()
         data = self.region_data[index]
         return memoryview(self._map)[data.data_offset:
                                      data.data_offset + self.state.memory[index].size]
@@ -356,6 +360,9 @@ class Image(ImageMetadata):
         """Check every memory extent's checksum, and that absent pages read as zero;
         ImageError names the first bad place."""
         self._check_holes()
+        prefetch(self._mapping(), [(data.data_offset + e.first_page * PAGE_SIZE,
+                                    e.page_count * PAGE_SIZE)
+                                   for data in self.region_data for e in data.extents])
         jobs = list(self.extent_jobs())
         with ThreadPoolExecutor(workers) as pool:
             results = pool.map(lambda job: checksum(job[3]) == job[2].hash, jobs)
