@@ -8,54 +8,19 @@ that would leave it, with no window between a check and the open.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import posixpath
 from dataclasses import dataclass, replace
 
 from vmstate.errors import RestoreError
+from vmstate.rootfs import normalize_guest_path, open_beneath
 from vmstate.state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT, OpenFile
 
-SYS_openat2 = 437
-RESOLVE_NO_MAGICLINKS, RESOLVE_BENEATH = 0x02, 0x08
 MAX_GUEST_FDS = 1024
 # Flags that only matter when a file is created; a restore reopens without them.
 CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC
 STDIO = {0: (FD_STDIN, 0), 1: (FD_STDOUT, 1), 2: (FD_STDERR, 2)}
 STDIO_HOST_FD = {kind: host_fd for kind, host_fd in STDIO.values()}
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def open_beneath(root_fd: int, path: str, flags: int, mode: int) -> int:
-    """openat2(root_fd, path, RESOLVE_BENEATH): a host fd, or OSError (EACCES on escape)."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0,
-                   RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(SYS_openat2, root_fd, os.fsencode(path), ctypes.byref(how),
-                       ctypes.sizeof(how))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(errno.EACCES if err == errno.EXDEV else err, os.strerror(err), path)
-    return fd
-
-
-def normalize_guest_path(path: str) -> str:
-    """The path as recorded in the file table: relative to the root, `.`/`..` folded.
-    Raises OSError(EACCES) for a path that is absolute or climbs out of the root."""
-    if path.startswith("/"):
-        raise OSError(errno.EACCES, "absolute paths are outside the guest root", path)
-    normal = posixpath.normpath(path)
-    if normal == ".." or normal.startswith("../"):
-        raise OSError(errno.EACCES, "path leaves the guest root", path)
-    return normal
 
 
 @dataclass

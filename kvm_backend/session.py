@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 
 from vmstate.errors import VmstateError
 from vmstate.image.reader import Image
 from vmstate.image.writer import write_image
+from vmstate.migration.protocol import parse_address
 from vmstate.state import VmState
 from vmstate.units import format_size
 
 from .machine import LARGE_PAGE, MAX_MEMORY
-from .vm import Outcome, SaveHandler, VirtualMachine, open_kvm, timing_mark
+from .memory import GuestMemory
+from .vm import (
+    Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm, timing_mark)
 
 MIN_MEMORY = 8 << 20
 DEFAULT_IMAGE = "vm_image.sav"
@@ -24,6 +28,16 @@ class SaveOptions:
     image: str = DEFAULT_IMAGE
     on_signal: bool = False          # save on SIGUSR1
     on_interrupt: bool = False       # save on SIGINT (Ctrl-C)
+    migrate_to: str | None = None    # HOST:PORT: stream the VM there instead of writing it
+    with_files: bool = False         # carry the guest's open files' contents along
+    connect_timeout: float = 30.0
+
+    def handler(self, root: str) -> SaveHandler:
+        if self.migrate_to is None:
+            return save_to_file(self.image)
+        from .migrate import migrate_to
+        return migrate_to(parse_address(self.migrate_to), self.connect_timeout,
+                          self.with_files, root, self.image)
 
     @property
     def signals(self) -> list[signal.Signals]:
@@ -43,7 +57,7 @@ def save_to_file(path: str) -> SaveHandler:
     def save(state: VmState, region_views: list[memoryview]) -> str:
         plan = write_image(path, state, region_views)
         pages = sum(r.present_pages for r in state.memory)
-        return f"{path} ({pages} pages, {format_size(plan.memory_bytes)} of memory stored)"
+        return f"saved to {path} ({pages} pages, {format_size(plan.memory_bytes)} of memory stored)"
     return save
 
 
@@ -54,7 +68,7 @@ def run_program(program: str, argv: list[str], memory_size: int, root: str,
     kvm = open_kvm()
     with boot(kvm, program, argv, memory_size, root) as vm:
         vm.stop.on_signals(save.signals)
-        return vm.run(trace=trace, save=save_to_file(save.image))
+        return vm.run(trace=trace, save=save.handler(root))
 
 
 def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> Outcome:
@@ -64,14 +78,17 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> 
     try:
         kvm = open_kvm()
         verification = _MemoryVerification(image)
-        with VirtualMachine.restore(kvm, image, root) as vm:
+        check_restorable(image.state)
+        memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
+                             image_offset=image.region_data[0].data_offset)
+        with VirtualMachine.restore(kvm, image.state, memory, root) as vm:
             verification.start(vm.stop)
             if trace is not None:
                 for index in vm.refused_msrs:
                     print(f"vmstate: note: this host does not take MSR {index:#x}; skipped",
                           file=trace)
             vm.stop.on_signals(save.signals)
-            return vm.run(trace=trace, save=save_to_file(save.image), gate=verification.wait)
+            return vm.run(trace=trace, save=save.handler(root), gate=verification.wait)
     finally:
         image.close()
 
@@ -97,3 +114,31 @@ class _MemoryVerification:
         self._thread.join()
         if self.error is not None:
             raise self.error
+
+
+def receive_and_run(address: tuple[str, int], root: str, max_size: int, once: bool,
+                    save: SaveOptions, trace=None) -> Outcome | None:
+    """Serve senders; run each VM received. Returns the last VM's outcome (None if the last
+    sender was rejected)."""
+    from vmstate.migration.receive import serve
+
+    from .migrate import receive_and_run as run_one
+    outcomes: list[Outcome | None] = [None]
+
+    def handle(connection, peer) -> None:
+        outcomes.append(None)
+        outcome = run_one(connection, peer, root, max_size, save.handler(root), trace)
+        outcomes[-1] = outcome
+        print(f"vmstate: receive: the VM from {peer[0]}:{peer[1]} ended: {describe(outcome)}",
+              file=sys.stderr, flush=True)
+    serve(address[0], address[1], handle, once)
+    return outcomes[-1]
+
+
+def describe(outcome: Outcome) -> str:
+    from .vm import Exited, Saved
+    if isinstance(outcome, Exited):
+        return f"exit status {outcome.status}"
+    if isinstance(outcome, Saved):
+        return outcome.where
+    return outcome.report

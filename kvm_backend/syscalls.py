@@ -21,7 +21,9 @@ from vmstate import x86
 from vmstate.state import FD_FILE, FD_STDIN
 
 from .address_space import MAP_ANONYMOUS, UserAddressSpace
-from .files import FileTable, normalize_guest_path, open_beneath
+from vmstate.rootfs import normalize_guest_path, open_beneath
+
+from .files import FileTable
 from .memory import GuestFault, GuestMemory
 from .trace import AT_FDCWD, format_call
 

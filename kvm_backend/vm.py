@@ -11,7 +11,6 @@ from typing import Callable
 
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
-from vmstate.image.reader import Image
 from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytemap, union
 from vmstate.validate import problems
 from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
@@ -46,7 +45,8 @@ class Faulted:
 
 @dataclass(frozen=True)
 class Saved:
-    """The VM was stopped and its state handed to the save handler, which said `where`."""
+    """The VM was stopped and its state handed to the save handler, which said where it went
+    ("saved to vm_image.sav (...)", "migrated to host:4040: ...")."""
     where: str
 
 
@@ -71,12 +71,22 @@ def timing_mark(label: str) -> None:
 
 class VirtualMachine:
     def __init__(self, kvm: Kvm, memory: GuestMemory):
+        """Takes ownership of `memory` (closed with the VM, or now if this fails)."""
         self.kvm = kvm
-        self.vm = kvm.create_vm()
         self.memory = memory
-        self.vm.set_user_memory_region(0, 0, memory.size, memory.host_address,
-                                       abi.KVM_MEM_LOG_DIRTY_PAGES)
-        self.vcpu: Vcpu = self.vm.create_vcpu(0)
+        try:
+            self.vm = kvm.create_vm()
+        except BaseException:
+            memory.close()
+            raise
+        try:
+            self.vm.set_user_memory_region(0, 0, memory.size, memory.host_address,
+                                           abi.KVM_MEM_LOG_DIRTY_PAGES)
+            self.vcpu: Vcpu = self.vm.create_vcpu(0)
+        except BaseException:
+            self.vm.close()
+            memory.close()
+            raise
         self.vcpu.run_page.kvm_valid_regs = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
         self.files: FileTable | None = None
         self.address_space: UserAddressSpace | None = None
@@ -102,12 +112,11 @@ class VirtualMachine:
     # -- creation ------------------------------------------------------------------------------
 
     @classmethod
-    def restore(cls, kvm: Kvm, image: Image, root: str) -> VirtualMachine:
-        """A blank VM given the image's state; its memory maps the image copy-on-write."""
-        state = image.state
-        _check_restorable(state)
-        region, placement = state.memory[0], image.region_data[0]
-        memory = GuestMemory(region.size, image_fd=image.fd, image_offset=placement.data_offset)
+    def restore(cls, kvm: Kvm, state: VmState, memory: GuestMemory, root: str) -> VirtualMachine:
+        """A blank VM given `state`, over `memory` already holding the guest's memory (an
+        image mapped copy-on-write, or memory received from the network). Takes `memory`."""
+        check_restorable(state)
+        region = state.memory[0]
         vm = cls(kvm, memory)
         try:
             vm._present = bytes(bytemap_from_runs(region.present, region.size // PAGE_SIZE))
@@ -270,7 +279,7 @@ class VirtualMachine:
         return self._present
 
 
-def _check_restorable(state: VmState) -> None:
+def check_restorable(state: VmState) -> None:
     """This VMM runs one vCPU over one region of memory at guest physical 0."""
     if len(state.vcpus) != 1 or len(state.memory) != 1:
         raise RestoreError(f"the image has {len(state.vcpus)} vCPUs and {len(state.memory)} "

@@ -216,3 +216,18 @@ def test_dry_run_writes_nothing(vmstate, lab_split):
     assert "vcpu 0 rbx: 0x3 -> 0x4" in result.stdout.decode()
     assert sorted(p.name for p in lab_split.iterdir()) == [
         "ay_caramba.txt", "hw.xml", "vm.core", "vm_image.sav"]
+
+
+def test_gdb_write_into_a_never_touched_page_adds_it(vmstate, lab_split, example):
+    patched = gdb_batch(example("lab_app"), lab_split / "vm.core",
+                        "set var *(long *)0x3000000 = 0x1234", write=True)
+    assert patched.returncode == 0, patched.stderr
+    joined = vmstate("join", "vm.core", "hw.xml", "-o", "new.sav")
+    assert joined.returncode == 0, joined.stderr
+    assert "memory page 0x3000000 added (virtual 0x3000000" in joined.stdout.decode()
+    info = vmstate("info", "--json", "new.sav")
+    before = vmstate("info", "--json", "vm_image.sav")
+    import json
+    assert json.loads(info.stdout)["memory"][0]["present_pages"] == \
+        json.loads(before.stdout)["memory"][0]["present_pages"] + 1
+    assert vmstate("restore", "new.sav").returncode == 0

@@ -36,6 +36,13 @@ TraceOption = Annotated[bool, typer.Option(help="Print each guest system call on
 ImageOption = Annotated[Path, typer.Option("--image", help="Where a SAVE writes the image.")]
 SignalOption = Annotated[bool, typer.Option(help="Save the VM when vmstate gets SIGUSR1.")]
 InterruptOption = Annotated[bool, typer.Option(help="Save the VM on SIGINT (Ctrl-C).")]
+MigrateOption = Annotated[Optional[str], typer.Option(
+    metavar="HOST:PORT", help="At a SAVE, stream the VM to `vmstate receive` there instead of "
+    "writing --image (which is written only if that fails).")]
+WithFilesOption = Annotated[bool, typer.Option(
+    help="Carry the contents of the guest's open files along (for hosts that share nothing).")]
+ConnectTimeoutOption = Annotated[float, typer.Option(
+    help="Seconds to keep retrying the connection, once a second.")]
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -48,6 +55,9 @@ def run(
     image: ImageOption = Path(DEFAULT_IMAGE),
     save_on_signal: SignalOption = False,
     save_on_interrupt: InterruptOption = False,
+    migrate_to: MigrateOption = None,
+    with_files: WithFilesOption = False,
+    connect_timeout: ConnectTimeoutOption = 30.0,
 ):
     """Run PROGRAM in a new KVM virtual machine; its exit status becomes vmstate's.
 
@@ -55,9 +65,10 @@ def run(
     exits 0. Example: vmstate run --trace examples/hello one two
     """
     from kvm_backend.session import SaveOptions, run_program
+    save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
+                       connect_timeout)
     outcome = run_program(str(program), [str(program), *(args or [])], parse_size(memory),
-                          str(root), SaveOptions(str(image), save_on_signal, save_on_interrupt),
-                          trace=sys.stderr if trace else None)
+                          str(root), save, trace=sys.stderr if trace else None)
     _finish(outcome)
 
 
@@ -69,15 +80,18 @@ def restore(
     image: ImageOption = Path(DEFAULT_IMAGE),
     save_on_signal: SignalOption = False,
     save_on_interrupt: InterruptOption = False,
+    migrate_to: MigrateOption = None,
+    with_files: WithFilesOption = False,
+    connect_timeout: ConnectTimeoutOption = 30.0,
 ):
     """Create a blank VM from IMAGE and resume the guest exactly where it stopped.
 
     Example: vmstate restore vm_image.sav
     """
     from kvm_backend.session import SaveOptions, restore_image
-    outcome = restore_image(str(image_file), str(root),
-                            SaveOptions(str(image), save_on_signal, save_on_interrupt),
-                            trace=sys.stderr if trace else None)
+    save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
+                       connect_timeout)
+    outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None)
     _finish(outcome)
 
 
@@ -106,6 +120,61 @@ def info(
 
 
 DEFAULT_CORE, DEFAULT_XML = "vm.core", "hw.xml"
+
+
+@app.command()
+def send(
+    image_file: Annotated[Path, typer.Argument(metavar="IMAGE", help="A saved VM image.")],
+    address: Annotated[str, typer.Argument(metavar="HOST:PORT", help="A `vmstate receive`.")],
+    with_files: WithFilesOption = False,
+    root: RootOption = Path("."),
+    connect_timeout: ConnectTimeoutOption = 30.0,
+):
+    """Send IMAGE to a receiver; succeeds only once the receiver has verified and kept it.
+
+    Example: vmstate send vm_image.sav otherhost:4040
+    """
+    from .migration.protocol import parse_address
+    from .migration.send import send_image
+    message = send_image(str(image_file), parse_address(address), with_files, str(root),
+                         connect_timeout)
+    print(f"vmstate: sent {image_file} to {address}: {message}", file=sys.stderr)
+
+
+@app.command()
+def receive(
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 4040,
+    bind: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    root: RootOption = Path("."),
+    run: Annotated[bool, typer.Option("--run", help="Resume each VM received at once.")] = False,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Store the VM "
+                                                   "received as this image.")] = None,
+    once: Annotated[bool, typer.Option(help="Stop after one sender.")] = False,
+    max_size: Annotated[str, typer.Option(help="Refuse images larger than this.")] = "64G",
+    trace: TraceOption = False,
+    image: ImageOption = Path(DEFAULT_IMAGE),
+):
+    """Wait for VMs sent by `vmstate run --migrate-to`, `restore --migrate-to` or `send`;
+    verify each, then run it (--run) or store it (-o IMAGE). A bad stream is logged in one
+    line and the next sender is served (unless --once).
+
+    Example: vmstate receive --port 4040 --root /srv/guest --run
+    """
+    if run == (output is not None):
+        _fail("receive needs exactly one of --run or -o IMAGE", 2)
+    if run:
+        from kvm_backend.session import SaveOptions, receive_and_run
+        outcome = receive_and_run((bind, port), str(root), parse_size(max_size), once,
+                                  SaveOptions(str(image)), trace=sys.stderr if trace else None)
+        if once:
+            if outcome is None:
+                raise typer.Exit(EXIT_ERROR)
+            _finish(outcome)
+        return
+    from .migration.receive import serve, store_received
+    failures = serve(bind, port, lambda connection, peer: store_received(
+        connection, str(root), str(output), parse_size(max_size)), once)
+    raise typer.Exit(EXIT_ERROR if failures else 0)
 
 
 @app.command()
@@ -189,7 +258,7 @@ def _finish(outcome) -> None:
     if isinstance(outcome, Exited):
         raise typer.Exit(outcome.status)
     if isinstance(outcome, Saved):
-        print(f"vmstate: VM saved to {outcome.where}", file=sys.stderr)
+        print(f"vmstate: VM {outcome.where}", file=sys.stderr)
         raise typer.Exit(0)
     _fail(outcome.report, EXIT_SIGNAL_BASE + outcome.signal)
 

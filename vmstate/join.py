@@ -20,7 +20,7 @@ from .hwxml import HardwareDocument, XmlError, from_xml
 from .image.reader import ImageMetadata, checksum
 from .image.writer import write_image
 from .mapping import close_mapping, prefetch
-from .pages import merge_runs
+from .pages import bytemap_from_runs, merge_runs, runs_from_bytemap
 from .sparse import nonzero_pages_outside
 from .state import PAGE_SIZE, MemoryRegion, VmState
 from .validate import problems

@@ -31,7 +31,7 @@ class MemoryPiece:
 
 @dataclass(frozen=True)
 class ImagePlan:
-    metadata: bytes                 # header, section table and payloads: file bytes 0..len
+    metadata: bytes                 # header, table, payloads, padding: file bytes 0..len
     pieces: tuple[MemoryPiece, ...]  # present memory, at page-aligned file offsets
     file_size: int
 
@@ -101,6 +101,8 @@ def plan_image(state: VmState, region_views: list[memoryview], workers: int = 2)
                            len(sections), 0, L.HEADER.size, file_size, checksum(table), 0)
     header = header[:L.HEADER_HASHED] + checksum(header[:L.HEADER_HASHED]).to_bytes(8, "little")
     body[:L.HEADER.size] = header
+    if state.memory:            # the metadata runs up to the first byte of guest memory
+        body += bytes(L.align(len(body), L.PAGE) - len(body))
     return ImagePlan(bytes(body), tuple(pieces), file_size)
 
 

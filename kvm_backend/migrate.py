@@ -1,0 +1,100 @@
+"""Migration from the VMM's side: stream a stopped VM to a receiver (with a local image as
+the fallback, so the state is never lost), and receive a VM straight into new guest memory
+and run it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from vmstate.image.reader import ImageMetadata
+from vmstate.image.writer import plan_image, write_image
+from vmstate.migration import protocol as P
+from vmstate.migration.receive import (
+    Received, commit_files, discard_files, receive_vm, verify_extents)
+from vmstate.migration.send import MigrationFailed, connect, guest_files, send_vm
+from vmstate.state import VmState
+
+from .memory import GuestMemory
+from .vm import Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm
+
+
+def migrate_to(address: tuple[str, int], connect_timeout: float, with_files: bool, root: str,
+               fallback_image: str) -> SaveHandler:
+    """A save handler that streams the VM; if that fails, it writes `fallback_image` and
+    says so in the error, so the VM's state survives."""
+    def save(state: VmState, region_views: list[memoryview]) -> str:
+        try:
+            plan = plan_image(state, region_views)
+            files = guest_files(state, root) if with_files else []
+            try:
+                with connect(address, connect_timeout) as sock:
+                    message = send_vm(sock, plan, files)
+            finally:
+                for f in files:
+                    os.close(f.host_fd)
+            return f"migrated to {address[0]}:{address[1]}: {message}"
+        except (MigrationFailed, OSError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            write_image(fallback_image, state, region_views)
+            raise MigrationFailed(f"migration failed ({reason}); the VM was saved to "
+                                  f"{fallback_image} instead") from None
+    return save
+
+
+class GuestMemorySink:
+    """Receives guest memory straight into the memory of the VM about to run it."""
+
+    def __init__(self):
+        self.memory: GuestMemory | None = None
+        self.data_offset = 0
+        self.metadata: ImageMetadata | None = None
+
+    def prepare(self, metadata: ImageMetadata) -> None:
+        check_restorable(metadata.state)         # refuse what this VMM cannot run, early
+        self.metadata = metadata
+        self.data_offset = metadata.region_data[0].data_offset
+        self.memory = GuestMemory(metadata.state.memory[0].size)
+
+    def receive(self, sock: socket.socket, region: int, offset: int, length: int) -> None:
+        start = offset - self.data_offset
+        P.recv_exact_into(sock, self.memory.view[start:start + length],
+                          f"guest memory at {start:#x}")
+
+    def verify(self) -> None:
+        verify_extents(self.metadata, [self.memory.view])
+
+    def discard(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+
+def receive_and_run(connection: socket.socket, peer, root: str, max_size: int, save: SaveHandler,
+                    trace=None, log=sys.stderr) -> Outcome:
+    """Receive one VM, verify it, start it, acknowledge, and run it to its end."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    sink = GuestMemorySink()
+    try:
+        received = receive_vm(connection, sink, root_fd, max_size)
+        print(f"Received {received.total_bytes} bytes", file=log, flush=True)
+        vm = _start(received, sink, root_fd, root)
+    finally:
+        os.close(root_fd)
+    with vm:
+        P.send_reply(connection, P.STATUS_OK, "VM verified and started")
+        return vm.run(trace=trace, save=save)
+
+
+def _start(received: Received, sink: GuestMemorySink, root_fd: int, root: str) -> VirtualMachine:
+    try:
+        commit_files(received, root_fd)
+        kvm = open_kvm()
+    except BaseException:
+        discard_files(received, root_fd)
+        sink.discard()
+        raise
+    memory, sink.memory = sink.memory, None          # the VM owns it from here
+    return VirtualMachine.restore(kvm, received.metadata.state, memory, root)
+

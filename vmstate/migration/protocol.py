@@ -1,0 +1,86 @@
+"""The migration wire protocol, format 1.0: structures declared once, and framed socket I/O.
+
+    sender                                     receiver
+      HELLO  (magic, versions, flags, image size)  ->
+                                               <-  REPLY (0: go on | refusal and reason)
+      FRAME IMAGE (offset 0: image metadata)       ->
+      FRAME IMAGE (memory extents, ascending)      ->   straight into guest memory / the file
+      FRAME FILE  (with --with-files)              ->
+      FRAME END   (metadata digest, byte count)    ->
+                                               <-  REPLY (0: verified and stored or started)
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from ..errors import VmstateError
+
+MAGIC = b"VMSTMIG\0"
+VERSION_MAJOR, VERSION_MINOR = 1, 0
+HELLO = struct.Struct("<8sHHHHIQ4x")      # magic, min major, min minor, max major, max minor,
+                                          # flags, image size (bytes of the image file)
+FLAG_WITH_FILES = 0x1
+FRAME = struct.Struct("<HHIQQ")           # type, flags, reserved, offset, length; payload follows
+REPLY = struct.Struct("<II")              # status, message length; UTF-8 message follows
+FILE_HEADER = struct.Struct("<IIQQ")      # path length, mode, content length, XXH3-64 of content
+END = struct.Struct("<QQ")                # XXH3-64 of the image metadata, image bytes sent
+
+FRAME_IMAGE, FRAME_FILE, FRAME_END = 1, 2, 3
+STATUS_OK, STATUS_REFUSED, STATUS_FAILED = 0, 1, 2
+MAX_FRAME = 64 << 20                      # an image frame carries at most one memory extent
+MAX_FILE_FRAME = 1 << 30
+MAX_REPLY = 4096
+CHUNK = 4 << 20                           # socket reads and writes move this much at a time
+
+
+class ProtocolError(VmstateError):
+    """The peer broke the protocol or the connection."""
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview, what: str) -> None:
+    """Fill `view` from the socket (straight into its memory), or ProtocolError."""
+    received = 0
+    while received < len(view):
+        n = sock.recv_into(view[received:received + CHUNK])
+        if n == 0:
+            raise ProtocolError(f"connection closed after {received} of {len(view)} bytes of "
+                                f"{what}: truncated stream")
+        received += n
+
+
+def recv_exact(sock: socket.socket, length: int, what: str) -> bytes:
+    buffer = bytearray(length)
+    recv_exact_into(sock, memoryview(buffer), what)
+    return bytes(buffer)
+
+
+def send_frame(sock: socket.socket, kind: int, offset: int, payload) -> None:
+    view = memoryview(payload).cast("B")
+    sock.sendall(FRAME.pack(kind, 0, 0, offset, len(view)))
+    for start in range(0, len(view), CHUNK):
+        sock.sendall(view[start:start + CHUNK])
+
+
+def send_reply(sock: socket.socket, status: int, message: str) -> None:
+    text = message.encode()[:MAX_REPLY]
+    sock.sendall(REPLY.pack(status, len(text)) + text)
+
+
+def recv_reply(sock: socket.socket) -> tuple[int, str]:
+    status, length = REPLY.unpack(recv_exact(sock, REPLY.size, "the receiver's reply"))
+    if length > MAX_REPLY:
+        raise ProtocolError(f"reply of {length} bytes (at most {MAX_REPLY})")
+    return status, recv_exact(sock, length, "the receiver's reply").decode(errors="replace")
+
+
+def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        raise VmstateError(f"bad address {text!r} (expected HOST:PORT)") from None
+    if not 0 < number < 65536:
+        raise VmstateError(f"bad port {number} in {text!r}")
+    return (host or default_host).strip("[]"), number

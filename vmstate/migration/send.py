@@ -1,0 +1,119 @@
+"""The sending side: connect (retrying), stream the image and the guest's files, and report
+success only on the receiver's final acknowledgement."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import xxhash
+
+from ..image.reader import checksum
+from ..image.writer import ImagePlan
+from ..rootfs import open_beneath
+from ..state import FD_FILE, VmState
+from . import protocol as P
+
+REPLY_TIMEOUT = 600          # the receiver verifies the whole VM before it answers
+RETRY_INTERVAL = 1.0
+
+
+class MigrationFailed(P.ProtocolError):
+    """The VM did not arrive: the receiver refused it, or the connection failed."""
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    """One of the guest's open regular files, to be carried with --with-files."""
+    path: str
+    mode: int
+    host_fd: int
+
+
+def guest_files(state: VmState, root: str) -> list[GuestFile]:
+    """Open (beneath `root`) each regular file the guest has open, once per path."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        files, seen = [], set()
+        for f in state.vmm.files:
+            if f.kind == FD_FILE and f.path not in seen:
+                seen.add(f.path)
+                files.append(GuestFile(f.path, f.mode, open_beneath(root_fd, f.path,
+                                                                    os.O_RDONLY)))
+        return files
+    finally:
+        os.close(root_fd)
+
+
+def connect(address: tuple[str, int], timeout: float, log=sys.stderr) -> socket.socket:
+    """Connect, retrying once a second until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock = socket.create_connection(address, timeout=max(1.0, timeout))
+            sock.settimeout(REPLY_TIMEOUT)
+            return sock
+        except OSError as e:
+            if time.monotonic() + RETRY_INTERVAL > deadline:
+                raise MigrationFailed(f"cannot connect to {address[0]}:{address[1]}: "
+                                      f"{e.strerror or e}") from None
+            print("connect failed, retry in 1 second...", file=log, flush=True)
+            time.sleep(RETRY_INTERVAL)
+
+
+def send_vm(sock: socket.socket, plan: ImagePlan, files: list[GuestFile]) -> str:
+    """Stream one VM; returns the receiver's message once it has verified and kept the VM."""
+    try:
+        flags = P.FLAG_WITH_FILES if files else 0
+        sock.sendall(P.HELLO.pack(P.MAGIC, P.VERSION_MAJOR, P.VERSION_MINOR, P.VERSION_MAJOR,
+                                  P.VERSION_MINOR, flags, plan.file_size))
+        status, message = P.recv_reply(sock)
+        if status != P.STATUS_OK:
+            raise MigrationFailed(f"the receiver refused the VM: {message}")
+        P.send_frame(sock, P.FRAME_IMAGE, 0, plan.metadata)
+        for piece in plan.pieces:                    # straight from the guest's memory
+            P.send_frame(sock, P.FRAME_IMAGE, piece.file_offset, piece.data)
+        for f in files:
+            _send_file(sock, f)
+        sent = len(plan.metadata) + plan.memory_bytes
+        P.send_frame(sock, P.FRAME_END, 0, P.END.pack(checksum(plan.metadata), sent))
+        status, message = P.recv_reply(sock)
+    except OSError as e:
+        raise MigrationFailed(f"connection lost: {e.strerror or e}") from None
+    if status != P.STATUS_OK:
+        raise MigrationFailed(f"the receiver rejected the VM: {message}")
+    return message
+
+
+def _send_file(sock: socket.socket, f: GuestFile) -> None:
+    size = os.fstat(f.host_fd).st_size
+    digest = xxhash.xxh3_64()
+    for position in range(0, size, P.CHUNK):
+        digest.update(os.pread(f.host_fd, P.CHUNK, position))
+    path = os.fsencode(f.path)
+    header = P.FILE_HEADER.pack(len(path), f.mode, size, digest.intdigest()) + path
+    sock.sendall(P.FRAME.pack(P.FRAME_FILE, 0, 0, 0, len(header) + size) + header)
+    with os.fdopen(os.dup(f.host_fd), "rb") as content:     # sendfile(2), in the kernel
+        if sock.sendfile(content, 0, size) != size:
+            raise MigrationFailed(f"{f.path} shrank while it was being sent")
+
+
+def send_image(path: str, address: tuple[str, int], with_files: bool, root: str,
+               connect_timeout: float) -> str:
+    """`vmstate send`: an existing image, checked first, to a receiver."""
+    from ..image.reader import Image
+    from ..image.writer import plan_image
+    with Image(path) as image:
+        image.verify_memory()
+        plan = plan_image(image.state,
+                          [image.region_view(i) for i in range(len(image.state.memory))])
+        files = guest_files(image.state, root) if with_files else []
+        try:
+            with connect(address, connect_timeout) as sock:
+                return send_vm(sock, plan, files)
+        finally:
+            for f in files:
+                os.close(f.host_fd)
