@@ -10,7 +10,6 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import tempfile
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from ..errors import ImageError, VmstateError
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata, checksum
 from ..image.writer import pwrite_all, write_memory, MemoryPiece
-from ..atomic import fsync_directory
+from ..atomic import PendingFile
 from ..rootfs import open_directory_beneath
 from ..state import PAGE_SIZE
 from ..validate import is_inside_root
@@ -224,50 +223,42 @@ def verify_extents(metadata: ImageMetadata, region_views: list[memoryview]) -> N
 
 
 class ImageFileSink:
-    """Received memory goes into a temporary image file beside `output`; kept by rename only
-    after the whole file has been checked like any image."""
+    """Received memory goes into a new image file with no name yet; it becomes `output`
+    only after the whole file has been checked like any image."""
 
     def __init__(self, output: str):
         self.output = output
-        self.fd, self.temporary = -1, ""
+        self.file: PendingFile | None = None
         self._staging = None
 
     def prepare(self, metadata: ImageMetadata) -> None:
-        directory = os.path.dirname(os.path.abspath(self.output))
-        self.fd, self.temporary = tempfile.mkstemp(
-            prefix=f".{os.path.basename(self.output)}.", suffix=".part", dir=directory)
-        os.ftruncate(self.fd, metadata.file_size)
-        pwrite_all(self.fd, metadata.metadata(), 0)
+        self.file = PendingFile(os.path.dirname(os.path.abspath(self.output)),
+                                os.path.basename(self.output))
+        os.ftruncate(self.file.fd, metadata.file_size)
+        pwrite_all(self.file.fd, metadata.metadata(), 0)
         self._staging = mmap.mmap(-1, P.MAX_FRAME)     # page-aligned, so O_DIRECT can write it
 
     def receive(self, sock: socket.socket, region: int, offset: int, length: int) -> None:
         view = memoryview(self._staging)[:length]
         P.recv_exact_into(sock, view, f"memory at file offset {offset:#x}")
-        write_memory(self.fd, [MemoryPiece(offset, view)])
+        write_memory(self.file.fd, [MemoryPiece(offset, view)])
 
     def verify(self) -> None:
-        os.fsync(self.fd)
-        with Image(self.temporary) as image:
+        with Image(f"/proc/self/fd/{self.file.fd}") as image:
+            image.path = "the received image"
             image.verify_memory()
 
     def keep(self) -> str:
-        os.rename(self.temporary, self.output)
-        fsync_directory(os.path.dirname(os.path.abspath(self.output)))
-        self._close()
+        self.file.commit(self.output)
+        self._release_staging()
         return self.output
 
     def discard(self) -> None:
-        if self.temporary:
-            try:
-                os.unlink(self.temporary)
-            except FileNotFoundError:
-                pass
-        self._close()
+        if self.file is not None:
+            self.file.discard()
+        self._release_staging()
 
-    def _close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    def _release_staging(self) -> None:
         if self._staging is not None:
             self._staging.close()
             self._staging = None
