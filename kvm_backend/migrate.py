@@ -8,16 +8,18 @@ import os
 import socket
 import sys
 
+from vmstate.errors import VmstateError
 from vmstate.image.reader import ImageMetadata
 from vmstate.image.writer import plan_image, write_image
 from vmstate.migration import protocol as P
 from vmstate.migration.receive import (
-    Received, commit_files, discard_files, receive_vm, verify_extents)
+    Connection, Received, commit_files, discard_files, receive_vm, verify_extents)
 from vmstate.migration.send import MigrationFailed, connect, guest_files, send_vm
 from vmstate.state import VmState
 
 from .memory import GuestMemory
-from .vm import Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm
+from .kvm import Kvm
+from .vm import Outcome, SaveHandler, VirtualMachine, check_restorable
 
 
 def migrate_to(address: tuple[str, int], connect_timeout: float, with_files: bool, root: str,
@@ -35,11 +37,15 @@ def migrate_to(address: tuple[str, int], connect_timeout: float, with_files: boo
                 for f in files:
                     os.close(f.host_fd)
             return f"migrated to {address[0]}:{address[1]}: {message}"
-        except (MigrationFailed, OSError) as e:
+        except (VmstateError, OSError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        try:
             write_image(fallback_image, state, region_views)
-            raise MigrationFailed(f"migration failed ({reason}); the VM was saved to "
-                                  f"{fallback_image} instead") from None
+        except VmstateError as e:
+            raise MigrationFailed(f"migration failed ({reason}), and so did writing the VM to "
+                                  f"{fallback_image}: {e}; the VM is lost") from None
+        raise MigrationFailed(f"migration failed ({reason}); the VM was saved to "
+                              f"{fallback_image} instead")
     return save
 
 
@@ -71,28 +77,26 @@ class GuestMemorySink:
             self.memory = None
 
 
-def receive_and_run(connection: socket.socket, peer, root: str, max_size: int, save: SaveHandler,
-                    trace=None, log=sys.stderr) -> Outcome:
+def receive_and_run(connection: Connection, kvm: Kvm, root: str, max_size: int,
+                    save: SaveHandler, trace=None, log=sys.stderr) -> Outcome:
     """Receive one VM, verify it, start it, acknowledge, and run it to its end."""
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     sink = GuestMemorySink()
     try:
-        received = receive_vm(connection, sink, root_fd, max_size)
-        print(f"Received {received.total_bytes} bytes", file=log, flush=True)
-        vm = _start(received, sink, root_fd, root)
+        received = receive_vm(connection.sock, sink, root_fd, max_size)
     finally:
         os.close(root_fd)
-    with vm:
-        P.send_reply(connection, P.STATUS_OK, "VM verified and started")
+    print(f"Received {received.total_bytes} bytes", file=log, flush=True)
+    with _start(received, sink, kvm, root) as vm:
+        connection.acknowledge("VM verified and started")
         return vm.run(trace=trace, save=save)
 
 
-def _start(received: Received, sink: GuestMemorySink, root_fd: int, root: str) -> VirtualMachine:
+def _start(received: Received, sink: GuestMemorySink, kvm: Kvm, root: str) -> VirtualMachine:
     try:
-        commit_files(received, root_fd)
-        kvm = open_kvm()
+        commit_files(received)
     except BaseException:
-        discard_files(received, root_fd)
+        discard_files(received)
         sink.discard()
         raise
     memory, sink.memory = sink.memory, None          # the VM owns it from here

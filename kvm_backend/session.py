@@ -123,13 +123,14 @@ def receive_and_run(address: tuple[str, int], root: str, max_size: int, once: bo
     from vmstate.migration.receive import serve
 
     from .migrate import receive_and_run as run_one
+    kvm = open_kvm()                  # no KVM: say so now, not after taking a VM in
     outcomes: list[Outcome | None] = [None]
 
-    def handle(connection, peer) -> None:
+    def handle(connection) -> None:
         outcomes.append(None)
-        outcome = run_one(connection, peer, root, max_size, save.handler(root), trace)
+        outcome = run_one(connection, kvm, root, max_size, save.handler(root), trace)
         outcomes[-1] = outcome
-        print(f"vmstate: receive: the VM from {peer[0]}:{peer[1]} ended: {describe(outcome)}",
+        print(f"vmstate: receive: the VM from {connection.peer} ended: {describe(outcome)}",
               file=sys.stderr, flush=True)
     serve(address[0], address[1], handle, once)
     return outcomes[-1]

@@ -8,42 +8,49 @@ import ctypes
 import errno
 import os
 import secrets
-import tempfile
 from contextlib import contextmanager
 
 from .errors import VmstateError
 
 
 class PendingFile:
-    """A new file in `directory`, invisible (or hidden) until `commit(name)`."""
+    """A new file in a directory (given by path, or by an open fd with `dir_fd`), invisible
+    (or hidden) until `commit(name)` gives it `name` in that directory."""
 
-    def __init__(self, directory: str, prefix: str):
-        self.directory, self.prefix = directory, prefix
+    def __init__(self, directory: str, prefix: str, mode: int = 0o600, dir_fd: int | None = None):
+        self.prefix = prefix
+        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) \
+            if dir_fd is None else os.dup(dir_fd)
         self.temporary: str | None = None
         try:
-            self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode,
+                              dir_fd=self.dir_fd)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                os.close(self.dir_fd)
                 raise VmstateError(f"cannot create a file in {directory}: {e.strerror}") from None
-            self.fd, self.temporary = tempfile.mkstemp(prefix=f".{prefix}.", suffix=".part",
-                                                       dir=directory)
+            self.temporary = self._hidden_name()
+            self.fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                              mode, dir_fd=self.dir_fd)
 
-    def commit(self, path: str) -> None:
-        """fsync, give the data the name `path` (atomically replacing it), fsync the directory."""
+    def _hidden_name(self) -> str:
+        return f".{self.prefix[:200]}.{secrets.token_hex(4)}.part"
+
+    def commit(self, name: str) -> None:
+        """fsync, give the data `name` (atomically replacing it), fsync the directory."""
         os.fsync(self.fd)
         if self.temporary is None:
-            self.temporary = os.path.join(self.directory,
-                                          f".{self.prefix}.{secrets.token_hex(4)}.part")
-            _link_fd(self.fd, self.temporary)
-        os.rename(self.temporary, path)
+            self.temporary = self._hidden_name()
+            _link_fd(self.fd, self.dir_fd, self.temporary)
+        os.rename(self.temporary, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
         self.temporary = None
-        fsync_directory(self.directory)
+        os.fsync(self.dir_fd)
         self.close()
 
     def discard(self) -> None:
         if self.temporary is not None:
             try:
-                os.unlink(self.temporary)
+                os.unlink(self.temporary, dir_fd=self.dir_fd)
             except FileNotFoundError:
                 pass
             self.temporary = None
@@ -52,6 +59,7 @@ class PendingFile:
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
+            os.close(self.dir_fd)
             self.fd = -1
 
 
@@ -64,7 +72,7 @@ def atomic_output(path: str):
         yield f
         f.flush()
         f.close()
-        pending.commit(path)
+        pending.commit(os.path.basename(path))
     except BaseException:
         f.close()
         pending.discard()
@@ -75,13 +83,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD, AT_SYMLINK_FOLLOW = -100, 0x400
 
 
-def _link_fd(fd: int, path: str) -> None:
+def _link_fd(fd: int, dir_fd: int, name: str) -> None:
     """Give an O_TMPFILE file a name: linkat through /proc/self/fd, following that link (what
     an unprivileged process may do; os.link would link the /proc symlink itself)."""
-    if _libc.linkat(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), AT_FDCWD, os.fsencode(path),
+    if _libc.linkat(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), dir_fd, os.fsencode(name),
                     AT_SYMLINK_FOLLOW) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
+        raise OSError(err, os.strerror(err), name)
 
 
 def fsync_directory(directory: str) -> None:

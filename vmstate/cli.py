@@ -172,7 +172,7 @@ def receive(
             _finish(outcome)
         return
     from .migration.receive import serve, store_received
-    failures = serve(bind, port, lambda connection, peer: store_received(
+    failures = serve(bind, port, lambda connection: store_received(
         connection, str(root), str(output), parse_size(max_size)), once)
     raise typer.Exit(EXIT_ERROR if failures else 0)
 

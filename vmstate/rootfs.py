@@ -47,8 +47,9 @@ def normalize_guest_path(path: str) -> str:
 
 
 def open_directory_beneath(root_fd: int, path: str, create: bool) -> int:
-    """The directory `path` below the root (made, one component at a time, if `create`)."""
-    fd = os.dup(root_fd)
+    """The directory `path` below the root (made, one component at a time, if `create`), open
+    for reading, so that it can be fsynced and used as a dir_fd."""
+    fd = open_beneath(root_fd, ".", os.O_RDONLY | os.O_DIRECTORY)
     for part in [p for p in path.split("/") if p]:
         try:
             if create:

@@ -57,7 +57,7 @@ def _long_mode_problems(cr0: int, cr4: int, efer: int) -> list[tuple[str, str]]:
 
 
 def is_inside_root(path: str) -> bool:
-    """A normalized relative path that stays below the guest root."""
+    """A normalized relative path that stays below the guest root (and could name a file)."""
     normal = posixpath.normpath(path) if path else ""
     return not (path.startswith("/") or normal != path or normal in ("", ".", "..")
-                or normal.startswith("../"))
+                or normal.startswith("../") or "\0" in path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import posixpath
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from ..errors import FileMissingError, ImageError
 from ..mapping import close_mapping, prefetch
 from ..pages import merge_runs
 from ..sparse import nonzero_pages_outside
-from ..state import PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
+from ..validate import is_inside_root
+from ..state import FD_FILE, PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
 from . import codec
 from . import layout as L
 
@@ -276,9 +276,7 @@ class ImageMetadata:
         if len(set(fds)) != len(fds) or any(fd < 0 for fd in fds):
             raise self._error(f"file table: guest fds {fds} are not distinct and >= 0", 0)
         for f in vmm.files:
-            normal = posixpath.normpath(f.path) if f.path else ""
-            if f.kind == "file" and (f.path.startswith("/") or normal != f.path or normal in
-                                     ("", ".", "..") or normal.startswith("../")):
+            if f.kind == FD_FILE and not is_inside_root(f.path):
                 raise self._error(f"file table: guest fd {f.fd} path {f.path!r} is not a "
                                   "normalized path inside the guest root", 0)
         return vmm

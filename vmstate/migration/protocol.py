@@ -19,8 +19,8 @@ from ..errors import VmstateError
 
 MAGIC = b"VMSTMIG\0"
 VERSION_MAJOR, VERSION_MINOR = 1, 0
-HELLO = struct.Struct("<8sHHHHIQ4x")      # magic, min major, min minor, max major, max minor,
-                                          # flags, image size (bytes of the image file)
+HELLO = struct.Struct("<8sHHHHIQI")       # magic, min major, min minor, max major, max minor,
+                                          # flags, image size (bytes of the image file), reserved
 FLAG_WITH_FILES = 0x1
 FRAME = struct.Struct("<HHIQQ")           # type, flags, reserved, offset, length; payload follows
 REPLY = struct.Struct("<II")              # status, message length; UTF-8 message follows
@@ -69,10 +69,12 @@ def send_reply(sock: socket.socket, status: int, message: str) -> None:
 
 
 def recv_reply(sock: socket.socket) -> tuple[int, str]:
+    """(status, message); the message is cut to printable characters (it comes from a peer)."""
     status, length = REPLY.unpack(recv_exact(sock, REPLY.size, "the receiver's reply"))
     if length > MAX_REPLY:
         raise ProtocolError(f"reply of {length} bytes (at most {MAX_REPLY})")
-    return status, recv_exact(sock, length, "the receiver's reply").decode(errors="replace")
+    text = recv_exact(sock, length, "the receiver's reply").decode(errors="replace")
+    return status, "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def parse_address(text: str, default_host: str = "") -> tuple[str, int]:

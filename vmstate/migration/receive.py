@@ -1,9 +1,10 @@
-"""The receiving side: treat the stream as hostile, check every length and offset against the
-VM's own metadata, verify everything, and only then keep the VM.
+"""The receiving side: treat the stream as hostile, check every field against the protocol
+and every length and offset against the VM's own metadata, verify everything, and only then
+keep the VM.
 
 Memory goes from the socket straight to where it will live: the new VM's memory (--run) or
-the image file (-o). Guest files carried with --with-files land under the root only after
-the whole VM has been verified."""
+the image file (-o). Guest files carried with --with-files have no name until the whole VM
+has been verified."""
 
 from __future__ import annotations
 
@@ -11,24 +12,33 @@ import mmap
 import os
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import xxhash
 
+from ..atomic import PendingFile
 from ..errors import ImageError, VmstateError
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata, checksum
-from ..image.writer import pwrite_all, write_memory, MemoryPiece
-from ..atomic import PendingFile
+from ..image.writer import MemoryPiece, pwrite_all, write_memory
+from ..mapping import close_mapping
 from ..rootfs import open_directory_beneath
-from ..state import PAGE_SIZE
+from ..state import FD_FILE, PAGE_SIZE
 from ..validate import is_inside_root
 from . import protocol as P
 
 IDLE_TIMEOUT = 60            # seconds a sender may stay silent mid-stream
+DRAIN_TIME = 30              # after a failure, read (and drop) what the sender still sends
 MAX_METADATA = 1 << 28
+MAX_PATH = 4096
+FILE_MODE_BITS = 0o777       # set-id and sticky bits from a peer are never applied
+
+
+class Refused(P.ProtocolError):
+    """Refused at the hello; the refusal has been sent already."""
 
 
 class MemorySink(Protocol):
@@ -41,10 +51,16 @@ class MemorySink(Protocol):
 
 
 @dataclass
+class ReceivedFile:
+    path: str
+    pending: PendingFile
+
+
+@dataclass
 class Received:
     metadata: ImageMetadata
     sink: MemorySink
-    files: list[tuple[str, int, str]] = field(default_factory=list)   # path, mode, temp name
+    files: list[ReceivedFile] = field(default_factory=list)
     image_bytes: int = 0
     file_bytes: int = 0
 
@@ -59,26 +75,26 @@ def receive_vm(sock: socket.socket, sink: MemorySink, root_fd: int, max_size: in
     received = None
     try:
         received = _receive_metadata(sock, sink, image_size)
-        _receive_frames(sock, received, root_fd, with_files)
+        _receive_frames(sock, received, root_fd, with_files, max_size)
         received.sink.verify()
         return received
     except BaseException:
         sink.discard()
         if received is not None:
-            discard_files(received, root_fd)
+            discard_files(received)
         raise
 
 
 def _hello(sock: socket.socket, max_size: int) -> tuple[int, bool]:
-    magic, lo_major, lo_minor, hi_major, hi_minor, flags, image_size = P.HELLO.unpack(
+    magic, lo_major, lo_minor, hi_major, hi_minor, flags, image_size, reserved = P.HELLO.unpack(
         P.recv_exact(sock, P.HELLO.size, "the hello"))
     if magic != P.MAGIC:
         _refuse(sock, f"bad magic {magic!r} (expected {P.MAGIC!r}): not a vmstate sender")
     if not (lo_major, lo_minor) <= (P.VERSION_MAJOR, P.VERSION_MINOR) <= (hi_major, hi_minor):
         _refuse(sock, f"the sender speaks protocol {lo_major}.{lo_minor}-{hi_major}.{hi_minor}, "
                       f"this receiver {P.VERSION_MAJOR}.{P.VERSION_MINOR}")
-    if flags & ~P.FLAG_WITH_FILES:
-        _refuse(sock, f"unknown flags {flags:#x}")
+    if flags & ~P.FLAG_WITH_FILES or reserved:
+        _refuse(sock, f"unknown flags {flags:#x} or reserved bits {reserved:#x} in the hello")
     if image_size > max_size:
         _refuse(sock, f"image of {image_size} bytes is larger than --max-size ({max_size})")
     P.send_reply(sock, P.STATUS_OK, f"protocol {P.VERSION_MAJOR}.{P.VERSION_MINOR}")
@@ -87,31 +103,37 @@ def _hello(sock: socket.socket, max_size: int) -> tuple[int, bool]:
 
 def _refuse(sock: socket.socket, reason: str):
     P.send_reply(sock, P.STATUS_REFUSED, reason)
-    raise P.ProtocolError(reason)
+    raise Refused(reason)
 
 
 def _frame(sock: socket.socket) -> tuple[int, int, int]:
-    kind, _, _, offset, length = P.FRAME.unpack(P.recv_exact(sock, P.FRAME.size, "a frame"))
+    kind, flags, reserved, offset, length = P.FRAME.unpack(
+        P.recv_exact(sock, P.FRAME.size, "a frame header"))
+    if flags or reserved or (kind != P.FRAME_IMAGE and offset):
+        raise P.ProtocolError(f"frame of type {kind} with non-zero flags, reserved field or "
+                              "offset")
     return kind, offset, length
 
 
 def _receive_metadata(sock: socket.socket, sink: MemorySink, image_size: int) -> Received:
     kind, offset, length = _frame(sock)
-    if kind != P.FRAME_IMAGE or offset != 0 or not L.HEADER.size <= length <= MAX_METADATA:
+    if kind != P.FRAME_IMAGE or offset != 0 or not L.HEADER.size <= length <= \
+            min(MAX_METADATA, image_size):
         raise P.ProtocolError(f"the first frame must be the image metadata (got type {kind}, "
                               f"{length} bytes at {offset:#x})")
     data = P.recv_exact(sock, length, "the image metadata")
     metadata = ImageMetadata("stream", lambda o, n: data[o:o + n], None)
     if metadata.file_size != image_size or metadata.metadata_size != length:
-        raise P.ProtocolError(f"the metadata describes {metadata.file_size} bytes in "
+        raise P.ProtocolError(f"the metadata describes {metadata.file_size} bytes with "
                               f"{metadata.metadata_size} bytes of metadata; the sender announced "
                               f"{image_size} and sent {length}")
     sink.prepare(metadata)
     return Received(metadata, sink, image_bytes=length)
 
 
-def _receive_frames(sock: socket.socket, received: Received, root_fd: int,
-                    with_files: bool) -> None:
+def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_files: bool,
+                    max_size: int) -> None:
+    """Memory extents in file order, then guest files, then the end frame."""
     expected = _expected_pieces(received.metadata)
     position = 0
     while True:
@@ -119,14 +141,18 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int,
         if kind == P.FRAME_IMAGE:
             if position >= len(expected) or (offset, length) != expected[position][1:]:
                 raise P.ProtocolError(f"unexpected memory frame ({length} bytes at file offset "
-                                      f"{offset:#x}): not one of the image's extents, in order")
+                                      f"{offset:#x}): not the image's next extent")
             received.sink.receive(sock, expected[position][0], offset, length)
             received.image_bytes += length
             position += 1
-        elif kind == P.FRAME_FILE and with_files:
+        elif kind == P.FRAME_FILE and with_files and position == len(expected):
+            if received.total_bytes + length > max_size:
+                raise P.ProtocolError(f"the VM and its files exceed --max-size ({max_size})")
             _receive_file(sock, received, root_fd, length)
             received.file_bytes += length
-        elif kind == P.FRAME_END and length == P.END.size:
+        elif kind == P.FRAME_END:
+            if length != P.END.size:
+                raise P.ProtocolError(f"end frame of {length} bytes (expected {P.END.size})")
             digest, sent = P.END.unpack(P.recv_exact(sock, P.END.size, "the end frame"))
             if position != len(expected):
                 raise P.ProtocolError(f"the stream ended after {position} of {len(expected)} "
@@ -135,7 +161,7 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int,
                 raise P.ProtocolError("the end frame does not match what was received")
             return
         else:
-            raise P.ProtocolError(f"unexpected frame type {kind} ({length} bytes)")
+            raise P.ProtocolError(f"unexpected frame of type {kind} ({length} bytes) here")
 
 
 def _expected_pieces(metadata: ImageMetadata) -> list[tuple[int, int, int]]:
@@ -145,68 +171,47 @@ def _expected_pieces(metadata: ImageMetadata) -> list[tuple[int, int, int]]:
 
 
 def _receive_file(sock: socket.socket, received: Received, root_fd: int, length: int) -> None:
-    """One guest file into a temporary name beside its final one (kept for commit_files)."""
+    """One guest file into a nameless new file in its directory (named by commit_files)."""
     path_length, mode, size, digest = P.FILE_HEADER.unpack(
         P.recv_exact(sock, P.FILE_HEADER.size, "a file header"))
-    if path_length > 4096 or P.FILE_HEADER.size + path_length + size != length \
+    if path_length > MAX_PATH or P.FILE_HEADER.size + path_length + size != length \
             or size > P.MAX_FILE_FRAME:
         raise P.ProtocolError(f"file frame of {length} bytes with a {path_length}-byte path "
                               f"and {size} bytes of content does not add up")
     path = os.fsdecode(P.recv_exact(sock, path_length, "a file path"))
-    wanted = {f.path for f in received.metadata.state.vmm.files if f.kind == "file"}
+    wanted = {f.path for f in received.metadata.state.vmm.files if f.kind == FD_FILE}
     if not is_inside_root(path) or path not in wanted \
-            or path in (p for p, _, _ in received.files):
-        raise P.ProtocolError(f"file {path!r} is not one of the guest's open files inside "
-                              "the root (or came twice)")
+            or path in (f.path for f in received.files):
+        raise P.ProtocolError(f"file {path!r} is not one of the guest's open files inside the "
+                              "root (or came twice)")
     directory, name = os.path.split(path)
-    temporary = f".{name}.vmstate-receive"
     dir_fd = open_directory_beneath(root_fd, directory, create=True)
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, mode & 0o7777 or 0o644, dir_fd=dir_fd)
-        received.files.append((path, mode, temporary))     # discarded on any failure
-        try:
-            hasher, buffer = xxhash.xxh3_64(), bytearray(min(size, P.CHUNK))
-            remaining = size
-            while remaining:
-                view = memoryview(buffer)[:min(remaining, len(buffer))]
-                P.recv_exact_into(sock, view, f"file {path!r}")
-                hasher.update(view)
-                pwrite_all(fd, view, size - remaining)
-                remaining -= len(view)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        pending = PendingFile(directory or ".", name, mode & FILE_MODE_BITS or 0o644, dir_fd)
     finally:
         os.close(dir_fd)
+    received.files.append(ReceivedFile(path, pending))     # discarded on any failure
+    hasher, buffer = xxhash.xxh3_64(), bytearray(min(size, P.CHUNK))
+    written = 0
+    while written < size:
+        view = memoryview(buffer)[:min(size - written, len(buffer))]
+        P.recv_exact_into(sock, view, f"file {path!r}")
+        hasher.update(view)
+        pwrite_all(pending.fd, view, written)
+        written += len(view)
     if hasher.intdigest() != digest:
         raise P.ProtocolError(f"file {path!r} does not match its checksum: corrupted in transit")
 
 
-def _remove_beneath(root_fd: int, directory: str, name: str) -> None:
-    dir_fd = open_directory_beneath(root_fd, directory, create=False)
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(dir_fd)
+def commit_files(received: Received) -> None:
+    """Give the received files their names (each rename replaces its file atomically)."""
+    for received_file in received.files:
+        received_file.pending.commit(os.path.basename(received_file.path))
 
 
-def commit_files(received: Received, root_fd: int) -> None:
-    """Move the received files into place (each rename is atomic)."""
-    for path, _, temporary in received.files:
-        directory, name = os.path.split(path)
-        dir_fd = open_directory_beneath(root_fd, directory, create=False)
-        try:
-            os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def discard_files(received: Received, root_fd: int) -> None:
-    for path, _, temporary in received.files:
-        _remove_beneath(root_fd, os.path.dirname(path), temporary)
+def discard_files(received: Received) -> None:
+    for received_file in received.files:
+        received_file.pending.discard()
 
 
 def verify_extents(metadata: ImageMetadata, region_views: list[memoryview]) -> None:
@@ -226,6 +231,8 @@ class ImageFileSink:
     """Received memory goes into a new image file with no name yet; it becomes `output`
     only after the whole file has been checked like any image."""
 
+    STAGING = 16 << 20
+
     def __init__(self, output: str):
         self.output = output
         self.file: PendingFile | None = None
@@ -236,12 +243,13 @@ class ImageFileSink:
                                 os.path.basename(self.output))
         os.ftruncate(self.file.fd, metadata.file_size)
         pwrite_all(self.file.fd, metadata.metadata(), 0)
-        self._staging = mmap.mmap(-1, P.MAX_FRAME)     # page-aligned, so O_DIRECT can write it
+        self._staging = mmap.mmap(-1, self.STAGING)   # page-aligned, so O_DIRECT can write it
 
     def receive(self, sock: socket.socket, region: int, offset: int, length: int) -> None:
-        view = memoryview(self._staging)[:length]
-        P.recv_exact_into(sock, view, f"memory at file offset {offset:#x}")
-        write_memory(self.file.fd, [MemoryPiece(offset, view)])
+        for start in range(0, length, self.STAGING):
+            view = memoryview(self._staging)[:min(self.STAGING, length - start)]
+            P.recv_exact_into(sock, view, f"memory at file offset {offset + start:#x}")
+            write_memory(self.file.fd, [MemoryPiece(offset + start, view)])
 
     def verify(self) -> None:
         with Image(f"/proc/self/fd/{self.file.fd}") as image:
@@ -249,7 +257,7 @@ class ImageFileSink:
             image.verify_memory()
 
     def keep(self) -> str:
-        self.file.commit(self.output)
+        self.file.commit(os.path.basename(self.output))
         self._release_staging()
         return self.output
 
@@ -260,52 +268,90 @@ class ImageFileSink:
 
     def _release_staging(self) -> None:
         if self._staging is not None:
-            self._staging.close()
+            close_mapping(self._staging)
             self._staging = None
 
 
-def serve(bind: str, port: int, handle, once: bool, log=sys.stderr) -> int:
-    """Accept senders one at a time; `handle(connection, peer)` receives and keeps one VM.
-    A failure is logged in one line and the next sender is served (unless `once`)."""
-    listener = socket.create_server((bind, port), reuse_port=False)
+class Connection:
+    """One sender's connection, as the serve loop hands it to a handler."""
+
+    def __init__(self, sock: socket.socket, peer):
+        self.sock, self.peer = sock, f"{peer[0]}:{peer[1]}"
+        self.acknowledged = False
+
+    def acknowledge(self, message: str) -> None:
+        """The final reply: the VM is verified and kept. Nothing is sent after it."""
+        P.send_reply(self.sock, P.STATUS_OK, message)
+        self.acknowledged = True
+
+    def fail(self, reason: str) -> None:
+        """Tell the sender why, then read what it is still sending, so that the reply is not
+        lost to a connection reset."""
+        try:
+            P.send_reply(self.sock, P.STATUS_FAILED, reason)
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + DRAIN_TIME
+            self.sock.settimeout(1.0)
+            while time.monotonic() < deadline and self.sock.recv(P.CHUNK):
+                pass
+        except OSError:
+            pass
+
+
+def serve(bind: str, port: int, handle: Callable[[Connection], None], once: bool,
+          log=sys.stderr) -> int:
+    """Take senders one at a time; `handle` receives and keeps one VM. The port is closed
+    while a VM is handled (other senders retry), and reopened for the next one. A failure is
+    logged in one line and the next sender is served (unless `once`). Returns the failures."""
     print(f"Waiting for VM image on port {port}...", file=log, flush=True)
     failures = 0
-    with listener:
-        while True:
-            connection, peer = listener.accept()
-            connection.settimeout(IDLE_TIMEOUT)
-            with connection:
-                try:
-                    handle(connection, peer)
-                except (VmstateError, OSError) as e:
-                    failures += 1
-                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                    print(f"vmstate: receive: rejected VM from {peer[0]}:{peer[1]}: {reason}",
+    while True:
+        with socket.create_server((bind, port)) as listener:
+            sock, peer = listener.accept()
+        with sock:
+            sock.settimeout(IDLE_TIMEOUT)
+            connection = Connection(sock, peer)
+            try:
+                handle(connection)
+            except Exception as e:          # whatever a hostile stream triggers: log, go on
+                failures += 1
+                reason = _reason(e)
+                if connection.acknowledged:
+                    print(f"vmstate: receive: the VM from {connection.peer} failed after it was "
+                          f"accepted: {reason}", file=log, flush=True)
+                else:
+                    print(f"vmstate: receive: rejected VM from {connection.peer}: {reason}",
                           file=log, flush=True)
-                    try:
-                        P.send_reply(connection, P.STATUS_FAILED, reason)
-                    except OSError:
-                        pass
-            if once:
-                return failures
+                    if not isinstance(e, Refused):
+                        connection.fail(reason)
+        if once:
+            return failures
 
 
-def store_received(connection: socket.socket, root: str, output: str, max_size: int,
+def _reason(error: Exception) -> str:
+    if isinstance(error, VmstateError):
+        return str(error)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"{type(error).__name__}: {error}"
+
+
+def store_received(connection: Connection, root: str, output: str, max_size: int,
                    log=sys.stderr) -> str:
     """Receive one VM into `output` (an image file), after checking all of it."""
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     sink = ImageFileSink(output)
     try:
-        received = receive_vm(connection, sink, root_fd, max_size)
+        received = receive_vm(connection.sock, sink, root_fd, max_size)
         print(f"Received {received.total_bytes} bytes", file=log, flush=True)
         try:
-            commit_files(received, root_fd)
             where = sink.keep()
+            commit_files(received)
         except BaseException:
             sink.discard()
-            discard_files(received, root_fd)
+            discard_files(received)
             raise
     finally:
         os.close(root_fd)
-    P.send_reply(connection, P.STATUS_OK, f"VM verified and stored as {where}")
+    connection.acknowledge(f"VM verified and stored as {where}")
     return where

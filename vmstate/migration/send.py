@@ -69,7 +69,7 @@ def send_vm(sock: socket.socket, plan: ImagePlan, files: list[GuestFile]) -> str
     try:
         flags = P.FLAG_WITH_FILES if files else 0
         sock.sendall(P.HELLO.pack(P.MAGIC, P.VERSION_MAJOR, P.VERSION_MINOR, P.VERSION_MAJOR,
-                                  P.VERSION_MINOR, flags, plan.file_size))
+                                  P.VERSION_MINOR, flags, plan.file_size, 0))
         status, message = P.recv_reply(sock)
         if status != P.STATUS_OK:
             raise MigrationFailed(f"the receiver refused the VM: {message}")
@@ -80,12 +80,26 @@ def send_vm(sock: socket.socket, plan: ImagePlan, files: list[GuestFile]) -> str
             _send_file(sock, f)
         sent = len(plan.metadata) + plan.memory_bytes
         P.send_frame(sock, P.FRAME_END, 0, P.END.pack(checksum(plan.metadata), sent))
+    except OSError as e:
+        raise MigrationFailed(_early_reply(sock) or f"connection lost: {e.strerror or e}") \
+            from None
+    try:
         status, message = P.recv_reply(sock)
     except OSError as e:
-        raise MigrationFailed(f"connection lost: {e.strerror or e}") from None
+        raise MigrationFailed(f"no answer from the receiver: {e.strerror or e}") from None
     if status != P.STATUS_OK:
         raise MigrationFailed(f"the receiver rejected the VM: {message}")
     return message
+
+
+def _early_reply(sock: socket.socket) -> str | None:
+    """The reason a receiver gave before it stopped reading, if it got through."""
+    try:
+        sock.settimeout(2.0)
+        status, message = P.recv_reply(sock)
+        return f"the receiver rejected the VM: {message}" if status != P.STATUS_OK else None
+    except (OSError, P.ProtocolError):
+        return None
 
 
 def _send_file(sock: socket.socket, f: GuestFile) -> None:

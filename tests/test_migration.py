@@ -1,0 +1,370 @@
+"""Cold migration between two VMM processes over real TCP sockets: the lab flow, retries,
+and a hostile or broken stream on either side (nothing half-written, nothing started, the
+receiver goes on serving, the sender's VM state survives)."""
+
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+
+from vmstate.migration import protocol as P
+
+pytestmark = pytest.mark.kvm
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Receiver:
+    def __init__(self, vmstate_cmd, cwd, *args, netns=None):
+        self.port = free_port()
+        command = [vmstate_cmd, "receive", "--port", str(self.port), *map(str, args)]
+        if netns is None:
+            command += ["--bind", "127.0.0.1"]
+        else:
+            command = ["ip", "netns", "exec", netns] + command
+        self.process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+        self.log = [self.process.stderr.readline().decode()]
+        assert self.log[0] == f"Waiting for VM image on port {self.port}...\n", self.log
+
+    def read_log_until(self, text: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.process.stderr], [], [], 0.2)
+            if not ready:
+                continue
+            line = self.process.stderr.readline().decode()
+            if not line:
+                break
+            self.log.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not in receiver log {self.log}")
+
+    def bytes_stored(self) -> int:
+        return bytes_stored(self.process.pid)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def receivers(vmstate_cmd):
+    started = []
+
+    def start(cwd, *args, netns=None):
+        receiver = Receiver(vmstate_cmd, cwd, *args, netns=netns)
+        started.append(receiver)
+        return receiver
+    yield start
+    for receiver in started:
+        receiver.stop()
+
+
+@pytest.fixture
+def two_dirs(tmp_path):
+    sender, receiver = tmp_path / "sender", tmp_path / "receiver"
+    sender.mkdir()
+    receiver.mkdir()
+    return sender, receiver
+
+
+def test_lab_flow_across_two_processes(vmstate, example, receivers, two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", sender_dir)
+    sent = vmstate("run", "--migrate-to", f"127.0.0.1:{receiver.port}", example("lab_app"),
+                   cwd=sender_dir)
+    assert sent.returncode == 0, sent.stderr
+    assert f"VM migrated to 127.0.0.1:{receiver.port}: VM verified and started" in \
+        sent.stderr.decode()
+    assert receiver.process.wait(timeout=60) == 0
+    receiver.read_log_until("ended: exit status 0")
+    assert any(line.startswith("Received ") and line.endswith(" bytes\n") for line in receiver.log)
+    assert (sender_dir / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
+    assert sorted(p.name for p in sender_dir.iterdir()) == ["ay_caramba.txt"]   # no image
+
+
+def test_with_files_the_receiver_needs_nothing_from_the_sender(vmstate, example, receivers,
+                                                               two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir)
+    sent = vmstate("run", "--with-files", "--migrate-to", f"127.0.0.1:{receiver.port}",
+                   example("lab_app"), cwd=sender_dir)
+    assert sent.returncode == 0, sent.stderr
+    assert receiver.process.wait(timeout=60) == 0
+    assert (receiver_dir / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
+    assert (sender_dir / "ay_caramba.txt").read_bytes() == b"Hello World !!!\n"
+
+
+def test_send_an_image_and_store_it(vmstate, example, receivers, two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    assert vmstate("run", example("sse_keeper"), cwd=sender_dir).returncode == 0
+    receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
+    sent = vmstate("send", "vm_image.sav", f"127.0.0.1:{receiver.port}", cwd=sender_dir)
+    assert sent.returncode == 0, sent.stderr
+    assert receiver.process.wait(timeout=60) == 0
+    assert (receiver_dir / "got.sav").read_bytes() == (sender_dir / "vm_image.sav").read_bytes()
+    restored = vmstate("restore", "got.sav", cwd=receiver_dir)
+    assert b"save returned 0" in restored.stdout
+
+
+def test_sender_retries_until_the_receiver_listens(vmstate_cmd, example, two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    port = free_port()
+    sender = subprocess.Popen([vmstate_cmd, "run", "--migrate-to", f"127.0.0.1:{port}",
+                               example("lab_app")], cwd=sender_dir, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    time.sleep(2.5)
+    receiver = subprocess.Popen([vmstate_cmd, "receive", "--bind", "127.0.0.1", "--port",
+                                 str(port), "--root", sender_dir, "--run", "--once"],
+                                cwd=receiver_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = sender.communicate(timeout=60)
+    receiver.communicate(timeout=60)
+    assert sender.returncode == 0, err
+    assert err.decode().count("connect failed, retry in 1 second...") >= 2
+    assert (sender_dir / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
+
+
+def test_unreachable_receiver_leaves_the_state_in_a_local_image(vmstate, example, two_dirs):
+    sender_dir, _ = two_dirs
+    sent = vmstate("run", "--connect-timeout", "2", "--migrate-to", f"127.0.0.1:{free_port()}",
+                   example("lab_app"), cwd=sender_dir)
+    assert sent.returncode == 125
+    *retries, message = sent.stderr.decode().splitlines()
+    assert retries and set(retries) == {"connect failed, retry in 1 second..."}
+    assert message.startswith("vmstate: migration failed (cannot connect to 127.0.0.1:")
+    assert "the VM was saved to vm_image.sav instead" in message
+    assert vmstate("restore", "vm_image.sav", cwd=sender_dir).returncode == 0
+    assert (sender_dir / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
+
+
+# -- hostile streams: the receiver rejects each, keeps nothing, and serves the next -------------
+
+def _hello(image_size=1 << 20, lo=(1, 0), hi=(1, 0), magic=P.MAGIC, flags=0):
+    return P.HELLO.pack(magic, *lo, *hi, flags, image_size, 0)
+
+
+def _raw_sender(port, *chunks, read_reply=True):
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        replies = []
+        for chunk in chunks:
+            sock.sendall(chunk)
+            if read_reply and chunk is chunks[0]:
+                replies.append(P.recv_reply(sock))
+        return replies
+
+
+def _lab_image_bytes(vmstate, example, directory):
+    assert vmstate("run", example("lab_app"), cwd=directory).returncode == 0
+    return (directory / "vm_image.sav").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["bad magic", "newer version", "too large", "wrong length",
+                                  "wrong offset", "truncated", "corrupted byte",
+                                  "path outside root", "dropped after hello"])
+def test_hostile_stream_is_rejected_and_the_receiver_goes_on(vmstate, example, receivers,
+                                                             two_dirs, case):
+    sender_dir, receiver_dir = two_dirs
+    image = _lab_image_bytes(vmstate, example, sender_dir)
+    from vmstate.image.reader import open_image
+    with open_image(str(sender_dir / "vm_image.sav")) as img:
+        metadata = img.metadata()
+        extents = [(d.data_offset + e.first_page * 4096, e.page_count * 4096)
+                   for d in img.region_data for e in d.extents]
+    receiver = receivers(receiver_dir, "-o", "got.sav", "--max-size", "100M")
+    port = receiver.port
+    frame = lambda kind, offset, payload: P.FRAME.pack(kind, 0, 0, offset, len(payload)) + payload
+    memory = b"".join(frame(P.FRAME_IMAGE, off, image[off:off + n]) for off, n in extents)
+    end = frame(P.FRAME_END, 0, P.END.pack(__import__("xxhash").xxh3_64_intdigest(metadata),
+                                           len(metadata) + sum(n for _, n in extents)))
+    good_hello = _hello(len(image))
+    expected = {
+        "bad magic": ("bad magic", lambda: _raw_sender(port, _hello(magic=b"NOTVMST\0"))),
+        "newer version": ("speaks protocol 2.0-2.0",
+                          lambda: _raw_sender(port, _hello(lo=(2, 0), hi=(2, 0)))),
+        "too large": ("larger than --max-size", lambda: _raw_sender(port, _hello(200 << 20))),
+        "wrong length": ("section table runs past the end",
+                         lambda: _raw_sender(port, good_hello,
+                                             frame(P.FRAME_IMAGE, 0, metadata[:100]))),
+        "wrong offset": ("not the image's next extent",
+                         lambda: _raw_sender(port, good_hello, frame(P.FRAME_IMAGE, 0, metadata),
+                                             frame(P.FRAME_IMAGE, extents[0][0] + 4096,
+                                                   b"x" * 4096))),
+        "truncated": ("truncated stream",
+                      lambda: _raw_sender(port, good_hello, frame(P.FRAME_IMAGE, 0, metadata),
+                                          memory[:len(memory) // 2])),
+        "corrupted byte": ("fails its checksum",
+                           lambda: _raw_sender(port, good_hello, frame(P.FRAME_IMAGE, 0, metadata),
+                                               bytes([memory[0] ^ 0])
+                                               + memory[1:500] + bytes([memory[500] ^ 1])
+                                               + memory[501:], end)),
+        "path outside root": ("not one of the guest's open files",
+                              lambda: _raw_sender(port, _hello(len(image), flags=P.FLAG_WITH_FILES),
+                                                  frame(P.FRAME_IMAGE, 0, metadata), memory,
+                                                  frame(P.FRAME_FILE, 0,
+                                                        P.FILE_HEADER.pack(9, 0o644, 1, 0)
+                                                        + b"../escape" + b"x"))),
+        "dropped after hello": ("truncated stream", lambda: _raw_sender(port, good_hello)),
+    }
+    reason, attack = expected[case]
+    try:
+        attack()
+    except (ConnectionError, OSError, P.ProtocolError):
+        pass                                      # the receiver may hang up on us
+    line = receiver.read_log_until("rejected VM from 127.0.0.1")
+    assert reason in line, line
+    assert sorted(p.name for p in receiver_dir.iterdir()) == []
+    assert not (sender_dir.parent / "escape").exists()
+    # ...and the same receiver takes the next, honest sender.
+    sent = vmstate("send", "vm_image.sav", f"127.0.0.1:{port}", cwd=sender_dir)
+    assert sent.returncode == 0, sent.stderr
+    receiver.read_log_until("Received")
+    time.sleep(0.2)
+    assert (receiver_dir / "got.sav").read_bytes() == image
+
+
+def test_receiver_killed_mid_transfer(vmstate_cmd, vmstate, example, receivers, two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
+    sender = subprocess.Popen([vmstate_cmd, "run", "--memory", "2G", "--migrate-to",
+                               f"127.0.0.1:{receiver.port}", example("fill_memory"), "1500"],
+                              cwd=sender_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _kill_when_transferring(receiver, receiver.process)
+    _, err = sender.communicate(timeout=120)
+    assert sender.returncode == 125
+    assert "the VM was saved to vm_image.sav instead" in err.decode()
+    assert sorted(p.name for p in receiver_dir.iterdir()) == []     # no half image
+    restored = vmstate("restore", "vm_image.sav", cwd=sender_dir, timeout=120)
+    assert restored.stdout == b"1500 MiB intact after restore\n"
+
+
+def test_sender_killed_mid_transfer(vmstate_cmd, vmstate, example, receivers, two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    assert vmstate("run", "--memory", "2G", example("fill_memory"), "1500",
+                   cwd=sender_dir).returncode == 0
+    image = sender_dir / "vm_image.sav"
+    size_before = image.stat().st_size
+    receiver = receivers(receiver_dir, "-o", "got.sav")
+    sender = subprocess.Popen([vmstate_cmd, "send", "vm_image.sav", f"127.0.0.1:{receiver.port}"],
+                              cwd=sender_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _kill_when_transferring(receiver, sender)
+    receiver.read_log_until("rejected VM from 127.0.0.1")
+    assert sorted(p.name for p in receiver_dir.iterdir()) == []
+    assert image.stat().st_size == size_before
+    resent = vmstate("send", "vm_image.sav", f"127.0.0.1:{receiver.port}", cwd=sender_dir,
+                     timeout=120)
+    assert resent.returncode == 0, resent.stderr
+
+
+def bytes_stored(pid: int) -> int:
+    """The most disk any regular file the process holds open takes (its image being received
+    has no name yet, but it is open)."""
+    most = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            most = max(most, st.st_blocks * 512)
+    return most
+
+
+def _kill_when_transferring(receiver, victim, threshold=200 << 20, timeout=90):
+    """SIGKILL `victim` once the receiver has stored `threshold` bytes of the VM."""
+    deadline = time.monotonic() + timeout
+    while receiver.bytes_stored() < threshold:
+        assert time.monotonic() < deadline, "the transfer never started"
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+
+
+# -- two hosts: network namespaces joined by a veth pair ---------------------------------------
+
+@pytest.fixture
+def namespaces():
+    if os.geteuid() != 0:
+        pytest.skip("creating network namespaces needs root")
+    tag = f"vms{os.getpid() % 100000}"
+    a, b = f"{tag}a", f"{tag}b"
+    commands = [
+        ["ip", "netns", "add", a], ["ip", "netns", "add", b],
+        ["ip", "link", "add", f"{tag}x", "netns", a, "type", "veth", "peer", "name", f"{tag}y",
+         "netns", b],
+        ["ip", "-n", a, "addr", "add", "10.231.0.1/24", "dev", f"{tag}x"],
+        ["ip", "-n", b, "addr", "add", "10.231.0.2/24", "dev", f"{tag}y"],
+        ["ip", "-n", a, "link", "set", f"{tag}x", "up"], ["ip", "-n", b, "link", "set", f"{tag}y", "up"],
+        ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"]]
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            for ns in (a, b):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            pytest.skip(f"cannot set up network namespaces here: {' '.join(command)}: "
+                        f"{result.stderr.strip()}")
+    yield a, b
+    for ns in (a, b):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_lab_flow_between_two_network_namespaces_with_files(vmstate_cmd, example, receivers,
+                                                            two_dirs, namespaces):
+    ns_sender, ns_receiver = namespaces
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir,
+                         netns=ns_receiver)
+    sent = subprocess.run(["ip", "netns", "exec", ns_sender, vmstate_cmd, "run", "--with-files",
+                           "--migrate-to", f"10.231.0.2:{receiver.port}", example("lab_app")],
+                          cwd=sender_dir, capture_output=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    assert receiver.process.wait(timeout=60) == 0
+    assert (receiver_dir / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
+    assert (sender_dir / "ay_caramba.txt").read_bytes() == b"Hello World !!!\n"
+    unreachable = subprocess.run(["ip", "netns", "exec", ns_sender, "python3", "-c",
+                                  "import socket; socket.create_connection(('127.0.0.1', "
+                                  f"{receiver.port}), timeout=2)"], capture_output=True)
+    assert unreachable.returncode != 0          # the receiver really is on another "host"
+
+
+def test_file_modes_from_a_peer_lose_set_id_bits(vmstate, example, receivers, two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    image = _lab_image_bytes(vmstate, example, sender_dir)
+    from vmstate.image.reader import open_image
+    with open_image(str(sender_dir / "vm_image.sav")) as img:
+        metadata = img.metadata()
+        extents = [(d.data_offset + e.first_page * 4096, e.page_count * 4096)
+                   for d in img.region_data for e in d.extents]
+    receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
+    frame = lambda kind, offset, payload: P.FRAME.pack(kind, 0, 0, offset, len(payload)) + payload
+    content = b"Hello World !!!\n"
+    import xxhash
+    file_frame = frame(P.FRAME_FILE, 0, P.FILE_HEADER.pack(14, 0o6777, len(content),
+                                                           xxhash.xxh3_64_intdigest(content))
+                       + b"ay_caramba.txt" + content)
+    end = frame(P.FRAME_END, 0, P.END.pack(xxhash.xxh3_64_intdigest(metadata),
+                                           len(metadata) + sum(n for _, n in extents)))
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as sock:
+        sock.sendall(_hello(len(image), flags=P.FLAG_WITH_FILES))
+        assert P.recv_reply(sock)[0] == P.STATUS_OK
+        sock.sendall(frame(P.FRAME_IMAGE, 0, metadata)
+                     + b"".join(frame(P.FRAME_IMAGE, o, image[o:o + n]) for o, n in extents)
+                     + file_frame + end)
+        assert P.recv_reply(sock) == (P.STATUS_OK, "VM verified and stored as got.sav")
+    received = receiver_dir / "ay_caramba.txt"
+    assert received.read_bytes() == content
+    mode = stat.S_IMODE(received.stat().st_mode)
+    assert mode & 0o7000 == 0 and mode & 0o700 == 0o700       # no set-id bits; umask applies
