@@ -13,6 +13,7 @@ import mmap
 import os
 from dataclasses import dataclass
 
+from vmstate.fd import FdOwner
 from vmstate.mapping import close_mapping
 
 from . import abi
@@ -106,20 +107,9 @@ def _ioctl(fd: int, request: int, arg=0, what: str = "") -> int:
         raise KvmIoctlError(f"{what or hex(request)} failed: {os.strerror(e.errno)}") from e
 
 
-class _Fd:
+class _Fd(FdOwner):
     def __init__(self, fd: int):
         self.fd = fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class Kvm(_Fd):

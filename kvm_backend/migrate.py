@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from vmstate.errors import VmstateError
+from vmstate.errors import VmstateError, describe_error
 from vmstate.image.reader import ImageMetadata
 from vmstate.image.writer import plan_image, write_image
 from vmstate.migration import protocol as P
@@ -37,8 +37,8 @@ def migrate_to(address: tuple[str, int], connect_timeout: float, with_files: boo
                 for f in files:
                     os.close(f.host_fd)
             return f"migrated to {address[0]}:{address[1]}: {message}"
-        except (VmstateError, OSError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        except (Exception, KeyboardInterrupt) as e:     # whatever happened, keep the VM
+            reason = describe_error(e)
         try:
             write_image(fallback_image, state, region_views)
         except VmstateError as e:

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+import xxhash
 
 from vmstate.migration import protocol as P
 
@@ -32,7 +33,7 @@ class Receiver:
         else:
             command = ["ip", "netns", "exec", netns] + command
         self.process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE)
+                                        stderr=subprocess.PIPE, bufsize=0)  # select-safe
         self.log = [self.process.stderr.readline().decode()]
         assert self.log[0] == f"Waiting for VM image on port {self.port}...\n", self.log
 
@@ -167,9 +168,24 @@ def _raw_sender(port, *chunks, read_reply=True):
         return replies
 
 
-def _lab_image_bytes(vmstate, example, directory):
+def _frame(kind, offset, payload):
+    return P.FRAME.pack(kind, 0, 0, offset, len(payload)) + payload
+
+
+def _lab_stream(vmstate, example, directory):
+    """A saved lab VM as the frames an honest sender would send: (image bytes, metadata
+    frame, memory frames, end frame)."""
+    from vmstate.image.reader import open_image
     assert vmstate("run", example("lab_app"), cwd=directory).returncode == 0
-    return (directory / "vm_image.sav").read_bytes()
+    image = (directory / "vm_image.sav").read_bytes()
+    with open_image(str(directory / "vm_image.sav")) as img:
+        metadata = img.metadata()
+        extents = [(d.data_offset + e.first_page * 4096, e.page_count * 4096)
+                   for d in img.region_data for e in d.extents]
+    memory = b"".join(_frame(P.FRAME_IMAGE, off, image[off:off + n]) for off, n in extents)
+    end = _frame(P.FRAME_END, 0, P.END.pack(xxhash.xxh3_64_intdigest(metadata),
+                                            len(metadata) + sum(n for _, n in extents)))
+    return image, metadata, extents, memory, end
 
 
 @pytest.mark.parametrize("case", ["bad magic", "newer version", "too large", "wrong length",
@@ -178,18 +194,10 @@ def _lab_image_bytes(vmstate, example, directory):
 def test_hostile_stream_is_rejected_and_the_receiver_goes_on(vmstate, example, receivers,
                                                              two_dirs, case):
     sender_dir, receiver_dir = two_dirs
-    image = _lab_image_bytes(vmstate, example, sender_dir)
-    from vmstate.image.reader import open_image
-    with open_image(str(sender_dir / "vm_image.sav")) as img:
-        metadata = img.metadata()
-        extents = [(d.data_offset + e.first_page * 4096, e.page_count * 4096)
-                   for d in img.region_data for e in d.extents]
+    image, metadata, extents, memory, end = _lab_stream(vmstate, example, sender_dir)
     receiver = receivers(receiver_dir, "-o", "got.sav", "--max-size", "100M")
     port = receiver.port
-    frame = lambda kind, offset, payload: P.FRAME.pack(kind, 0, 0, offset, len(payload)) + payload
-    memory = b"".join(frame(P.FRAME_IMAGE, off, image[off:off + n]) for off, n in extents)
-    end = frame(P.FRAME_END, 0, P.END.pack(__import__("xxhash").xxh3_64_intdigest(metadata),
-                                           len(metadata) + sum(n for _, n in extents)))
+    frame = _frame
     good_hello = _hello(len(image))
     expected = {
         "bad magic": ("bad magic", lambda: _raw_sender(port, _hello(magic=b"NOTVMST\0"))),
@@ -342,27 +350,16 @@ def test_lab_flow_between_two_network_namespaces_with_files(vmstate_cmd, example
 
 def test_file_modes_from_a_peer_lose_set_id_bits(vmstate, example, receivers, two_dirs):
     sender_dir, receiver_dir = two_dirs
-    image = _lab_image_bytes(vmstate, example, sender_dir)
-    from vmstate.image.reader import open_image
-    with open_image(str(sender_dir / "vm_image.sav")) as img:
-        metadata = img.metadata()
-        extents = [(d.data_offset + e.first_page * 4096, e.page_count * 4096)
-                   for d in img.region_data for e in d.extents]
+    image, metadata, _, memory, end = _lab_stream(vmstate, example, sender_dir)
     receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
-    frame = lambda kind, offset, payload: P.FRAME.pack(kind, 0, 0, offset, len(payload)) + payload
     content = b"Hello World !!!\n"
-    import xxhash
-    file_frame = frame(P.FRAME_FILE, 0, P.FILE_HEADER.pack(14, 0o6777, len(content),
-                                                           xxhash.xxh3_64_intdigest(content))
-                       + b"ay_caramba.txt" + content)
-    end = frame(P.FRAME_END, 0, P.END.pack(xxhash.xxh3_64_intdigest(metadata),
-                                           len(metadata) + sum(n for _, n in extents)))
+    file_frame = _frame(P.FRAME_FILE, 0, P.FILE_HEADER.pack(14, 0o6777, len(content),
+                                                            xxhash.xxh3_64_intdigest(content))
+                        + b"ay_caramba.txt" + content)
     with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as sock:
         sock.sendall(_hello(len(image), flags=P.FLAG_WITH_FILES))
         assert P.recv_reply(sock)[0] == P.STATUS_OK
-        sock.sendall(frame(P.FRAME_IMAGE, 0, metadata)
-                     + b"".join(frame(P.FRAME_IMAGE, o, image[o:o + n]) for o, n in extents)
-                     + file_frame + end)
+        sock.sendall(_frame(P.FRAME_IMAGE, 0, metadata) + memory + file_frame + end)
         assert P.recv_reply(sock) == (P.STATUS_OK, "VM verified and stored as got.sav")
     received = receiver_dir / "ay_caramba.txt"
     assert received.read_bytes() == content

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from . import elf, xsave
 from .atomic import atomic_output
 from .errors import FormatError, VmstateError
+from .fd import FdOwner
 from .image.reader import Image, ImageMetadata
 from .image.writer import MemoryPiece, pwrite_all, write_memory
 from .paging import Mapping, PageTables
@@ -200,7 +201,7 @@ def write_core(path: str, image: Image, progress=None) -> CoreLayout:
 
 # -- reading (join) ------------------------------------------------------------------------------
 
-class Core:
+class Core(FdOwner):
     """A vmstate core file opened for join: its segments, and the source image's metadata."""
 
     def __init__(self, path: str):
@@ -218,17 +219,6 @@ class Core:
         except BaseException:
             os.close(self.fd)
             raise
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _error(self, message: str, offset: int) -> CoreError:
         return CoreError(message, f"{self.path}: offset {offset:#x}")

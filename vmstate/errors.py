@@ -44,3 +44,12 @@ class ImageError(FormatError):
 
 class RestoreError(VmstateError):
     pass
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for any exception: ours say what and where; system errors keep their path."""
+    if isinstance(error, VmstateError):
+        return str(error)
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return f"{type(error).__name__}: {error}"

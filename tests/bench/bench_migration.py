@@ -8,7 +8,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..errors import FileMissingError, ImageError
+from ..fd import FdOwner
 from ..mapping import close_mapping, prefetch
 from ..pages import merge_runs
 from ..sparse import nonzero_pages_outside
@@ -283,7 +284,7 @@ class ImageMetadata:
 
 
 
-class Image(ImageMetadata):
+class Image(ImageMetadata, FdOwner):
     """A checked image file. `state` is the VM state; memory stays in the file."""
 
     def __init__(self, path: str):
@@ -305,15 +306,7 @@ class Image(ImageMetadata):
         if self._map is not None:
             close_mapping(self._map)
             self._map = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().close()
 
     def _mapping(self) -> mmap.mmap:
         if self._map is None:

@@ -29,7 +29,6 @@ END = struct.Struct("<QQ")                # XXH3-64 of the image metadata, image
 
 FRAME_IMAGE, FRAME_FILE, FRAME_END = 1, 2, 3
 STATUS_OK, STATUS_REFUSED, STATUS_FAILED = 0, 1, 2
-MAX_FRAME = 64 << 20                      # an image frame carries at most one memory extent
 MAX_FILE_FRAME = 1 << 30
 MAX_REPLY = 4096
 CHUNK = 4 << 20                           # socket reads and writes move this much at a time

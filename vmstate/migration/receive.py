@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 import xxhash
 
 from ..atomic import PendingFile
-from ..errors import ImageError, VmstateError
+from ..errors import ImageError, describe_error
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata, checksum
 from ..image.writer import MemoryPiece, pwrite_all, write_memory
@@ -303,10 +303,10 @@ def serve(bind: str, port: int, handle: Callable[[Connection], None], once: bool
     """Take senders one at a time; `handle` receives and keeps one VM. The port is closed
     while a VM is handled (other senders retry), and reopened for the next one. A failure is
     logged in one line and the next sender is served (unless `once`). Returns the failures."""
-    print(f"Waiting for VM image on port {port}...", file=log, flush=True)
     failures = 0
     while True:
         with socket.create_server((bind, port)) as listener:
+            print(f"Waiting for VM image on port {port}...", file=log, flush=True)
             sock, peer = listener.accept()
         with sock:
             sock.settimeout(IDLE_TIMEOUT)
@@ -315,7 +315,7 @@ def serve(bind: str, port: int, handle: Callable[[Connection], None], once: bool
                 handle(connection)
             except Exception as e:          # whatever a hostile stream triggers: log, go on
                 failures += 1
-                reason = _reason(e)
+                reason = describe_error(e)
                 if connection.acknowledged:
                     print(f"vmstate: receive: the VM from {connection.peer} failed after it was "
                           f"accepted: {reason}", file=log, flush=True)
@@ -326,14 +326,6 @@ def serve(bind: str, port: int, handle: Callable[[Connection], None], once: bool
                         connection.fail(reason)
         if once:
             return failures
-
-
-def _reason(error: Exception) -> str:
-    if isinstance(error, VmstateError):
-        return str(error)
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return f"{type(error).__name__}: {error}"
 
 
 def store_received(connection: Connection, root: str, output: str, max_size: int,
