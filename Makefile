@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider
+	$(BIN)/python -m pytest tests/bench/bench_*.py -s -p no:cacheprovider
 
 clean:
 	$(MAKE) -s -C examples clean

@@ -37,13 +37,6 @@ class kvm_sregs(ctypes.Structure):
                 + [("interrupt_bitmap", u64 * 4)])
 
 
-class kvm_fpu(ctypes.Structure):
-    _fields_ = [
-        ("fpr", (u8 * 16) * 8), ("fcw", u16), ("fsw", u16), ("ftwx", u8), ("pad1", u8),
-        ("last_opcode", u16), ("last_ip", u64), ("last_dp", u64),
-        ("xmm", (u8 * 16) * 16), ("mxcsr", u32), ("pad2", u32)]
-
-
 class kvm_msr_entry(ctypes.Structure):
     _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
 
@@ -109,10 +102,6 @@ class kvm_debugregs(ctypes.Structure):
     _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
 
 
-class kvm_guest_debug(ctypes.Structure):
-    _fields_ = [("control", u32), ("pad", u32), ("debugreg", u64 * 8)]
-
-
 class kvm_mp_state(ctypes.Structure):
     _fields_ = [("mp_state", u32)]
 
@@ -126,11 +115,8 @@ class kvm_dirty_log(ctypes.Structure):
     _fields_ = [("slot", u32), ("padding", u32), ("dirty_bitmap", u64)]
 
 
-class kvm_enable_cap(ctypes.Structure):
-    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
-
-
 XSAVE_LEGACY_SIZE = 4096
+XSAVE_MAX_SIZE = 1 << 16       # far above any CPU's XSAVE size (AMX makes ~11 KiB)
 
 
 def kvm_xsave(size: int = XSAVE_LEGACY_SIZE) -> ctypes.Array:
@@ -185,27 +171,20 @@ class kvm_run(ctypes.Structure):
 
 KVM_SYNC_X86_REGS = 1 << 0
 KVM_SYNC_X86_SREGS = 1 << 1
-KVM_SYNC_X86_EVENTS = 1 << 2
-
-KVM_GUESTDBG_ENABLE = 0x1
-KVM_GUESTDBG_USE_HW_BP = 0x20000
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
 KVM_CAP_SYNC_REGS = 74
 KVM_CAP_XSAVE2 = 208
-KVM_CAP_XCRS = 56
-KVM_CAP_DEBUGREGS = 50
-KVM_CAP_VCPU_EVENTS = 41
 
 KVM_MP_STATE_RUNNABLE = 0
 
 # The ABI pinned against the kernel headers (sizes measured with the C compiler).
 for _struct, _size in (
-        (kvm_regs, 144), (kvm_segment, 24), (kvm_dtable, 16), (kvm_sregs, 312), (kvm_fpu, 416),
+        (kvm_regs, 144), (kvm_segment, 24), (kvm_dtable, 16), (kvm_sregs, 312),
         (kvm_msr_entry, 16), (kvm_cpuid_entry2, 40), (kvm_xcrs, 392), (kvm_vcpu_events, 64),
-        (kvm_debugregs, 128), (kvm_guest_debug, 72), (kvm_userspace_memory_region, 32),
-        (kvm_dirty_log, 16), (kvm_enable_cap, 104), (kvm_mp_state, 4)):
+        (kvm_debugregs, 128), (kvm_userspace_memory_region, 32),
+        (kvm_dirty_log, 16), (kvm_mp_state, 4)):
     assert ctypes.sizeof(_struct) == _size, (_struct.__name__, ctypes.sizeof(_struct), _size)
 assert kvm_run.exit_reason.offset == 8 and kvm_run.exit.offset == 32
 assert kvm_run.kvm_valid_regs.offset == 288 and kvm_run.kvm_dirty_regs.offset == 296

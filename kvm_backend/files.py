@@ -17,6 +17,7 @@ from vmstate.rootfs import normalize_guest_path, open_beneath
 from vmstate.state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT, OpenFile
 
 MAX_GUEST_FDS = 1024
+GUEST_MODE_BITS = 0o777      # a guest never creates set-uid, set-gid or sticky files on the host
 # Flags that only matter when a file is created; a restore reopens without them.
 CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC
 STDIO = {0: (FD_STDIN, 0), 1: (FD_STDOUT, 1), 2: (FD_STDERR, 2)}
@@ -63,15 +64,17 @@ class FileTable:
         return fd
 
     def open(self, path: str, flags: int, mode: int) -> int:
+        if not path:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         recorded = normalize_guest_path(path)
+        mode &= GUEST_MODE_BITS
         host_fd = open_beneath(self.root_fd, recorded, flags, mode)
         try:
             fd = self._lowest_free_fd()
         except OSError:
             os.close(host_fd)
             raise
-        self._files[fd] = GuestFile(OpenFile(fd, FD_FILE, recorded, flags, mode & 0o7777, 0),
-                                    host_fd)
+        self._files[fd] = GuestFile(OpenFile(fd, FD_FILE, recorded, flags, mode, 0), host_fd)
         return fd
 
     def get(self, fd: int) -> GuestFile:
@@ -94,7 +97,11 @@ class FileTable:
             guest_file = self._files[fd]
             offset = 0
             if guest_file.owns_host_fd:
-                offset = os.lseek(guest_file.host_fd, 0, os.SEEK_CUR)
+                try:
+                    offset = os.lseek(guest_file.host_fd, 0, os.SEEK_CUR)
+                except OSError as e:
+                    if e.errno != errno.ESPIPE:      # a FIFO under the root has no offset
+                        raise
             entries.append(replace(guest_file.entry, offset=offset))
         return tuple(entries)
 
@@ -106,7 +113,7 @@ class FileTable:
         try:
             for entry in entries:
                 table._files[entry.fd] = GuestFile(entry, table._reopen_one(entry))
-        except RestoreError:
+        except BaseException:
             table.close_all()
             raise
         return table
@@ -123,5 +130,11 @@ class FileTable:
             reason = ("path is outside the guest root" if e.errno == errno.EACCES
                       else f"cannot be reopened: {e.strerror}")
             raise RestoreError(f"{where}: {reason} (root {self.root})") from None
-        os.lseek(host_fd, entry.offset, os.SEEK_SET)
+        try:
+            os.lseek(host_fd, entry.offset, os.SEEK_SET)
+        except (OSError, OverflowError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ESPIPE and entry.offset == 0:
+                return host_fd                   # a FIFO: there is nothing to seek
+            os.close(host_fd)
+            raise RestoreError(f"{where}: cannot seek to offset {entry.offset}") from None
         return host_fd

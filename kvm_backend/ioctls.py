@@ -59,18 +59,14 @@ KVM_GET_SREGS = _ior(0x83, abi.kvm_sregs)
 KVM_SET_SREGS = _iow(0x84, abi.kvm_sregs)
 KVM_GET_MSRS = _iowr(0x88, _msrs_header)
 KVM_SET_MSRS = _iow(0x89, _msrs_header)
-KVM_GET_FPU = _ior(0x8C, abi.kvm_fpu)
-KVM_SET_FPU = _iow(0x8D, abi.kvm_fpu)
 KVM_SET_CPUID2 = _iow(0x90, _cpuid2_header)
 KVM_GET_CPUID2 = _iowr(0x91, _cpuid2_header)
 KVM_GET_MP_STATE = _ior(0x98, abi.kvm_mp_state)
 KVM_SET_MP_STATE = _iow(0x99, abi.kvm_mp_state)
-KVM_SET_GUEST_DEBUG = _iow(0x9B, abi.kvm_guest_debug)
 KVM_GET_VCPU_EVENTS = _ior(0x9F, abi.kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, abi.kvm_vcpu_events)
 KVM_GET_DEBUGREGS = _ior(0xA1, abi.kvm_debugregs)
 KVM_SET_DEBUGREGS = _iow(0xA2, abi.kvm_debugregs)
-KVM_ENABLE_CAP = _iow(0xA3, abi.kvm_enable_cap)
 KVM_GET_XSAVE = _ior(0xA4, _xsave)
 KVM_SET_XSAVE = _iow(0xA5, _xsave)
 KVM_GET_XCRS = _ior(0xA6, abi.kvm_xcrs)
@@ -80,4 +76,4 @@ KVM_GET_XSAVE2 = _ior(0xCF, _xsave)
 # Spot checks against values printed by the C preprocessor from <linux/kvm.h>.
 assert KVM_RUN == 0xAE80 and KVM_GET_REGS == 0x8090AE81 and KVM_SET_SREGS == 0x4138AE84
 assert KVM_GET_MSRS == 0xC008AE88 and KVM_SET_USER_MEMORY_REGION == 0x4020AE46
-assert KVM_GET_XSAVE == 0x9000AEA4 and KVM_SET_GUEST_DEBUG == 0x4048AE9B
+assert KVM_GET_XSAVE == 0x9000AEA4

@@ -13,6 +13,7 @@ import mmap
 import os
 from dataclasses import dataclass
 
+from vmstate.errors import VmstateError
 from vmstate.fd import FdOwner
 from vmstate.mapping import close_mapping
 
@@ -22,7 +23,7 @@ from .ioctls import (
     KVM_GET_DEBUGREGS, KVM_GET_DIRTY_LOG, KVM_GET_MP_STATE, KVM_GET_MSR_INDEX_LIST, KVM_GET_MSRS,
     KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_SUPPORTED_CPUID, KVM_GET_VCPU_EVENTS,
     KVM_GET_VCPU_MMAP_SIZE, KVM_GET_XCRS, KVM_GET_XSAVE, KVM_GET_XSAVE2, KVM_RUN,
-    KVM_SET_CPUID2, KVM_SET_DEBUGREGS, KVM_SET_GUEST_DEBUG, KVM_SET_MP_STATE, KVM_SET_MSRS,
+    KVM_SET_CPUID2, KVM_SET_DEBUGREGS, KVM_SET_MP_STATE, KVM_SET_MSRS,
     KVM_SET_REGS, KVM_SET_SREGS, KVM_SET_USER_MEMORY_REGION, KVM_SET_VCPU_EVENTS,
     KVM_SET_XCRS, KVM_SET_XSAVE)
 
@@ -33,7 +34,7 @@ class KvmUnavailable(Exception):
     """/dev/kvm is missing, not accessible, or cannot create a VM."""
 
 
-class KvmIoctlError(Exception):
+class KvmIoctlError(VmstateError):
     """An ioctl failed or did less than asked (e.g. KVM_SET_MSRS set fewer MSRs)."""
 
 
@@ -285,6 +286,9 @@ class Vcpu(_Fd):
         return bytes(buf)
 
     def set_xsave(self, data: bytes) -> None:
+        if len(data) % 4 or len(data) > abi.XSAVE_MAX_SIZE:
+            raise KvmIoctlError(f"KVM_SET_XSAVE: an XSAVE area of {len(data)} bytes is not a "
+                                f"whole number of 32-bit words up to {abi.XSAVE_MAX_SIZE}")
         buf = abi.kvm_xsave(max(len(data), abi.XSAVE_LEGACY_SIZE))
         ctypes.memmove(buf, data, len(data))
         _ioctl(self.fd, KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
@@ -322,9 +326,3 @@ class Vcpu(_Fd):
     def get_cpuid(self) -> list[abi.kvm_cpuid_entry2]:
         return _grow_until_fits(lambda n: abi.kvm_cpuid2(n), self.fd, KVM_GET_CPUID2,
                                 "nent", "entries")
-
-    def set_guest_debug(self, control: int, debugregs: list[int]) -> None:
-        dbg = abi.kvm_guest_debug(control=control)
-        for i, value in enumerate(debugregs):
-            dbg.debugreg[i] = value
-        _ioctl(self.fd, KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")

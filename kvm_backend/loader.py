@@ -16,6 +16,7 @@ from elftools.elf.elffile import ELFFile
 from vmstate.errors import FileMissingError, ProgramError
 from vmstate.state import PAGE_SIZE
 
+from .address_space import page_up
 from .machine import USER_START
 from .memory import GuestMemory
 
@@ -45,10 +46,6 @@ class Program:
     @property
     def end(self) -> int:
         return max(s.vaddr + s.mem_size for s in self.segments)
-
-
-def _page_up(value: int) -> int:
-    return (value + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
 def inspect_program(path: str) -> Program:
@@ -135,4 +132,4 @@ def build_stack(memory: GuestMemory, program: Program, argv: list[str], stack_to
 
 
 def heap_start(program: Program) -> int:
-    return _page_up(program.end)
+    return page_up(program.end)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 
 from vmstate import x86
+from vmstate.paging import PTE_P, PTE_PS, PTE_RW, PTE_US
 from vmstate.state import (
     DescriptorTable, PAGE_SIZE, Registers, Segment, SpecialRegisters)
 
@@ -44,7 +45,6 @@ KERNEL_CS, KERNEL_DS, USER_CS32, USER_DS, USER_CS, TSS_SEL = 0x10, 0x18, 0x20, 0
 STAR = (0x20 << 48) | (KERNEL_CS << 32)   # sysret: CS = 0x20+16 | 3, SS = 0x20+8 | 3
 SYSCALL_MASK = 0x47700                    # TF DF IF IOPL NT AC cleared on syscall entry
 
-PTE_P, PTE_RW, PTE_US, PTE_PS = 0x1, 0x2, 0x4, 0x80
 
 CR0 = x86.CR0_PE | x86.CR0_MP | x86.CR0_ET | x86.CR0_NE | x86.CR0_WP | x86.CR0_PG
 CR4 = x86.CR4_PAE | x86.CR4_OSFXSR | x86.CR4_OSXMMEXCPT

@@ -86,7 +86,7 @@ class GuestMemory:
     def user_view(self, addr: int, length: int) -> memoryview:
         """A zero-copy view of guest user memory (for the VMM's writes, mark it written)."""
         self.check(addr, length)
-        return self.view[addr:addr + length] if length else memoryview(b"")
+        return self.view[addr:addr + length] if length else self.view[0:0]   # empty, writable
 
     def write(self, addr: int, data) -> None:
         self.check(addr, len(data))

@@ -47,6 +47,13 @@ class StopRequest:
         """The run loop has stopped the vCPU: stop kicking."""
         self._stopped.set()
 
+    def close(self) -> None:
+        """Stop kicking and release the pipe (the signal watcher, if any, stays for the
+        process: Python has one wakeup fd)."""
+        self.stopped()
+        for fd in (self.cancel_fd, self._cancel_w):
+            os.close(fd)
+
     def on_signals(self, signals: list[signal.Signals]) -> None:
         """Request a stop when any of `signals` arrives (call from the main thread)."""
         if not signals:

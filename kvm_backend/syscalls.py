@@ -114,6 +114,8 @@ class LinuxSyscalls:
             return -errno.EFAULT
         except OSError as e:
             return -(e.errno or errno.EIO)
+        except (OverflowError, ValueError):     # 64-bit values the host call cannot take
+            return -errno.EINVAL
 
     def _trace(self, nr: int, entry: Syscall | None, args, result: int | None) -> None:
         if entry is None:

@@ -3,6 +3,7 @@ loop that services the guest's system calls until it exits, faults or is saved."
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -19,7 +20,7 @@ from . import abi, machine, vcpu_state
 from .address_space import UserAddressSpace
 from .files import FileTable
 from .kvm import HltExit, InterruptedExit, Kvm, KvmUnavailable, MmioExit, ShutdownExit, Vcpu
-from .memory import GuestMemory
+from .memory import GuestFault, GuestMemory
 from .stop import StopRequest
 from .syscalls import CallInterrupted, GuestExit, LinuxSyscalls, SaveRequested
 
@@ -54,13 +55,19 @@ Outcome = Exited | Faulted | Saved
 SaveHandler = Callable[[VmState, list[memoryview]], str]
 
 
+SYNC_REGS = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+
+
 def open_kvm() -> Kvm:
     try:
         kvm = Kvm(os.environ.get(KVM_DEVICE_ENV, "/dev/kvm"))
         kvm.create_vm().close()     # the only reliable probe (CPU flags lie under nesting)
-        return kvm
     except KvmUnavailable as e:
         raise KvmNotAvailableError(f"KVM is not available: {e}") from None
+    if kvm.check_extension(abi.KVM_CAP_SYNC_REGS) & SYNC_REGS != SYNC_REGS:
+        raise KvmNotAvailableError("this KVM cannot share registers through kvm_run "
+                                   "(KVM_CAP_SYNC_REGS), which the VMM needs")
+    return kvm
 
 
 def timing_mark(label: str) -> None:
@@ -87,7 +94,7 @@ class VirtualMachine:
             self.vm.close()
             memory.close()
             raise
-        self.vcpu.run_page.kvm_valid_regs = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+        self.vcpu.run_page.kvm_valid_regs = SYNC_REGS
         self.files: FileTable | None = None
         self.address_space: UserAddressSpace | None = None
         self.program, self.argv = "", ()
@@ -99,6 +106,7 @@ class VirtualMachine:
     def close(self) -> None:
         if self.files is not None:
             self.files.close_all()
+        self.stop.close()
         self.vcpu.close()
         self.vm.close()
         self.memory.close()
@@ -186,7 +194,12 @@ class VirtualMachine:
             self._return_to_user(0)             # after the restore, syscall(400) returns 0
             return self._save(save, pending=None)
         except CallInterrupted:
-            return self._save(save, pending=self._rewind_to_syscall(nr, args))
+            try:
+                pending = self._rewind_to_syscall(nr, args)
+            except GuestFault:            # not a syscall instruction the guest can re-issue:
+                self._return_to_user(-errno.EINTR)      # the call fails as interrupted
+                pending = None
+            return self._save(save, pending=pending)
         self._return_to_user(result)
         return None
 
@@ -202,8 +215,8 @@ class VirtualMachine:
         when it resumes (a blocked read loses no data)."""
         regs = self.vcpu.run_page.s.regs
         rip = regs.rcx - len(SYSCALL_INSTRUCTION)
-        if self.memory.read_phys(rip, 2) != SYSCALL_INSTRUCTION:
-            raise RestoreError(f"no syscall instruction before {regs.rcx:#x}")
+        if self.memory.read(rip, 2) != SYSCALL_INSTRUCTION:
+            raise GuestFault(f"no syscall instruction before {regs.rcx:#x}")
         regs.rax = nr
         self._leave_syscall_entry(rip)
         return PendingCall(nr, args, rip)

@@ -115,7 +115,7 @@ def sample_state(pages: int = 32) -> tuple[VmState, list[bytes]]:
     vcpu = VcpuState(id=0, regs=Registers(rax=1, rip=0x401000, rsp=0x3fff000),
                      sregs=SpecialRegisters(cr0=0x80010033, cr3=0x5000, efer=0x501),
                      msrs=((0xC0000082, 0x4800), (0xC0000081, 0x20001000000000)),
-                     xsave=bytes(range(256)) * 2, xcrs=((0, 1),), mp_state=0,
+                     xsave=bytes(range(256)) * 4, xcrs=((0, 1),), mp_state=0,
                      cpuid=(CpuidEntry(0, eax=0xD), CpuidEntry(1, eax=0xA00F11)))
     vmm = VmmState(program="app", argv=("app", "arg"),
                    files=(OpenFile(0, "stdin", flags=2), OpenFile(3, "file", "dir/data.txt", 0x42,

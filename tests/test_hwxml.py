@@ -231,7 +231,7 @@ def test_pending_call_is_optional():
     ('<st index="3"', '<st index="2"', r'<st index="2"> is out of range or repeated'),
     ('<xmm index="15"', '<xmm index="16"', r"out of range or repeated \(expected xmm 0 to 15"),
     ('<region index="0"', '<region index="1"', "region index 1 is out of order"),
-    ('xsave-rest size="512"', 'xsave-rest size="513"', "holds 512 bytes, size says 513"),
+    ('xsave-rest size="1024"', 'xsave-rest size="1025"', "holds 1024 bytes, size says 1025"),
     ('"base64">\n    ZnJvbSBhIG5ld2VyIHZtc3RhdGU=', '"base64">ZnJvbSBhIG5ld2VyIHZtc3RhdGU',
      "bad base64 in <extra-section>: Incorrect padding"),
     ('"base64">\n    ZnJvbSBhIG5ld2VyIHZtc3RhdGU=', '"base64">ZnJvbSBh*G5ld2VyIHZtc3RhdGU=',

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from strategies import memory_views, sample_state, vm_states
 from vmstate.errors import ImageError, VmstateError
 from vmstate.image import layout as L
-from vmstate.image.reader import open_image
+from vmstate.image.reader import Image
 from vmstate.image.writer import write_image
 from vmstate.state import PAGE_SIZE
 
@@ -27,7 +27,7 @@ def test_write_read_rewrite_is_lossless_and_byte_identical(tmp_path, generated):
     state, contents = generated
     first, second = tmp_path / "first.sav", tmp_path / "second.sav"
     write_image(str(first), state, memory_views(contents))
-    with open_image(str(first)) as image:
+    with Image(str(first)) as image:
         assert image.state == state
         image.verify_memory()
         for index, data in enumerate(contents):
@@ -55,12 +55,12 @@ def _damaged(path, offset, xor=None, size=None):
 
 
 def _open_and_verify(path):
-    with open_image(str(path)) as image:
+    with Image(str(path)) as image:
         image.verify_memory()
 
 
 def test_every_metadata_bit_flip_is_detected(sample_image):
-    with open_image(str(sample_image)) as image:
+    with Image(str(sample_image)) as image:
         metadata_end = image.region_data[0].data_offset
     rng = random.Random(7)
     for offset in range(metadata_end):
@@ -70,7 +70,7 @@ def test_every_metadata_bit_flip_is_detected(sample_image):
 
 
 def test_memory_bit_flips_are_detected_in_extents_and_in_holes(sample_image):
-    with open_image(str(sample_image)) as image:
+    with Image(str(sample_image)) as image:
         data_offset = image.region_data[0].data_offset
         region = image.state.memory[0]
     present = {first + i for first, count in region.present for i in range(count)}

@@ -175,10 +175,10 @@ def _frame(kind, offset, payload):
 def _lab_stream(vmstate, example, directory):
     """A saved lab VM as the frames an honest sender would send: (image bytes, metadata
     frame, memory frames, end frame)."""
-    from vmstate.image.reader import open_image
+    from vmstate.image.reader import Image
     assert vmstate("run", example("lab_app"), cwd=directory).returncode == 0
     image = (directory / "vm_image.sav").read_bytes()
-    with open_image(str(directory / "vm_image.sav")) as img:
+    with Image(str(directory / "vm_image.sav")) as img:
         metadata = img.metadata()
         extents = [(d.data_offset + e.first_page * 4096, e.page_count * 4096)
                    for d in img.region_data for e in d.extents]

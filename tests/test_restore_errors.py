@@ -7,7 +7,7 @@ import pytest
 
 from helpers import one_line_error
 from vmstate.image import layout as L
-from vmstate.image.reader import open_image
+from vmstate.image.reader import Image
 from vmstate.state import PAGE_SIZE
 
 pytestmark = pytest.mark.kvm
@@ -27,7 +27,7 @@ def _corrupt(image, offset, xor=0x01):
 
 
 def _places(image):
-    with open_image(str(image)) as img:
+    with Image(str(image)) as img:
         sregs = next(e for e in img.sections if e.type == L.VCPU_SREGS)
         rip_page = img.state.vcpus[0].regs.rip // PAGE_SIZE
         data_offset = img.region_data[0].data_offset
@@ -104,3 +104,18 @@ def test_info_reports_corrupt_memory(vmstate, lab_image):
     _corrupt(lab_image, _places(lab_image)["memory"])
     result = vmstate("info", "vm_image.sav", env=NO_KVM)
     assert "fails its checksum" in one_line_error(result)
+
+
+def test_xsave_area_of_an_odd_size_is_refused_not_copied(vmstate, lab_image, tmp_path):
+    """4099 bytes would not fit the ioctl's buffer of 32-bit words: refuse, do not copy."""
+    from dataclasses import replace
+
+    from vmstate.image.writer import write_image
+    with Image(str(lab_image)) as image:
+        vcpu = replace(image.state.vcpus[0], xsave=image.state.vcpus[0].xsave + b"\1\2\3")
+        state = replace(image.state, vcpus=(vcpu,))
+        write_image(str(tmp_path / "odd.sav"), state, [image.region_view(0)])
+    result = vmstate("restore", "odd.sav")
+    assert result.returncode == 125
+    assert "an XSAVE area of 4099 bytes" in one_line_error(result)
+    assert (tmp_path / "ay_caramba.txt").read_bytes() == b"Hello World !!!\n"

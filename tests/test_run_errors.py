@@ -111,3 +111,16 @@ def test_kvm_without_permission(vmstate_cmd, example, tmp_path):
          example("hello")], capture_output=True, cwd=tmp_path)
     assert result.returncode == EXIT_NO_KVM
     assert "no permission to open /dev/kvm" in one_line_error(result)
+
+
+def test_unusual_calls_get_linux_answers_and_the_vm_survives(vmstate, guest, tmp_path):
+    result = vmstate("run", guest("odd_calls"), input=b"")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [
+        "read 0 bytes = 0", "open with mode 06755 = ok", "pread at offset 2^63 = -22",
+        "lseek whence 2^40 = -22", 'open "" = -2', "open . = ok"]
+    mode = (tmp_path / "setuid_file").stat().st_mode
+    assert mode & 0o7000 == 0                  # no set-uid/set-gid file from a guest
+    restored = vmstate("restore", "vm_image.sav")
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout == b"restored with the directory still open: yes\n"

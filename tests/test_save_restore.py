@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vmstate.image.reader import open_image
+from vmstate.image.reader import Image
 
 pytestmark = pytest.mark.kvm
 
@@ -63,7 +63,7 @@ def test_sse_register_counter_and_save_result_survive(vmstate, example):
 def test_memory_survives_and_untouched_pages_are_holes(vmstate, example, tmp_path):
     assert vmstate("run", "--memory", "128M", example("fill_memory"), "32").returncode == 0
     image = tmp_path / "vm_image.sav"
-    with open_image(str(image)) as img:
+    with Image(str(image)) as img:
         present = img.state.memory[0].present_pages * 4096
     assert 32 << 20 <= present < 40 << 20
     assert image.stat().st_size > 128 << 20                   # apparent size: all of memory
@@ -105,7 +105,7 @@ def test_sigusr1_saves_a_computing_guest(vmstate_cmd, vmstate, guest, tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert b"VM saved to vm_image.sav" in err
-    with open_image(str(tmp_path / "vm_image.sav")) as img:
+    with Image(str(tmp_path / "vm_image.sav")) as img:
         assert img.state.vmm.pending is None
         assert img.state.vcpus[0].sregs.cs.selector == 0x33     # stopped in the application
     restored = vmstate("restore", "vm_image.sav", timeout=120)
@@ -139,7 +139,7 @@ def test_reader_blocked_in_read_is_saved_with_its_pending_call(vmstate_cmd, vmst
     assert process.returncode == 0, err
     os.write(write_end, b"second\n")            # reaches the restored guest's re-issued read
     os.close(write_end)
-    with open_image(str(tmp_path / "vm_image.sav")) as img:
+    with Image(str(tmp_path / "vm_image.sav")) as img:
         pending = img.state.vmm.pending
         assert pending is not None and pending.nr == 0 and pending.args[0] == 0
         assert img.state.vcpus[0].regs.rip == pending.rip

@@ -19,8 +19,9 @@ def runnable(state):
         sregs = replace(s, cr0=s.cr0 | x86.CR0_PE | x86.CR0_PG,
                         cr4=(s.cr4 | x86.CR4_PAE) & ~x86.CR4_LA57,
                         efer=s.efer | x86.EFER_LME | x86.EFER_LMA)
-        vcpus.append(replace(vcpu, sregs=sregs, regs=replace(vcpu.regs,
-                                                             rip=vcpu.regs.rip & 0x7FFF_FFFF_FFFF)))
+        xsave = vcpu.xsave.ljust(576, b"\0") if vcpu.xsave else b""
+        vcpus.append(replace(vcpu, sregs=sregs, xsave=xsave + bytes(-len(xsave) % 4),
+                             regs=replace(vcpu.regs, rip=vcpu.regs.rip & 0x7FFF_FFFF_FFFF)))
     pending = state.vmm.pending
     if pending is not None:
         pending = replace(pending, rip=pending.rip & 0x7FFF_FFFF_FFFF)

@@ -119,7 +119,7 @@ def info(
         print(render_text(data, "all checksums verified"))
 
 
-DEFAULT_CORE, DEFAULT_XML = "vm.core", "hw.xml"
+DEFAULT_CORE, DEFAULT_XML = "vm.core", "hw.xml"    # as vmstate.split (not imported: start-up time)
 
 
 @app.command()
@@ -162,9 +162,12 @@ def receive(
     """
     if run == (output is not None):
         _fail("receive needs exactly one of --run or -o IMAGE", 2)
+    size_limit = parse_size(max_size)
+    if not root.is_dir():
+        _fail(f"--root {root}: not a directory", EXIT_ERROR)
     if run:
         from kvm_backend.session import SaveOptions, receive_and_run
-        outcome = receive_and_run((bind, port), str(root), parse_size(max_size), once,
+        outcome = receive_and_run((bind, port), str(root), size_limit, once,
                                   SaveOptions(str(image)), trace=sys.stderr if trace else None)
         if once:
             if outcome is None:
@@ -173,7 +176,7 @@ def receive(
         return
     from .migration.receive import serve, store_received
     failures = serve(bind, port, lambda connection: store_received(
-        connection, str(root), str(output), parse_size(max_size)), once)
+        connection, str(root), str(output), size_limit), once)
     raise typer.Exit(EXIT_ERROR if failures else 0)
 
 

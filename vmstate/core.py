@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from . import elf, xsave
 from .atomic import atomic_output
-from .errors import FormatError, VmstateError
+from .errors import FileMissingError, FormatError, VmstateError
 from .fd import FdOwner
 from .image.reader import Image, ImageMetadata
 from .image.writer import MemoryPiece, pwrite_all, write_memory
@@ -63,14 +63,14 @@ def _prstatus(vcpu: VcpuState, orig_rax: int) -> bytes:
               "ss": s.ss.selector, "ds": s.ds.selector, "es": s.es.selector,
               "fs": s.fs.selector, "gs": s.gs.selector, "fs_base": s.fs.base,
               "gs_base": s.gs.base}
-    pid = PID_BASE + vcpu.id
+    pid = min(PID_BASE + vcpu.id, 0x7FFFFFFF)
     return elf.PRSTATUS.pack(SIGSTOP, 0, 0, SIGSTOP, 0, 0, pid, 0, pid, pid,
                              *(values[name] for name in elf.PRSTATUS_REGISTERS), 1)
 
 
 def _prpsinfo(state: VmState) -> bytes:
-    name = os.path.basename(state.vmm.program).encode()[:15]
-    args = " ".join(state.vmm.argv).encode()[:79]
+    name = os.fsencode(os.path.basename(state.vmm.program))[:15]
+    args = b" ".join(os.fsencode(arg) for arg in state.vmm.argv)[:79]
     return elf.PRPSINFO.pack(ord("T") & 0x7F, b"T", 0, 0, 0, 0, 0, PID_BASE, 0, PID_BASE,
                              PID_BASE, name, args)
 
@@ -97,11 +97,12 @@ def _xsave_size(vcpu: VcpuState, xcr0: int) -> int:
 def _notes(image: ImageMetadata) -> bytes:
     state = image.state
     parts = []
+    first = state.vcpus[0].id
     for vcpu in state.vcpus:
         pending = state.vmm.pending
-        orig_rax = pending.nr if pending is not None and vcpu.id == 0 else (1 << 64) - 1
+        orig_rax = pending.nr if pending is not None and vcpu.id == first else (1 << 64) - 1
         parts.append(elf.note(b"CORE", elf.NT_PRSTATUS, _prstatus(vcpu, orig_rax)))
-        if vcpu.id == state.vcpus[0].id:
+        if vcpu.id == first:
             parts.append(elf.note(b"CORE", elf.NT_PRPSINFO, _prpsinfo(state)))
         parts.append(elf.note(b"CORE", elf.NT_FPREGSET,
                               vcpu.xsave[:xsave.LEGACY_SIZE].ljust(xsave.LEGACY_SIZE, b"\0")))
@@ -209,7 +210,7 @@ class Core(FdOwner):
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise FormatError("no such core file", path) from None
+            raise FileMissingError(f"{path}: no such core file") from None
         except OSError as e:
             raise CoreError(f"cannot open: {e.strerror}", path) from None
         try:
@@ -268,6 +269,8 @@ class Core(FdOwner):
             raise self._error(f"broken note segment: {e}", 0) from None
         for name, kind, desc in notes:
             if name == NOTE_NAME and kind == NT_VMSTATE_IMAGE:
+                if len(desc) < IMAGE_NOTE.size:
+                    raise self._error("the VMSTATE note is too short", 0)
                 version, _ = IMAGE_NOTE.unpack_from(desc)
                 if version != IMAGE_NOTE_VERSION:
                     raise self._error(f"VMSTATE note version {version} is not supported "

@@ -10,7 +10,7 @@ from .core import Core
 from .errors import FileMissingError, VmstateError
 from .image import layout
 
-DEFAULT_CORE, DEFAULT_XML = "vm.core", "hw.xml"
+from .split import DEFAULT_CORE, DEFAULT_XML
 
 
 def gdb_command(core: str, program: str, extra: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ NX = 1 << 63
 ADDRESS_MASK = 0x000F_FFFF_FFFF_F000
 LEVEL_SHIFTS = (39, 30, 21, 12)         # PML4, PDPT, PD, PT
 TABLE = struct.Struct("<512Q")
+MAX_LEAVES = 1 << 20
 
 ReadPhys = Callable[[int, int], bytes]
 
@@ -66,11 +67,14 @@ class PageTables:
             table = entry & ADDRESS_MASK
         return None
 
-    def mappings(self) -> Iterator[Mapping]:
+    def mappings(self, max_leaves: int = MAX_LEAVES) -> Iterator[Mapping]:
         """Every present leaf mapping, in virtual address order; adjacent leaves that continue
-        each other (virtually and physically, same permissions) are merged."""
+        each other (virtually and physically, same permissions) are merged. Tables that point
+        back at themselves could describe billions of leaves: past `max_leaves`, VmstateError."""
         pending: Mapping | None = None
-        for leaf in self._leaves(self.root, 0, 0, True, True, True):
+        for count, leaf in enumerate(self._leaves(self.root, 0, 0, True, True, True)):
+            if count >= max_leaves:
+                raise VmstateError(f"the page tables map more than {max_leaves} separate pages")
             if (pending and pending.virtual + pending.size == leaf.virtual
                     and pending.physical + pending.size == leaf.physical
                     and (pending.writable, pending.user, pending.executable)

@@ -25,7 +25,8 @@ _libc.syscall.restype = ctypes.c_long
 
 def open_beneath(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
     """openat2(root_fd, path, RESOLVE_BENEATH): a host fd, or OSError (EACCES on escape)."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0,
+    creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if creates else 0,
                    RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
     fd = _libc.syscall(SYS_openat2, root_fd, os.fsencode(path), ctypes.byref(how),
                        ctypes.sizeof(how))

@@ -19,7 +19,7 @@ def data_segments(fd: int, start: int, end: int):
     while position < end:
         try:
             data = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError:                 # ENXIO: no more data
+        except OSError:                 # ENXIO: no more data (or no SEEK_DATA: nothing to skip)
             return
         if data >= end:
             return
@@ -38,7 +38,10 @@ def nonzero_pages_outside(fd: int, file_offset: int, view: memoryview, present: 
         first = (start - file_offset) // PAGE_SIZE
         last = (end - file_offset + PAGE_SIZE - 1) // PAGE_SIZE
         for run_first, run_count in runs_from_bytemap(absent[first:last]):
-            for page in range(first + run_first, first + run_first + run_count):
+            start, end = first + run_first, first + run_first + run_count
+            if is_zero(view[start * PAGE_SIZE:end * PAGE_SIZE]):
+                continue                 # the usual case: one check for the whole run
+            for page in range(start, end):
                 if not is_zero(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]):
                     found[page] = 1
     return runs_from_bytemap(found)

@@ -14,16 +14,28 @@ from .image.reader import Image
 from .state import PAGE_SIZE
 
 
+DEFAULT_CORE, DEFAULT_XML = "vm.core", "hw.xml"
+
+
 @dataclass(frozen=True)
 class SplitResult:
     core: CoreLayout
     xml_bytes: int
 
 
+# base64 of 8 bytes a page must stay below libxml2's 10 MB text node limit (no huge_tree).
+MAX_DIGESTED_PAGES = 800_000
+
+
 def page_digests(image: Image) -> tuple[bytes, ...]:
-    """Per region: the XXH3-64 of each present page, in order, as packed little-endian u64."""
+    """Per region: the XXH3-64 of each present page, in order, as packed little-endian u64.
+    A region with more present pages gets none: join then reports every page of a changed
+    64 MiB extent as changed."""
     digests = []
     for index, region in enumerate(image.state.memory):
+        if region.present_pages > MAX_DIGESTED_PAGES:
+            digests.append(b"")
+            continue
         view = image.region_view(index)
         values = [xxhash.xxh3_64_intdigest(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
                   for first, count in region.present for page in range(first, first + count)]

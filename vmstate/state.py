@@ -182,7 +182,6 @@ FD_FILE = "file"        # a regular file under the guest's root, reopened by pat
 FD_STDIN = "stdin"      # the VMM's own standard streams, reattached on restore
 FD_STDOUT = "stdout"
 FD_STDERR = "stderr"
-FD_KINDS = (FD_FILE, FD_STDIN, FD_STDOUT, FD_STDERR)
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,14 @@ Each problem names where in the hardware state it is (an XPath into the XML)."""
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 
 from . import x86
+from .rootfs import normalize_guest_path
 from .state import FD_FILE, VmState
+
+
+XSAVE_MIN, XSAVE_MAX = 576, 1 << 16     # legacy region + header; far above any CPU's size
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,10 @@ def problems(state: VmState) -> list[Problem]:
                                  f"vCPU {vcpu.id}: rip {regs.rip:#x} is not a canonical address"))
         found += [Problem(f"{at}/control/reg[@name='{name}']", f"vCPU {vcpu.id}: {message}")
                   for name, message in _long_mode_problems(s.cr0, s.cr4, s.efer)]
+        if vcpu.xsave and (len(vcpu.xsave) % 4 or not XSAVE_MIN <= len(vcpu.xsave) <= XSAVE_MAX):
+            found.append(Problem(f"{at}/xsave-rest", f"vCPU {vcpu.id}: an XSAVE area of "
+                                 f"{len(vcpu.xsave)} bytes (expected {XSAVE_MIN} to {XSAVE_MAX} "
+                                 "bytes, a multiple of 4)"))
     pending = state.vmm.pending
     if pending is not None and state.vcpus:
         regs = state.vcpus[0].regs
@@ -57,7 +64,8 @@ def _long_mode_problems(cr0: int, cr4: int, efer: int) -> list[tuple[str, str]]:
 
 
 def is_inside_root(path: str) -> bool:
-    """A normalized relative path that stays below the guest root (and could name a file)."""
-    normal = posixpath.normpath(path) if path else ""
-    return not (path.startswith("/") or normal != path or normal in ("", ".", "..")
-                or normal.startswith("../") or "\0" in path)
+    """A path as the VMM records it: normalized, relative, at or below the guest root."""
+    try:
+        return bool(path) and "\0" not in path and normalize_guest_path(path) == path
+    except OSError:
+        return False

@@ -26,6 +26,7 @@ from . import layout as L
 MAX_SECTIONS = 1 << 16
 MAX_SECTION_SIZE = 1 << 28      # a 64 GiB region with every other page present needs 192 MiB
 MAX_XCRS = 16                   # what struct kvm_xcrs holds
+PADDING_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,15 @@ class ImageMetadata:
         spans = sorted((e.offset, e.offset + e.size) for e in self.sections)
         position = L.HEADER.size + L.SECTION_ENTRY.size * len(self.sections)
         data_start = min((d.data_offset for d in self.region_data), default=self.file_size)
+        payloads_end = max((end for _, end in spans), default=position)
+        if not self.region_data and data_start != payloads_end:
+            raise self._error("bytes after the last section of an image without memory",
+                              payloads_end)
         for start, end in [*spans, (data_start, data_start)]:
-            if start > position and any(self._read(position, start - position, "padding")):
-                raise self._error("non-zero bytes in padding (the file is corrupt)", position)
+            for chunk in range(position, start, PADDING_CHUNK):
+                length = min(PADDING_CHUNK, start - chunk)
+                if any(self._read(chunk, length, "padding")):
+                    raise self._error("non-zero bytes in padding (the file is corrupt)", chunk)
             position = max(position, end)
 
     def _decode_sections(self) -> VmState:
@@ -372,7 +379,3 @@ VMM_DECODERS = {
     L.VMM_ADDRESS_SPACE: ("address_space", codec.decode_address_space),
     L.VMM_PENDING_CALL: ("pending", codec.decode_pending),
 }
-
-
-def open_image(path: str) -> Image:
-    return Image(path)
