@@ -27,6 +27,7 @@ from .fd import FdOwner
 from .image.reader import Image, ImageMetadata
 from .image.writer import MemoryPiece, pwrite_all, write_memory
 from .paging import Mapping, PageTables
+from .progress import progress_bar
 from .state import PAGE_SIZE, VcpuState, VmState
 
 NOTE_NAME = b"VMSTATE"
@@ -180,7 +181,7 @@ def plan_core(image: Image) -> CoreLayout:
     return CoreLayout(header + notes, segments, region_offsets, offset)
 
 
-def write_core(path: str, image: Image, progress=None) -> CoreLayout:
+def write_core(path: str, image: Image) -> CoreLayout:
     """Split's software half: the core, written atomically, memory straight from the image."""
     layout = plan_core(image)
     pieces = []
@@ -191,10 +192,11 @@ def write_core(path: str, image: Image, progress=None) -> CoreLayout:
             pieces.append(MemoryPiece(layout.region_offsets[index] + start,
                                       view[start:start + length]))
     try:
-        with atomic_output(path) as f:
+        total = sum(len(piece.data) for piece in pieces)
+        with atomic_output(path) as f, progress_bar(f"writing {path}", total) as advance:
             f.truncate(layout.file_size)
             pwrite_all(f.fileno(), layout.header, 0)
-            write_memory(f.fileno(), pieces, progress)
+            write_memory(f.fileno(), pieces, advance)
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None
     return layout

@@ -204,8 +204,8 @@ class _Joined:
                 return bytes(view[offset:offset + length])
         raise VmstateError(f"guest physical {address:#x} is outside guest memory")
 
-    def write(self, output: str, progress=None) -> None:
-        write_image(output, self.state, list(self.memory.views), progress)
+    def write(self, output: str) -> None:
+        write_image(output, self.state, list(self.memory.views))
 
 
 def _pages(runs):

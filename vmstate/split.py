@@ -43,10 +43,10 @@ def page_digests(image: Image) -> tuple[bytes, ...]:
     return tuple(digests)
 
 
-def split(image_path: str, core_path: str, xml_path: str, progress=None) -> SplitResult:
+def split(image_path: str, core_path: str, xml_path: str) -> SplitResult:
     with Image(image_path) as image:
         image.verify_memory()
-        layout = write_core(core_path, image, progress)
+        layout = write_core(core_path, image)
         provenance = Provenance(image.digest(), image_path, core_path, page_digests(image))
         document = to_xml(image.state, provenance)
     with atomic_output(xml_path) as f:

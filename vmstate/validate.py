@@ -11,6 +11,7 @@ from .state import FD_FILE, VmState
 
 
 XSAVE_MIN, XSAVE_MAX = 576, 1 << 16     # legacy region + header; far above any CPU's size
+MAX_XCRS = 16                           # what struct kvm_xcrs holds
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ def problems(state: VmState) -> list[Problem]:
                                  f"vCPU {vcpu.id}: rip {regs.rip:#x} is not a canonical address"))
         found += [Problem(f"{at}/control/reg[@name='{name}']", f"vCPU {vcpu.id}: {message}")
                   for name, message in _long_mode_problems(s.cr0, s.cr4, s.efer)]
+        if len(vcpu.xcrs) > MAX_XCRS:
+            found.append(Problem(f"{at}/xcrs", f"vCPU {vcpu.id}: {len(vcpu.xcrs)} XCRs (KVM holds "
+                                 f"at most {MAX_XCRS})"))
         if vcpu.xsave and (len(vcpu.xsave) % 4 or not XSAVE_MIN <= len(vcpu.xsave) <= XSAVE_MAX):
             found.append(Problem(f"{at}/xsave-rest", f"vCPU {vcpu.id}: an XSAVE area of "
                                  f"{len(vcpu.xsave)} bytes (expected {XSAVE_MIN} to {XSAVE_MAX} "

@@ -18,14 +18,13 @@ from ..fd import FdOwner
 from ..mapping import close_mapping, prefetch
 from ..pages import merge_runs
 from ..sparse import nonzero_pages_outside
-from ..validate import is_inside_root
+from ..validate import MAX_XCRS, is_inside_root
 from ..state import FD_FILE, PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
 from . import codec
 from . import layout as L
 
 MAX_SECTIONS = 1 << 16
 MAX_SECTION_SIZE = 1 << 28      # a 64 GiB region with every other page present needs 192 MiB
-MAX_XCRS = 16                   # what struct kvm_xcrs holds
 PADDING_CHUNK = 1 << 20
 
 

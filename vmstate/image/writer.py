@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..atomic import atomic_output
 from ..errors import VmstateError
 from ..pages import split_runs
+from ..progress import progress_bar
 from ..state import PAGE_SIZE, VmState
 from . import codec
 from . import layout as L
@@ -135,15 +136,15 @@ def write_memory(fd: int, pieces, progress=None) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
-def write_image(path: str, state: VmState, region_views: list[memoryview],
-                progress=None) -> ImagePlan:
+def write_image(path: str, state: VmState, region_views: list[memoryview]) -> ImagePlan:
     """Write the image atomically (temporary file, fsync, rename); returns its plan."""
     plan = plan_image(state, region_views)
     try:
-        with atomic_output(path) as f:
+        with atomic_output(path) as f, progress_bar(f"writing {path}",
+                                                    plan.memory_bytes) as advance:
             f.truncate(plan.file_size)
             pwrite_all(f.fileno(), plan.metadata, 0)
-            write_memory(f.fileno(), plan.pieces, progress)
+            write_memory(f.fileno(), plan.pieces, advance)
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None
     return plan

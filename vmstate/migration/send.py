@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import xxhash
 
 from ..image.reader import checksum
 from ..image.writer import ImagePlan
+from ..progress import progress_bar
 from ..rootfs import open_beneath
 from ..state import FD_FILE, VmState
 from . import protocol as P
@@ -34,15 +36,20 @@ class GuestFile:
 
 
 def guest_files(state: VmState, root: str) -> list[GuestFile]:
-    """Open (beneath `root`) each regular file the guest has open, once per path."""
+    """Open (beneath `root`) each regular file the guest has open, once per path; directories
+    and other special files are not carried (the receiver opens them under its root)."""
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         files, seen = [], set()
         for f in state.vmm.files:
-            if f.kind == FD_FILE and f.path not in seen:
-                seen.add(f.path)
-                files.append(GuestFile(f.path, f.mode, open_beneath(root_fd, f.path,
-                                                                    os.O_RDONLY)))
+            if f.kind != FD_FILE or f.path in seen:
+                continue
+            seen.add(f.path)
+            fd = open_beneath(root_fd, f.path, os.O_RDONLY | os.O_NONBLOCK)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                files.append(GuestFile(f.path, f.mode, fd))
+            else:
+                os.close(fd)
         return files
     finally:
         os.close(root_fd)
@@ -74,8 +81,11 @@ def send_vm(sock: socket.socket, plan: ImagePlan, files: list[GuestFile]) -> str
         if status != P.STATUS_OK:
             raise MigrationFailed(f"the receiver refused the VM: {message}")
         P.send_frame(sock, P.FRAME_IMAGE, 0, plan.metadata)
-        for piece in plan.pieces:                    # straight from the guest's memory
-            P.send_frame(sock, P.FRAME_IMAGE, piece.file_offset, piece.data)
+        with progress_bar("sending memory", plan.memory_bytes) as advance:
+            for piece in plan.pieces:                # straight from the guest's memory
+                P.send_frame(sock, P.FRAME_IMAGE, piece.file_offset, piece.data)
+                if advance is not None:
+                    advance(len(piece.data))
         for f in files:
             _send_file(sock, f)
         sent = len(plan.metadata) + plan.memory_bytes
