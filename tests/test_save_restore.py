@@ -165,3 +165,41 @@ def test_killed_save_leaves_nothing_behind(vmstate_cmd, example, tmp_path):
     process.kill()
     process.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == []   # not even a temporary file
+
+
+def _stderr_through_a_terminal(command, cwd) -> tuple[int, bytes]:
+    """Run `command` with stderr on a pseudo-terminal; returns its status and what it showed."""
+    import pty
+    import threading
+    main_fd, terminal_fd = pty.openpty()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=terminal_fd)
+    os.close(terminal_fd)
+    shown = bytearray()
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:                      # EIO: the terminal's last user is gone
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    status = process.wait()
+    reader.join(timeout=10)
+    os.close(main_fd)
+    return status, bytes(shown)
+
+
+def test_long_save_shows_progress_on_a_terminal_only(vmstate, vmstate_cmd, example, tmp_path):
+    command = [vmstate_cmd, "run", "--memory", "512M", "--image", "big.sav",
+               example("fill_memory"), "300"]
+    status, shown = _stderr_through_a_terminal(command, tmp_path)
+    assert status == 0, shown
+    assert b"writing big.sav" in shown and b"VM saved to big.sav" in shown
+    piped = vmstate("run", "--memory", "512M", "--image", "big.sav", example("fill_memory"), "300")
+    assert piped.returncode == 0
+    assert b"writing" not in piped.stderr                   # a log file gets no bar
