@@ -233,7 +233,9 @@ def test_pending_call_is_optional():
     ('<region index="0"', '<region index="1"', "region index 1 is out of order"),
     ('xsave-rest size="1024"', 'xsave-rest size="1025"', "holds 1024 bytes, size says 1025"),
     ('"base64">\n    ZnJvbSBhIG5ld2VyIHZtc3RhdGU=', '"base64">ZnJvbSBhIG5ld2VyIHZtc3RhdGU',
-     "bad base64 in <extra-section>: Incorrect padding"),
+     "does not match the schema: Type base64Binary doesn't allow value 'ZnJvbSBh"),
+    ('"base64">\n    ZnJvbSBhIG5ld2VyIHZtc3RhdGU=', '"base64">@@@@ZnJvbSBhIG5ld2VyIHZtc3RhdGU=',
+     "bad base64 in <extra-section>: Only base64 data is allowed"),
     ('"base64">\n    ZnJvbSBhIG5ld2VyIHZtc3RhdGU=', '"base64">ZnJvbSBh*G5ld2VyIHZtc3RhdGU=',
      "does not match the schema: .*extra-section failed to validate content"),
 ])

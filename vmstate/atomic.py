@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import secrets
 from contextlib import contextmanager
 
 from .errors import VmstateError
@@ -34,7 +33,7 @@ class PendingFile:
                               mode, dir_fd=self.dir_fd)
 
     def _hidden_name(self) -> str:
-        return f".{self.prefix[:200]}.{secrets.token_hex(4)}.part"
+        return f".{self.prefix[:200]}.{os.urandom(4).hex()}.part"
 
     def commit(self, name: str) -> None:
         """fsync, give the data `name` (atomically replacing it), fsync the directory."""

@@ -13,7 +13,7 @@ import typer
 from .errors import EXIT_ERROR, EXIT_SIGNAL_BASE, FileMissingError, VmstateError
 from .units import parse_size
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_show_locals=False,
                   help="Save, inspect, edit and migrate the state of small KVM virtual machines.")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from . import elf, xsave
 from .atomic import atomic_output
@@ -181,8 +182,9 @@ def plan_core(image: Image) -> CoreLayout:
     return CoreLayout(header + notes, segments, region_offsets, offset)
 
 
-def write_core(path: str, image: Image) -> CoreLayout:
-    """Split's software half: the core, written atomically, memory straight from the image."""
+def write_core(path: str, image: Image, before_commit: Callable[[], object]) -> CoreLayout:
+    """Split's software half: the core, written atomically, memory straight from the image.
+    `before_commit` runs once the bytes are written; if it raises, the core is discarded."""
     layout = plan_core(image)
     pieces = []
     for index, data in enumerate(image.region_data):
@@ -197,6 +199,7 @@ def write_core(path: str, image: Image) -> CoreLayout:
             f.truncate(layout.file_size)
             pwrite_all(f.fileno(), layout.header, 0)
             write_memory(f.fileno(), pieces, advance)
+            before_commit()
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None
     return layout

@@ -143,8 +143,9 @@ FPU_BYTES = _fpu_bytes(xsave.FpuState(
     st=(b"\xff" * (ST_VALUE.bits // 8),) * xsave.ST_COUNT,
     xmm=(b"\xff" * (XMM_VALUE.bits // 8),) * xsave.XMM_COUNT))
 
-# Characters outside XML 1.0's Char production cannot be carried as text.
-NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Characters outside XML 1.0's Char production cannot be carried as text (the production's
+# complement, spelled as the few ranges it excludes: the negated class compiles 10x slower).
+NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def _attribute(name: str) -> str:
@@ -388,7 +389,8 @@ def _validate(root, source: str) -> None:
     validator = schema()
     if not validator.validate(root):
         errors = validator.error_log
-        messages = "; ".join(dict.fromkeys(error.message for error in errors[:SCHEMA_MESSAGES]))
+        messages = "; ".join(dict.fromkeys(" ".join(error.message.split())     # one line
+                                           for error in errors[:SCHEMA_MESSAGES]))
         raise XmlError(f"does not match the schema: {messages}", f"{source}:{errors[0].line}")
 
 

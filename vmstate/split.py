@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import xxhash
@@ -43,11 +44,18 @@ def page_digests(image: Image) -> tuple[bytes, ...]:
     return tuple(digests)
 
 
+def _verified_page_digests(image: Image) -> tuple[bytes, ...]:
+    image.verify_memory()
+    return page_digests(image)
+
+
 def split(image_path: str, core_path: str, xml_path: str) -> SplitResult:
-    with Image(image_path) as image:
-        image.verify_memory()
-        layout = write_core(core_path, image)
-        provenance = Provenance(image.digest(), image_path, core_path, page_digests(image))
+    with Image(image_path) as image, ThreadPoolExecutor(1) as pool:
+        # The image is checked and its pages digested while the core is written (hashing and
+        # writing overlap); a failed check discards the core before it gets its name.
+        checked = pool.submit(_verified_page_digests, image)
+        layout = write_core(core_path, image, before_commit=checked.result)
+        provenance = Provenance(image.digest(), image_path, core_path, checked.result())
         document = to_xml(image.state, provenance)
     with atomic_output(xml_path) as f:
         f.write(document)
