@@ -2,6 +2,7 @@
 that never starts (the lab's output file stays exactly as the save left it)."""
 
 import json
+import os
 
 import pytest
 
@@ -73,6 +74,15 @@ def test_not_an_image_and_missing_image(vmstate, example, tmp_path):
     result = vmstate("restore", tmp_path / "none.sav")
     assert result.returncode == 127
     assert "no such image file" in one_line_error(result)
+
+
+@pytest.mark.parametrize("make", [os.mkdir, os.mkfifo], ids=["directory", "fifo"])
+def test_a_directory_or_fifo_is_not_an_image(vmstate, tmp_path, make):
+    make(tmp_path / "odd.sav")                  # a FIFO must not block the reader
+    for command in ("info", "restore", "send"):
+        result = vmstate(command, "odd.sav", *(["127.0.0.1:9"] if command == "send" else []))
+        assert result.returncode == 125
+        assert "odd.sav: not a regular file" in one_line_error(result)
 
 
 def test_info_shows_the_lab_state_without_kvm(vmstate, lab_image):

@@ -1,6 +1,7 @@
 """split, gdb, join, restore: the loop as a user runs it, with the real gdb, and the core
 checked by readers other than ours (pyelftools, LIEF, readelf)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -162,6 +163,16 @@ def test_core_that_is_not_ours(vmstate, lab_split, example):
     assert "not an x86-64 ELF core file" in _refused(vmstate, lab_split)
     (lab_split / "vm.core").write_bytes(b"plain text")
     assert "vm.core" in _refused(vmstate, lab_split)
+
+
+@pytest.mark.parametrize("make", [os.mkdir, os.mkfifo], ids=["directory", "fifo"])
+def test_a_directory_or_fifo_is_not_a_core(vmstate, lab_split, make):
+    (lab_split / "vm.core").unlink()
+    make(lab_split / "vm.core")                 # a FIFO must not block the reader
+    assert "vm.core: not a regular file" in _refused(vmstate, lab_split)
+    opened = vmstate("gdb", "vm.core", "--", "-batch")
+    assert opened.returncode == 125
+    assert "vm.core: not a regular file" in one_line_error(opened)
 
 
 def test_truncated_core(vmstate, lab_split):

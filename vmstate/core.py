@@ -23,8 +23,8 @@ from typing import Callable
 
 from . import elf, xsave
 from .atomic import atomic_output
-from .errors import FileMissingError, FormatError, VmstateError
-from .fd import FdOwner
+from .errors import FormatError, VmstateError
+from .fd import FdOwner, open_to_read
 from .image.reader import Image, ImageMetadata
 from .image.writer import MemoryPiece, pwrite_all, write_memory
 from .paging import Mapping, PageTables
@@ -212,12 +212,7 @@ class Core(FdOwner):
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise FileMissingError(f"{path}: no such core file") from None
-        except OSError as e:
-            raise CoreError(f"cannot open: {e.strerror}", path) from None
+        self.fd = open_to_read(path, "core", CoreError)
         try:
             self.file_size = os.fstat(self.fd).st_size
             self.segments, note_data = self._read_headers()

@@ -1,6 +1,9 @@
 """Objects that own one file descriptor."""
 
 import os
+import stat
+
+from .errors import FileMissingError, FormatError
 
 
 class FdOwner:
@@ -18,3 +21,19 @@ class FdOwner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_to_read(path: str, what: str, error: type[FormatError]) -> int:
+    """Open the regular file `path` read-only. A missing file is a FileMissingError
+    ("PATH: no such WHAT file"); anything else that fails, a directory or a device, an `error`
+    naming the path. O_NONBLOCK: opening a FIFO must not wait for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise FileMissingError(f"{path}: no such {what} file") from None
+    except OSError as e:
+        raise error(f"cannot open: {e.strerror}", path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise error(f"not a regular file ({what} files are regular files)", path)
+    return fd

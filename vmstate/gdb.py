@@ -7,9 +7,9 @@ import shutil
 import sys
 
 from .core import Core
-from .errors import FileMissingError, VmstateError
+from .errors import FileMissingError, FormatError, VmstateError
+from .fd import open_to_read
 from .image import layout
-
 from .split import DEFAULT_CORE, DEFAULT_XML
 
 
@@ -24,9 +24,7 @@ def run_gdb(target: str, program: str | None, extra: list[str]) -> None:
     """Replaces this process with gdb."""
     if shutil.which("gdb") is None:
         raise VmstateError("gdb is not installed (Debian: apt-get install gdb)")
-    if not os.path.exists(target):
-        raise FileMissingError(f"{target}: no such file")
-    with open(target, "rb") as f:
+    with os.fdopen(open_to_read(target, "image or core", FormatError), "rb") as f:
         is_image = f.read(len(layout.MAGIC)) == layout.MAGIC
     core = target
     if is_image:

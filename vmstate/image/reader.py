@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from ..errors import FileMissingError, ImageError
-from ..fd import FdOwner
+from ..errors import ImageError
+from ..fd import FdOwner, open_to_read
 from ..mapping import close_mapping, prefetch
 from ..pages import merge_runs
 from ..sparse import nonzero_pages_outside
@@ -294,12 +294,7 @@ class Image(ImageMetadata, FdOwner):
     """A checked image file. `state` is the VM state; memory stays in the file."""
 
     def __init__(self, path: str):
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise FileMissingError(f"{path}: no such image file") from None
-        except OSError as e:
-            raise ImageError(f"cannot open: {e.strerror}", path) from None
+        self.fd = open_to_read(path, "image", ImageError)
         self._map: mmap.mmap | None = None
         try:
             super().__init__(path, lambda offset, length: os.pread(self.fd, length, offset),
