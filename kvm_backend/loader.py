@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from vmstate.errors import FileMissingError, ProgramError
+from vmstate.errors import ProgramError
+from vmstate.fd import open_to_read
 from vmstate.state import PAGE_SIZE
 
 from .address_space import page_up
@@ -50,13 +51,7 @@ class Program:
 
 def inspect_program(path: str) -> Program:
     """Parse and validate the ELF headers (no guest needed)."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise FileMissingError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ProgramError(f"{path}: cannot open: {e.strerror}") from None
-    with f:
+    with os.fdopen(open_to_read(path, "file", ProgramError), "rb") as f:
         if f.read(4) != b"\x7fELF":
             raise ProgramError(f"{path}: not an ELF executable")
         f.seek(0)

@@ -14,7 +14,7 @@ from vmstate.image.writer import plan_image, write_image
 from vmstate.migration import protocol as P
 from vmstate.migration.receive import (
     Connection, Received, commit_files, discard_files, receive_vm, verify_extents)
-from vmstate.migration.send import MigrationFailed, connect, guest_files, send_vm
+from vmstate.migration.send import MigrationFailed, send_to
 from vmstate.state import VmState
 
 from .memory import GuestMemory
@@ -29,13 +29,7 @@ def migrate_to(address: tuple[str, int], connect_timeout: float, with_files: boo
     def save(state: VmState, region_views: list[memoryview]) -> str:
         try:
             plan = plan_image(state, region_views)
-            files = guest_files(state, root) if with_files else []
-            try:
-                with connect(address, connect_timeout) as sock:
-                    message = send_vm(sock, plan, files)
-            finally:
-                for f in files:
-                    os.close(f.host_fd)
+            message = send_to(address, connect_timeout, plan, state, with_files, root)
             return f"migrated to {address[0]}:{address[1]}: {message}"
         except (Exception, KeyboardInterrupt) as e:     # whatever happened, keep the VM
             reason = describe_error(e)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 from dataclasses import dataclass
 
+from vmstate.background import BackgroundCall
 from vmstate.errors import VmstateError
 from vmstate.image.reader import Image
 from vmstate.image.writer import write_image
@@ -96,24 +96,21 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> 
 class _MemoryVerification:
     def __init__(self, image: Image):
         self.image = image
-        self.error: Exception | None = None
-        self._thread: threading.Thread | None = None
+        self._call: BackgroundCall[None] | None = None
 
     def start(self, stop) -> None:
         def verify() -> None:
             try:
                 self.image.verify_memory()
-            except Exception as e:      # reported by wait(), in the main thread
-                self.error = e
-                stop.request("memory verification failed")
-            timing_mark("memory-verified")
-        self._thread = threading.Thread(target=verify, daemon=True, name="verify-memory")
-        self._thread.start()
+            except Exception:
+                stop.request("memory verification failed")    # wait() raises the error
+                raise
+            finally:
+                timing_mark("memory-verified")
+        self._call = BackgroundCall(verify, "verify-memory")
 
     def wait(self) -> None:
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
+        self._call.result()
 
 
 def receive_and_run(address: tuple[str, int], root: str, max_size: int, once: bool,

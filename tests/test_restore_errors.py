@@ -116,6 +116,15 @@ def test_info_reports_corrupt_memory(vmstate, lab_image):
     assert "fails its checksum" in one_line_error(result)
 
 
+def test_split_of_corrupt_memory_discards_the_core(vmstate, lab_image, tmp_path):
+    """split writes the core while it verifies the image: the core must not survive."""
+    _corrupt(lab_image, _places(lab_image)["memory"])
+    result = vmstate("split", "vm_image.sav", env=NO_KVM)
+    assert result.returncode == 125
+    assert "fails its checksum" in one_line_error(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ay_caramba.txt", "vm_image.sav"]
+
+
 def test_xsave_area_of_an_odd_size_is_refused_not_copied(vmstate, lab_image, tmp_path):
     """4099 bytes would not fit the ioctl's buffer of 32-bit words: refuse, do not copy."""
     from dataclasses import replace

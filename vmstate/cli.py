@@ -200,8 +200,10 @@ def split(
 
 @app.command()
 def join(
-    core: Annotated[Path, typer.Argument(help="The ELF core from split (gdb may have edited it).")],
-    xml: Annotated[Path, typer.Argument(help="The hardware-state XML from split (edited or not).")],
+    core: Annotated[Path, typer.Argument(metavar="CORE", help="The ELF core from split (gdb may "
+                                         "have edited it).")],
+    xml: Annotated[Path, typer.Argument(metavar="XML", help="The hardware-state XML from split "
+                                        "(edited or not).")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="The new image.")] = None,
     app_program: Annotated[Optional[Path], typer.Option("--app", help="The guest program, to name "
                                                         "symbols in changed pages.")] = None,

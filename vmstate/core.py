@@ -193,12 +193,13 @@ def write_core(path: str, image: Image, before_commit: Callable[[], object]) -> 
             start, length = extent.first_page * PAGE_SIZE, extent.page_count * PAGE_SIZE
             pieces.append(MemoryPiece(layout.region_offsets[index] + start,
                                       view[start:start + length]))
+    total = sum(len(piece.data) for piece in pieces)
     try:
-        total = sum(len(piece.data) for piece in pieces)
-        with atomic_output(path) as f, progress_bar(f"writing {path}", total) as advance:
-            f.truncate(layout.file_size)
-            pwrite_all(f.fileno(), layout.header, 0)
-            write_memory(f.fileno(), pieces, advance)
+        with atomic_output(path) as f:
+            with progress_bar(f"writing {path}", total) as advance:
+                f.truncate(layout.file_size)
+                pwrite_all(f.fileno(), layout.header, 0)
+                write_memory(f.fileno(), pieces, advance)
             before_commit()
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None
@@ -212,7 +213,7 @@ class Core(FdOwner):
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = open_to_read(path, "core", CoreError)
+        self.fd = open_to_read(path, "core file", CoreError)
         try:
             self.file_size = os.fstat(self.fd).st_size
             self.segments, note_data = self._read_headers()

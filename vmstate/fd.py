@@ -1,9 +1,9 @@
-"""Objects that own one file descriptor."""
+"""Objects that own one file descriptor, and opening the regular files they read."""
 
 import os
 import stat
 
-from .errors import FileMissingError, FormatError
+from .errors import FileMissingError, VmstateError
 
 
 class FdOwner:
@@ -23,17 +23,17 @@ class FdOwner:
         self.close()
 
 
-def open_to_read(path: str, what: str, error: type[FormatError]) -> int:
+def open_to_read(path: str, what: str, error: type[VmstateError]) -> int:
     """Open the regular file `path` read-only. A missing file is a FileMissingError
-    ("PATH: no such WHAT file"); anything else that fails, a directory or a device, an `error`
+    ("PATH: no such WHAT"); a directory, FIFO or device, or any other failure, an `error`
     naming the path. O_NONBLOCK: opening a FIFO must not wait for a writer."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise FileMissingError(f"{path}: no such {what} file") from None
+        raise FileMissingError(f"{path}: no such {what}") from None
     except OSError as e:
-        raise error(f"cannot open: {e.strerror}", path) from None
+        raise error(f"{path}: cannot open: {e.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise error(f"not a regular file ({what} files are regular files)", path)
+        raise error(f"{path}: not a regular file")
     return fd

@@ -24,7 +24,7 @@ def run_gdb(target: str, program: str | None, extra: list[str]) -> None:
     """Replaces this process with gdb."""
     if shutil.which("gdb") is None:
         raise VmstateError("gdb is not installed (Debian: apt-get install gdb)")
-    with os.fdopen(open_to_read(target, "image or core", FormatError), "rb") as f:
+    with os.fdopen(open_to_read(target, "image or core file", FormatError), "rb") as f:
         is_image = f.read(len(layout.MAGIC)) == layout.MAGIC
     core = target
     if is_image:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import xxhash
 
 from .atomic import atomic_output
+from .background import BackgroundCall
 from .core import CoreLayout, write_core
+from .errors import ImageError
 from .hwxml import Provenance, to_xml
 from .image.reader import Image
 from .state import PAGE_SIZE
@@ -45,15 +46,19 @@ def page_digests(image: Image) -> tuple[bytes, ...]:
 
 
 def _verified_page_digests(image: Image) -> tuple[bytes, ...]:
-    image.verify_memory()
-    return page_digests(image)
+    """Runs while the core is written: its I/O errors are the image's, not the core's."""
+    try:
+        image.verify_memory()
+        return page_digests(image)
+    except OSError as e:
+        raise ImageError(f"cannot read: {e.strerror}", image.path) from None
 
 
 def split(image_path: str, core_path: str, xml_path: str) -> SplitResult:
-    with Image(image_path) as image, ThreadPoolExecutor(1) as pool:
+    with Image(image_path) as image:
         # The image is checked and its pages digested while the core is written (hashing and
         # writing overlap); a failed check discards the core before it gets its name.
-        checked = pool.submit(_verified_page_digests, image)
+        checked = BackgroundCall(lambda: _verified_page_digests(image), "verify-image")
         layout = write_core(core_path, image, before_commit=checked.result)
         provenance = Provenance(image.digest(), image_path, core_path, checked.result())
         document = to_xml(image.state, provenance)

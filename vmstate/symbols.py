@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import bisect
+import os
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from .errors import VmstateError
+from .fd import open_to_read
 
 
 class Symbols:
     def __init__(self, path: str):
         entries = []
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(open_to_read(path, "file", VmstateError), "rb") as f:
                 for section in ELFFile(f).iter_sections():
                     if isinstance(section, SymbolTableSection):
                         entries += [(s["st_value"], s["st_size"], s.name) for s in

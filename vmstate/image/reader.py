@@ -294,11 +294,13 @@ class Image(ImageMetadata, FdOwner):
     """A checked image file. `state` is the VM state; memory stays in the file."""
 
     def __init__(self, path: str):
-        self.fd = open_to_read(path, "image", ImageError)
+        self.fd = open_to_read(path, "image file", ImageError)
         self._map: mmap.mmap | None = None
         try:
             super().__init__(path, lambda offset, length: os.pread(self.fd, length, offset),
                              os.fstat(self.fd).st_size)
+            # Mapped once, here: threads that read memory (split, restore) share the mapping.
+            self._map = mmap.mmap(self.fd, self.file_size, mmap.MAP_SHARED, mmap.PROT_READ)
         except BaseException:
             os.close(self.fd)
             raise
@@ -309,14 +311,8 @@ class Image(ImageMetadata, FdOwner):
             self._map = None
         super().close()
 
-    def _mapping(self) -> mmap.mmap:
-        if self._map is None:
-            self._map = mmap.mmap(self.fd, self.file_size, mmap.MAP_SHARED, mmap.PROT_READ)
-        return self._map
-
     def region_view(self, index: int) -> memoryview:
         """Read-only view of one region's bytes in the file (absent pages read as zero)."""
-        self._mapping()
         data = self.region_data[index]
         return memoryview(self._map)[data.data_offset:
                                      data.data_offset + self.state.memory[index].size]
@@ -352,7 +348,7 @@ class Image(ImageMetadata, FdOwner):
         """Check every memory extent's checksum, and that absent pages read as zero;
         ImageError names the first bad place."""
         self._check_holes()
-        prefetch(self._mapping(), [(data.data_offset + e.first_page * PAGE_SIZE,
+        prefetch(self._map, [(data.data_offset + e.first_page * PAGE_SIZE,
                                     e.page_count * PAGE_SIZE)
                                    for data in self.region_data for e in data.extents])
         jobs = list(self.extent_jobs())

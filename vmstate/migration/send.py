@@ -38,9 +38,10 @@ class GuestFile:
 def guest_files(state: VmState, root: str) -> list[GuestFile]:
     """Open (beneath `root`) each regular file the guest has open, once per path; directories
     and other special files are not carried (the receiver opens them under its root)."""
+    files: list[GuestFile] = []
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        files, seen = [], set()
+        seen = set()
         for f in state.vmm.files:
             if f.kind != FD_FILE or f.path in seen:
                 continue
@@ -51,8 +52,28 @@ def guest_files(state: VmState, root: str) -> list[GuestFile]:
             else:
                 os.close(fd)
         return files
+    except BaseException:
+        close_files(files)
+        raise
     finally:
         os.close(root_fd)
+
+
+def close_files(files: list[GuestFile]) -> None:
+    for f in files:
+        os.close(f.host_fd)
+
+
+def send_to(address: tuple[str, int], connect_timeout: float, plan: ImagePlan, state: VmState,
+            with_files: bool, root: str) -> str:
+    """Connect and send the VM (with its open files' contents if `with_files`); returns the
+    receiver's confirmation."""
+    files = guest_files(state, root) if with_files else []
+    try:
+        with connect(address, connect_timeout) as sock:
+            return send_vm(sock, plan, files)
+    finally:
+        close_files(files)
 
 
 def connect(address: tuple[str, int], timeout: float, log=sys.stderr) -> socket.socket:
@@ -134,10 +155,4 @@ def send_image(path: str, address: tuple[str, int], with_files: bool, root: str,
         image.verify_memory()
         plan = plan_image(image.state,
                           [image.region_view(i) for i in range(len(image.state.memory))])
-        files = guest_files(image.state, root) if with_files else []
-        try:
-            with connect(address, connect_timeout) as sock:
-                return send_vm(sock, plan, files)
-        finally:
-            for f in files:
-                os.close(f.host_fd)
+        return send_to(address, connect_timeout, plan, image.state, with_files, root)
