@@ -28,6 +28,8 @@ def _patched_copy(src, dst, offset, data):
     ("elf32", "32-bit ELF"),
     ("arm64", "ELF for EM_AARCH64, not x86-64"),
     ("truncated", "corrupt ELF file"),
+    ("directory", "not a regular file"),
+    ("fifo", "not a regular file"),          # refused at once, not a wait for a writer
 ])
 def test_unrunnable_programs(vmstate, guest, example, tmp_path, case, expected):
     program = {
@@ -38,6 +40,8 @@ def test_unrunnable_programs(vmstate, guest, example, tmp_path, case, expected):
         "arm64": lambda: _patched_copy(example("hello"), tmp_path / "arm64", 18,
                                        struct.pack("<H", 183)),
         "truncated": lambda: _write(tmp_path / "trunc", open(example("hello"), "rb").read(100)),
+        "directory": lambda: tmp_path,
+        "fifo": lambda: os.mkfifo(tmp_path / "pipe") or tmp_path / "pipe",
     }[case]()
     result = vmstate("run", program)
     assert result.returncode == EXIT_CANNOT_RUN
