@@ -13,11 +13,10 @@ import os
 from dataclasses import dataclass, replace
 
 from vmstate.errors import RestoreError
-from vmstate.rootfs import normalize_guest_path, open_beneath
+from vmstate.rootfs import MODE_BITS, normalize_guest_path, open_beneath, open_root
 from vmstate.state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT, OpenFile
 
 MAX_GUEST_FDS = 1024
-GUEST_MODE_BITS = 0o777      # a guest never creates set-uid, set-gid or sticky files on the host
 # Flags that only matter when a file is created; a restore reopens without them.
 CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC
 STDIO = {0: (FD_STDIN, 0), 1: (FD_STDOUT, 1), 2: (FD_STDERR, 2)}
@@ -38,7 +37,7 @@ class FileTable:
     def __init__(self, root: str):
         self.root = root
         try:
-            self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.root_fd = open_root(root)
         except OSError as e:
             raise RestoreError(f"guest root {root}: {e.strerror}") from None
         self._files: dict[int, GuestFile] = {}
@@ -67,7 +66,7 @@ class FileTable:
         if not path:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         recorded = normalize_guest_path(path)
-        mode &= GUEST_MODE_BITS
+        mode &= MODE_BITS
         host_fd = open_beneath(self.root_fd, recorded, flags, mode)
         try:
             fd = self._lowest_free_fd()

@@ -15,6 +15,7 @@ from vmstate.migration import protocol as P
 from vmstate.migration.receive import (
     Connection, Received, commit_files, discard_files, receive_vm, verify_extents)
 from vmstate.migration.send import MigrationFailed, send_to
+from vmstate.rootfs import open_root
 from vmstate.state import VmState
 
 from .memory import GuestMemory
@@ -74,7 +75,7 @@ class GuestMemorySink:
 def receive_and_run(connection: Connection, kvm: Kvm, root: str, max_size: int,
                     save: SaveHandler, trace=None, log=sys.stderr) -> Outcome:
     """Receive one VM, verify it, start it, acknowledge, and run it to its end."""
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = open_root(root)
     sink = GuestMemorySink()
     try:
         received = receive_vm(connection.sock, sink, root_fd, max_size)

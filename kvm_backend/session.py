@@ -10,7 +10,6 @@ from vmstate.background import BackgroundCall
 from vmstate.errors import VmstateError
 from vmstate.image.reader import Image
 from vmstate.image.writer import write_image
-from vmstate.migration.protocol import parse_address
 from vmstate.state import VmState
 from vmstate.units import format_size
 
@@ -35,6 +34,7 @@ class SaveOptions:
     def handler(self, root: str) -> SaveHandler:
         if self.migrate_to is None:
             return save_to_file(self.image)
+        from vmstate.migration.protocol import parse_address
         from .migrate import migrate_to
         return migrate_to(parse_address(self.migrate_to), self.connect_timeout,
                           self.with_files, root, self.image)

@@ -122,8 +122,8 @@ class VirtualMachine:
     @classmethod
     def restore(cls, kvm: Kvm, state: VmState, memory: GuestMemory, root: str) -> VirtualMachine:
         """A blank VM given `state`, over `memory` already holding the guest's memory (an
-        image mapped copy-on-write, or memory received from the network). Takes `memory`."""
-        check_restorable(state)
+        image mapped copy-on-write, or memory received from the network). Takes `memory`.
+        The caller has checked `state` with check_restorable (it sizes `memory` by it)."""
         region = state.memory[0]
         vm = cls(kvm, memory)
         try:

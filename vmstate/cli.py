@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_ERROR, EXIT_SIGNAL_BASE, FileMissingError, VmstateError
+from .errors import EXIT_ERROR, EXIT_SIGNAL_BASE, FileMissingError, VmstateError, describe_error
 from .units import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -281,8 +281,7 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_ERROR)
     except OSError as e:     # I/O outside the formats' own checks: disk full, permissions
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"vmstate: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"vmstate: {describe_error(e)}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except Exception as e:  # a bug in vmstate: one line, the traceback only on request
         if os.environ.get("VMSTATE_DEBUG"):

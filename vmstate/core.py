@@ -81,9 +81,10 @@ def _xstate(vcpu: VcpuState) -> bytes:
     """The XSAVE area as Linux writes it: XCR0 where gdb looks for it (x87 and SSE always count
     as enabled, since the legacy region holds them), cut to the size XCR0 implies."""
     xcr0 = dict(vcpu.xcrs).get(0, 0) | 0x3
-    area = bytearray(vcpu.xsave.ljust(_xsave_size(vcpu, xcr0), b"\0"))
+    size = _xsave_size(vcpu, xcr0)
+    area = bytearray(vcpu.xsave.ljust(size, b"\0")[:size])
     area[elf.XSAVE_XCR0_OFFSET:elf.XSAVE_XCR0_OFFSET + 8] = struct.pack("<Q", xcr0)
-    return bytes(area[:_xsave_size(vcpu, xcr0)])
+    return bytes(area)
 
 
 def _xsave_size(vcpu: VcpuState, xcr0: int) -> int:
@@ -281,6 +282,3 @@ class Core(FdOwner):
                                      lambda offset, length: metadata[offset:offset + length],
                                      None)
         raise self._error("no VMSTATE note: not a core written by vmstate split", 0)
-
-    def digest(self) -> int:
-        return self.source.digest()

@@ -341,7 +341,7 @@ def _write_fd(files, entry: OpenFile) -> None:
 
 def from_xml(data: bytes, source: str) -> HardwareDocument:
     """Parse, validate and convert a hardware document; `source` names it in messages."""
-    root = _parse(data, source)
+    root = parse_xml(data, source)
     try:
         _check_version(root)
         _validate(root, source)
@@ -360,7 +360,7 @@ def schema() -> etree.RelaxNG:
     return etree.RelaxNG(etree.fromstring(text))
 
 
-def _parse(data: bytes, source: str):
+def parse_xml(data: bytes, source: str):
     """The root element, parsed without DTDs, entities or network; a DOCTYPE is refused."""
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                              huge_tree=False, remove_blank_text=True)

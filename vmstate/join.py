@@ -16,11 +16,11 @@ import xxhash
 from . import xsave
 from .core import DIRECT_MAP_BASE, Core, Segment, guest_mappings
 from .errors import FormatError, VmstateError
-from .hwxml import HardwareDocument, XmlError, from_xml
+from .hwxml import HardwareDocument, XmlError, from_xml, parse_xml
 from .image.reader import ImageMetadata, checksum
 from .image.writer import write_image
 from .mapping import close_mapping, prefetch
-from .pages import bytemap_from_runs, merge_runs, runs_from_bytemap
+from .pages import merge_runs
 from .sparse import nonzero_pages_outside
 from .state import PAGE_SIZE, MemoryRegion, VmState
 from .validate import problems
@@ -126,9 +126,7 @@ def _check_layout(document: HardwareDocument, source: ImageMetadata, xml_path: s
 def _check_problems(state: VmState, xml_path: str, xml_data: bytes) -> None:
     found = problems(state)
     if found:
-        from lxml import etree
-        tree = etree.fromstring(xml_data, etree.XMLParser(resolve_entities=False,
-                                                          no_network=True, load_dtd=False))
+        tree = parse_xml(xml_data, xml_path)
         hits = tree.xpath(found[0].xpath.replace("/vmstate-hardware", "/*", 1))
         line = hits[0].sourceline if hits else tree.sourceline
         raise XmlError(f"{xml_path}:{line}: {found[0].message}")
@@ -138,6 +136,9 @@ class _Joined:
     def __init__(self, core: Core, memory: _CoreMemory, document: HardwareDocument,
                  source: ImageMetadata):
         self.core, self.memory, self.document, self.source = core, memory, document, source
+        self.added = [nonzero_pages_outside(core.fd, offset, view, region.present)
+                      for region, offset, view in zip(source.state.memory, memory.offsets,
+                                                      memory.views)]
         self.state = replace(document.state, memory=self._present_regions())
 
     def close(self) -> None:
@@ -146,13 +147,8 @@ class _Joined:
 
     def _present_regions(self) -> tuple[MemoryRegion, ...]:
         """The source's present pages, plus never-touched pages the core now holds data in."""
-        regions = []
-        for region, offset, view in zip(self.source.state.memory, self.memory.offsets,
-                                        self.memory.views):
-            added = nonzero_pages_outside(self.core.fd, offset, view, region.present)
-            regions.append(replace(region, present=merge_runs(tuple(sorted(
-                region.present + added)))))
-        return tuple(regions)
+        return tuple(replace(region, present=merge_runs(tuple(sorted(region.present + added))))
+                     for region, added in zip(self.source.state.memory, self.added))
 
     def result(self) -> JoinResult:
         return JoinResult(self.state, diff_states(self.source.state, self.state),
@@ -161,15 +157,11 @@ class _Joined:
     def _page_changes(self) -> list[PageChange]:
         mappings = sorted(guest_mappings(self.source, self._read_phys), key=lambda m: not m.user)
         changes = []
-        for i, (old, new) in enumerate(zip(self.source.state.memory, self.state.memory)):
+        for i, old in enumerate(self.source.state.memory):
             for page in self._changed_pages(i):
                 changes.append(self._change(old, page, "changed", mappings))
-            if new.present != old.present:
-                before = bytemap_from_runs(old.present, old.page_count)
-                after = bytemap_from_runs(new.present, new.page_count)
-                added = bytes(a & ~b for a, b in zip(after, before))
-                for page in _pages(runs_from_bytemap(added)):
-                    changes.append(self._change(old, page, "added", mappings))
+            for page in _pages(self.added[i]):
+                changes.append(self._change(old, page, "added", mappings))
         return sorted(changes, key=lambda c: c.physical)
 
     @staticmethod

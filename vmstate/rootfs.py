@@ -12,6 +12,7 @@ import posixpath
 
 SYS_openat2 = 437
 RESOLVE_NO_MAGICLINKS, RESOLVE_BENEATH = 0x02, 0x08
+MODE_BITS = 0o777     # set-uid, set-gid and sticky bits from a guest or a peer are never applied
 
 
 class _OpenHow(ctypes.Structure):
@@ -21,6 +22,11 @@ class _OpenHow(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+
+def open_root(root: str) -> int:
+    """An O_PATH descriptor of the directory that guest paths are resolved beneath."""
+    return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def open_beneath(root_fd: int, path: str, flags: int, mode: int = 0) -> int:

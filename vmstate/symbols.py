@@ -30,16 +30,6 @@ class Symbols:
         self._starts = [start for start, _, _ in entries]
         self._entries = entries
 
-    def describe(self, address: int) -> str | None:
-        """'name+0xoff' for an address inside a known function or object, else None."""
-        i = bisect.bisect_right(self._starts, address) - 1
-        if i < 0:
-            return None
-        start, size, name = self._entries[i]
-        if address < start + max(size, 1):
-            return name if address == start else f"{name}+{address - start:#x}"
-        return None
-
     def in_range(self, start: int, end: int) -> list[str]:
         """Names of the symbols that overlap [start, end), by address."""
         first = max(bisect.bisect_right(self._starts, start) - 1, 0)

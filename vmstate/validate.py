@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import x86
+from . import x86, xsave
 from .rootfs import normalize_guest_path
 from .state import FD_FILE, VmState
 
 
-XSAVE_MIN, XSAVE_MAX = 576, 1 << 16     # legacy region + header; far above any CPU's size
+XSAVE_MIN = xsave.XSAVE_HEADER_OFFSET + xsave.XSAVE_HEADER_SIZE    # legacy region + header
+XSAVE_MAX = 1 << 16                                                 # far above any CPU's size
 MAX_XCRS = 16                           # what struct kvm_xcrs holds
 
 

@@ -50,9 +50,3 @@ def encode(fpu: FpuState, xsave: bytes) -> bytes:
         area[XMM_OFFSET + 16 * i:XMM_OFFSET + 16 * (i + 1)] = value
     return bytes(area)
 
-
-def xstate_bv(xsave: bytes) -> int:
-    """Which state components the XSAVE header says are present (0 without a header)."""
-    if len(xsave) < XSAVE_HEADER_OFFSET + 8:
-        return 0
-    return int.from_bytes(xsave[XSAVE_HEADER_OFFSET:XSAVE_HEADER_OFFSET + 8], "little")

@@ -14,6 +14,8 @@ tables is schemas/image-format.md; every structure is declared here once and use
 
 import struct
 
+from ..state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT
+
 MAGIC = b"VMSTATE\0"
 VERSION_MAJOR, VERSION_MINOR = 1, 0
 PAGE = 4096
@@ -56,7 +58,7 @@ CPUID_ENTRY = struct.Struct("<7I4x")            # function index flags eax ebx e
 REGION = struct.Struct("<QQQI4x")               # guest_phys_addr, size, data_offset, extent_count
 EXTENT = struct.Struct("<QQQ")                  # first_page, page_count, hash of the data
 FILE_ENTRY = struct.Struct("<iBxxxIIQI4x")      # fd kind flags mode offset path_length (path follows)
-FILE_KINDS = ("file", "stdin", "stdout", "stderr")
+FILE_KINDS = (FD_FILE, FD_STDIN, FD_STDOUT, FD_STDERR)     # the kind byte indexes this
 STRING = struct.Struct("<I4x")                  # byte length; the bytes follow, padded to 8
 ADDRESS_SPACE = struct.Struct("<6QI4x")         # user_start user_end brk_start brk mmap_low mmap_top free_count
 FREE_RANGE = struct.Struct("<QQ")               # start, length

@@ -64,6 +64,15 @@ def checksum(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
+HASH_WORKERS = 2        # xxhash releases the GIL: large buffers are hashed in parallel
+
+
+def checksums(buffers) -> list[int]:
+    """The checksum of each buffer, HASH_WORKERS at a time."""
+    with ThreadPoolExecutor(HASH_WORKERS) as pool:
+        return list(pool.map(checksum, buffers))
+
+
 class ImageMetadata:
     """An image's header, section table and decoded sections, checked. `read(offset, length)`
     gives the file's bytes. A file_size of None means only the metadata is at hand (the copy
@@ -188,14 +197,14 @@ class ImageMetadata:
             try:
                 if entry.type in codec.VCPU_DECODERS:
                     field, decode = codec.VCPU_DECODERS[entry.type]
-                    self._once(vcpu_parts[entry.instance], field, decode(data), entry)
+                    self._once(vcpu_parts[entry.instance], field, decode(data))
                 elif entry.type == L.MEMORY_REGION:
-                    self._once(regions, entry.instance, self._decode_region(data), entry)
+                    self._once(regions, entry.instance, self._decode_region(data))
                 elif entry.type in VMM_DECODERS:
                     if entry.instance:
                         raise ValueError("VMM sections have instance 0")
                     field, decode = VMM_DECODERS[entry.type]
-                    self._once(vmm, field, decode(data), entry)
+                    self._once(vmm, field, decode(data))
                 elif entry.flags & L.SECTION_OPTIONAL:
                     extra.append(ExtraSection(entry.type, entry.instance, entry.flags, data))
                 else:
@@ -207,7 +216,7 @@ class ImageMetadata:
                        vmm=self._assemble_vmm(vmm), extra=tuple(extra))
 
     @staticmethod
-    def _once(parts: dict, field: str, value, entry: SectionEntry) -> None:
+    def _once(parts: dict, field: str, value) -> None:
         if field in parts:
             raise ValueError("appears twice")
         parts[field] = value
@@ -290,6 +299,16 @@ class ImageMetadata:
 
 
 
+    def bad_extent(self, region_views: list[memoryview]) -> tuple[int, Extent] | None:
+        """The first extent, as (region index, extent), whose bytes in `region_views` (each
+        region's memory, wherever it is) fail their checksum; None if all pass."""
+        extents = [(i, e) for i, data in enumerate(self.region_data) for e in data.extents]
+        digests = checksums(region_views[i][e.first_page * PAGE_SIZE:
+                                            (e.first_page + e.page_count) * PAGE_SIZE]
+                            for i, e in extents)
+        return next(((i, e) for (i, e), digest in zip(extents, digests) if digest != e.hash),
+                    None)
+
 class Image(ImageMetadata, FdOwner):
     """A checked image file. `state` is the VM state; memory stays in the file."""
 
@@ -337,30 +356,21 @@ class Image(ImageMetadata, FdOwner):
                                   "a page recorded as never touched holds data (the memory is "
                                   "corrupt)", data.data_offset + page * PAGE_SIZE)
 
-    def extent_jobs(self):
-        for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
-            view = self.region_view(index)
-            for extent in data.extents:
-                start = extent.first_page * PAGE_SIZE
-                yield region, data, extent, view[start:start + extent.page_count * PAGE_SIZE]
-
-    def verify_memory(self, workers: int = 2) -> None:
+    def verify_memory(self) -> None:
         """Check every memory extent's checksum, and that absent pages read as zero;
         ImageError names the first bad place."""
         self._check_holes()
         prefetch(self._map, [(data.data_offset + e.first_page * PAGE_SIZE,
-                                    e.page_count * PAGE_SIZE)
-                                   for data in self.region_data for e in data.extents])
-        jobs = list(self.extent_jobs())
-        with ThreadPoolExecutor(workers) as pool:
-            results = pool.map(lambda job: checksum(job[3]) == job[2].hash, jobs)
-            for (region, data, extent, _), ok in zip(jobs, results):
-                if not ok:
-                    gpa = region.guest_phys_addr + extent.first_page * PAGE_SIZE
-                    end = gpa + extent.page_count * PAGE_SIZE
-                    raise self._error(f"guest memory {gpa:#x}-{end:#x} fails its checksum (the "
-                                      "memory is corrupt)",
-                                      data.data_offset + extent.first_page * PAGE_SIZE)
+                              e.page_count * PAGE_SIZE)
+                             for data in self.region_data for e in data.extents])
+        bad = self.bad_extent([self.region_view(i) for i in range(len(self.state.memory))])
+        if bad is not None:
+            index, extent = bad
+            gpa = self.state.memory[index].guest_phys_addr + extent.first_page * PAGE_SIZE
+            end = gpa + extent.page_count * PAGE_SIZE
+            raise self._error(f"guest memory {gpa:#x}-{end:#x} fails its checksum (the memory is "
+                              "corrupt)",
+                              self.region_data[index].data_offset + extent.first_page * PAGE_SIZE)
 
 
 VMM_DECODERS = {

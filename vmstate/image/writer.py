@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..atomic import atomic_output
@@ -19,7 +18,7 @@ from ..progress import progress_bar
 from ..state import PAGE_SIZE, VmState
 from . import codec
 from . import layout as L
-from .reader import MAX_SECTION_SIZE, checksum
+from .reader import MAX_SECTION_SIZE, checksum, checksums
 
 MAX_WRITE = 1 << 30          # Linux writes at most ~2 GiB per call; keep calls well below
 
@@ -50,11 +49,10 @@ def _extent_views(state: VmState, region_views) -> list[list[tuple[int, int, mem
     return per_region
 
 
-def plan_image(state: VmState, region_views: list[memoryview], workers: int = 2) -> ImagePlan:
+def plan_image(state: VmState, region_views: list[memoryview]) -> ImagePlan:
     """Lay out the whole file and checksum every part (memory checksums in parallel)."""
     extents = _extent_views(state, region_views)
-    with ThreadPoolExecutor(workers) as pool:
-        hashes = [list(pool.map(lambda e: checksum(e[2]), region)) for region in extents]
+    hashes = [checksums(e[2] for e in region) for region in extents]
 
     sections: list[tuple[int, int, int, bytes | None]] = []   # type, flags, instance, payload
     for vcpu in state.vcpus:

@@ -76,7 +76,7 @@ def recv_reply(sock: socket.socket) -> tuple[int, str]:
     return status, "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
-def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
+def parse_address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     try:
         number = int(port)
@@ -84,4 +84,4 @@ def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
         raise VmstateError(f"bad address {text!r} (expected HOST:PORT)") from None
     if not 0 < number < 65536:
         raise VmstateError(f"bad port {number} in {text!r}")
-    return (host or default_host).strip("[]"), number
+    return host.strip("[]"), number

@@ -13,7 +13,6 @@ import os
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -22,10 +21,10 @@ import xxhash
 from ..atomic import PendingFile
 from ..errors import ImageError, describe_error
 from ..image import layout as L
-from ..image.reader import Image, ImageMetadata, checksum
+from ..image.reader import Image, ImageMetadata
 from ..image.writer import MemoryPiece, pwrite_all, write_memory
 from ..mapping import close_mapping
-from ..rootfs import open_directory_beneath
+from ..rootfs import MODE_BITS, open_directory_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE
 from ..validate import is_inside_root
 from . import protocol as P
@@ -34,7 +33,6 @@ IDLE_TIMEOUT = 60            # seconds a sender may stay silent mid-stream
 DRAIN_TIME = 30              # after a failure, read (and drop) what the sender still sends
 MAX_METADATA = 1 << 28
 MAX_PATH = 4096
-FILE_MODE_BITS = 0o777       # set-id and sticky bits from a peer are never applied
 
 
 class Refused(P.ProtocolError):
@@ -187,7 +185,7 @@ def _receive_file(sock: socket.socket, received: Received, root_fd: int, length:
     directory, name = os.path.split(path)
     dir_fd = open_directory_beneath(root_fd, directory, create=True)
     try:
-        pending = PendingFile(directory or ".", name, mode & FILE_MODE_BITS or 0o644, dir_fd)
+        pending = PendingFile(directory or ".", name, mode & MODE_BITS or 0o644, dir_fd)
     finally:
         os.close(dir_fd)
     received.files.append(ReceivedFile(path, pending))     # discarded on any failure
@@ -216,15 +214,12 @@ def discard_files(received: Received) -> None:
 
 def verify_extents(metadata: ImageMetadata, region_views: list[memoryview]) -> None:
     """Every extent's checksum, computed over where the memory landed."""
-    jobs = [(i, e, region_views[i][e.first_page * PAGE_SIZE:
-                                   (e.first_page + e.page_count) * PAGE_SIZE])
-            for i, data in enumerate(metadata.region_data) for e in data.extents]
-    with ThreadPoolExecutor(2) as pool:
-        for (i, extent, _), digest in zip(jobs, pool.map(lambda job: checksum(job[2]), jobs)):
-            if digest != extent.hash:
-                gpa = metadata.state.memory[i].guest_phys_addr + extent.first_page * PAGE_SIZE
-                raise ImageError(f"guest memory {gpa:#x} fails its checksum: corrupted in "
-                                 "transit", "stream")
+    bad = metadata.bad_extent(region_views)
+    if bad is not None:
+        index, extent = bad
+        gpa = metadata.state.memory[index].guest_phys_addr + extent.first_page * PAGE_SIZE
+        raise ImageError(f"guest memory {gpa:#x} fails its checksum: corrupted in transit",
+                         "stream")
 
 
 class ImageFileSink:
@@ -331,7 +326,7 @@ def serve(bind: str, port: int, handle: Callable[[Connection], None], once: bool
 def store_received(connection: Connection, root: str, output: str, max_size: int,
                    log=sys.stderr) -> str:
     """Receive one VM into `output` (an image file), after checking all of it."""
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = open_root(root)
     sink = ImageFileSink(output)
     try:
         received = receive_vm(connection.sock, sink, root_fd, max_size)

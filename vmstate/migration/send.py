@@ -15,7 +15,7 @@ import xxhash
 from ..image.reader import checksum
 from ..image.writer import ImagePlan
 from ..progress import progress_bar
-from ..rootfs import open_beneath
+from ..rootfs import open_beneath, open_root
 from ..state import FD_FILE, VmState
 from . import protocol as P
 
@@ -39,7 +39,7 @@ def guest_files(state: VmState, root: str) -> list[GuestFile]:
     """Open (beneath `root`) each regular file the guest has open, once per path; directories
     and other special files are not carried (the receiver opens them under its root)."""
     files: list[GuestFile] = []
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = open_root(root)
     try:
         seen = set()
         for f in state.vmm.files:
