@@ -5,8 +5,9 @@ from __future__ import annotations
 from vmstate.state import VcpuState
 
 from . import abi, machine, vcpu_state
-from .address_space import UserAddressSpace
-from .files import FileTable
+from linux_personality.address_space import UserAddressSpace
+from linux_personality.fdtable import FileTable
+
 from .kvm import Kvm
 from .loader import build_stack, heap_start, inspect_program, load_program
 from .memory import GuestMemory
@@ -22,7 +23,7 @@ def boot(kvm: Kvm, program_path: str, argv: list[str], memory_size: int,
         for addr, data in machine.boot_structures(memory_size):
             vm.memory.write_phys(addr, data)
         vm.address_space = UserAddressSpace.fresh(vm.memory, machine.USER_START,
-                                                  heap_start(program))
+                                                  heap_start(program), vm.memory.size)
         vm.memory.set_user_range(machine.USER_START, vm.address_space.state.user_end)
         load_program(program, vm.memory, vm.address_space.state.mmap_top)
         rsp = build_stack(vm.memory, program, argv, vm.address_space.stack_top)

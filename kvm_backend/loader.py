@@ -17,7 +17,8 @@ from vmstate.errors import ProgramError
 from vmstate.fd import open_to_read
 from vmstate.state import PAGE_SIZE
 
-from .address_space import page_up
+from linux_personality.address_space import page_up
+
 from .machine import USER_START
 from .memory import GuestMemory
 

@@ -1,4 +1,5 @@
-"""Guest physical memory: one host mapping that KVM uses as memory slot 0.
+"""Guest physical memory: one host mapping that KVM uses as memory slot 0 (and the
+personality's GuestMemory, see linux_personality.cpu).
 
 A fresh VM gets anonymous memory; a restored VM maps the image's memory privately (copy on
 write), so restoring costs no copy. Guest addresses are identity-mapped (virtual == physical),
@@ -11,14 +12,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+from linux_personality.cpu import GuestFault
 from vmstate.mapping import close_mapping
 from vmstate.state import PAGE_SIZE
 
 MAP_NORESERVE = 0x4000  # <sys/mman.h>; Python's mmap module does not export it
-
-
-class GuestFault(Exception):
-    """A guest-supplied pointer does not lie in guest user memory (the call gets -EFAULT)."""
 
 
 class GuestMemory:

@@ -16,13 +16,15 @@ from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytema
 from vmstate.validate import problems
 from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
 
+from linux_personality import CallInterrupted, GuestExit, Personality, SaveRequested
+from linux_personality.address_space import UserAddressSpace
+from linux_personality.cpu import GuestFault
+from linux_personality.fdtable import FileTable
+
 from . import abi, machine, vcpu_state
-from .address_space import UserAddressSpace
-from .files import FileTable
 from .kvm import HltExit, InterruptedExit, Kvm, KvmUnavailable, MmioExit, ShutdownExit, Vcpu
-from .memory import GuestFault, GuestMemory
+from .memory import GuestMemory
 from .stop import StopRequest
-from .syscalls import CallInterrupted, GuestExit, LinuxSyscalls, SaveRequested
 
 SYSRET_RFLAGS_MASK = 0x3C7FD7       # the RFLAGS bits sysretq takes from R11 (RF and VM cleared)
 SYSCALL_INSTRUCTION = b"\x0f\x05"
@@ -56,6 +58,7 @@ SaveHandler = Callable[[VmState, list[memoryview]], str]
 
 
 SYNC_REGS = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+SEGMENT_BASES = {"fs_base": "fs", "gs_base": "gs"}
 
 
 def open_kvm() -> Kvm:
@@ -147,16 +150,15 @@ class VirtualMachine:
             gate: Callable[[], None] | None = None) -> Outcome:
         """Run until the guest exits, faults, or is saved through `save`. `gate` is called
         before the VMM acts on the guest's first exit (restore verifies memory there)."""
-        syscalls = LinuxSyscalls(self.memory, self.files, self.address_space, _SyncedCpu(self),
-                                 trace=trace, stop_fd=self.stop.cancel_fd,
-                                 save_enabled=save is not None)
+        syscalls = Personality(KvmCpu(self), self.files, self.address_space, trace=trace,
+                               stop_fd=self.stop.cancel_fd, save_enabled=save is not None)
         timing_mark("first-kvm-run")
         try:
             return self._run_loop(syscalls, save, gate)
         finally:
             self.stop.stopped()
 
-    def _run_loop(self, syscalls: LinuxSyscalls, save: SaveHandler | None,
+    def _run_loop(self, syscalls: Personality, save: SaveHandler | None,
                   gate: Callable[[], None] | None) -> Outcome:
         while True:
             exit = self.vcpu.run()
@@ -182,28 +184,27 @@ class VirtualMachine:
                     rip = self.vcpu.run_page.s.regs.rip
                     return Faulted(f"unexpected KVM exit {exit} at rip {rip:#x}", x86.SIGSEGV)
 
-    def _service_syscall(self, syscalls: LinuxSyscalls, save: SaveHandler | None
+    def _service_syscall(self, syscalls: Personality, save: SaveHandler | None
                          ) -> Outcome | None:
         regs = self.vcpu.run_page.s.regs
         nr, args = regs.rax, (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
         try:
-            result = syscalls.dispatch(nr, args)
+            syscalls.serve()
         except GuestExit as e:
             return Exited(e.status)
         except SaveRequested:
-            self._return_to_user(0)             # after the restore, syscall(400) returns 0
+            self.return_to_user(0)             # after the restore, syscall(400) returns 0
             return self._save(save, pending=None)
         except CallInterrupted:
             try:
                 pending = self._rewind_to_syscall(nr, args)
             except GuestFault:            # not a syscall instruction the guest can re-issue:
-                self._return_to_user(-errno.EINTR)      # the call fails as interrupted
+                self.return_to_user(-errno.EINTR)      # the call fails as interrupted
                 pending = None
             return self._save(save, pending=pending)
-        self._return_to_user(result)
         return None
 
-    def _return_to_user(self, result: int) -> None:
+    def return_to_user(self, result: int) -> None:
         """Do what `sysretq` would: RAX = result, RIP = RCX, RFLAGS from R11, user CS/SS
         (needed on hardware KVM, where `syscall` entered ring 0; PVM stays in ring 3)."""
         regs = self.vcpu.run_page.s.regs
@@ -310,15 +311,27 @@ def check_restorable(state: VmState) -> None:
         raise RestoreError(problem.message)
 
 
-class _SyncedCpu:
-    """FS/GS bases through the kvm_run sync registers (no extra ioctl per system call)."""
+class KvmCpu:
+    """The personality's Cpu (linux_personality.cpu) over vCPU 0: registers through the kvm_run
+    sync registers (no extra ioctl per system call)."""
 
     def __init__(self, vm: VirtualMachine):
+        self.vm = vm
+        self.memory = vm.memory
         self.run = vm.vcpu.run_page
 
-    def segment_base(self, name: str) -> int:
-        return getattr(self.run.s.sregs, name).base
+    def read_register(self, name: str) -> int:
+        if name in SEGMENT_BASES:
+            return getattr(self.run.s.sregs, SEGMENT_BASES[name]).base
+        return getattr(self.run.s.regs, name)
 
-    def set_segment_base(self, name: str, value: int) -> None:
-        getattr(self.run.s.sregs, name).base = value
-        self.run.kvm_dirty_regs |= abi.KVM_SYNC_X86_SREGS
+    def write_register(self, name: str, value: int) -> None:
+        if name in SEGMENT_BASES:
+            getattr(self.run.s.sregs, SEGMENT_BASES[name]).base = value
+            self.run.kvm_dirty_regs |= abi.KVM_SYNC_X86_SREGS
+        else:
+            setattr(self.run.s.regs, name, value & 0xFFFFFFFFFFFFFFFF)
+            self.run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS
+
+    def return_to_user(self, result: int) -> None:
+        self.vm.return_to_user(result)

@@ -12,7 +12,7 @@ import struct
 
 from vmstate.linux import flag_names, open_flag_names
 
-from .memory import GuestFault, GuestMemory
+from .cpu import GuestFault, GuestMemory
 from vmstate.syscall_names import SYSCALL_NAMES
 
 SHOWN_BYTES = 32

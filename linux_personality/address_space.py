@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from vmstate.state import PAGE_SIZE, AddressSpace
 
-from .memory import GuestMemory
+from .cpu import GuestMemory
 
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 DEFAULT_STACK_SIZE = 8 << 20
@@ -32,10 +32,11 @@ class UserAddressSpace:
         self.memory = memory
 
     @classmethod
-    def fresh(cls, memory: GuestMemory, user_start: int, heap_start: int) -> UserAddressSpace:
-        stack_size = min(DEFAULT_STACK_SIZE, memory.size // 8)
-        top = memory.size - stack_size
-        return cls(AddressSpace(user_start=user_start, user_end=memory.size, brk_start=heap_start,
+    def fresh(cls, memory: GuestMemory, user_start: int, heap_start: int,
+              user_end: int) -> UserAddressSpace:
+        stack_size = min(DEFAULT_STACK_SIZE, user_end // 8)
+        top = user_end - stack_size
+        return cls(AddressSpace(user_start=user_start, user_end=user_end, brk_start=heap_start,
                                 brk=heap_start, mmap_low=top, mmap_top=top), memory)
 
     @property

@@ -1,0 +1,16 @@
+"""System calls that do not return to the guest now: the backend's run loop handles these."""
+
+
+class GuestExit(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+class SaveRequested(Exception):
+    """The guest asked for a SAVE (syscall 400)."""
+
+
+class CallInterrupted(Exception):
+    """A blocking call was interrupted by a host request to stop the VM; the guest will
+    re-issue it when it resumes."""
