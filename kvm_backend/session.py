@@ -6,6 +6,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
 from vmstate.errors import VmstateError
 from vmstate.image.reader import Image
@@ -62,11 +63,11 @@ def save_to_file(path: str) -> SaveHandler:
 
 
 def run_program(program: str, argv: list[str], memory_size: int, root: str,
-                save: SaveOptions, trace=None) -> Outcome:
+                save: SaveOptions, trace=None, options: GuestOptions = GuestOptions()) -> Outcome:
     memory_size = check_memory_size(memory_size)
     from .boot import boot          # the ELF loader is not needed to restore
     kvm = open_kvm()
-    with boot(kvm, program, argv, memory_size, root) as vm:
+    with boot(kvm, program, argv, memory_size, root, options) as vm:
         vm.stop.on_signals(save.signals)
         return vm.run(trace=trace, save=save.handler(root))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import struct
 import time
 from dataclasses import dataclass
@@ -16,10 +17,13 @@ from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytema
 from vmstate.validate import problems
 from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
 
-from linux_personality import CallInterrupted, GuestExit, Personality, SaveRequested
+from linux_personality import (
+    CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.cpu import GuestFault
 from linux_personality.fdtable import FileTable
+from linux_personality.identity import Identity
+from linux_personality.signals import SignalState
 
 from . import abi, machine, vcpu_state
 from .kvm import HltExit, InterruptedExit, Kvm, KvmUnavailable, MmioExit, ShutdownExit, Vcpu
@@ -101,6 +105,9 @@ class VirtualMachine:
         self.files: FileTable | None = None
         self.address_space: UserAddressSpace | None = None
         self.program, self.argv = "", ()
+        self.identity = Identity()
+        self.signals = SignalState()
+        self.max_file_size: int | None = None
         self.star = machine.STAR
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.stop = StopRequest(self.vcpu.run_page)
@@ -150,8 +157,10 @@ class VirtualMachine:
             gate: Callable[[], None] | None = None) -> Outcome:
         """Run until the guest exits, faults, or is saved through `save`. `gate` is called
         before the VMM acts on the guest's first exit (restore verifies memory there)."""
-        syscalls = Personality(KvmCpu(self), self.files, self.address_space, trace=trace,
-                               stop_fd=self.stop.cancel_fd, save_enabled=save is not None)
+        syscalls = Personality(KvmCpu(self), self.files, self.address_space,
+                               program=self.program, trace=trace, stop_fd=self.stop.cancel_fd,
+                               save_enabled=save is not None, max_file_size=self.max_file_size,
+                               identity=self.identity, signals=self.signals)
         timing_mark("first-kvm-run")
         try:
             return self._run_loop(syscalls, save, gate)
@@ -192,6 +201,10 @@ class VirtualMachine:
             syscalls.serve()
         except GuestExit as e:
             return Exited(e.status)
+        except GuestKilled as e:
+            name = signal.Signals(e.signal).name if e.signal in signal.valid_signals() \
+                else f"signal {e.signal}"
+            return Faulted(f"guest killed by {name}", e.signal)
         except SaveRequested:
             self.return_to_user(0)             # after the restore, syscall(400) returns 0
             return self._save(save, pending=None)

@@ -11,12 +11,14 @@ interface in cpu.py and, each time its guest executes `syscall`, calls Personali
 
 serve() reads the number and arguments, runs the handler and returns to the guest, or raises
 one of stops.GuestExit / SaveRequested / CallInterrupted for the backend's run loop. Handlers
-live in one module per subsystem (files, memory, processes, clock) and register themselves
+live in one module per subsystem (files, descriptors, directories, memory, processes,
+signals, clock, identity) and register themselves
 in table.SYSCALLS; the state they share (file table, address space) is in kernel.Personality.
 """
 
-from . import clock, files, memory, processes  # noqa: F401  (they register their calls)
+from . import (  # noqa: F401  (they register their calls)
+    clock, descriptors, directories, files, identity, memory, processes, signals)
 from .kernel import Personality
-from .stops import CallInterrupted, GuestExit, SaveRequested
+from .stops import CallInterrupted, GuestExit, GuestKilled, SaveRequested
 
-__all__ = ["Personality", "GuestExit", "SaveRequested", "CallInterrupted"]
+__all__ = ["Personality", "GuestExit", "GuestKilled", "SaveRequested", "CallInterrupted"]

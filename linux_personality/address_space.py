@@ -19,6 +19,7 @@ from vmstate.state import PAGE_SIZE, AddressSpace
 from .cpu import GuestMemory
 
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_FIXED_NOREPLACE = 0x100000
 DEFAULT_STACK_SIZE = 8 << 20
 
 
@@ -52,13 +53,19 @@ class UserAddressSpace:
         return self.state.brk
 
     def mmap(self, addr: int, length: int, flags: int, host_fd: int | None, offset: int) -> int:
-        """Returns the address, or a negative errno. Only anonymous and private file mappings."""
-        if length <= 0 or flags & MAP_FIXED or offset % PAGE_SIZE:
+        """Returns the address, or a negative errno. Only anonymous and private file mappings
+        (a shared anonymous mapping is private too: one process sees it)."""
+        if length <= 0 or length >= 1 << 47 or offset % PAGE_SIZE:
             return -errno.EINVAL
         if not flags & MAP_ANONYMOUS and (flags & MAP_SHARED or host_fd is None):
             return -errno.ENODEV if host_fd is not None else -errno.EBADF
         size = page_up(length)
-        start = self._take_free_range(size)
+        if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
+            start = self._take_fixed_range(addr, size)
+            if start < 0:
+                return start
+        else:
+            start = self._take_free_range(size)
         if start is None:
             start = self.state.mmap_low - size
             if start < page_up(self.state.brk):
@@ -82,10 +89,43 @@ class UserAddressSpace:
                 return taken
         return None
 
+    def _take_fixed_range(self, addr: int, size: int) -> int:
+        """MAP_FIXED: the range must lie in user memory above the break; it is handed out
+        zeroed, and the mmap area grows down to it if it lies below."""
+        s = self.state
+        if addr % PAGE_SIZE:
+            return -errno.EINVAL
+        if addr < page_up(s.brk) or addr + size > s.mmap_top:
+            return -errno.ENOMEM
+        self.memory.zero(addr, size)
+        self.state = replace(s, mmap_low=min(s.mmap_low, addr),
+                             free_ranges=_remove_range(s.free_ranges, addr, size))
+        return addr
+
+    def mremap(self, addr: int, old_length: int, new_length: int, may_move: bool) -> int:
+        """Shrink in place, or grow by moving (the contents copied, the old range freed)."""
+        old_size, new_size = page_up(old_length), page_up(new_length)
+        if addr % PAGE_SIZE or new_size == 0:
+            return -errno.EINVAL
+        if not self.in_user_memory(addr, old_size):
+            return -errno.EFAULT
+        if new_size <= old_size:
+            if new_size < old_size:
+                self.munmap(addr + new_size, old_size - new_size)
+            return addr
+        if not may_move:
+            return -errno.ENOMEM
+        new = self.mmap(0, new_size, MAP_PRIVATE | MAP_ANONYMOUS, None, 0)
+        if new < 0:
+            return new
+        self.memory.write(new, self.memory.read(addr, old_size))
+        self.munmap(addr, old_size)
+        return new
+
     def munmap(self, addr: int, length: int) -> int:
         s = self.state
         size = page_up(length)
-        if addr % PAGE_SIZE or length <= 0:
+        if addr % PAGE_SIZE or length <= 0 or addr + size > 1 << 64:
             return -errno.EINVAL
         if addr < s.mmap_low or addr + size > s.mmap_top:
             return 0    # Linux accepts unmapping what is not mapped
@@ -105,3 +145,18 @@ def _insert_range(ranges, addr: int, size: int) -> tuple[tuple[int, int], ...]:
         else:
             merged.append([start, length])
     return tuple((start, length) for start, length in merged)
+
+
+def _remove_range(ranges, addr: int, size: int) -> tuple[tuple[int, int], ...]:
+    """Take [addr, addr+size) out of a list of free ranges."""
+    left = []
+    for start, length in ranges:
+        end = start + length
+        if end <= addr or start >= addr + size:
+            left.append((start, length))
+            continue
+        if start < addr:
+            left.append((start, addr - start))
+        if end > addr + size:
+            left.append((addr + size, end - addr - size))
+    return tuple(left)

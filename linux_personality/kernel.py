@@ -9,20 +9,25 @@ returns -ENOSYS (and shows in --trace).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
+import stat
 import struct
 
-from vmstate.rootfs import normalize_guest_path, open_beneath
-from vmstate.state import FD_FILE, FD_STDIN
+from vmstate.state import FD_FILE
 
 from .address_space import UserAddressSpace
 from .cpu import SYSCALL_ARG_REGISTERS, Cpu, GuestFault, GuestMemory
-from .fdtable import FileTable
+from .fdtable import FD_PIPE, FileTable
+from .identity import Identity
+from .signals import SignalState
+from .paths import PATH_MAX, error
 from .stops import CallInterrupted
 from .table import SYSCALLS, Syscall, signed32
 from .trace import AT_FDCWD, format_call
 
+GUEST_PID = 1
 IOV_MAX = 1024
 IOVEC = struct.Struct("<QQ")
 STAT = struct.Struct("<QQQIIIIQqqqQQQQQQ24x")       # struct stat, x86-64 (144 bytes)
@@ -30,10 +35,18 @@ STAT = struct.Struct("<QQQIIIIQqqqQQQQQQ24x")       # struct stat, x86-64 (144 b
 
 class Personality:
     def __init__(self, cpu: Cpu, files: FileTable, address_space: UserAddressSpace, *,
-                 trace=None, stop_fd: int | None = None, save_enabled: bool = False):
+                 program: str = "", trace=None, stop_fd: int | None = None,
+                 save_enabled: bool = False, max_file_size: int | None = None,
+                 identity: Identity | None = None, signals: SignalState | None = None):
         self.cpu = cpu
+        self.program = program
+        self.pid, self.parent_pid = GUEST_PID, 0
+        self.identity = identity or Identity()
+        self.signals = signals or SignalState()
+        self.max_file_size = max_file_size
         self.memory: GuestMemory = cpu.memory
         self.files = files
+        self.namespace = files.namespace
         self.address_space = address_space
         self.trace = trace
         self.stop_fd = stop_fd
@@ -80,9 +93,10 @@ class Personality:
         return self.files.get(signed32(fd)).host_fd
 
     def wait_readable(self, fd: int) -> None:
-        """Block until guest fd `fd` can be read, unless the host asks the VM to stop."""
+        """Block until guest fd `fd` can be read, unless the host asks the VM to stop (then
+        the call is re-issued after the save: the guest sees no EINTR)."""
         guest_file = self.files.get(signed32(fd))
-        if self.stop_fd is None or guest_file.entry.kind != FD_STDIN:
+        if self.stop_fd is None or not guest_file.may_block:
             return
         ready, _, _ = select.select([guest_file.host_fd, self.stop_fd], [], [])
         if self.stop_fd in ready:
@@ -98,14 +112,29 @@ class Personality:
                 self.memory.mark_written(base, length)
         return views
 
+    def path(self, addr: int) -> str:
+        """A path argument: -EFAULT if unreadable, -ENAMETOOLONG past PATH_MAX."""
+        try:
+            return os.fsdecode(self.memory.read_cstring(addr, PATH_MAX))
+        except GuestFault:
+            self.memory.check(addr, PATH_MAX)
+            raise error(errno.ENAMETOOLONG) from None
+
+    def directory_path(self, dirfd: int) -> str:
+        """The guest path of the directory a *at call's dirfd names (AT_FDCWD: the cwd)."""
+        if signed32(dirfd) == AT_FDCWD:
+            return self.namespace.cwd
+        guest_file = self.files.get(signed32(dirfd))
+        if guest_file.entry.kind != FD_FILE or not stat.S_ISDIR(os.fstat(guest_file.host_fd).st_mode):
+            raise error(errno.ENOTDIR)
+        path = guest_file.entry.path
+        return "/" if path == "." else "/" + path
+
     def resolve(self, dirfd: int, path_addr: int) -> str:
-        path = os.fsdecode(self.memory.read_cstring(path_addr))
-        if signed32(dirfd) != AT_FDCWD and not path.startswith("/"):
-            directory = self.files.get(signed32(dirfd)).entry
-            if directory.kind != FD_FILE:
-                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            path = f"{directory.path}/{path}"
-        return path
+        """The absolute guest path named by (dirfd, path)."""
+        path = self.path(path_addr)
+        base = None if path.startswith("/") else self.directory_path(dirfd)
+        return self.namespace.absolute(path, base)
 
     def write_stat(self, st: os.stat_result, addr: int) -> int:
         self.memory.write(addr, STAT.pack(
@@ -114,10 +143,43 @@ class Personality:
             int(st.st_mtime), st.st_mtime_ns % 10**9, int(st.st_ctime), st.st_ctime_ns % 10**9))
         return 0
 
-    def stat_path(self, path: str, addr: int, nofollow: bool) -> int:
-        flags = os.O_PATH | (os.O_NOFOLLOW if nofollow else 0)
-        host_fd = open_beneath(self.files.root_fd, normalize_guest_path(path), flags, 0)
+    def stat_path(self, path: str, nofollow: bool) -> os.stat_result:
+        host_fd = self.namespace.open(path, os.O_PATH | (os.O_NOFOLLOW if nofollow else 0))
         try:
-            return self.write_stat(os.fstat(host_fd), addr)
+            return os.fstat(host_fd)
         finally:
             os.close(host_fd)
+
+    def limit_file_size(self, host_fd: int, data, offset: int | None = None):
+        """`data` cut to what --max-file-size lets a write at `offset` (default: the fd's
+        position) put in the file; EFBIG if nothing fits, as with RLIMIT_FSIZE."""
+        if self.max_file_size is None:
+            return data
+        mode = os.fstat(host_fd)
+        if not stat.S_ISREG(mode.st_mode):
+            return data
+        if offset is None:
+            appending = fcntl.fcntl(host_fd, fcntl.F_GETFL) & os.O_APPEND
+            offset = mode.st_size if appending else os.lseek(host_fd, 0, os.SEEK_CUR)
+        room = self.max_file_size - offset
+        if room <= 0 and len(data):
+            raise error(errno.EFBIG)
+        return data[:room]
+
+    def program_guest_path(self) -> str:
+        """/proc/self/exe: the program's path in the guest's namespace, if it lies inside the
+        root, else its host path."""
+        host_fd = os.open(self.program, os.O_PATH | os.O_CLOEXEC)
+        try:
+            return self.namespace.guest_path(host_fd) or os.path.abspath(self.program)
+        finally:
+            os.close(host_fd)
+
+    def fd_guest_path(self, fd: int) -> str:
+        guest_file = self.files.get(fd)
+        entry = guest_file.entry
+        if entry.kind == FD_FILE:
+            return "/" if entry.path == "." else "/" + entry.path
+        if entry.kind == FD_PIPE:
+            return f"pipe:[{os.fstat(guest_file.host_fd).st_ino}]"
+        return os.readlink(f"/proc/self/fd/{guest_file.host_fd}")

@@ -1,11 +1,17 @@
-"""Memory system calls: brk, mmap, munmap, mprotect (over the UserAddressSpace)."""
+"""Memory system calls: brk, mmap, munmap, mremap, madvise, mprotect (over the
+UserAddressSpace)."""
 
 from __future__ import annotations
 
 import errno
 
-from .address_space import MAP_ANONYMOUS
+from vmstate.state import PAGE_SIZE
+
+from .address_space import MAP_ANONYMOUS, page_up
 from .table import syscall
+
+MREMAP_MAYMOVE = 1
+MADV_DONTNEED = 4
 
 
 @syscall(12, "brk", "ptr")
@@ -29,4 +35,24 @@ def sys_mprotect(k, addr, length, prot):
     """Accepted but not enforced: all user memory stays readable and writable."""
     if not k.address_space.in_user_memory(addr, length):
         return -errno.ENOMEM
+    return 0
+
+
+@syscall(25, "mremap", "ptr size size hex ptr")
+def sys_mremap(k, addr, old_length, new_length, flags, new_addr):
+    if flags & ~MREMAP_MAYMOVE:
+        return -errno.EINVAL
+    return k.address_space.mremap(addr, old_length, new_length, bool(flags & MREMAP_MAYMOVE))
+
+
+@syscall(28, "madvise", "ptr size int")
+def sys_madvise(k, addr, length, advice):
+    """MADV_DONTNEED zeroes private anonymous memory, as on Linux; other advice is taken."""
+    if addr % PAGE_SIZE:
+        return -errno.EINVAL
+    length = page_up(length)
+    if not k.address_space.in_user_memory(addr, length):
+        return -errno.ENOMEM
+    if advice == MADV_DONTNEED and length:
+        k.memory.zero(addr, length)
     return 0

@@ -14,3 +14,10 @@ class SaveRequested(Exception):
 class CallInterrupted(Exception):
     """A blocking call was interrupted by a host request to stop the VM; the guest will
     re-issue it when it resumes."""
+
+
+class GuestKilled(Exception):
+    """A signal's default action ended the guest process."""
+    def __init__(self, signal: int):
+        super().__init__(signal)
+        self.signal = signal

@@ -75,3 +75,110 @@ def test_exit_group_ends_the_run_with_its_status(guest):
     with pytest.raises(GuestExit) as exit:
         guest.call(231, 7)
     assert exit.value.status == 7
+
+
+def _open(guest, path, flags=os.O_RDONLY, mode=0o644):
+    return guest.call(257, AT_FDCWD, guest.path(path), flags, mode)
+
+
+def test_the_root_is_the_guests_slash(guest, tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("guest's own\n")
+    os.symlink("/etc/passwd", tmp_path / "link")
+    for path in ("/etc/passwd", "../../../etc/passwd", "link", "/../link"):
+        fd = _open(guest, path)
+        assert fd >= 0, path
+        n = guest.call(0, fd, BUF, 100)
+        assert guest.memory.read(BUF, n) == b"guest's own\n", path
+        guest.call(3, fd)
+
+
+def test_directories_cwd_and_names(guest, tmp_path):
+    assert guest.call(83, guest.path("/d"), 0o755) == 0
+    assert guest.call(83, guest.path("/d"), 0o755) == -errno.EEXIST
+    assert guest.call(80, guest.path("d")) == 0
+    assert guest.call(79, BUF, 100) == 3
+    assert guest.memory.read(BUF, 3) == b"/d\0"
+    assert guest.call(3, _open(guest, "f", os.O_CREAT | os.O_WRONLY)) == 0
+    assert guest.call(82, guest.path("f"), guest.path("g", PATH + 64)) == 0
+    assert guest.call(88, guest.path("/d/g"), guest.path("s", PATH + 64)) == 0
+    assert guest.call(89, guest.path("s"), BUF, 100) == 4
+    assert guest.memory.read(BUF, 4) == b"/d/g"
+    assert sorted(os.listdir(tmp_path / "d")) == ["g", "s"]
+    assert guest.call(80, guest.path("../..")) == 0          # stays at the top
+    assert guest.call(79, BUF, 100) == 2
+    assert guest.call(84, guest.path("d")) == -errno.ENOTEMPTY
+    assert guest.call(87, guest.path("d/s")) == 0
+    assert guest.call(263, AT_FDCWD, guest.path("d/g"), 0) == 0
+    assert guest.call(263, AT_FDCWD, guest.path("d"), 0x200) == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_getdents64_lists_a_directory(guest, tmp_path):
+    for name in ("a", "bb", "ccc"):
+        (tmp_path / name).write_text(name)
+    fd = _open(guest, "/", os.O_RDONLY | os.O_DIRECTORY)
+    n = guest.call(217, fd, BUF, 4096)
+    assert n > 0
+    data, names, pos = guest.memory.read(BUF, n), set(), 0
+    while pos < n:
+        reclen = int.from_bytes(data[pos + 16:pos + 18], "little")
+        names.add(data[pos + 19:pos + reclen].split(b"\0")[0].decode())
+        pos += reclen
+    assert names == {".", "..", "a", "bb", "ccc"}
+    assert guest.call(217, fd, BUF, 4096) == 0
+
+
+def test_dup_shares_the_offset_and_cloexec_is_per_fd(guest, tmp_path):
+    (tmp_path / "f").write_bytes(b"0123456789")
+    fd = _open(guest, "f", os.O_RDONLY | os.O_CLOEXEC)
+    copy = guest.call(72, fd, 0, 10)              # F_DUPFD from 10
+    assert copy == 10
+    assert guest.call(72, fd, 1) == 1             # F_GETFD: FD_CLOEXEC
+    assert guest.call(72, copy, 1) == 0
+    assert guest.call(0, fd, BUF, 4) == 4
+    assert guest.call(0, copy, BUF, 4) == 4
+    assert guest.memory.read(BUF, 4) == b"4567"
+    assert guest.call(33, copy, 1) == 1           # dup2 over stdout
+    guest.call(3, fd)
+    guest.call(3, copy)
+    assert guest.call(0, 1, BUF, 10) == 2         # the description lives on in fd 1
+    assert guest.memory.read(BUF, 2) == b"89"
+
+
+def test_pipe_carries_bytes(guest):
+    assert guest.call(293, BUF, 0) == 0
+    read_fd, write_fd = (int.from_bytes(guest.memory.read(BUF + i, 4), "little") for i in (0, 4))
+    guest.memory.put(BUF + 64, b"through")
+    assert guest.call(1, write_fd, BUF + 64, 7) == 7
+    assert guest.call(0, read_fd, BUF + 128, 100) == 7
+    assert guest.memory.read(BUF + 128, 7) == b"through"
+
+
+def test_linux_edge_cases(guest, tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    fd = _open(guest, "f")
+    assert guest.call(0, fd, BUF, 1 << 40) == 3                    # clipped, not EFAULT
+    long_path = guest.memory.put(BUF, b"a" * 5000 + b"\0")
+    assert guest.call(257, AT_FDCWD, long_path, 0, 0) == -errno.ENAMETOOLONG
+    assert guest.call(11, 0xFFFFFFFFFFFFF000, 0x2000) == -errno.EINVAL   # wraps
+    assert guest.call(9999) == -errno.ENOSYS
+
+
+def test_max_file_size_gives_efbig(tmp_path):
+    g = Guest(str(tmp_path))
+    g.k.max_file_size = 5
+    fd = _open(g, "f", os.O_CREAT | os.O_WRONLY)
+    g.memory.put(BUF, b"0123456789")
+    assert g.call(1, fd, BUF, 10) == 5
+    assert g.call(1, fd, BUF, 10) == -errno.EFBIG
+    assert (tmp_path / "f").read_bytes() == b"01234"
+    g.files.close_all()
+
+
+def test_descriptor_cap_gives_emfile(tmp_path):
+    g = Guest(str(tmp_path))
+    g.files.max_fds = 5
+    (tmp_path / "f").write_text("")
+    assert [_open(g, "f") for _ in range(3)] == [3, 4, -errno.EMFILE]
+    g.files.close_all()

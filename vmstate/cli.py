@@ -58,6 +58,13 @@ def run(
     migrate_to: MigrateOption = None,
     with_files: WithFilesOption = False,
     connect_timeout: ConnectTimeoutOption = 30.0,
+    cwd: Annotated[str, typer.Option(help="The guest's starting directory (a path inside "
+                                     "--root, which is the guest's /).")] = "/",
+    hostname: Annotated[str, typer.Option(help="The guest's host name (uname).")] = "vmstate",
+    max_file_size: Annotated[Optional[str], typer.Option(
+        help="Largest size a guest write may make a file (e.g. 100M); past it, EFBIG.")] = None,
+    max_fds: Annotated[int, typer.Option(help="Most descriptors the guest may have open.")]
+    = 1024,
 ):
     """Run PROGRAM in a new KVM virtual machine; its exit status becomes vmstate's.
 
@@ -67,8 +74,15 @@ def run(
     from kvm_backend.session import SaveOptions, run_program
     save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
                        connect_timeout)
+    from linux_personality.options import GuestOptions
+    if not 3 <= max_fds <= 1 << 20:
+        _fail(f"--max-fds {max_fds}: must be between 3 and {1 << 20}", EXIT_ERROR)
+    if len(hostname.encode()) > 64:
+        _fail("--hostname: at most 64 bytes", EXIT_ERROR)
+    options = GuestOptions(cwd=cwd, hostname=hostname, max_fds=max_fds, max_file_size=(
+        parse_size(max_file_size) if max_file_size is not None else None))
     outcome = run_program(str(program), [str(program), *(args or [])], parse_size(memory),
-                          str(root), save, trace=sys.stderr if trace else None)
+                          str(root), save, trace=sys.stderr if trace else None, options=options)
     _finish(outcome)
 
 

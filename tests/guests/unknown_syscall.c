@@ -6,7 +6,7 @@
 
 int main(void)
 {
-    long r = syscall(SYS_uname, 0);
-    printf("uname: %s\n", r < 0 && errno == ENOSYS ? "ENOSYS" : "unexpected");
+    long r = syscall(SYS_acct, 0);
+    printf("acct: %s\n", r < 0 && errno == ENOSYS ? "ENOSYS" : "unexpected");
     return 0;
 }
