@@ -31,7 +31,7 @@ def run_gdb(target: str, program: str | None, extra: list[str]) -> None:
         saved.split(target, DEFAULT_CORE, DEFAULT_XML)
         core = DEFAULT_CORE
         print(f"vmstate: split {target} into {DEFAULT_CORE} and {DEFAULT_XML}; after editing: "
-              f"vmstate join {DEFAULT_CORE} {DEFAULT_XML} -o new.state", file=sys.stderr)
+              f"vmstate join {DEFAULT_CORE} {DEFAULT_XML} -o new{saved.new_suffix}", file=sys.stderr)
     if program is None:
         try:
             with Core(core) as opened:

@@ -60,4 +60,4 @@ def join(core: str, xml: str, xml_data: bytes, output: str | None, symbols) -> s
 
 
 FORMAT = Format("qemu-stream", "QEMU 7.2 migration stream", b"QEVM", "qemu-state", read, info,
-                split, join)
+                split, join, ".state")

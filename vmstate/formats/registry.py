@@ -25,6 +25,7 @@ class Format:
     info: Callable        # (path, as_json, instructions) -> text
     split: Callable       # (path, core, xml) -> message
     join: Callable        # (core, xml, xml_bytes, output or None, symbols) -> summary
+    new_suffix: str       # what join's output is usually called: new.sav, new.state
 
     def probe(self, head: bytes) -> bool:
         return head.startswith(self.magic)
@@ -50,8 +51,8 @@ def detect(path: str) -> Format:
     if found is not None:
         return found
     known = ", ".join(f"{f.title} ({f.magic!r})" for f in _formats())
-    raise FormatError(f"not a saved VM this version reads (first bytes {head[:8]!r}; known: "
-                      f"{known})", path)
+    raise FormatError(f"unknown magic {head[:8]!r}: not a saved VM this version reads "
+                      f"(known: {known})", f"{path}: offset 0x0")
 
 
 def for_xml_root(tag: str, source: str) -> Format:

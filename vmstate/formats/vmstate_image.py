@@ -67,4 +67,4 @@ def join(core: str, xml: str, xml_data: bytes, output: str | None, symbols) -> s
 
 
 FORMAT = Format("vmstate-image", "vmstate image", MAGIC, "vmstate-hardware", read, info, split,
-                join)
+                join, ".sav")

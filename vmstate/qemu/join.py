@@ -115,8 +115,26 @@ def _device_changes(core: QemuCore, document: StateDocument, result: JoinResult)
                                 f"({old.type}/{old.size}x{old.count} -> "
                                 f"{leaf.type}/{leaf.size}x{leaf.count})")
             if leaf.data != old.data:
-                result.field_changes.append((f"{_device_name(section)}.{path}",
-                                             format_leaf(old), format_leaf(leaf)))
+                result.field_changes += _leaf_changes(f"{_device_name(section)}.{path}", old,
+                                                      leaf, section.name == cpu.CPU_SECTION)
+
+
+def _leaf_changes(what: str, old: Leaf, new: Leaf, is_cpu: bool) -> list[tuple[str, str, str]]:
+    """One change per changed element of an array (named as <vcpu> names it, if it is a
+    register), or the whole field."""
+    if old.count == 1:
+        return [(what, format_leaf(old), format_leaf(new))]
+    path = what.split(".", 1)[1]
+    names = [key[1] for key in cpu.REGISTER_FIELDS.get(path, [])] if is_cpu else []
+    changes = []
+    for index in range(old.count):
+        before = old.data[index * old.size:(index + 1) * old.size]
+        after = new.data[index * new.size:(index + 1) * new.size]
+        if before != after:
+            label = f"{what}[{index}]" + (f" ({names[index]})" if names else "")
+            changes.append((label, format_leaf(Leaf(old.name, old.type, old.size, 1, before)),
+                            format_leaf(Leaf(new.name, new.type, new.size, 1, after))))
+    return changes
 
 
 def _device_name(section) -> str:

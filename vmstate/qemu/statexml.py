@@ -209,13 +209,14 @@ def from_xml(data: bytes, source: str) -> StateDocument:
 
 def _int(element, attribute: str, bits: int = 64) -> int:
     text = element.get(attribute)
+    label = f"<{element.tag} name=\"{element.get('name')}\">" if element.get("name") \
+        else f"<{element.tag}>"
     try:
         value = int(text, 0)
     except (TypeError, ValueError):
-        raise _Invalid(element, f"<{element.tag}> {attribute}={text!r} is not a number") from None
+        raise _Invalid(element, f"{label} {attribute}={text!r} is not a number") from None
     if not 0 <= value < 1 << bits:
-        raise _Invalid(element, f"<{element.tag}> {attribute}={text!r} does not fit in {bits} "
-                                "bits")
+        raise _Invalid(element, f"{label} {attribute}={text!r} does not fit in {bits} bits")
     return value
 
 

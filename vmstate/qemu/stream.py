@@ -140,6 +140,7 @@ class _Reader:
         self.offset = 0
         self.blocks: list[RamBlock] = []
         self.names: dict[int, str] = {}
+        self.current_block: int | None = None        # of the last ram record read
         self.section = "stream header"
 
     def error(self, message: str, offset: int | None = None) -> StreamError:
@@ -276,8 +277,9 @@ class _Reader:
         return body
 
     def _ram(self, section: Section) -> None:
-        """Page records up to the end-of-section record, grouped into runs."""
-        block = None
+        """Page records up to the end-of-section record, grouped into runs. A record may
+        continue the block of the previous section's last record, as QEMU sends them."""
+        block = self.current_block
         while True:
             start = self.offset
             header = self.u64("ram record")
@@ -286,6 +288,7 @@ class _Reader:
                 raise self.error(f"ram record flags {flags:#x} (compressed, XBZRLE or hook "
                                  "pages) are not handled", start)
             if flags == layout.RAM_EOS:
+                self.current_block = block
                 return
             if flags == layout.RAM_MEM_SIZE:
                 if section.kind != layout.SECTION_START or self.blocks:
