@@ -8,10 +8,12 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(VENV)/.installed examples
 
-# Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow.
+# Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow,
+# QEMU (TCG) and gcc-multilib for the QEMU loop and its 32-bit multiboot example guest.
 system-packages:
-	@command -v musl-gcc >/dev/null && command -v gdb >/dev/null || \
-	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q musl-tools gdb)
+	@command -v musl-gcc >/dev/null && command -v gdb >/dev/null \
+	  && command -v qemu-system-x86_64 >/dev/null && dpkg -s gcc-multilib >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q musl-tools gdb qemu-system-x86 gcc-multilib)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 examples: system-packages
 	$(MAKE) -s -C examples
+	$(MAKE) -s -C examples/qemu_guest
 	$(MAKE) -s -C tests/guests
 
 demo: setup
@@ -34,5 +37,6 @@ bench: setup
 
 clean:
 	$(MAKE) -s -C examples clean
+	$(MAKE) -s -C examples/qemu_guest clean
 	$(MAKE) -s -C tests/guests clean
 	rm -rf $(VENV)

@@ -111,26 +111,19 @@ def restore(
 
 @app.command()
 def info(
-    image_file: Annotated[Path, typer.Argument(metavar="IMAGE", help="A saved VM image.")],
+    image_file: Annotated[Path, typer.Argument(metavar="IMAGE", help="A saved VM image or "
+                                               "QEMU migration stream.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print the data as JSON.")] = False,
     instructions: Annotated[int, typer.Option(help="How many instructions to disassemble.")] = 8,
 ):
-    """Show what a VM image holds: registers, MSRs, memory, open files, next instructions.
+    """Show what a saved VM holds (a vmstate image or a QEMU migration stream): registers,
+    memory, devices; for images also MSRs, open files, next instructions.
 
     Checks every checksum first (memory included). Works without KVM.
     Example: vmstate info --json vm_image.sav
     """
-    import json
-
-    from .image.reader import Image
-    from .info import describe, render_text
-    with Image(str(image_file)) as image:
-        image.verify_memory()
-        data = describe(image, instructions)
-    if json_output:
-        print(json.dumps(data, indent=2))
-    else:
-        print(render_text(data, "all checksums verified"))
+    from .formats.registry import detect
+    print(detect(str(image_file)).info(str(image_file), json_output, instructions))
 
 
 DEFAULT_CORE, DEFAULT_XML = "vm.core", "hw.xml"    # as vmstate.split (not imported: start-up time)
@@ -200,16 +193,14 @@ def split(
     core: Annotated[Path, typer.Option(help="The ELF core to write (memory).")] = Path(DEFAULT_CORE),
     xml: Annotated[Path, typer.Option(help="The XML to write (hardware state).")] = Path(DEFAULT_XML),
 ):
-    """Split IMAGE into an ELF core for gdb (software state) and an XML file (hardware state).
+    """Split IMAGE (a vmstate image or a QEMU migration stream) into an ELF core for gdb
+    (memory) and an XML file (hardware state).
 
     Example: vmstate split vm_image.sav && gdb examples/lab_app vm.core
     """
-    from .split import split as split_image
-    from .units import format_size
-    result = split_image(str(image_file), str(core), str(xml))
-    print(f"vmstate: wrote {core} ({len(result.core.segments)} memory segments, "
-          f"{format_size(result.core.file_size)} apparent size) and {xml} "
-          f"({format_size(result.xml_bytes)})", file=sys.stderr)
+    from .formats.registry import detect
+    message = detect(str(image_file)).split(str(image_file), str(core), str(xml))
+    print(f"vmstate: {message}", file=sys.stderr)
 
 
 @app.command()
@@ -223,26 +214,25 @@ def join(
                                                         "symbols in changed pages.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print what changed; write nothing.")] = False,
 ):
-    """Rebuild an image from CORE (memory) and XML (registers, MSRs, devices, files).
+    """Rebuild an image (or a QEMU stream) from CORE (memory) and XML (registers, MSRs,
+    devices, files).
 
-    The XML is validated against schemas/hardware-state.rng; the summary of what changed goes
+    The XML is validated against its schema in schemas/; the summary of what changed goes
     to stdout. Example: vmstate join vm.core hw.xml -o new.sav
     """
-    from .join import join as join_parts, render_summary
+    from .formats.registry import for_xml_root
+    from .hwxml import parse_xml
     if output is None and not dry_run:
         _fail("join needs -o NEW.sav (or --dry-run)", 2)
-    result, joined = join_parts(str(core), str(xml), _read_input(xml))
-    try:
-        symbols = None
-        if app_program:
-            from .symbols import Symbols
-            symbols = Symbols(str(app_program))
-        print(render_summary(result, symbols))
-        if not dry_run:
-            joined.write(str(output))
-            print(f"vmstate: wrote {output}", file=sys.stderr)
-    finally:
-        joined.close()
+    xml_data = _read_input(xml)
+    chosen = for_xml_root(parse_xml(xml_data, str(xml)).tag, str(xml))
+    symbols = None
+    if app_program:
+        from .symbols import Symbols
+        symbols = Symbols(str(app_program))
+    print(chosen.join(str(core), str(xml), xml_data, None if dry_run else str(output), symbols))
+    if not dry_run:
+        print(f"vmstate: wrote {output}", file=sys.stderr)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})

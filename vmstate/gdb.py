@@ -9,7 +9,7 @@ import sys
 from .core import Core
 from .errors import FileMissingError, FormatError, VmstateError
 from .fd import open_to_read
-from .image import layout
+from .formats.registry import PROBE_BYTES, probe
 from .split import DEFAULT_CORE, DEFAULT_XML
 
 
@@ -25,17 +25,20 @@ def run_gdb(target: str, program: str | None, extra: list[str]) -> None:
     if shutil.which("gdb") is None:
         raise VmstateError("gdb is not installed (Debian: apt-get install gdb)")
     with os.fdopen(open_to_read(target, "image or core file", FormatError), "rb") as f:
-        is_image = f.read(len(layout.MAGIC)) == layout.MAGIC
+        saved = probe(f.read(PROBE_BYTES))
     core = target
-    if is_image:
-        from .split import split
-        split(target, DEFAULT_CORE, DEFAULT_XML)
+    if saved is not None:
+        saved.split(target, DEFAULT_CORE, DEFAULT_XML)
         core = DEFAULT_CORE
         print(f"vmstate: split {target} into {DEFAULT_CORE} and {DEFAULT_XML}; after editing: "
-              f"vmstate join {DEFAULT_CORE} {DEFAULT_XML} -o new.sav", file=sys.stderr)
+              f"vmstate join {DEFAULT_CORE} {DEFAULT_XML} -o new{saved.new_suffix}", file=sys.stderr)
     if program is None:
-        with Core(core) as opened:
-            program = opened.source.state.vmm.program
+        try:
+            with Core(core) as opened:
+                program = opened.source.state.vmm.program
+        except FormatError:
+            raise VmstateError(f"{core} records no guest program: name the kernel or program "
+                               "with --app") from None
     if not os.path.exists(program):
         raise FileMissingError(f"{program}: the guest program is needed for symbols (--app)")
     sys.stdout.flush()

@@ -1,0 +1,231 @@
+"""The QEMU loop with a real QEMU 7.2 (TCG): save a running guest, split, patch memory with
+gdb, edit device fields and registers in the XML, join, resume in a new QEMU and read the
+edits back from the guest's serial output; byte-identical round trips on pc and q35, idle and
+with all RAM written; every refusal of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import one_line_error
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))
+import qemu_vm  # noqa: E402
+
+KERNEL = REPO / "examples" / "qemu_guest" / "kernel.elf"
+MEMORY = "128M"
+
+
+def _qemu_missing() -> str | None:
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 is not installed (make setup installs qemu-system-x86)"
+    if shutil.which("gcc") is None:
+        return "gcc is not installed"
+    return None
+
+
+@pytest.fixture(scope="session")
+def kernel() -> Path:
+    missing = _qemu_missing()
+    if missing:
+        if os.environ.get("VMSTATE_REQUIRE_KVM") == "1":
+            pytest.fail(f"CI requires the QEMU tests: {missing}")
+        pytest.skip(f"QEMU TESTS SKIPPED: {missing}")
+    subprocess.run(["make", "-s", "-C", str(KERNEL.parent)], check=True)
+    return KERNEL
+
+
+@pytest.fixture(scope="session")
+def saved(kernel, tmp_path_factory):
+    """Streams saved from running guests, made once: saved(machine, fill=False, memory)."""
+    directory = tmp_path_factory.mktemp("qemu-streams")
+    cache = {}
+
+    def get(machine: str, fill: bool = False, memory: str = MEMORY) -> Path:
+        key = (machine, fill, memory)
+        if key not in cache:
+            path = directory / f"{machine}-{'fill' if fill else 'idle'}-{memory}.state"
+            qemu_vm.save_running_guest(path, machine, memory, directory / f"{path.stem}.log",
+                                       fill=fill)
+            cache[key] = path
+        return cache[key]
+    return get
+
+
+def split(vmstate, stream: Path, where: Path):
+    result = vmstate("split", stream, "--core", where / "vm.core", "--xml", where / "hw.xml")
+    assert result.returncode == 0, result.stderr.decode()
+    return where / "vm.core", where / "hw.xml"
+
+
+def edit_xml(xml: Path, pattern: str, replacement: str) -> None:
+    text = xml.read_text()
+    edited, count = re.subn(pattern, replacement, text)
+    assert count == 1, f"{pattern!r} matched {count} times"
+    xml.write_text(edited)
+
+
+@pytest.mark.parametrize("machine", ["pc", "q35"])
+@pytest.mark.parametrize("fill", [False, True], ids=["idle", "all-ram-written"])
+def test_join_of_split_is_the_stream_byte_for_byte(vmstate, saved, tmp_path, machine, fill):
+    stream = saved(machine, fill)
+    core, xml = split(vmstate, stream, tmp_path)
+    result = vmstate("join", core, xml, "-o", tmp_path / "new.state")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "no changes" in result.stdout.decode()
+    assert (tmp_path / "new.state").read_bytes() == stream.read_bytes()
+    if fill:     # the guest wrote every page above 2 MiB: they are PAGE records, in the core
+        assert stream.stat().st_size > 120 << 20
+
+
+def test_info_shows_machine_vcpu_blocks_and_devices(vmstate, saved):
+    result = vmstate("info", "--json", saved("q35"))
+    assert result.returncode == 0, result.stderr.decode()
+    data = json.loads(result.stdout)
+    assert data["file"]["machine"].startswith("pc-q35-")
+    assert int(data["vcpus"][0]["control"]["cr0"], 16) & 1          # protected mode
+    blocks = {block["name"]: block for block in data["memory"]}
+    assert blocks["pc.ram"]["size"] == 128 << 20
+    devices = {device["name"].rsplit("/", 1)[-1] for device in data["devices"]}
+    assert {"cpu", "mch", "ICH9LPC", "rtl8139", "serial"} <= devices
+    text = vmstate("info", saved("q35")).stdout.decode()
+    assert "pc.ram: 128 MiB" in text and "rip=0x" in text
+
+
+def test_whole_loop_edits_show_in_the_resumed_guest(vmstate, saved, kernel, tmp_path):
+    stream = saved("pc")
+    core, xml = split(vmstate, stream, tmp_path)
+    gdb = subprocess.run(["gdb", "-q", "-batch", "-nx", "-write", str(kernel), str(core),
+                          "-ex", 'set var message = "patched by gdb"',
+                          "-ex", "set var nic_mac[5] = 0x99", "-ex", "p message"],
+                         capture_output=True, text=True, timeout=60)
+    assert '"patched by gdb"' in gdb.stdout, gdb.stdout + gdb.stderr
+    edit_xml(xml, r'(name="phys" type="buffer" size="6" value=")525400123456"', r'\g<1>02aabbccddee"')
+    edit_xml(xml, r'<reg name="rdi" value="0x1"/>', '<reg name="rdi" value="0x64"/>')
+    result = vmstate("join", core, xml, "-o", tmp_path / "new.state", "--app", kernel)
+    summary = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "rtl8139.phys: 525400123456 -> 02aabbccddee" in summary
+    assert "cpu.env.regs[7] (rdi): 0x1 -> 0x64" in summary
+    assert re.search(r"memory page pc.ram \+0x104000 .*nic_mac", summary), summary
+    assert re.search(r"memory page pc.ram \+0x100000 .*changed", summary), summary
+    output = qemu_vm.resume(tmp_path / "new.state", "pc", MEMORY, tmp_path / "resumed.log",
+                            seconds=0.5)
+    lines = [line for line in output.splitlines() if line.startswith("tick ")]
+    assert lines, output
+    for line in lines:
+        assert "step 100 message 'patched by gdb'" in line, line
+        assert "mac 52:54:00:12:34:99 device-mac 02:aa:bb:cc:dd:ee" in line, line
+    counters = [int(line.split()[1]) for line in lines]
+    assert all(b - a == 100 for a, b in zip(counters, counters[1:])), counters
+
+
+def test_control_register_edit_recomputes_hflags(vmstate, saved, tmp_path):
+    """CR0.TS set in the XML: join updates QEMU's cached hflags (TS is bit 11) and the guest,
+    which uses no FPU, runs on in a new QEMU."""
+    core, xml = split(vmstate, saved("pc"), tmp_path)
+    edit_xml(xml, r'<reg name="cr0" value="0x11"/>', '<reg name="cr0" value="0x19"/>')
+    result = vmstate("join", core, xml, "-o", tmp_path / "ts.state")
+    summary = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "cpu.env.cr[0]: 0x11 -> 0x19" in summary
+    old, new = re.search(r"cpu.env.hflags: (0x[0-9a-f]+) -> (0x[0-9a-f]+)", summary).groups()
+    assert int(new, 16) == int(old, 16) | 1 << 11
+    output = qemu_vm.resume(tmp_path / "ts.state", "pc", MEMORY, tmp_path / "ts.log",
+                            seconds=0.2)
+    assert "tick " in output
+
+
+def test_gdb_command_splits_a_stream(vmstate, saved, kernel, tmp_path):
+    result = vmstate("gdb", "--app", kernel, saved("pc"), "--", "-batch", "-ex", "p message",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert '"hello from the guest"' in result.stdout.decode()
+    assert (tmp_path / "vm.core").exists() and (tmp_path / "hw.xml").exists()
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+def refused(result, *words: str) -> str:
+    line = one_line_error(result)
+    for word in words:
+        assert word in line, line
+    return line
+
+
+@pytest.fixture
+def pc_stream(saved, tmp_path) -> bytes:
+    return saved("pc").read_bytes()
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda data: data[:len(data) // 2], ["truncated"]),
+    (lambda data: data[:200_000], ["description"]),
+    (lambda data: b"QEMU" + data[4:], ["magic", "offset 0x0"]),
+    (lambda data: data[:7] + b"\x02" + data[8:], ["version 2"]),
+])
+def test_bad_streams_are_refused_and_nothing_is_written(vmstate, pc_stream, tmp_path, damage,
+                                                        words):
+    (tmp_path / "bad.state").write_bytes(damage(pc_stream))
+    refused(vmstate("split", "bad.state"), *words)
+    refused(vmstate("info", "bad.state"), *words)
+    assert not (tmp_path / "vm.core").exists() and not (tmp_path / "hw.xml").exists()
+
+
+def test_section_footer_mismatch_is_refused(vmstate, pc_stream, tmp_path):
+    data = bytearray(pc_stream)
+    name = data.index(b"\x05timer")                  # the timer section: 3 fields, 24 bytes
+    footer = name + 6 + 8 + 24
+    assert data[footer] == 0x7E
+    data[footer + 4] ^= 0x40                         # the section id in its footer
+    (tmp_path / "bad.state").write_bytes(bytes(data))
+    refused(vmstate("split", "bad.state"), "section 'timer'", "footer", f"offset {footer:#x}")
+    assert not (tmp_path / "vm.core").exists()
+
+
+@pytest.mark.parametrize("pattern, replacement, words", [
+    (r'(name="phys" type="buffer" size="6" value=")525400123456"', r'\g<1>52540012345600"',
+     ["phys", "7 bytes", "holds 6"]),
+    (r'(<field name="scr" type="uint8" size="1" value=")0x[0-9a-f]+"', r'\g<1>0x1ff"',
+     ["scr", "does not fit"]),
+    (r'<reg name="rdi" value="0x1"/>', '<reg name="rdi" value="0x10000000000000000"/>',
+     ["rdi", "does not fit"]),
+])
+def test_values_that_do_not_fit_are_refused(vmstate, saved, tmp_path, pattern, replacement,
+                                            words):
+    core, xml = split(vmstate, saved("pc"), tmp_path)
+    edit_xml(xml, pattern, replacement)
+    refused(vmstate("join", core, xml, "-o", tmp_path / "new.state"), *words)
+    assert not (tmp_path / "new.state").exists()
+
+
+def test_parts_of_different_vms_are_refused(vmstate, saved, tmp_path):
+    pc_dir, q35_dir, small_dir, other_dir = (tmp_path / n for n in ("pc", "q35", "small", "other"))
+    for directory in (pc_dir, q35_dir, small_dir, other_dir):
+        directory.mkdir()
+    pc_core, pc_xml = split(vmstate, saved("pc"), pc_dir)
+    _, q35_xml = split(vmstate, saved("q35"), q35_dir)
+    _, small_xml = split(vmstate, saved("pc", memory="64M"), small_dir)
+    other_core, _ = split(vmstate, saved("pc", fill=True), other_dir)
+    out = tmp_path / "new.state"
+    refused(vmstate("join", pc_core, q35_xml, "-o", out), "machine type", "pc-q35")
+    refused(vmstate("join", pc_core, small_xml, "-o", out), "pc.ram", "RAM size")
+    refused(vmstate("join", other_core, pc_xml, "-o", out), "another stream")
+    refused(vmstate("join", pc_core, pc_xml, "-o", pc_core), "input of join")
+    assert not out.exists()
+    assert pc_core.stat().st_size > 128 << 20     # not overwritten
+
+
+def test_stream_without_description_is_refused(vmstate, pc_stream, tmp_path):
+    end = pc_stream.rindex(b"\x06")
+    (tmp_path / "bare.state").write_bytes(pc_stream[:end])
+    refused(vmstate("split", "bare.state"), "no JSON device description")

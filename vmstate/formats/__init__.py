@@ -1,0 +1,1 @@
+"""The formats vmstate reads and writes, behind one registry (see vmstate.formats.registry)."""

@@ -1,0 +1,214 @@
+"""`vmstate join` of a split QEMU stream: core (memory) + XML (vCPUs, devices, layout) -> a
+stream QEMU 7.2 loads. With no edits the stream read by split comes back byte for byte.
+
+Checks, each refused with one line: the core and the XML come from the same stream (digest),
+machine type and RAM block sizes agree, every value fits its field (statexml). The summary
+names each changed field (device.field old -> new) and each changed page; an edit to CR0, CR4,
+EFER, RFLAGS or CS/SS/DS/ES recomputes QEMU's hflags (cpu.derived_hflags)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from ..atomic import atomic_output
+from ..errors import VmstateError
+from . import cpu, layout
+from .core import QemuCore
+from .description import Decoder, DescriptionError, Leaf, leaves
+from .machine import placements
+from .statexml import StateDocument, format_leaf, from_xml
+from .stream import QemuStream, write_stream
+
+
+class JoinError(VmstateError):
+    pass
+
+
+@dataclass
+class JoinResult:
+    field_changes: list[tuple[str, str, str]] = field(default_factory=list)
+    page_changes: list[tuple[str, int, int | None]] = field(default_factory=list)  # block, offset, gpa
+
+
+def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | None,
+                symbols=None) -> str:
+    """Validate, summarise and (unless output is None) write the joined stream."""
+    document = from_xml(xml_data, xml_path)
+    stream = document.stream
+    if output is not None:
+        for source in (core_path, xml_path):
+            if os.path.exists(output) and os.path.samefile(output, source):
+                raise JoinError(f"{output}: is an input of join; choose another output name")
+    with QemuCore(core_path) as core:
+        _check_matches(core, document, core_path, xml_path)
+        memory = [core.block_memory(block.name) for block in stream.blocks]
+        try:
+            result = JoinResult()
+            _device_changes(core, document, result)
+            _page_changes(stream, memory, document.provenance.page_digests, result)
+            summary = render_summary(result, stream.machine, symbols)
+            if output is not None:
+                try:
+                    with atomic_output(output) as f:
+                        write_stream(f, stream, memory)
+                except OSError as e:
+                    raise JoinError(f"cannot write {output}: {e.strerror}") from None
+        finally:
+            memory.clear()          # the arrays borrow the core's mapping
+    return summary
+
+
+def _check_matches(core: QemuCore, document: StateDocument, core_path: str, xml_path: str):
+    stream = document.stream
+    if core.machine != stream.machine:
+        raise JoinError(f"{xml_path} is for machine type {stream.machine}, {core_path} for "
+                        f"{core.machine}: they come from different VMs")
+    for block in stream.blocks:
+        found = core.blocks.get(block.name)
+        if found is None:
+            raise JoinError(f"{xml_path}: RAM block {block.name!r} is not in {core_path}")
+        if found.size != block.size:
+            raise JoinError(f"{xml_path}: RAM block {block.name!r} is {block.size:#x} bytes, in "
+                            f"{core_path} {found.size:#x}: another RAM size")
+    if len(core.blocks) != len(stream.blocks):
+        extra = sorted(set(core.blocks) - {b.name for b in stream.blocks})
+        raise JoinError(f"{core_path} has RAM blocks {xml_path} does not list: {extra}")
+    if core.digest != document.provenance.stream_digest:
+        raise JoinError(f"{core_path} was split from another stream than {xml_path} (stream "
+                        f"digest {core.digest:#x}, the XML's {document.provenance.stream_digest:#x})")
+
+
+def _device_changes(core: QemuCore, document: StateDocument, result: JoinResult) -> None:
+    """Compare every device section with the original bytes the core kept; recompute hflags
+    where the derived registers changed."""
+    descriptions = json.loads(document.stream.description)["devices"]
+    stream = document.stream
+    for section, entry in zip(stream.device_sections(), descriptions):
+        original_bytes = core.devices.get(section.section_id)
+        if original_bytes is None:
+            raise JoinError(f"section {section.name!r} (id {section.section_id}) is not in the "
+                            "core's record of the stream")
+        try:
+            decoder = Decoder(original_bytes, 0, len(original_bytes))
+            original = decoder.group(entry.get("fields", []), entry.get("subsections", []))
+        except DescriptionError as e:
+            raise JoinError(f"section {section.name!r}: the core's copy does not parse: {e}") \
+                from None
+        if section.name == cpu.CPU_SECTION:
+            _fix_hflags(section, original, result)
+        now = dict(leaves(section.device))
+        before = dict(leaves(original))
+        if set(now) != set(before):
+            missing = sorted(set(before) ^ set(now))[:3]
+            raise JoinError(f"section {section.name!r}: fields differ from the stream's: "
+                            f"{', '.join(missing)} (fields cannot be added or removed)")
+        for path, leaf in now.items():
+            old = before[path]
+            if (leaf.type, leaf.size, leaf.count) != (old.type, old.size, old.count):
+                raise JoinError(f"{section.name}.{path}: type or size changed "
+                                f"({old.type}/{old.size}x{old.count} -> "
+                                f"{leaf.type}/{leaf.size}x{leaf.count})")
+            if leaf.data != old.data:
+                result.field_changes += _leaf_changes(f"{_device_name(section)}.{path}", old,
+                                                      leaf, section.name == cpu.CPU_SECTION)
+
+
+def _leaf_changes(what: str, old: Leaf, new: Leaf, is_cpu: bool) -> list[tuple[str, str, str]]:
+    """One change per changed element of an array (named as <vcpu> names it, if it is a
+    register), or the whole field."""
+    if old.count == 1:
+        return [(what, format_leaf(old), format_leaf(new))]
+    path = what.split(".", 1)[1]
+    names = [key[1] for key in cpu.REGISTER_FIELDS.get(path, [])] if is_cpu else []
+    changes = []
+    for index in range(old.count):
+        before = old.data[index * old.size:(index + 1) * old.size]
+        after = new.data[index * new.size:(index + 1) * new.size]
+        if before != after:
+            label = f"{what}[{index}]" + (f" ({names[index]})" if names else "")
+            changes.append((label, format_leaf(Leaf(old.name, old.type, old.size, 1, before)),
+                            format_leaf(Leaf(new.name, new.type, new.size, 1, after))))
+    return changes
+
+
+def _device_name(section) -> str:
+    return section.name if section.instance == 0 else f"{section.name}[{section.instance}]"
+
+
+def _fix_hflags(section, original, result: JoinResult) -> None:
+    now_fields, old_fields = dict(leaves(section.device)), dict(leaves(original))
+    now_view = cpu.view_of(section.instance, now_fields)
+    old_view = cpu.view_of(section.instance, old_fields)
+    if cpu.inputs_of(now_view.values) == cpu.inputs_of(old_view.values):
+        return
+    hflags: Leaf = now_fields["env.hflags"]
+    (current,) = hflags.values()
+    if not old_view.hflags_derived:
+        raise JoinError(f"vCPU {section.instance}: CR0/CR4/EFER/RFLAGS/segments were edited, but "
+                        f"QEMU's saved hflags ({current:#x}) do not follow from the saved registers "
+                        "the way vmstate derives them, so they cannot be kept consistent; "
+                        "edit env.hflags to match or leave those registers as they were")
+    wanted = cpu.derived_hflags(current, cpu.inputs_of(now_view.values))
+    if wanted != current:
+        hflags.data = wanted.to_bytes(hflags.size, "big")
+
+
+# -- pages ---------------------------------------------------------------------------------------
+
+def _page_changes(stream: QemuStream, memory, digests: bytes, result: JoinResult) -> None:
+    """Pages whose bytes differ from split's: PAGE-run pages by digest, ZERO-run pages by fill."""
+    if len(digests) % 8:
+        raise JoinError("the XML's page digests are cut short")
+    expected = struct.unpack(f"<{len(digests) // 8}Q", digests)
+    position = 0
+    for section in stream.sections:
+        for run in section.runs:
+            pages = memory[run.block][run.first_page * layout.PAGE_SIZE:
+                                      (run.first_page + run.count) * layout.PAGE_SIZE]
+            if run.zero:
+                grid = pages.reshape(run.count, layout.PAGE_SIZE)
+                changed = np.flatnonzero((grid.view(np.uint64) != 0).any(axis=1)) \
+                    if run.fill == 0 else np.flatnonzero((grid != run.fill).any(axis=1))
+                for index in changed.tolist():
+                    _record_page(stream, run.block, run.first_page + index, result)
+                continue
+            if position + run.count > len(expected):
+                raise JoinError("the XML has fewer page digests than PAGE records")
+            view = memoryview(pages)
+            for index in range(run.count):
+                digest = xxhash.xxh3_64_intdigest(view[index * layout.PAGE_SIZE:
+                                                       (index + 1) * layout.PAGE_SIZE])
+                if digest != expected[position + index]:
+                    _record_page(stream, run.block, run.first_page + index, result)
+            position += run.count
+    if position != len(expected):
+        raise JoinError("the XML has more page digests than PAGE records")
+
+
+def _record_page(stream: QemuStream, block: int, page: int, result: JoinResult) -> None:
+    offset = page * layout.PAGE_SIZE
+    physical = None
+    for part in placements(stream.machine, stream.blocks[block]):
+        if part.offset <= offset < part.offset + part.length:
+            physical = part.address + offset - part.offset
+    result.page_changes.append((stream.blocks[block].name, offset, physical))
+
+
+def render_summary(result: JoinResult, machine: str, symbols=None) -> str:
+    lines = [f"  {what}: {old} -> {new}" for what, old, new in result.field_changes]
+    for block, offset, physical in result.page_changes:
+        where = f"{block} +{offset:#x}" + (f" (guest physical {physical:#x})"
+                                            if physical is not None else "")
+        names = symbols.in_range(physical, physical + layout.PAGE_SIZE) \
+            if symbols and physical is not None else []
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        lines.append(f"  memory page {where} changed" + (f" holding {shown}" if shown else ""))
+    if not lines:
+        return f"no changes: the {machine} stream is rebuilt as it was"
+    return "changes against the source stream:\n" + "\n".join(lines)

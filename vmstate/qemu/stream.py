@@ -1,0 +1,448 @@
+"""Reading and writing QEMU 7.2 migration streams (see schemas/qemu-stream.md).
+
+`read_stream` parses a whole stream, mapped read-only, into a `QemuStream`: the machine type,
+every section in order (device sections as field trees through the JSON description, the
+"ram" section as runs of page records) and the description itself. Page bytes are not copied:
+each run remembers where its records start, and `page_payloads` gives them as a strided
+array. `write_stream` turns the same model plus guest memory back into a stream; with
+memory unchanged the bytes are those read.
+
+Anything the reader does not handle (another version, an iterative section other than RAM,
+compressed or XBZRLE pages, a stream without its description, a field the description does
+not account for) is refused with the section and offset: it never guesses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import mmap
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import FormatError
+from . import layout
+from .description import Decoder, DescriptionError, Group, encode_group
+
+
+class StreamError(FormatError):
+    pass
+
+
+@dataclass(frozen=True)
+class RamBlock:
+    name: str
+    size: int
+
+    @property
+    def pages(self) -> int:
+        return self.size // layout.PAGE_SIZE
+
+
+@dataclass
+class PageRun:
+    """Page records of one block in one kind for `count` consecutive pages from `first_page`,
+    all laid out alike: a `named` run is one record that names its block; the records of an
+    unnamed run continue the previous record's block. `source` is where the first record starts
+    in the stream read (-1 for a run made by join)."""
+    block: int
+    first_page: int
+    count: int
+    zero: bool
+    fill: int = 0
+    named: bool = False
+    source: int = -1
+
+    def record_size(self, blocks: list[RamBlock]) -> int:
+        size = layout.ZERO_RECORD if self.zero else layout.PAGE_RECORD
+        return size + (1 + len(blocks[self.block].name.encode("latin-1")) if self.named else 0)
+
+
+@dataclass
+class Section:
+    kind: int                     # layout.SECTION_START / PART / END / FULL
+    section_id: int
+    name: str
+    instance: int
+    version: int
+    device: Group | None = None   # a device section's fields
+    runs: list[PageRun] = field(default_factory=list)     # the ram section's page records
+    mem_size: bool = False        # a ram start section: total size and the block list first
+
+
+@dataclass
+class QemuStream:
+    path: str
+    machine: str
+    blocks: list[RamBlock]
+    sections: list[Section]
+    description: bytes            # the JSON exactly as it was in the stream
+    data: mmap.mmap | bytes | None = None
+
+    @property
+    def ram_size(self) -> int:
+        return sum(block.size for block in self.blocks)
+
+    def device_sections(self) -> list[Section]:
+        return [s for s in self.sections if s.device is not None]
+
+    def page_payloads(self, run: PageRun) -> np.ndarray:
+        """The pages of a PAGE run read from the stream, as a (count, 4096) strided view."""
+        stride = run.record_size(self.blocks)
+        buffer = np.frombuffer(self.data, dtype=np.uint8)
+        start = run.source + stride - layout.PAGE_SIZE
+        return np.lib.stride_tricks.as_strided(buffer[start:], shape=(run.count, layout.PAGE_SIZE),
+                                               strides=(stride, 1), writeable=False)
+
+    def close(self) -> None:
+        if isinstance(self.data, mmap.mmap):
+            self.data.close()
+        self.data = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def open_stream(path: str) -> QemuStream:
+    """Map and parse the stream at `path` (refused with a one-line StreamError if bad)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        from ..errors import FileMissingError
+        raise FileMissingError(f"{path}: no such file") from None
+    try:
+        size = os.fstat(fd).st_size
+        data = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
+    finally:
+        os.close(fd)
+    try:
+        return read_stream(path, data)
+    except BaseException:
+        if isinstance(data, mmap.mmap):
+            data.close()
+        raise
+
+
+def read_stream(path: str, data) -> QemuStream:
+    return _Reader(path, data).read()
+
+
+class _Reader:
+    def __init__(self, path: str, data):
+        self.path, self.data, self.end = path, data, len(data)
+        self.offset = 0
+        self.blocks: list[RamBlock] = []
+        self.names: dict[int, str] = {}
+        self.current_block: int | None = None        # of the last ram record read
+        self.section = "stream header"
+
+    def error(self, message: str, offset: int | None = None) -> StreamError:
+        where = self.offset if offset is None else offset
+        return StreamError(f"{self.section}: {message}", f"{self.path}: offset {where:#x}")
+
+    def take(self, length: int, what: str) -> bytes:
+        if self.offset + length > self.end:
+            raise self.error(f"{what} runs past the end of the stream ({self.end} bytes): "
+                             "truncated stream")
+        chunk = bytes(self.data[self.offset:self.offset + length])
+        self.offset += length
+        return chunk
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u32(self, what: str) -> int:
+        return layout.U32.unpack(self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return layout.U64.unpack(self.take(8, what))[0]
+
+    def name(self, what: str) -> str:
+        return self.take(self.u8(what), what).decode("latin-1")
+
+    def read(self) -> QemuStream:
+        magic, version = layout.HEADER.unpack(self.take(layout.HEADER.size, "header"))
+        if magic != layout.MAGIC:
+            raise self.error(f"magic {magic!r}, expected {layout.MAGIC!r}: not a QEMU "
+                             "migration stream", 0)
+        if version != layout.VERSION:
+            raise self.error(f"stream version {version}, this reader handles "
+                             f"{layout.VERSION} (QEMU 7.2)", 4)
+        devices = self._description()
+        self.section = "configuration"
+        if self.u8("configuration marker") != layout.CONFIGURATION:
+            raise self.error("no configuration section (machine type)", self.offset - 1)
+        machine = self.take(self.u32("machine type length"), "machine type").decode("latin-1")
+        sections = []
+        while True:
+            start = self.offset
+            marker = self.u8("section marker")
+            if marker == layout.EOF_MARK:
+                break
+            if marker not in layout.SECTION_KIND_NAMES:
+                raise self.error(f"unknown section marker {marker:#x}", start)
+            sections.append(self._section(marker, devices))
+        if devices:
+            self.section = "description"
+            raise self.error(f"the description lists {len(devices)} more device sections "
+                             f"than the stream has ({devices[0].get('name')!r} first)")
+        if self.offset != self.description_at:
+            self.section = "end of stream"
+            raise self.error(f"{self.description_at - self.offset} bytes between the end of "
+                             "the sections and the description")
+        return QemuStream(self.path, machine, self.blocks, sections, self.description,
+                          self.data)
+
+    def _description(self) -> list[dict]:
+        """The JSON description at the end of the stream: 0x06, be32 length, JSON. JSON text
+        holds no 0x06 byte, so the last one in the stream is its marker."""
+        self.section = "description"
+        marker = self.data.rfind(bytes([layout.VMDESCRIPTION])) if self.end else -1
+        length = layout.U32.unpack(bytes(self.data[marker + 1:marker + 5]))[0] \
+            if marker >= 0 and marker + 5 <= self.end else -1
+        if marker < 1 or marker + 5 + length != self.end or self.data[marker - 1] != 0:
+            raise self.error("no JSON device description at the end of the stream (QEMU "
+                             "writes one unless it is turned off, or the stream is truncated); "
+                             "refused: without it the device sections cannot be read",
+                             self.end)
+        self.description = bytes(self.data[marker + 5:self.end])
+        self.description_at = marker
+        try:
+            parsed = json.loads(self.description)
+            devices = list(parsed["devices"])
+            page_size = parsed.get("page_size", layout.PAGE_SIZE)
+        except (ValueError, KeyError, TypeError) as e:
+            raise self.error(f"the JSON description cannot be read: {e}", marker + 5) from None
+        if page_size != layout.PAGE_SIZE:
+            raise self.error(f"page size {page_size}, only {layout.PAGE_SIZE} is handled",
+                             marker + 5)
+        return devices
+
+    def _section(self, kind: int, devices: list[dict]) -> Section:
+        start = self.offset - 1
+        section_id = self.u32("section id")
+        if kind in layout.NAMED_SECTIONS:
+            name = self.name("section name")
+            instance, version = layout.SECTION_IDS.unpack(self.take(8, "section ids"))
+            self.names[section_id] = name
+        elif section_id in self.names:
+            name, instance, version = self.names[section_id], -1, -1
+        else:
+            raise self.error(f"section id {section_id} continues no section started", start)
+        self.section = f"section {name!r} (id {section_id})"
+        section = Section(kind, section_id, name, instance, version)
+        if name == layout.RAM_SECTION and kind != layout.SECTION_FULL:
+            if kind == layout.SECTION_START and version != layout.RAM_VERSION:
+                raise self.error(f"ram section version {version}, handled: "
+                                 f"{layout.RAM_VERSION}", start)
+            self._ram(section)
+        elif kind == layout.SECTION_FULL:
+            section.device = self._device(section, devices)
+        else:
+            raise self.error(f"iterative ({layout.SECTION_KIND_NAMES[kind]}) section is not "
+                             "handled (only ram is)", start)
+        footer_at = self.offset
+        marker = self.u8("section footer")
+        footer_id = self.u32("section footer")
+        if marker != layout.FOOTER or footer_id != section_id:
+            raise self.error(f"section footer {marker:#x} id {footer_id} does not match "
+                             f"(expected {layout.FOOTER:#x} id {section_id}): the section's "
+                             "data was not what its description says", footer_at)
+        return section
+
+    def _device(self, section: Section, devices: list[dict]) -> Group:
+        start = self.offset
+        if not devices:
+            raise self.error("device section not in the JSON description", start)
+        entry = devices.pop(0)
+        if (entry.get("name"), entry.get("instance_id"), entry.get("version")) != \
+                (section.name, section.instance, section.version):
+            raise self.error(f"the description has {entry.get('name')!r} instance "
+                             f"{entry.get('instance_id')} version {entry.get('version')} here, "
+                             f"the stream {section.name!r} instance {section.instance} "
+                             f"version {section.version}", start)
+        decoder = Decoder(self.data, start, self.description_at)
+        try:
+            body = decoder.group(entry.get("fields", []), entry.get("subsections", []))
+        except DescriptionError as e:
+            raise self.error(str(e), e.offset) from None
+        self.offset = decoder.offset
+        return body
+
+    def _ram(self, section: Section) -> None:
+        """Page records up to the end-of-section record, grouped into runs. A record may
+        continue the block of the previous section's last record, as QEMU sends them."""
+        block = self.current_block
+        while True:
+            start = self.offset
+            header = self.u64("ram record")
+            flags, address = header & layout.RAM_FLAG_MASK, header & ~layout.RAM_FLAG_MASK
+            if flags & ~layout.RAM_KNOWN_FLAGS:
+                raise self.error(f"ram record flags {flags:#x} (compressed, XBZRLE or hook "
+                                 "pages) are not handled", start)
+            if flags == layout.RAM_EOS:
+                self.current_block = block
+                return
+            if flags == layout.RAM_MEM_SIZE:
+                if section.kind != layout.SECTION_START or self.blocks:
+                    raise self.error("a second ram block list", start)
+                self._ram_blocks(address)
+                section.mem_size = True
+                continue
+            if flags & layout.RAM_CONTINUE:
+                if block is None:
+                    raise self.error("a ram record continues no block", start)
+            else:
+                name = self.name("ram block name")
+                block = next((i for i, b in enumerate(self.blocks) if b.name == name), None)
+                if block is None:
+                    raise self.error(f"ram record for unknown block {name!r}", start)
+            kind = flags & ~layout.RAM_CONTINUE
+            if kind not in (layout.RAM_ZERO, layout.RAM_PAGE):
+                raise self.error(f"ram record flags {flags:#x} are not handled", start)
+            page = address // layout.PAGE_SIZE
+            if page >= self.blocks[block].pages:
+                raise self.error(f"page offset {address:#x} outside block "
+                                 f"{self.blocks[block].name!r} ({self.blocks[block].size:#x} "
+                                 "bytes)", start)
+            zero = kind == layout.RAM_ZERO
+            fill = self.u8("zero page fill byte") if zero else 0
+            if not zero:
+                self.take(layout.PAGE_SIZE, "page data")
+            run = PageRun(block, page, 1, zero, fill, not flags & layout.RAM_CONTINUE, start)
+            section.runs.append(run)
+            if run.named:
+                continue
+            run.count += self._continued(run)
+            self.offset = start + run.count * run.record_size(self.blocks)
+
+    def _continued(self, run: PageRun) -> int:
+        """How many records after `run`'s first one continue it exactly (next page, same kind
+        and fill, CONTINUE flag): checked in bulk on strided views of the stream."""
+        stride = run.record_size(self.blocks)
+        flags = (layout.RAM_ZERO if run.zero else layout.RAM_PAGE) | layout.RAM_CONTINUE
+        buffer = np.frombuffer(self.data, dtype=np.uint8)
+        limit = self.blocks[run.block].pages - run.first_page - 1
+        found = 0
+        while found < limit:
+            first = run.source + (found + 1) * stride
+            n = min(limit - found, (self.end - first) // stride, 1 << 16)
+            if n <= 0:
+                break
+            headers = np.ndarray((n,), ">u8", buffer, first, (stride,)).astype(np.uint64)
+            pages = np.arange(run.first_page + found + 1, run.first_page + found + 1 + n,
+                              dtype=np.uint64)
+            match = headers == (pages << np.uint64(12)) | np.uint64(flags)
+            if run.zero:
+                match &= np.ndarray((n,), np.uint8, buffer, first + 8, (stride,)) == run.fill
+            bad = np.flatnonzero(~match)
+            if len(bad):
+                return found + int(bad[0])
+            found += n
+        return found
+
+    def _ram_blocks(self, total: int) -> None:
+        remaining = total
+        while remaining > 0:
+            name = self.name("ram block name")
+            size = self.u64("ram block size")
+            if size % layout.PAGE_SIZE or size > remaining:
+                raise self.error(f"ram block {name!r} size {size:#x} is not whole pages or "
+                                 f"exceeds the total {total:#x}")
+            self.blocks.append(RamBlock(name, size))
+            remaining -= size
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+WRITE_CHUNK_PAGES = 8192               # 32 MiB of page records per write
+
+
+def write_stream(out, stream: QemuStream, memory: list[np.ndarray]) -> None:
+    """Write `stream` to the binary file `out`, the pages of block i from `memory[i]` (a flat
+    uint8 array of the block's size). A ZERO record whose page is no longer all its fill byte
+    becomes a PAGE record."""
+    out.write(layout.HEADER.pack(layout.MAGIC, layout.VERSION))
+    machine = stream.machine.encode("latin-1")
+    out.write(bytes([layout.CONFIGURATION]) + layout.U32.pack(len(machine)) + machine)
+    for section in stream.sections:
+        out.write(_section_header(section))
+        if section.device is not None:
+            parts: list[bytes] = []
+            encode_group(section.device, parts)
+            out.write(b"".join(parts))
+        else:
+            if section.mem_size:
+                out.write(_block_list(stream.blocks))
+            for run in section.runs:
+                _write_run(out, stream.blocks, run, memory[run.block])
+            out.write(layout.U64.pack(layout.RAM_EOS))
+        out.write(bytes([layout.FOOTER]) + layout.U32.pack(section.section_id))
+    out.write(bytes([layout.EOF_MARK, layout.VMDESCRIPTION]) +
+              layout.U32.pack(len(stream.description)) + stream.description)
+
+
+def _section_header(section: Section) -> bytes:
+    header = bytes([section.kind]) + layout.U32.pack(section.section_id)
+    if section.kind in layout.NAMED_SECTIONS:
+        name = section.name.encode("latin-1")
+        header += bytes([len(name)]) + name + layout.SECTION_IDS.pack(section.instance,
+                                                                      section.version)
+    return header
+
+
+def _block_list(blocks: list[RamBlock]) -> bytes:
+    parts = [layout.U64.pack(sum(b.size for b in blocks) | layout.RAM_MEM_SIZE)]
+    for block in blocks:
+        name = block.name.encode("latin-1")
+        parts.append(bytes([len(name)]) + name + layout.U64.pack(block.size))
+    return b"".join(parts)
+
+
+def _write_run(out, blocks: list[RamBlock], run: PageRun, block_memory: np.ndarray) -> None:
+    pages = block_memory[run.first_page * layout.PAGE_SIZE:
+                         (run.first_page + run.count) * layout.PAGE_SIZE]
+    pages = pages.reshape(run.count, layout.PAGE_SIZE)
+    if not run.zero:
+        _write_records(out, blocks, run, pages)
+        return
+    changed = (pages != run.fill).any(axis=1)
+    if not changed.any():
+        _write_records(out, blocks, run, None)
+        return
+    # Split into stretches that stay ZERO records and stretches that become PAGE records.
+    edges = np.flatnonzero(np.diff(changed.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), run.count]
+    for begin, end in itertools.pairwise(bounds):
+        piece = PageRun(run.block, run.first_page + begin, end - begin, not changed[begin],
+                        run.fill, run.named and begin == 0)
+        _write_records(out, blocks, piece, None if piece.zero else pages[begin:end])
+
+
+def _write_records(out, blocks: list[RamBlock], run: PageRun, pages: np.ndarray | None) -> None:
+    """The records of a run: a named run is one record per page, each naming the block."""
+    kind = layout.RAM_ZERO if run.zero else layout.RAM_PAGE
+    if run.named:
+        name = blocks[run.block].name.encode("latin-1")
+        for i in range(run.count):
+            header = layout.U64.pack((run.first_page + i) * layout.PAGE_SIZE | kind)
+            body = bytes([run.fill]) if run.zero else pages[i].tobytes()
+            out.write(header + bytes([len(name)]) + name + body)
+        return
+    flags = np.uint64(kind | layout.RAM_CONTINUE)
+    payload = 1 if run.zero else layout.PAGE_SIZE
+    for begin in range(0, run.count, WRITE_CHUNK_PAGES):
+        n = min(WRITE_CHUNK_PAGES, run.count - begin)
+        numbers = np.arange(run.first_page + begin, run.first_page + begin + n, dtype=np.uint64)
+        records = np.empty((n, layout.U64.size + payload), dtype=np.uint8)
+        records[:, :8] = ((numbers << np.uint64(12)) | flags).astype(">u8").view(np.uint8) \
+            .reshape(n, 8)
+        records[:, 8:] = run.fill if run.zero else pages[begin:begin + n]
+        out.write(records)
