@@ -65,6 +65,9 @@ def run(
     exits 0. Example: vmstate run --trace examples/hello one two
     """
     from kvm_backend.session import SaveOptions, run_program
+
+    from .atomic import refuse_clobbering
+    refuse_clobbering({"--image": str(image)}, {"the program": str(program)})
     save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
                        connect_timeout)
     outcome = run_program(str(program), [str(program), *(args or [])], parse_size(memory),
@@ -217,6 +220,10 @@ def join(
     from .join import join as join_parts, render_summary
     if output is None and not dry_run:
         _fail("join needs -o NEW.sav (or --dry-run)", 2)
+    if output is not None:
+        from .atomic import refuse_clobbering
+        refuse_clobbering({"-o": str(output)}, {"the core": str(core), "the XML": str(xml),
+                                                 "--app": str(app_program or core)})
     result, joined = join_parts(str(core), str(xml), _read_input(xml))
     try:
         symbols = None
