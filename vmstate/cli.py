@@ -154,6 +154,10 @@ def receive(
                                                    "received as this image.")] = None,
     once: Annotated[bool, typer.Option(help="Stop after one sender.")] = False,
     max_size: Annotated[str, typer.Option(help="Refuse images larger than this.")] = "64G",
+    min_rate: Annotated[str, typer.Option(help="Drop a sender slower than this many bytes a "
+                                          "second (after a 3 s start).")] = "1M",
+    max_senders: Annotated[int, typer.Option(min=1, max=64, help="Senders served at once with "
+                                             "-o (the others wait); --run serves one.")] = 4,
     trace: TraceOption = False,
     image: ImageOption = Path(DEFAULT_IMAGE),
 ):
@@ -165,12 +169,12 @@ def receive(
     """
     if run == (output is not None):
         _fail("receive needs exactly one of --run or -o IMAGE", 2)
-    size_limit = parse_size(max_size)
+    size_limit, rate = parse_size(max_size), parse_size(min_rate)
     if not root.is_dir():
         _fail(f"--root {root}: not a directory", EXIT_ERROR)
     if run:
         from kvm_backend.session import SaveOptions, receive_and_run
-        outcome = receive_and_run((bind, port), str(root), size_limit, once,
+        outcome = receive_and_run((bind, port), str(root), size_limit, rate, once,
                                   SaveOptions(str(image)), trace=sys.stderr if trace else None)
         if once:
             if outcome is None:
@@ -179,7 +183,7 @@ def receive(
         return
     from .migration.receive import serve, store_received
     failures = serve(bind, port, lambda connection: store_received(
-        connection, str(root), str(output), size_limit), once)
+        connection, str(root), str(output), size_limit), once, rate, max_senders)
     raise typer.Exit(EXIT_ERROR if failures else 0)
 
 
