@@ -114,10 +114,10 @@ class _MemoryVerification:
         self._call.result()
 
 
-def receive_and_run(address: tuple[str, int], root: str, max_size: int, once: bool,
-                    save: SaveOptions, trace=None) -> Outcome | None:
-    """Serve senders; run each VM received. Returns the last VM's outcome (None if the last
-    sender was rejected)."""
+def receive_and_run(address: tuple[str, int], root: str, max_size: int, min_rate: int,
+                    once: bool, save: SaveOptions, trace=None) -> Outcome | None:
+    """Serve senders one at a time (a VM runs in the main thread); run each VM received.
+    Returns the last VM's outcome (None if the last sender was rejected)."""
     from vmstate.migration.receive import serve
 
     from .migrate import receive_and_run as run_one
@@ -130,7 +130,7 @@ def receive_and_run(address: tuple[str, int], root: str, max_size: int, once: bo
         outcomes[-1] = outcome
         print(f"vmstate: receive: the VM from {connection.peer} ended: {describe(outcome)}",
               file=sys.stderr, flush=True)
-    serve(address[0], address[1], handle, once)
+    serve(address[0], address[1], handle, once, min_rate)
     return outcomes[-1]
 
 

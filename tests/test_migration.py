@@ -8,11 +8,13 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 
 import pytest
 import xxhash
 
+from vmstate.image import layout as L
 from vmstate.migration import protocol as P
 
 pytestmark = pytest.mark.kvm
@@ -204,7 +206,7 @@ def test_hostile_stream_is_rejected_and_the_receiver_goes_on(vmstate, example, r
         "newer version": ("speaks protocol 2.0-2.0",
                           lambda: _raw_sender(port, _hello(lo=(2, 0), hi=(2, 0)))),
         "too large": ("larger than --max-size", lambda: _raw_sender(port, _hello(200 << 20))),
-        "wrong length": ("section table runs past the end",
+        "wrong length": ("a table longer than the 100-byte metadata frame",
                          lambda: _raw_sender(port, good_hello,
                                              frame(P.FRAME_IMAGE, 0, metadata[:100]))),
         "wrong offset": ("not the image's next extent",
@@ -242,6 +244,64 @@ def test_hostile_stream_is_rejected_and_the_receiver_goes_on(vmstate, example, r
     receiver.read_log_until("Received")
     time.sleep(0.2)
     assert (receiver_dir / "got.sav").read_bytes() == image
+
+
+def _trickle(sock, stop, interval=0.2):
+    """Send one byte every `interval` seconds until the receiver hangs up or `stop` is set."""
+    try:
+        while not stop.wait(interval):
+            sock.sendall(b"\0")
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("case", ["silent", "one byte at a time"])
+def test_a_slow_sender_costs_a_slot_for_seconds_never_the_service(vmstate, example, receivers,
+                                                                 two_dirs, case):
+    sender_dir, receiver_dir = two_dirs
+    image, metadata, *_ = _lab_stream(vmstate, example, sender_dir)
+    receiver = receivers(receiver_dir, "-o", "got.sav")
+    stop = threading.Event()
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as slow:
+        connected = time.monotonic()
+        if case == "one byte at a time":
+            slow.sendall(_hello(len(image)))
+            assert P.recv_reply(slow)[0] == P.STATUS_OK
+            threading.Thread(target=_trickle, args=(slow, stop), daemon=True).start()
+        # ...while it is connected, an honest sender is served at once.
+        sent = vmstate("send", "vm_image.sav", f"127.0.0.1:{receiver.port}",
+                       "--connect-timeout", "0", cwd=sender_dir)
+        assert sent.returncode == 0, sent.stderr
+        assert (receiver_dir / "got.sav").read_bytes() == image
+        line = receiver.read_log_until("rejected VM from 127.0.0.1", timeout=15)
+        dropped_after = time.monotonic() - connected
+        stop.set()
+    expected = "no complete hello within 3 s" if case == "silent" else "too slow"
+    assert expected in line, line
+    assert dropped_after < 8, dropped_after
+    assert not any("rejected" in entry for entry in receiver.log[:-1]), receiver.log
+
+
+def _peak_memory(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmHWM:"))
+
+
+def test_metadata_frame_is_bounded_by_the_image_header(receivers, tmp_path):
+    """A 64 GiB image announced with a 256 MiB metadata frame whose header and table make
+    the metadata 4 KiB: refused after 96 bytes, without holding 256 MiB."""
+    receiver = receivers(tmp_path, "-o", "got.sav")
+    header = L.HEADER.pack(L.MAGIC, 1, 0, L.HEADER.size, 1, 0, L.HEADER.size, 64 << 30, 0, 0)
+    table = L.SECTION_ENTRY.pack(L.MEMORY_REGION, 0, 0, 96, 32, 0)
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as sock:
+        sock.sendall(_hello(64 << 30))
+        assert P.recv_reply(sock)[0] == P.STATUS_OK
+        sock.sendall(P.FRAME.pack(P.FRAME_IMAGE, 0, 0, 0, 256 << 20) + header + table)
+        status, message = P.recv_reply(sock)
+    assert status == P.STATUS_FAILED
+    assert "make the metadata 4096 bytes" in message
+    receiver.read_log_until("rejected VM from 127.0.0.1")
+    assert _peak_memory(receiver.process.pid) < 200 << 20
 
 
 def test_receiver_killed_mid_transfer(vmstate_cmd, vmstate, example, receivers, two_dirs):

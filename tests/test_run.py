@@ -1,6 +1,9 @@
 """`vmstate run`: the bundled examples through the installed command, on real KVM."""
 
+import re
+
 import pytest
+from elftools.elf.elffile import ELFFile
 
 pytestmark = pytest.mark.kvm
 
@@ -35,14 +38,25 @@ def test_guest_exit_status_is_the_command_status(vmstate, guest):
     assert result.stdout == b"no libc here\n"
 
 
+def _writable_segment(program: str) -> range:
+    with open(program, "rb") as f:
+        segment = next(s for s in ELFFile(f).iter_segments()
+                       if s["p_type"] == "PT_LOAD" and s["p_flags"] & 2)
+        return range(segment["p_vaddr"], segment["p_vaddr"] + segment["p_memsz"])
+
+
 def test_trace_lines_are_strace_like(vmstate, example, tmp_path):
     result = vmstate("run", "--trace", example("lab_app"))
     trace = result.stderr.decode().splitlines()
-    assert trace[:4] == [
-        "arch_prctl(ARCH_SET_FS, " + trace[0].split(", ")[1], trace[1],
+    tls = re.fullmatch(r"arch_prctl\(ARCH_SET_FS, (0x[0-9a-f]+)\) = 0", trace[0])
+    tid = re.fullmatch(r"set_tid_address\((0x[0-9a-f]+)\) = 1", trace[1])   # the guest's pid
+    assert tls and tid, trace[:2]
+    data = _writable_segment(example("lab_app"))      # musl's TLS and thread block live there
+    assert int(tls[1], 16) in data and int(tid[1], 16) in data
+    assert trace[2:5] == [
         'open("./ay_caramba.txt", O_RDWR|O_CREAT|O_LARGEFILE, 0777) = 3',
-        'write(3, "Hello World !!!\\n", 16) = 16']
-    assert trace[4] == "vmstate_save() = ?"
+        'write(3, "Hello World !!!\\n", 16) = 16',
+        "vmstate_save() = ?"]
 
 
 def test_trace_of_a_whole_run_ends_with_exit(vmstate, example):
@@ -61,3 +75,4 @@ def test_unserviced_call_gets_enosys_and_is_named_in_trace(vmstate, guest):
 def test_many_system_calls_run(vmstate, guest):
     result = vmstate("run", guest("syscall_loop"), "3000")
     assert result.returncode == 0, result.stderr
+    assert result.stdout == b"3000 getpid calls, 3000 answered pid 1\n"   # the VMM's pid, not ours

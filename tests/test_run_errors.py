@@ -130,4 +130,6 @@ def test_unusual_calls_get_linux_answers_and_the_vm_survives(vmstate, guest, tmp
     assert mode & 0o7000 == 0                  # no set-uid/set-gid file from a guest
     restored = vmstate("restore", "vm_image.sav")
     assert restored.returncode == 0, restored.stderr
-    assert restored.stdout == b"restored with the directory still open: yes\n"
+    assert restored.stdout.decode().splitlines() == [
+        "restored: fstat of the directory = 0, a directory",   # reopened by the restore
+        "after close: fstat = -9"]                              # EBADF: the check can fail

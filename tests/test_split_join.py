@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import lief
 import pytest
@@ -242,3 +243,40 @@ def test_gdb_write_into_a_never_touched_page_adds_it(vmstate, lab_split, example
     assert json.loads(info.stdout)["memory"][0]["present_pages"] == \
         json.loads(before.stdout)["memory"][0]["present_pages"] + 1
     assert vmstate("restore", "new.sav").returncode == 0
+
+
+@pytest.mark.parametrize("args", [
+    ("split", "vm_image.sav", "--core", "vm_image.sav"),
+    ("split", "vm_image.sav", "--xml", "alias.sav"),          # a hard link to the image
+    ("split", "vm_image.sav", "--core", "same.out", "--xml", "same.out"),
+    ("join", "vm.core", "hw.xml", "-o", "vm.core"),
+    ("join", "vm.core", "hw.xml", "-o", "link.xml"),          # a symlink to the XML
+])
+def test_an_output_never_replaces_an_input(vmstate, lab_split, args):
+    os.link(lab_split / "vm_image.sav", lab_split / "alias.sav")
+    os.symlink("hw.xml", lab_split / "link.xml")
+    before = {p.name: p.read_bytes() for p in lab_split.iterdir() if p.is_file()}
+    result = vmstate(*args)
+    assert result.returncode == 2
+    assert "is the same file as" in one_line_error(result)
+    assert {p.name: p.read_bytes() for p in lab_split.iterdir() if p.is_file()} == before
+
+
+def test_run_never_saves_over_its_program(vmstate, example, tmp_path):
+    program = tmp_path / "lab_app"
+    shutil.copy(example("lab_app"), program)
+    result = vmstate("run", "--image", program, program)
+    assert result.returncode == 2
+    assert "--image" in one_line_error(result)
+    assert program.read_bytes() == Path(example("lab_app")).read_bytes()
+
+
+def test_split_then_join_of_another_split_pair_is_detected_by_digest(vmstate, lab_split,
+                                                                      example):
+    """split commits the core, then the XML: a kill between them leaves a new core beside
+    an old XML. join tells them apart by the image digest both carry."""
+    assert vmstate("run", example("sse_keeper")).returncode == 0   # a new vm_image.sav
+    kept_xml = (lab_split / "hw.xml").read_bytes()
+    assert vmstate("split", "vm_image.sav").returncode == 0
+    (lab_split / "hw.xml").write_bytes(kept_xml)               # as if killed before the XML
+    assert "come from different images" in _refused(vmstate, lab_split)

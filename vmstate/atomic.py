@@ -9,7 +9,7 @@ import errno
 import os
 from contextlib import contextmanager
 
-from .errors import VmstateError
+from .errors import UsageError, VmstateError
 
 
 class PendingFile:
@@ -60,6 +60,27 @@ class PendingFile:
             os.close(self.fd)
             os.close(self.dir_fd)
             self.fd = -1
+
+
+def _identity(path: str):
+    """(device, inode) of an existing file; for a name not there yet, its absolute path."""
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return os.path.realpath(path)
+
+
+def refuse_clobbering(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+    """UsageError if an output ({role: path}) is the same file as an input or as another
+    output: compared by device and inode (any names, links or symlinks), never by name."""
+    seen = {_identity(path): (role, path) for role, path in inputs.items()}
+    for role, path in outputs.items():
+        other = seen.get(_identity(path))
+        if other is not None:
+            raise UsageError(f"{role} {path} is the same file as {other[0]} {other[1]}: an "
+                             "output never replaces an input or another output")
+        seen[_identity(path)] = (role, path)
 
 
 @contextmanager

@@ -72,6 +72,9 @@ def run(
     exits 0. Example: vmstate run --trace examples/hello one two
     """
     from kvm_backend.session import SaveOptions, run_program
+
+    from .atomic import refuse_clobbering
+    refuse_clobbering({"--image": str(image)}, {"the program": str(program)})
     save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
                        connect_timeout)
     from linux_personality.options import GuestOptions
@@ -158,6 +161,10 @@ def receive(
                                                    "received as this image.")] = None,
     once: Annotated[bool, typer.Option(help="Stop after one sender.")] = False,
     max_size: Annotated[str, typer.Option(help="Refuse images larger than this.")] = "64G",
+    min_rate: Annotated[str, typer.Option(help="Drop a sender slower than this many bytes a "
+                                          "second (after a 3 s start).")] = "1M",
+    max_senders: Annotated[int, typer.Option(min=1, max=64, help="Senders served at once with "
+                                             "-o (the others wait); --run serves one.")] = 4,
     trace: TraceOption = False,
     image: ImageOption = Path(DEFAULT_IMAGE),
 ):
@@ -169,12 +176,12 @@ def receive(
     """
     if run == (output is not None):
         _fail("receive needs exactly one of --run or -o IMAGE", 2)
-    size_limit = parse_size(max_size)
+    size_limit, rate = parse_size(max_size), parse_size(min_rate)
     if not root.is_dir():
         _fail(f"--root {root}: not a directory", EXIT_ERROR)
     if run:
         from kvm_backend.session import SaveOptions, receive_and_run
-        outcome = receive_and_run((bind, port), str(root), size_limit, once,
+        outcome = receive_and_run((bind, port), str(root), size_limit, rate, once,
                                   SaveOptions(str(image)), trace=sys.stderr if trace else None)
         if once:
             if outcome is None:
@@ -183,7 +190,7 @@ def receive(
         return
     from .migration.receive import serve, store_received
     failures = serve(bind, port, lambda connection: store_received(
-        connection, str(root), str(output), size_limit), once)
+        connection, str(root), str(output), size_limit), once, rate, max_senders)
     raise typer.Exit(EXIT_ERROR if failures else 0)
 
 
@@ -198,7 +205,9 @@ def split(
 
     Example: vmstate split vm_image.sav && gdb examples/lab_app vm.core
     """
+    from .atomic import refuse_clobbering
     from .formats.registry import detect
+    refuse_clobbering({"--core": str(core), "--xml": str(xml)}, {"the image": str(image_file)})
     message = detect(str(image_file)).split(str(image_file), str(core), str(xml))
     print(f"vmstate: {message}", file=sys.stderr)
 
@@ -224,6 +233,10 @@ def join(
     from .hwxml import parse_xml
     if output is None and not dry_run:
         _fail("join needs -o NEW.sav (or --dry-run)", 2)
+    if output is not None:
+        from .atomic import refuse_clobbering
+        refuse_clobbering({"-o": str(output)}, {"the core": str(core), "the XML": str(xml),
+                                                 "--app": str(app_program or core)})
     xml_data = _read_input(xml)
     chosen = for_xml_root(parse_xml(xml_data, str(xml)).tag, str(xml))
     symbols = None

@@ -18,6 +18,11 @@ class VmstateError(Exception):
     exit_code = EXIT_ERROR
 
 
+class UsageError(VmstateError):
+    """The command line asks for something vmstate will not do (e.g. overwrite an input)."""
+    exit_code = EXIT_USAGE
+
+
 class FileMissingError(VmstateError):
     exit_code = EXIT_NOT_FOUND
 

@@ -12,6 +12,7 @@ import mmap
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -19,7 +20,7 @@ from typing import Callable, Protocol
 import xxhash
 
 from ..atomic import PendingFile
-from ..errors import ImageError, describe_error
+from ..errors import FormatError, ImageError, describe_error
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata
 from ..image.writer import MemoryPiece, pwrite_all, write_memory
@@ -29,10 +30,58 @@ from ..state import FD_FILE, PAGE_SIZE
 from ..validate import is_inside_root
 from . import protocol as P
 
-IDLE_TIMEOUT = 60            # seconds a sender may stay silent mid-stream
-DRAIN_TIME = 30              # after a failure, read (and drop) what the sender still sends
+HELLO_TIMEOUT = 3.0          # seconds from the connection to a complete hello
+START_GRACE = 3.0            # seconds of slack before the stream must keep up with --min-rate
+DEFAULT_MIN_RATE = 1 << 20   # bytes per second
+DEFAULT_SENDERS = 4          # senders served at once; the others wait in the listen backlog
+BACKLOG = 64
+REPLY_TIMEOUT = 5.0          # a reply is small: a peer that does not take it is dropped
+DRAIN_TIME = 30              # after our own failure, read (and drop) what the sender still sends
 MAX_METADATA = 1 << 28
 MAX_PATH = 4096
+
+
+class PacedSocket:
+    """A sender's connection with deadlines: the hello within HELLO_TIMEOUT, and byte N of
+    the stream within START_GRACE + N / min_rate seconds of the connection, which bounds the
+    whole transfer by its announced size. A late byte is a ProtocolError."""
+
+    def __init__(self, sock: socket.socket, min_rate: int):
+        self.sock, self.min_rate = sock, min_rate
+        self.start = time.monotonic()
+        self.received = 0
+
+    def deadline(self, through: int) -> float:
+        """When byte `through` (counted from the hello's first) must have arrived."""
+        if through <= P.HELLO.size:
+            return self.start + HELLO_TIMEOUT
+        return self.start + START_GRACE + through / self.min_rate
+
+    def recv_into(self, view, nbytes: int = 0) -> int:
+        remaining = self.deadline(self.received + 1) - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
+            n = self.sock.recv_into(view, nbytes)
+        except TimeoutError:
+            raise P.ProtocolError(self._too_slow()) from None
+        self.received += n
+        return n
+
+    def _too_slow(self) -> str:
+        elapsed = time.monotonic() - self.start
+        if self.received < P.HELLO.size:
+            return f"no complete hello within {HELLO_TIMEOUT:g} s"
+        return (f"too slow: {self.received} bytes in {elapsed:.1f} s (--min-rate is "
+                f"{self.min_rate} bytes/s after {START_GRACE:g} s)")
+
+    def sendall(self, data) -> None:
+        self.sock.settimeout(REPLY_TIMEOUT)
+        self.sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
 
 
 class Refused(P.ProtocolError):
@@ -119,7 +168,7 @@ def _receive_metadata(sock: socket.socket, sink: MemorySink, image_size: int) ->
             min(MAX_METADATA, image_size):
         raise P.ProtocolError(f"the first frame must be the image metadata (got type {kind}, "
                               f"{length} bytes at {offset:#x})")
-    data = P.recv_exact(sock, length, "the image metadata")
+    data = _receive_metadata_bytes(sock, length)
     metadata = ImageMetadata("stream", lambda o, n: data[o:o + n], None)
     if metadata.file_size != image_size or metadata.metadata_size != length:
         raise P.ProtocolError(f"the metadata describes {metadata.file_size} bytes with "
@@ -127,6 +176,30 @@ def _receive_metadata(sock: socket.socket, sink: MemorySink, image_size: int) ->
                               f"{image_size} and sent {length}")
     sink.prepare(metadata)
     return Received(metadata, sink, image_bytes=length)
+
+
+def _receive_metadata_bytes(sock: socket.socket, length: int) -> bytes:
+    """The metadata frame's payload. Its header and section table come first and say how
+    long the metadata is; a frame of another length is refused before more is read, and the
+    rest is held only as it arrives (a peer must send what it makes the receiver keep)."""
+    data = bytearray(P.recv_exact(sock, L.HEADER.size, "the image header"))
+    count = L.HEADER.unpack(data)[4]
+    table_end = L.HEADER.size + count * L.SECTION_ENTRY.size
+    if table_end > length:
+        raise P.ProtocolError(f"the image header announces {count} sections, a table longer "
+                              f"than the {length}-byte metadata frame")
+    data += P.recv_exact(sock, table_end - L.HEADER.size, "the section table")
+    entries = [L.SECTION_ENTRY.unpack_from(data, L.HEADER.size + i * L.SECTION_ENTRY.size)
+               for i in range(count)]
+    payloads_end = max([table_end] + [offset + size for _, _, _, offset, size, _ in entries])
+    has_memory = any(kind == L.MEMORY_REGION for kind, *_ in entries)
+    needed = L.align(payloads_end, L.PAGE) if has_memory else payloads_end
+    if needed != length:
+        raise P.ProtocolError(f"a metadata frame of {length} bytes, but the image's header and "
+                              f"section table make the metadata {needed} bytes")
+    while len(data) < length:
+        data += P.recv_exact(sock, min(P.CHUNK, length - len(data)), "the image metadata")
+    return bytes(data)
 
 
 def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_files: bool,
@@ -270,8 +343,8 @@ class ImageFileSink:
 class Connection:
     """One sender's connection, as the serve loop hands it to a handler."""
 
-    def __init__(self, sock: socket.socket, peer):
-        self.sock, self.peer = sock, f"{peer[0]}:{peer[1]}"
+    def __init__(self, sock: socket.socket, peer, min_rate: int):
+        self.sock, self.peer = PacedSocket(sock, min_rate), f"{peer[0]}:{peer[1]}"
         self.acknowledged = False
 
     def acknowledge(self, message: str) -> None:
@@ -279,48 +352,74 @@ class Connection:
         P.send_reply(self.sock, P.STATUS_OK, message)
         self.acknowledged = True
 
-    def fail(self, reason: str) -> None:
-        """Tell the sender why, then read what it is still sending, so that the reply is not
-        lost to a connection reset."""
+    def fail(self, reason: str, drain: bool) -> None:
+        """Tell the sender why. After a failure of our own (`drain`), read what it is still
+        sending, at its --min-rate pace and for DRAIN_TIME at most, so that the reply is not
+        lost to a connection reset; a peer judged bad gets no more time."""
         try:
             P.send_reply(self.sock, P.STATUS_FAILED, reason)
             self.sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + DRAIN_TIME
-            self.sock.settimeout(1.0)
-            while time.monotonic() < deadline and self.sock.recv(P.CHUNK):
+            while drain and time.monotonic() < deadline and self.sock.recv_into(
+                    bytearray(P.CHUNK)):
                 pass
-        except OSError:
+        except (OSError, P.ProtocolError):
             pass
 
 
 def serve(bind: str, port: int, handle: Callable[[Connection], None], once: bool,
-          log=sys.stderr) -> int:
-    """Take senders one at a time; `handle` receives and keeps one VM. The port is closed
-    while a VM is handled (other senders retry), and reopened for the next one. A failure is
-    logged in one line and the next sender is served (unless `once`). Returns the failures."""
-    failures = 0
-    while True:
-        with socket.create_server((bind, port)) as listener:
-            print(f"Waiting for VM image on port {port}...", file=log, flush=True)
-            sock, peer = listener.accept()
-        with sock:
-            sock.settimeout(IDLE_TIMEOUT)
-            connection = Connection(sock, peer)
+          min_rate: int = DEFAULT_MIN_RATE, senders: int = 1, log=sys.stderr) -> int:
+    """Serve senders on one listening socket; `handle` receives and keeps one VM. Up to
+    `senders` connections are handled at once (each in its own thread if more than one;
+    `handle` runs in this thread if one), the others wait in the listen backlog. Each sender
+    has the deadlines of PacedSocket. A failure is logged in one line. With `once`, returns
+    the failures (0 or 1) after the first sender; otherwise serves until interrupted."""
+    with socket.create_server((bind, port), backlog=BACKLOG) as listener:
+        print(f"Waiting for VM image on port {port}...", file=log, flush=True)
+        if once or senders == 1:
+            while True:
+                failed = _serve_one(*listener.accept(), handle, min_rate, log)
+                if once:
+                    return int(failed)
+        slots = threading.BoundedSemaphore(senders)
+        while True:
+            slots.acquire()
             try:
-                handle(connection)
-            except Exception as e:          # whatever a hostile stream triggers: log, go on
-                failures += 1
-                reason = describe_error(e)
-                if connection.acknowledged:
-                    print(f"vmstate: receive: the VM from {connection.peer} failed after it was "
-                          f"accepted: {reason}", file=log, flush=True)
-                else:
-                    print(f"vmstate: receive: rejected VM from {connection.peer}: {reason}",
-                          file=log, flush=True)
-                    if not isinstance(e, Refused):
-                        connection.fail(reason)
-        if once:
-            return failures
+                sock, peer = listener.accept()
+            except BaseException:
+                slots.release()
+                raise
+            threading.Thread(target=_serve_in_slot, args=(sock, peer, handle, min_rate, log,
+                                                          slots),
+                             daemon=True, name=f"receive-{peer[0]}:{peer[1]}").start()
+
+
+def _serve_in_slot(sock, peer, handle, min_rate: int, log, slots) -> None:
+    try:
+        _serve_one(sock, peer, handle, min_rate, log)
+    finally:
+        slots.release()
+
+
+def _serve_one(sock: socket.socket, peer, handle: Callable[[Connection], None], min_rate: int,
+               log) -> bool:
+    """Handle one sender; True if it failed (logged in one line)."""
+    with sock:
+        connection = Connection(sock, peer, min_rate)
+        try:
+            handle(connection)
+            return False
+        except Exception as e:          # whatever a hostile stream triggers: log, go on
+            reason = describe_error(e)
+            if connection.acknowledged:
+                print(f"vmstate: receive: the VM from {connection.peer} failed after it was "
+                      f"accepted: {reason}", file=log, flush=True)
+            else:
+                print(f"vmstate: receive: rejected VM from {connection.peer}: {reason}",
+                      file=log, flush=True)
+                if not isinstance(e, Refused):
+                    connection.fail(reason, drain=not isinstance(e, (P.ProtocolError, FormatError)))
+            return True
 
 
 def store_received(connection: Connection, root: str, output: str, max_size: int,
