@@ -13,10 +13,10 @@ from vmstate.image.reader import ImageMetadata
 from vmstate.image.writer import plan_image, write_image
 from vmstate.migration import protocol as P
 from vmstate.migration.receive import (
-    Connection, Received, commit_files, discard_files, receive_vm, verify_extents)
+    Connection, Received, commit_files, discard_files, receive_vm, verify_chunks)
 from vmstate.migration.send import MigrationFailed, send_to
 from vmstate.rootfs import open_root
-from vmstate.state import VmState
+from vmstate.state import PAGE_SIZE, VmState
 
 from .memory import GuestMemory
 from .kvm import Kvm
@@ -49,22 +49,21 @@ class GuestMemorySink:
 
     def __init__(self):
         self.memory: GuestMemory | None = None
-        self.data_offset = 0
         self.metadata: ImageMetadata | None = None
 
     def prepare(self, metadata: ImageMetadata) -> None:
         check_restorable(metadata.state)         # refuse what this VMM cannot run, early
         self.metadata = metadata
-        self.data_offset = metadata.region_data[0].data_offset
         self.memory = GuestMemory(metadata.state.memory[0].size)
 
-    def receive(self, sock: socket.socket, region: int, offset: int, length: int) -> None:
-        start = offset - self.data_offset
-        P.recv_exact_into(sock, self.memory.view[start:start + length],
-                          f"guest memory at {start:#x}")
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, int, int]]) -> None:
+        """Scattered reads straight into the pages' places in guest memory (one region)."""
+        view = self.memory.view
+        P.recv_into_buffers(sock, [view[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+                                   for _, first, count in pieces], "guest memory")
 
     def verify(self) -> None:
-        verify_extents(self.metadata, [self.memory.view])
+        verify_chunks(self.metadata, [self.memory.view])
 
     def discard(self) -> None:
         if self.memory is not None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import mmap
+import random
+from dataclasses import replace
 
 from hypothesis import strategies as st
 
 from vmstate.image import layout as L
+from vmstate.pages import runs_from_bytemap
 from vmstate.state import (
     PAGE_SIZE, AddressSpace, CpuidEntry, DebugRegisters, DescriptorTable, ExtraSection,
     MemoryRegion, OpenFile, PendingCall, Registers, Segment, SpecialRegisters, VcpuEvents,
@@ -111,7 +114,7 @@ def sample_state(pages: int = 32) -> tuple[VmState, list[bytes]]:
     runs = ((2, 3), (10, pages - 14))
     for first, count in runs:
         for page in range(first, first + count):
-            contents[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = bytes([page + 1]) * PAGE_SIZE
+            contents[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = bytes([page % 255 + 1]) * PAGE_SIZE
     vcpu = VcpuState(id=0, regs=Registers(rax=1, rip=0x401000, rsp=0x3fff000),
                      sregs=SpecialRegisters(cr0=0x80010033, cr3=0x5000, efer=0x501),
                      msrs=((0xC0000082, 0x4800), (0xC0000081, 0x20001000000000)),
@@ -127,3 +130,37 @@ def sample_state(pages: int = 32) -> tuple[VmState, list[bytes]]:
     state = VmState(vcpus=(vcpu,), memory=(MemoryRegion(0, pages * PAGE_SIZE, runs),), vmm=vmm,
                     extra=extra)
     return state, [bytes(contents)]
+
+
+LAYOUTS = ("contiguous quarter", "every 4th page", "random quarter", "fully written")
+
+
+def layout_runs(layout: str, pages: int) -> tuple[tuple[int, int], ...]:
+    """Present pages of a region as the benchmarks lay them out: a contiguous quarter, one
+    page in four, a quarter chosen at random (seeded), or all of them."""
+    if layout == "contiguous quarter":
+        return ((pages // 4, pages // 4),)
+    if layout == "every 4th page":
+        return tuple((page, 1) for page in range(0, pages, 4))
+    if layout == "random quarter":
+        chosen = bytearray(pages)
+        for page in random.Random(pages).sample(range(pages), pages // 4):
+            chosen[page] = 1
+        return runs_from_bytemap(chosen)
+    if layout == "fully written":
+        return ((0, pages),)
+    raise ValueError(layout)
+
+
+def layout_state(layout: str, pages: int = 4096) -> tuple[VmState, list[bytes]]:
+    """sample_state with its memory laid out as `layout`: each present page holds its number
+    and a byte pattern, absent pages are zero."""
+    state, _ = sample_state(pages)
+    runs = layout_runs(layout, pages)
+    contents = bytearray(pages * PAGE_SIZE)
+    for first, count in runs:
+        for page in range(first, first + count):
+            contents[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = \
+                page.to_bytes(8, "little") + bytes([page % 251 + 1]) * (PAGE_SIZE - 8)
+    region = MemoryRegion(0, pages * PAGE_SIZE, runs)
+    return replace(state, memory=(region,)), [bytes(contents)]

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from strategies import memory_views, sample_state, vm_states
+from strategies import LAYOUTS, layout_state, memory_views, sample_state, vm_states
 from vmstate.errors import ImageError, VmstateError
 from vmstate.image import layout as L
 from vmstate.image.reader import Image
@@ -97,18 +97,19 @@ def test_truncation_anywhere_is_detected(sample_image):
             _open_and_verify(_damaged(sample_image, 0, size=cut))
 
 
-def test_bad_magic_and_newer_version(sample_image):
+def test_bad_magic_and_other_versions(sample_image):
     with pytest.raises(ImageError, match=r"offset 0x0: bad magic b'XMSTATE\\x00'"):
         _open_and_verify(_damaged(sample_image, 0, ord("V") ^ ord("X")))
-    data = bytearray(sample_image.read_bytes())
-    header = list(L.HEADER.unpack_from(data))
-    header[1] = L.VERSION_MAJOR + 1
-    packed = L.HEADER.pack(*header)
-    data[:L.HEADER.size] = packed
-    newer = sample_image.with_name("newer.sav")
-    newer.write_bytes(bytes(data))
-    with pytest.raises(ImageError, match=r"format version 2\.0 is newer than this vmstate"):
-        _open_and_verify(newer)
+    for major, expected in ((3, r"format version 3\.0 is newer than this vmstate"),
+                            (1, r"format version 1\.0 is older than this vmstate \(reads 2\.x")):
+        data = bytearray(sample_image.read_bytes())
+        header = list(L.HEADER.unpack_from(data))
+        header[1] = major
+        data[:L.HEADER.size] = L.HEADER.pack(*header)
+        other = sample_image.with_name(f"v{major}.sav")
+        other.write_bytes(bytes(data))
+        with pytest.raises(ImageError, match=expected):
+            _open_and_verify(other)
 
 
 def test_unknown_mandatory_section_is_refused(tmp_path):
@@ -150,3 +151,31 @@ def test_no_partial_file_when_the_disk_fills(tiny_filesystem):
     with pytest.raises(VmstateError, match="cannot write .*out.sav: No space left on device"):
         write_image(str(tiny_filesystem / "out.sav"), state, memory_views(contents))
     assert os.listdir(tiny_filesystem) == []
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_round_trips_and_damage_is_found(tmp_path, layout):
+    """However scattered the present pages, the region payload has the same size, the image
+    reads back, and a flipped bit in a present page or a hole is found and placed."""
+    state, contents = layout_state(layout)
+    path = tmp_path / "image.sav"
+    write_image(str(path), state, memory_views(contents))
+    with Image(str(path)) as image:
+        image.verify_memory()
+        assert image.state.memory == state.memory
+        assert image.region_view(0).tobytes() == contents[0]
+        data_offset = image.region_data[0].data_offset
+        region_section = next(e for e in image.sections if e.type == L.MEMORY_REGION)
+        assert region_section.size == 32 + 4096 // 8 + 8 * (4096 // 256)
+    runs = state.memory[0].present
+    first, count = runs[len(runs) // 2]
+    page = first + count - 1
+    chunk_start = page // 256 * 256 * PAGE_SIZE
+    with pytest.raises(ImageError, match=f"offset {data_offset + chunk_start:#x}: guest memory "
+                                         f"{chunk_start:#x}-{chunk_start + (256 << 12):#x} "
+                                         "fails its checksum"):
+        _open_and_verify(_damaged(path, data_offset + page * PAGE_SIZE + 5, 0x01))
+    if layout != "fully written":
+        hole = page + 1 if page + 1 < 4096 and (page + 1, 1) not in runs else first - 1
+        with pytest.raises(ImageError, match="recorded as never touched holds data"):
+            _open_and_verify(_damaged(path, data_offset + hole * PAGE_SIZE + 7, 0x01))

@@ -124,6 +124,23 @@ def test_send_an_image_and_store_it(vmstate, example, receivers, two_dirs):
     assert b"save returned 0" in restored.stdout
 
 
+@pytest.mark.parametrize("layout", ["every 4th page", "random quarter"])
+def test_fragmented_memory_arrives_byte_for_byte(vmstate, receivers, two_dirs, layout):
+    """Thousands of runs of pages, more than one memory frame: the stored image is the sent
+    one, byte for byte."""
+    from strategies import layout_state, memory_views
+    from vmstate.image.writer import write_image
+    sender_dir, receiver_dir = two_dirs
+    state, contents = layout_state(layout, pages=32768)
+    write_image(str(sender_dir / "frag.sav"), state, memory_views(contents))
+    assert len(state.memory[0].present) > 1000
+    receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
+    sent = vmstate("send", "frag.sav", f"127.0.0.1:{receiver.port}", cwd=sender_dir)
+    assert sent.returncode == 0, sent.stderr
+    assert receiver.process.wait(timeout=60) == 0
+    assert (receiver_dir / "got.sav").read_bytes() == (sender_dir / "frag.sav").read_bytes()
+
+
 def test_sender_retries_until_the_receiver_listens(vmstate_cmd, example, two_dirs):
     sender_dir, receiver_dir = two_dirs
     port = free_port()
@@ -156,7 +173,7 @@ def test_unreachable_receiver_leaves_the_state_in_a_local_image(vmstate, example
 
 # -- hostile streams: the receiver rejects each, keeps nothing, and serves the next -------------
 
-def _hello(image_size=1 << 20, lo=(1, 0), hi=(1, 0), magic=P.MAGIC, flags=0):
+def _hello(image_size=1 << 20, lo=(2, 0), hi=(2, 0), magic=P.MAGIC, flags=0):
     return P.HELLO.pack(magic, *lo, *hi, flags, image_size, 0)
 
 
@@ -182,37 +199,43 @@ def _lab_stream(vmstate, example, directory):
     image = (directory / "vm_image.sav").read_bytes()
     with Image(str(directory / "vm_image.sav")) as img:
         metadata = img.metadata()
-        extents = [(d.data_offset + e.first_page * 4096, e.page_count * 4096)
-                   for d in img.region_data for e in d.extents]
-    memory = b"".join(_frame(P.FRAME_IMAGE, off, image[off:off + n]) for off, n in extents)
+        present = b"".join(image[d.data_offset + first * 4096:
+                                 d.data_offset + (first + count) * 4096]
+                           for d, region in zip(img.region_data, img.state.memory)
+                           for first, count in region.present)
+    memory = _frame(P.FRAME_MEMORY, 0, present)
     end = _frame(P.FRAME_END, 0, P.END.pack(xxhash.xxh3_64_intdigest(metadata),
-                                            len(metadata) + sum(n for _, n in extents)))
-    return image, metadata, extents, memory, end
+                                            len(metadata) + len(present)))
+    return image, metadata, present, memory, end
 
 
-@pytest.mark.parametrize("case", ["bad magic", "newer version", "too large", "wrong length",
-                                  "wrong offset", "truncated", "corrupted byte",
+@pytest.mark.parametrize("case", ["bad magic", "newer version", "older version", "too large",
+                                  "wrong length", "wrong offset", "split page", "truncated", "corrupted byte",
                                   "path outside root", "dropped after hello"])
 def test_hostile_stream_is_rejected_and_the_receiver_goes_on(vmstate, example, receivers,
                                                              two_dirs, case):
     sender_dir, receiver_dir = two_dirs
-    image, metadata, extents, memory, end = _lab_stream(vmstate, example, sender_dir)
+    image, metadata, present, memory, end = _lab_stream(vmstate, example, sender_dir)
     receiver = receivers(receiver_dir, "-o", "got.sav", "--max-size", "100M")
     port = receiver.port
     frame = _frame
     good_hello = _hello(len(image))
     expected = {
         "bad magic": ("bad magic", lambda: _raw_sender(port, _hello(magic=b"NOTVMST\0"))),
-        "newer version": ("speaks protocol 2.0-2.0",
-                          lambda: _raw_sender(port, _hello(lo=(2, 0), hi=(2, 0)))),
+        "newer version": ("speaks protocol 3.0-3.0",
+                          lambda: _raw_sender(port, _hello(lo=(3, 0), hi=(3, 0)))),
+        "older version": ("speaks protocol 1.0-1.0",
+                          lambda: _raw_sender(port, _hello(lo=(1, 0), hi=(1, 0)))),
         "too large": ("larger than --max-size", lambda: _raw_sender(port, _hello(200 << 20))),
         "wrong length": ("a table longer than the 100-byte metadata frame",
                          lambda: _raw_sender(port, good_hello,
                                              frame(P.FRAME_IMAGE, 0, metadata[:100]))),
-        "wrong offset": ("not the image's next extent",
+        "wrong offset": ("not the next whole pages",
                          lambda: _raw_sender(port, good_hello, frame(P.FRAME_IMAGE, 0, metadata),
-                                             frame(P.FRAME_IMAGE, extents[0][0] + 4096,
-                                                   b"x" * 4096))),
+                                             frame(P.FRAME_MEMORY, 4096, present[:4096]))),
+        "split page": ("not the next whole pages",
+                       lambda: _raw_sender(port, good_hello, frame(P.FRAME_IMAGE, 0, metadata),
+                                           frame(P.FRAME_MEMORY, 0, present[:100]))),
         "truncated": ("truncated stream",
                       lambda: _raw_sender(port, good_hello, frame(P.FRAME_IMAGE, 0, metadata),
                                           memory[:len(memory) // 2])),

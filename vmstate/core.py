@@ -26,7 +26,7 @@ from .atomic import atomic_output
 from .errors import FormatError, VmstateError
 from .fd import FdOwner, open_to_read
 from .image.reader import Image, ImageMetadata
-from .image.writer import MemoryPiece, pwrite_all, write_memory
+from .image.writer import RegionMemory, pwrite_all, write_runs
 from .paging import Mapping, PageTables
 from .progress import progress_bar
 from .state import PAGE_SIZE, VcpuState, VmState
@@ -187,20 +187,16 @@ def write_core(path: str, image: Image, before_commit: Callable[[], object]) -> 
     """Split's software half: the core, written atomically, memory straight from the image.
     `before_commit` runs once the bytes are written; if it raises, the core is discarded."""
     layout = plan_core(image)
-    pieces = []
-    for index, data in enumerate(image.region_data):
-        view = image.region_view(index)
-        for extent in data.extents:
-            start, length = extent.first_page * PAGE_SIZE, extent.page_count * PAGE_SIZE
-            pieces.append(MemoryPiece(layout.region_offsets[index] + start,
-                                      view[start:start + length]))
-    total = sum(len(piece.data) for piece in pieces)
+    memory = [RegionMemory(offset, image.region_view(index), region.present)
+              for index, (region, offset) in enumerate(zip(image.state.memory,
+                                                           layout.region_offsets))]
+    total = sum(m.present_bytes for m in memory)
     try:
         with atomic_output(path) as f:
             with progress_bar(f"writing {path}", total) as advance:
                 f.truncate(layout.file_size)
                 pwrite_all(f.fileno(), layout.header, 0)
-                write_memory(f.fileno(), pieces, advance)
+                write_runs(f.fileno(), memory, advance)
             before_commit()
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None

@@ -17,9 +17,10 @@ from . import xsave
 from .core import DIRECT_MAP_BASE, Core, Segment, guest_mappings
 from .errors import FormatError, VmstateError
 from .hwxml import HardwareDocument, XmlError, from_xml, parse_xml
-from .image.reader import ImageMetadata, checksum
+from .chunks import chunk_checksums, chunk_pages
+from .image.reader import ImageMetadata
 from .image.writer import write_image
-from .mapping import close_mapping, prefetch
+from .mapping import close_mapping, prefetch_runs
 from .pages import merge_runs
 from .sparse import nonzero_pages_outside
 from .state import PAGE_SIZE, MemoryRegion, VmState
@@ -50,9 +51,8 @@ class _CoreMemory:
             if core.file_size else None
         self.offsets = [self._direct_map_offset(i, r) for i, r in enumerate(regions)]
         if self._map is not None:
-            prefetch(self._map, [(offset + first * PAGE_SIZE, count * PAGE_SIZE)
-                                 for offset, region in zip(self.offsets, regions)
-                                 for first, count in region.present])
+            for offset, region in zip(self.offsets, regions):
+                prefetch_runs(self._map, offset, region.present)
         self.views = [memoryview(self._map)[off:off + r.size]
                       for off, r in zip(self.offsets, regions)]
         self._check_aliases(regions)
@@ -140,6 +140,10 @@ class _Joined:
                       for region, offset, view in zip(source.state.memory, memory.offsets,
                                                       memory.views)]
         self.state = replace(document.state, memory=self._present_regions())
+        # Chunk checksums of the core's bytes over the source's present pages: compared with
+        # the source's to find changes, and written as they are where no page was added.
+        self.core_hashes = [chunk_checksums(view, region.present, region.size // PAGE_SIZE)
+                            for region, view in zip(source.state.memory, memory.views)]
 
     def close(self) -> None:
         self.memory.close()
@@ -171,19 +175,23 @@ class _Joined:
                                           if m.physical <= physical < m.physical + m.size), kind)
 
     def _changed_pages(self, index: int) -> list[int]:
-        """Present pages whose bytes differ from the source image's: whole extents are
-        compared first (their checksums are in the core's copy of the image metadata), and
-        only differing extents page by page against the XML's per-page digests."""
-        view, data = self.memory.views[index], self.source.region_data[index]
+        """Present pages whose bytes differ from the source image's: chunk checksums are
+        compared first (the source's are in the core's copy of the image metadata), and only
+        the present pages of differing chunks, page by page, against the XML's per-page
+        digests."""
+        view, region = self.memory.views[index], self.source.state.memory[index]
+        source_hashes = self.source.region_data[index].chunk_hashes
+        if self.core_hashes[index] == source_hashes:
+            return []
         digests = memoryview(self.document.provenance.page_digests[index]).cast("Q") \
             if self.document.provenance.page_digests[index] else None
-        position = _PresentIndex(self.source.state.memory[index].present)
+        position = _PresentIndex(region.present)
         changed = []
-        for extent in data.extents:
-            start = extent.first_page * PAGE_SIZE
-            if checksum(view[start:start + extent.page_count * PAGE_SIZE]) == extent.hash:
+        for chunk, (now, before) in enumerate(zip(self.core_hashes[index], source_hashes)):
+            if now == before:
                 continue
-            for page in range(extent.first_page, extent.first_page + extent.page_count):
+            first, count = chunk_pages(chunk, region.size // PAGE_SIZE)
+            for page in position.present_in(first, first + count):
                 now = xxhash.xxh3_64_intdigest(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
                 if digests is None or now != digests[position.of(page)]:
                     changed.append(page)
@@ -197,7 +205,9 @@ class _Joined:
         raise VmstateError(f"guest physical {address:#x} is outside guest memory")
 
     def write(self, output: str) -> None:
-        write_image(output, self.state, list(self.memory.views))
+        known = [hashes if not added else None
+                 for hashes, added in zip(self.core_hashes, self.added)]
+        write_image(output, self.state, list(self.memory.views), known)
 
 
 def _pages(runs):
@@ -216,6 +226,14 @@ class _PresentIndex:
     def of(self, page: int) -> int:
         i = bisect.bisect_right(self.firsts, page) - 1
         return self.before[i] + page - self.runs[i][0]
+
+    def present_in(self, start: int, end: int):
+        """The present pages in [start, end), in order."""
+        i = max(0, bisect.bisect_right(self.firsts, start) - 1)
+        while i < len(self.runs) and self.runs[i][0] < end:
+            first, count = self.runs[i]
+            yield from range(max(first, start), min(first + count, end))
+            i += 1
 
 
 # -- what changed ------------------------------------------------------------------------------

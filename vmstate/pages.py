@@ -15,6 +15,16 @@ def bytemap_from_bits(bitmap: bytes, page_count: int) -> bytes:
     return b"".join(map(_BITS_TO_BYTES.__getitem__, bitmap))[:page_count]
 
 
+def bits_from_runs(runs: Runs, page_count: int) -> bytes:
+    """The page set as a bitmap (bit i of byte i // 8, least significant first = page i),
+    ceil(page_count / 8) bytes: eight strided slices of the byte map, merged as integers."""
+    bytemap = bytemap_from_runs(runs, (page_count + 7) // 8 * 8)
+    bits = 0
+    for bit in range(8):
+        bits |= int.from_bytes(bytemap[bit::8], "little") << bit
+    return bits.to_bytes(len(bytemap) // 8, "little")
+
+
 def bytemap_from_runs(runs: Runs, page_count: int) -> bytearray:
     bytemap = bytearray(page_count)
     for first, count in runs:
@@ -40,15 +50,6 @@ def runs_from_bytemap(bytemap) -> Runs:
 
 
 _NONZERO_TO_ONE = bytes([0] + [1] * 255)
-
-
-def split_runs(runs: Runs, max_pages: int) -> Runs:
-    """Cut runs longer than max_pages into pieces of at most max_pages."""
-    out = []
-    for first, count in runs:
-        for start in range(first, first + count, max_pages):
-            out.append((start, min(max_pages, first + count - start)))
-    return tuple(out)
 
 
 def merge_runs(runs: Runs) -> Runs:

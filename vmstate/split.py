@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import struct
+from array import array
 from dataclasses import dataclass
 
 import xxhash
@@ -31,17 +31,19 @@ MAX_DIGESTED_PAGES = 800_000
 
 def page_digests(image: Image) -> tuple[bytes, ...]:
     """Per region: the XXH3-64 of each present page, in order, as packed little-endian u64.
-    A region with more present pages gets none: join then reports every page of a changed
-    64 MiB extent as changed."""
+    A region with more present pages gets none: join then reports every present page of a
+    changed chunk as changed."""
     digests = []
+    digest = xxhash.xxh3_64_intdigest
     for index, region in enumerate(image.state.memory):
         if region.present_pages > MAX_DIGESTED_PAGES:
             digests.append(b"")
             continue
         view = image.region_view(index)
-        values = [xxhash.xxh3_64_intdigest(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
-                  for first, count in region.present for page in range(first, first + count)]
-        digests.append(struct.pack(f"<{len(values)}Q", *values))
+        values = array("Q", [digest(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
+                             for first, count in region.present
+                             for page in range(first, first + count)])
+        digests.append(values.tobytes())
     return tuple(digests)
 
 

@@ -4,12 +4,17 @@ layout.py. Decoders raise ValueError with a short reason; the reader adds file a
 from __future__ import annotations
 
 import os
+import sys
+from array import array
 from dataclasses import astuple, fields
+
+from ..chunks import CHUNK_PAGES, chunk_count
+from ..pages import bits_from_runs, bytemap_from_bits, runs_from_bytemap
 
 from ..state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_FIELDS, SEGMENT_REGISTERS, AddressSpace, CpuidEntry,
-    DebugRegisters, DescriptorTable, OpenFile, PendingCall, Registers, Segment, SpecialRegisters,
-    VcpuEvents, VcpuState, VmmState)
+    DebugRegisters, DescriptorTable, MemoryRegion, OpenFile, PendingCall, Registers, Segment,
+    SpecialRegisters, VcpuEvents, VcpuState, VmmState)
 from . import layout as L
 
 
@@ -163,6 +168,45 @@ VCPU_DECODERS = {
 REQUIRED_VCPU_SECTIONS = (L.VCPU_REGS, L.VCPU_SREGS)
 
 
+# -- memory regions ------------------------------------------------------------------------------
+
+def encode_region(region: MemoryRegion, data_offset: int, hashes: array) -> bytes:
+    """The memory-region payload: the region, its present-page bitmap, its chunk checksums."""
+    pages = region.size // L.PAGE
+    bitmap = bits_from_runs(region.present, pages)
+    return (L.REGION.pack(region.guest_phys_addr, region.size, data_offset, CHUNK_PAGES)
+            + bitmap.ljust(L.align(len(bitmap)), b"\0") + hashes.tobytes())
+
+
+def region_payload_size(size: int) -> int:
+    pages = size // L.PAGE
+    return L.REGION.size + L.align((pages + 7) // 8) + L.CHUNK_HASH.size * chunk_count(pages)
+
+
+def decode_region(data: bytes) -> tuple[MemoryRegion, int, array]:
+    """(region, data_offset, chunk checksums); ValueError names what is wrong."""
+    r = PayloadReader(data)
+    gpa, size, data_offset, chunk_pages = r.take(L.REGION)
+    if not size:
+        raise ValueError("memory region of size 0")
+    if gpa % L.PAGE or size % L.PAGE or data_offset % L.PAGE:
+        raise ValueError(f"region {gpa:#x}+{size:#x} at file offset {data_offset:#x} is not "
+                         "page aligned")
+    if chunk_pages != CHUNK_PAGES:
+        raise ValueError(f"chunk size of {chunk_pages} pages (this format uses {CHUNK_PAGES})")
+    if len(data) != region_payload_size(size):
+        raise ValueError(f"payload of {len(data)} bytes, a region of {size:#x} bytes needs "
+                         f"{region_payload_size(size)}")
+    pages = size // L.PAGE
+    bitmap = r.take_bytes((pages + 7) // 8)
+    if pages % 8 and bitmap[-1] >> pages % 8:
+        raise ValueError(f"the present bitmap marks pages past the region's {pages} pages")
+    hashes = array("Q", r.take_bytes(L.CHUNK_HASH.size * chunk_count(pages)))
+    r.end()
+    present = runs_from_bytemap(bytemap_from_bits(bitmap, pages))
+    return MemoryRegion(gpa, size, present), data_offset, hashes
+
+
 # -- VMM state --------------------------------------------------------------------------------
 
 def encode_program(vmm: VmmState) -> bytes:
@@ -236,3 +280,4 @@ def encode_vmm(vmm: VmmState) -> list[tuple[int, bytes]]:
 
 
 assert [f.name for f in fields(Segment)] == list(SEGMENT_FIELDS)
+assert sys.byteorder == "little"        # chunk checksums are stored as native u64 arrays

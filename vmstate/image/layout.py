@@ -1,4 +1,4 @@
-"""Binary layout of vmstate image files, format 1.0. The normative description with the same
+"""Binary layout of vmstate image files, format 2.0. The normative description with the same
 tables is schemas/image-format.md; every structure is declared here once and used everywhere.
 
     +--------------------+ 0
@@ -17,7 +17,7 @@ import struct
 from ..state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT
 
 MAGIC = b"VMSTATE\0"
-VERSION_MAJOR, VERSION_MINOR = 1, 0
+VERSION_MAJOR, VERSION_MINOR = 2, 0
 PAGE = 4096
 ALIGN = 8
 
@@ -55,16 +55,15 @@ EVENTS = struct.Struct("<4BI4B4BII4BB26xBQ")    # see schemas/image-format.md
 MP_STATE = struct.Struct("<I4x")
 DEBUGREGS = struct.Struct("<7Q")                # db0 db1 db2 db3 dr6 dr7 flags
 CPUID_ENTRY = struct.Struct("<7I4x")            # function index flags eax ebx ecx edx
-REGION = struct.Struct("<QQQI4x")               # guest_phys_addr, size, data_offset, extent_count
-EXTENT = struct.Struct("<QQQ")                  # first_page, page_count, hash of the data
+REGION = struct.Struct("<QQQI4x")               # guest_phys_addr, size, data_offset, chunk_pages;
+                                                # present bitmap and chunk checksums follow
+CHUNK_HASH = struct.Struct("<Q")                # XXH3-64 of one chunk's present pages
 FILE_ENTRY = struct.Struct("<iBxxxIIQI4x")      # fd kind flags mode offset path_length (path follows)
 FILE_KINDS = (FD_FILE, FD_STDIN, FD_STDOUT, FD_STDERR)     # the kind byte indexes this
 STRING = struct.Struct("<I4x")                  # byte length; the bytes follow, padded to 8
 ADDRESS_SPACE = struct.Struct("<6QI4x")         # user_start user_end brk_start brk mmap_low mmap_top free_count
 FREE_RANGE = struct.Struct("<QQ")               # start, length
 PENDING_CALL = struct.Struct("<Q6QQ")           # nr, args[6], rip of the syscall instruction
-
-MAX_EXTENT_PAGES = (64 << 20) // PAGE          # extents are split at 64 MiB (parallel verification)
 
 assert HEADER.size == 64 and SECTION_ENTRY.size == 32 and SEGMENT.size == 24
 assert DTABLE.size == 16 and EVENTS.size == 64 and REGION.size == 32

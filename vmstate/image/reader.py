@@ -1,22 +1,22 @@
 """Open an image file and check it: every structure, every bound, every checksum.
 
-Metadata (header, table, sections) is read and verified at open; memory extents are verified
+Metadata (header, table, sections) is read and verified at open; memory chunks are verified
 by `Image.verify_memory`, which restore runs in parallel with starting the guest."""
 
 from __future__ import annotations
 
 import mmap
 import os
+from array import array
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import xxhash
 
 from ..errors import ImageError
 from ..fd import FdOwner, open_to_read
-from ..mapping import close_mapping, prefetch
-from ..pages import merge_runs
+from ..chunks import chunk_pages, first_bad_chunk
+from ..mapping import close_mapping, prefetch_runs
 from ..sparse import nonzero_pages_outside
 from ..validate import MAX_XCRS, is_inside_root
 from ..state import FD_FILE, PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
@@ -24,7 +24,7 @@ from . import codec
 from . import layout as L
 
 MAX_SECTIONS = 1 << 16
-MAX_SECTION_SIZE = 1 << 28      # a 64 GiB region with every other page present needs 192 MiB
+MAX_SECTION_SIZE = 1 << 28      # a 64 GiB region's payload is 2.5 MiB, however fragmented
 PADDING_CHUNK = 1 << 20
 
 
@@ -47,30 +47,14 @@ class SectionEntry:
 
 
 @dataclass(frozen=True)
-class Extent:
-    first_page: int
-    page_count: int
-    hash: int
-
-
-@dataclass(frozen=True)
 class RegionData:
-    """Where a memory region's pages live in the file, and their checksums."""
+    """Where a memory region's pages live in the file, and their chunk checksums."""
     data_offset: int
-    extents: tuple[Extent, ...]
+    chunk_hashes: array
 
 
 def checksum(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
-
-
-HASH_WORKERS = 2        # xxhash releases the GIL: large buffers are hashed in parallel
-
-
-def checksums(buffers) -> list[int]:
-    """The checksum of each buffer, HASH_WORKERS at a time."""
-    with ThreadPoolExecutor(HASH_WORKERS) as pool:
-        return list(pool.map(checksum, buffers))
 
 
 class ImageMetadata:
@@ -130,9 +114,10 @@ class ImageMetadata:
         (_, major, minor, header_size, count, flags, table_offset, file_size, table_hash,
          header_hash) = L.HEADER.unpack(raw)
         if major != L.VERSION_MAJOR:
-            newer = "newer than" if major > L.VERSION_MAJOR else "not supported by"
-            raise self._error(f"image format version {major}.{minor} is {newer} this vmstate "
-                              f"(reads {L.VERSION_MAJOR}.x)", 8)
+            age = ("newer than" if major > L.VERSION_MAJOR else "older than" if major
+                   else "not supported by")
+            raise self._error(f"image format version {major}.{minor} is {age} this vmstate "
+                              f"(reads {L.VERSION_MAJOR}.x only)", 8)
         if checksum(raw[:L.HEADER_HASHED]) != header_hash:
             raise self._error("header checksum mismatch (the header is corrupt)", 56)
         if file_size != self.file_size:
@@ -238,28 +223,11 @@ class ImageMetadata:
         return tuple(vcpus)
 
     def _decode_region(self, data: bytes) -> tuple[MemoryRegion, RegionData]:
-        r = codec.PayloadReader(data)
-        gpa, size, data_offset, count = r.take(L.REGION)
-        extents = tuple(Extent(*r.take(L.EXTENT)) for _ in range(count))
-        r.end()
-        if not size:
-            raise ValueError("memory region of size 0")
-        if gpa % PAGE_SIZE or size % PAGE_SIZE or data_offset % PAGE_SIZE:
-            raise ValueError(f"region {gpa:#x}+{size:#x} at file offset {data_offset:#x} is not "
-                             "page aligned")
-        if data_offset + size > self.file_size:
-            raise ValueError(f"region data {data_offset:#x}+{size:#x} runs past the end of the "
-                             "file")
-        next_page = 0
-        for extent in extents:
-            if extent.first_page < next_page or extent.page_count == 0:
-                raise ValueError(f"extent at page {extent.first_page} overlaps or is out of order")
-            next_page = extent.first_page + extent.page_count
-        if next_page > size // PAGE_SIZE:
-            raise ValueError(f"extents reach page {next_page}, past the region's "
-                             f"{size // PAGE_SIZE} pages")
-        present = merge_runs(tuple((e.first_page, e.page_count) for e in extents))
-        return MemoryRegion(gpa, size, present), RegionData(data_offset, extents)
+        region, data_offset, hashes = codec.decode_region(data)
+        if data_offset + region.size > self.file_size:
+            raise ValueError(f"region data {data_offset:#x}+{region.size:#x} runs past the end "
+                             "of the file")
+        return region, RegionData(data_offset, hashes)
 
     def _assemble_regions(self, regions: dict) -> tuple[MemoryRegion, ...]:
         if sorted(regions) != list(range(len(regions))):
@@ -299,15 +267,17 @@ class ImageMetadata:
 
 
 
-    def bad_extent(self, region_views: list[memoryview]) -> tuple[int, Extent] | None:
-        """The first extent, as (region index, extent), whose bytes in `region_views` (each
-        region's memory, wherever it is) fail their checksum; None if all pass."""
-        extents = [(i, e) for i, data in enumerate(self.region_data) for e in data.extents]
-        digests = checksums(region_views[i][e.first_page * PAGE_SIZE:
-                                            (e.first_page + e.page_count) * PAGE_SIZE]
-                            for i, e in extents)
-        return next(((i, e) for (i, e), digest in zip(extents, digests) if digest != e.hash),
-                    None)
+    def bad_chunk(self, region_views: list[memoryview]) -> tuple[int, int, int] | None:
+        """The first chunk whose present pages in `region_views` (each region's memory,
+        wherever it is) fail their checksum, as (region index, first page, page count);
+        None if all pass."""
+        for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
+            pages = region.size // PAGE_SIZE
+            bad = first_bad_chunk(region_views[index], region.present, pages, data.chunk_hashes)
+            if bad is not None:
+                return (index, *chunk_pages(bad, pages))
+        return None
+
 
 class Image(ImageMetadata, FdOwner):
     """A checked image file. `state` is the VM state; memory stays in the file."""
@@ -346,7 +316,7 @@ class Image(ImageMetadata, FdOwner):
                          self.path)
 
     def _check_holes(self) -> None:
-        """Pages outside every extent were never touched and must read as zero."""
+        """Pages outside the present set were never touched and must read as zero."""
         for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
             stray = nonzero_pages_outside(self.fd, data.data_offset, self.region_view(index),
                                           region.present)
@@ -357,20 +327,18 @@ class Image(ImageMetadata, FdOwner):
                                   "corrupt)", data.data_offset + page * PAGE_SIZE)
 
     def verify_memory(self) -> None:
-        """Check every memory extent's checksum, and that absent pages read as zero;
-        ImageError names the first bad place."""
+        """Check every chunk checksum, and that absent pages read as zero; ImageError names
+        the first bad place."""
         self._check_holes()
-        prefetch(self._map, [(data.data_offset + e.first_page * PAGE_SIZE,
-                              e.page_count * PAGE_SIZE)
-                             for data in self.region_data for e in data.extents])
-        bad = self.bad_extent([self.region_view(i) for i in range(len(self.state.memory))])
+        for index, data in enumerate(self.region_data):
+            prefetch_runs(self._map, data.data_offset, self.state.memory[index].present)
+        bad = self.bad_chunk([self.region_view(i) for i in range(len(self.state.memory))])
         if bad is not None:
-            index, extent = bad
-            gpa = self.state.memory[index].guest_phys_addr + extent.first_page * PAGE_SIZE
-            end = gpa + extent.page_count * PAGE_SIZE
+            index, first, count = bad
+            gpa = self.state.memory[index].guest_phys_addr + first * PAGE_SIZE
+            end = gpa + count * PAGE_SIZE
             raise self._error(f"guest memory {gpa:#x}-{end:#x} fails its checksum (the memory is "
-                              "corrupt)",
-                              self.region_data[index].data_offset + extent.first_page * PAGE_SIZE)
+                              "corrupt)", self.region_data[index].data_offset + first * PAGE_SIZE)
 
 
 VMM_DECODERS = {

@@ -1,10 +1,10 @@
-"""The migration wire protocol, format 1.0: structures declared once, and framed socket I/O.
+"""The migration wire protocol, format 2.0: structures declared once, and framed socket I/O.
 
     sender                                     receiver
       HELLO  (magic, versions, flags, image size)  ->
                                                <-  REPLY (0: go on | refusal and reason)
       FRAME IMAGE (offset 0: image metadata)       ->
-      FRAME IMAGE (memory extents, ascending)      ->   straight into guest memory / the file
+      FRAME MEMORY (the present pages, in order)   ->   straight into guest memory / the file
       FRAME FILE  (with --with-files)              ->
       FRAME END   (metadata digest, byte count)    ->
                                                <-  REPLY (0: verified and stored or started)
@@ -18,7 +18,7 @@ import struct
 from ..errors import VmstateError
 
 MAGIC = b"VMSTMIG\0"
-VERSION_MAJOR, VERSION_MINOR = 1, 0
+VERSION_MAJOR, VERSION_MINOR = 2, 0
 HELLO = struct.Struct("<8sHHHHIQI")       # magic, min major, min minor, max major, max minor,
                                           # flags, image size (bytes of the image file), reserved
 FLAG_WITH_FILES = 0x1
@@ -27,11 +27,14 @@ REPLY = struct.Struct("<II")              # status, message length; UTF-8 messag
 FILE_HEADER = struct.Struct("<IIQQ")      # path length, mode, content length, XXH3-64 of content
 END = struct.Struct("<QQ")                # XXH3-64 of the image metadata, image bytes sent
 
-FRAME_IMAGE, FRAME_FILE, FRAME_END = 1, 2, 3
+FRAME_IMAGE, FRAME_FILE, FRAME_END, FRAME_MEMORY = 1, 2, 3, 4
 STATUS_OK, STATUS_REFUSED, STATUS_FAILED = 0, 1, 2
 MAX_FILE_FRAME = 1 << 30
 MAX_REPLY = 4096
 CHUNK = 4 << 20                           # socket reads and writes move this much at a time
+MAX_MEMORY_FRAME = 64 << 20               # memory frames carry at most this many bytes
+MEMORY_FRAME = 16 << 20                   # what vmstate's sender puts in one
+IOV_MAX = 1024                            # buffers per sendmsg/recvmsg_into call
 
 
 class ProtocolError(VmstateError):
@@ -47,6 +50,40 @@ def recv_exact_into(sock: socket.socket, view: memoryview, what: str) -> None:
             raise ProtocolError(f"connection closed after {received} of {len(view)} bytes of "
                                 f"{what}: truncated stream")
         received += n
+
+
+def recv_into_buffers(sock: socket.socket, buffers: list[memoryview], what: str) -> None:
+    """Fill each buffer in turn from the socket: scattered reads, IOV_MAX buffers a call."""
+    received, total, start = 0, sum(len(b) for b in buffers), 0
+    while start < len(buffers):
+        n = sock.recvmsg_into(buffers[start:start + IOV_MAX])[0]
+        if n == 0:
+            raise ProtocolError(f"connection closed after {received} of {total} bytes of "
+                                f"{what}: truncated stream")
+        received += n
+        start = _advance(buffers, start, n)
+
+
+def send_buffers(sock: socket.socket, buffers: list[memoryview]) -> None:
+    """Send the buffers in order: gathered writes, IOV_MAX buffers a call."""
+    start = 0
+    while start < len(buffers):
+        start = _advance(buffers, start, sock.sendmsg(buffers[start:start + IOV_MAX]))
+
+
+def _advance(buffers: list[memoryview], start: int, done: int) -> int:
+    """Drop `done` bytes from buffers[start:]: the index of the first unfinished buffer (a
+    partly done one is cut to its rest in place)."""
+    while done and start < len(buffers):
+        if done >= len(buffers[start]):
+            done -= len(buffers[start])
+            start += 1
+        else:
+            buffers[start] = buffers[start][done:]
+            done = 0
+    while start < len(buffers) and not len(buffers[start]):
+        start += 1
+    return start
 
 
 def recv_exact(sock: socket.socket, length: int, what: str) -> bytes:

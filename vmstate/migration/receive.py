@@ -23,7 +23,7 @@ from ..atomic import PendingFile
 from ..errors import FormatError, ImageError, describe_error
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata
-from ..image.writer import MemoryPiece, pwrite_all, write_memory
+from ..image.writer import pwrite_all
 from ..mapping import close_mapping
 from ..rootfs import MODE_BITS, open_directory_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE
@@ -92,7 +92,7 @@ class MemorySink(Protocol):
     """Where received guest memory goes."""
 
     def prepare(self, metadata: ImageMetadata) -> None: ...
-    def receive(self, sock: socket.socket, region: int, offset: int, length: int) -> None: ...
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, int, int]]) -> None: ...
     def verify(self) -> None: ...
     def discard(self) -> None: ...
 
@@ -156,7 +156,7 @@ def _refuse(sock: socket.socket, reason: str):
 def _frame(sock: socket.socket) -> tuple[int, int, int]:
     kind, flags, reserved, offset, length = P.FRAME.unpack(
         P.recv_exact(sock, P.FRAME.size, "a frame header"))
-    if flags or reserved or (kind != P.FRAME_IMAGE and offset):
+    if flags or reserved or (kind not in (P.FRAME_IMAGE, P.FRAME_MEMORY) and offset):
         raise P.ProtocolError(f"frame of type {kind} with non-zero flags, reserved field or "
                               "offset")
     return kind, offset, length
@@ -204,19 +204,19 @@ def _receive_metadata_bytes(sock: socket.socket, length: int) -> bytes:
 
 def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_files: bool,
                     max_size: int) -> None:
-    """Memory extents in file order, then guest files, then the end frame."""
-    expected = _expected_pieces(received.metadata)
-    position = 0
+    """Memory frames in order, then guest files, then the end frame."""
+    stream = PresentStream(received.metadata)
     while True:
         kind, offset, length = _frame(sock)
-        if kind == P.FRAME_IMAGE:
-            if position >= len(expected) or (offset, length) != expected[position][1:]:
-                raise P.ProtocolError(f"unexpected memory frame ({length} bytes at file offset "
-                                      f"{offset:#x}): not the image's next extent")
-            received.sink.receive(sock, expected[position][0], offset, length)
+        if kind == P.FRAME_MEMORY:
+            if offset != stream.position or not 0 < length <= P.MAX_MEMORY_FRAME \
+                    or length % PAGE_SIZE or offset + length > stream.total:
+                raise P.ProtocolError(f"unexpected memory frame ({length} bytes at stream offset "
+                                      f"{offset:#x}): not the next whole pages of the "
+                                      f"{stream.total} bytes of present memory")
+            received.sink.receive(sock, stream.take(length))
             received.image_bytes += length
-            position += 1
-        elif kind == P.FRAME_FILE and with_files and position == len(expected):
+        elif kind == P.FRAME_FILE and with_files and stream.position == stream.total:
             if received.total_bytes + length > max_size:
                 raise P.ProtocolError(f"the VM and its files exceed --max-size ({max_size})")
             _receive_file(sock, received, root_fd, length)
@@ -225,9 +225,9 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
             if length != P.END.size:
                 raise P.ProtocolError(f"end frame of {length} bytes (expected {P.END.size})")
             digest, sent = P.END.unpack(P.recv_exact(sock, P.END.size, "the end frame"))
-            if position != len(expected):
-                raise P.ProtocolError(f"the stream ended after {position} of {len(expected)} "
-                                      "memory extents: truncated stream")
+            if stream.position != stream.total:
+                raise P.ProtocolError(f"the stream ended after {stream.position} of "
+                                      f"{stream.total} bytes of memory: truncated stream")
             if digest != received.metadata.digest() or sent != received.image_bytes:
                 raise P.ProtocolError("the end frame does not match what was received")
             return
@@ -235,10 +235,30 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
             raise P.ProtocolError(f"unexpected frame of type {kind} ({length} bytes) here")
 
 
-def _expected_pieces(metadata: ImageMetadata) -> list[tuple[int, int, int]]:
-    """(region, file offset, length) of every memory extent, in file order."""
-    return [(i, data.data_offset + e.first_page * PAGE_SIZE, e.page_count * PAGE_SIZE)
-            for i, data in enumerate(metadata.region_data) for e in data.extents]
+class PresentStream:
+    """The present pages of every region in file order, as one stream of bytes: memory
+    frames carry consecutive pieces of it, and `take` says which pages a piece fills."""
+
+    def __init__(self, metadata: ImageMetadata):
+        self.runs = [(index, first, count) for index, region in enumerate(metadata.state.memory)
+                     for first, count in region.present]
+        self.total = sum(count for _, _, count in self.runs) * PAGE_SIZE
+        self.position = 0
+        self._run, self._done = 0, 0        # the next run, and its pages already received
+
+    def take(self, length: int) -> list[tuple[int, int, int]]:
+        """(region, first page, page count) of the next `length` bytes (whole pages)."""
+        pieces, pages = [], length // PAGE_SIZE
+        while pages:
+            region, first, count = self.runs[self._run]
+            n = min(pages, count - self._done)
+            pieces.append((region, first + self._done, n))
+            self._done += n
+            pages -= n
+            if self._done == count:
+                self._run, self._done = self._run + 1, 0
+        self.position += length
+        return pieces
 
 
 def _receive_file(sock: socket.socket, received: Received, root_fd: int, length: int) -> None:
@@ -285,12 +305,12 @@ def discard_files(received: Received) -> None:
         received_file.pending.discard()
 
 
-def verify_extents(metadata: ImageMetadata, region_views: list[memoryview]) -> None:
-    """Every extent's checksum, computed over where the memory landed."""
-    bad = metadata.bad_extent(region_views)
+def verify_chunks(metadata: ImageMetadata, region_views: list[memoryview]) -> None:
+    """Every chunk checksum, computed over where the memory landed."""
+    bad = metadata.bad_chunk(region_views)
     if bad is not None:
-        index, extent = bad
-        gpa = metadata.state.memory[index].guest_phys_addr + extent.first_page * PAGE_SIZE
+        index, first, _ = bad
+        gpa = metadata.state.memory[index].guest_phys_addr + first * PAGE_SIZE
         raise ImageError(f"guest memory {gpa:#x} fails its checksum: corrupted in transit",
                          "stream")
 
@@ -299,25 +319,33 @@ class ImageFileSink:
     """Received memory goes into a new image file with no name yet; it becomes `output`
     only after the whole file has been checked like any image."""
 
-    STAGING = 16 << 20
+    STAGING = P.MAX_MEMORY_FRAME
 
     def __init__(self, output: str):
         self.output = output
         self.file: PendingFile | None = None
+        self.metadata: ImageMetadata | None = None
         self._staging = None
 
     def prepare(self, metadata: ImageMetadata) -> None:
+        self.metadata = metadata
         self.file = PendingFile(os.path.dirname(os.path.abspath(self.output)),
                                 os.path.basename(self.output))
         os.ftruncate(self.file.fd, metadata.file_size)
         pwrite_all(self.file.fd, metadata.metadata(), 0)
-        self._staging = mmap.mmap(-1, self.STAGING)   # page-aligned, so O_DIRECT can write it
+        self._staging = mmap.mmap(-1, self.STAGING)
 
-    def receive(self, sock: socket.socket, region: int, offset: int, length: int) -> None:
-        for start in range(0, length, self.STAGING):
-            view = memoryview(self._staging)[:min(self.STAGING, length - start)]
-            P.recv_exact_into(sock, view, f"memory at file offset {offset + start:#x}")
-            write_memory(self.file.fd, [MemoryPiece(offset + start, view)])
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, int, int]]) -> None:
+        """Into the staging buffer, then each run of pages to its place in the file."""
+        length = sum(count for _, _, count in pieces) * PAGE_SIZE
+        staging = memoryview(self._staging)
+        P.recv_exact_into(sock, staging[:length], "memory")
+        at = 0
+        for region, first, count in pieces:
+            end = at + count * PAGE_SIZE
+            pwrite_all(self.file.fd, staging[at:end],
+                       self.metadata.region_data[region].data_offset + first * PAGE_SIZE)
+            at = end
 
     def verify(self) -> None:
         with Image(f"/proc/self/fd/{self.file.fd}") as image:
