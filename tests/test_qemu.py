@@ -220,7 +220,7 @@ def test_parts_of_different_vms_are_refused(vmstate, saved, tmp_path):
     refused(vmstate("join", pc_core, q35_xml, "-o", out), "machine type", "pc-q35")
     refused(vmstate("join", pc_core, small_xml, "-o", out), "pc.ram", "RAM size")
     refused(vmstate("join", other_core, pc_xml, "-o", out), "another stream")
-    refused(vmstate("join", pc_core, pc_xml, "-o", pc_core), "input of join")
+    refused(vmstate("join", pc_core, pc_xml, "-o", pc_core), "same file as the core")
     assert not out.exists()
     assert pc_core.stat().st_size > 128 << 20     # not overwritten
 

@@ -235,8 +235,10 @@ def join(
         _fail("join needs -o NEW.sav (or --dry-run)", 2)
     if output is not None:
         from .atomic import refuse_clobbering
-        refuse_clobbering({"-o": str(output)}, {"the core": str(core), "the XML": str(xml),
-                                                 "--app": str(app_program or core)})
+        inputs = {"the core": str(core), "the XML": str(xml)}
+        if app_program:
+            inputs["--app"] = str(app_program)
+        refuse_clobbering({"-o": str(output)}, inputs)
     xml_data = _read_input(xml)
     chosen = for_xml_root(parse_xml(xml_data, str(xml)).tag, str(xml))
     symbols = None
