@@ -10,10 +10,11 @@ setup: $(VENV)/.installed examples
 
 # Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow,
 # QEMU (TCG) and gcc-multilib for the QEMU loop and its 32-bit multiboot example guest.
+APT_PACKAGES = musl-tools gdb qemu-system-x86 gcc-multilib
+
 system-packages:
-	@command -v musl-gcc >/dev/null && command -v gdb >/dev/null \
-	  && command -v qemu-system-x86_64 >/dev/null && dpkg -s gcc-multilib >/dev/null 2>&1 || \
-	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q musl-tools gdb qemu-system-x86 gcc-multilib)
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_PACKAGES))
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
