@@ -9,8 +9,9 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(VENV)/.installed examples
 
 # Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow,
-# QEMU (TCG) and gcc-multilib for the QEMU loop and its 32-bit multiboot example guest.
-APT_PACKAGES = musl-tools gdb qemu-system-x86 gcc-multilib
+# QEMU (TCG) and gcc-multilib for the QEMU loop and its 32-bit multiboot example guest,
+# busybox-static for the conformance test (tests/conformance.py).
+APT_PACKAGES = musl-tools gdb qemu-system-x86 gcc-multilib busybox-static
 
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \

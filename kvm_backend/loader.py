@@ -104,24 +104,26 @@ def load_program(program: Program, memory: GuestMemory, limit: int) -> None:
             memory.write_phys(seg.vaddr, os.pread(f.fileno(), seg.file_size, seg.file_offset))
 
 
-def build_stack(memory: GuestMemory, program: Program, argv: list[str], stack_top: int) -> int:
+def build_stack(memory: GuestMemory, program: Program, argv: list[str], stack_top: int,
+                envp: list[str] = ()) -> int:
     """Write argc, argv, envp and the auxiliary vector below `stack_top`; return the initial
     RSP (16-byte aligned, pointing at argc), as the Linux ELF loader does."""
     strings = bytearray()
     offsets = []
-    for arg in argv:
+    for arg in [*argv, *envp]:
         offsets.append(len(strings))
         strings += os.fsencode(arg) + b"\0"
     random_offset = len(strings)
     strings += os.urandom(16)
     area = (stack_top - len(strings)) & ~0xF
     memory.write_phys(area, bytes(strings))
-    arg_ptrs = [area + off for off in offsets]
+    pointers = [area + off for off in offsets]
+    arg_ptrs, env_ptrs = pointers[:len(argv)], pointers[len(argv):]
     auxv = [AT_PHDR, program.phdr_addr, AT_PHENT, program.phent, AT_PHNUM, program.phnum,
             AT_PAGESZ, PAGE_SIZE, AT_ENTRY, program.entry, AT_UID, 0, AT_EUID, 0, AT_GID, 0,
             AT_EGID, 0, AT_SECURE, 0, AT_CLKTCK, 100, AT_RANDOM, area + random_offset,
             AT_EXECFN, arg_ptrs[0], AT_NULL, 0]
-    words = [len(argv), *arg_ptrs, 0, 0, *auxv]      # argc, argv..., NULL, envp: NULL, auxv
+    words = [len(argv), *arg_ptrs, 0, *env_ptrs, 0, *auxv]   # argc, argv, NULL, envp, NULL, auxv
     rsp = (area - 8 * len(words)) & ~0xF
     memory.write_phys(rsp, struct.pack(f"<{len(words)}Q", *words))
     return rsp

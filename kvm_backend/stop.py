@@ -25,6 +25,7 @@ class StopRequest:
         self.requested = threading.Event()
         self.reason = ""
         self._stopped = threading.Event()
+        self._kicker: threading.Thread | None = None
         self._main = threading.main_thread().ident
         self.cancel_fd, self._cancel_w = os.pipe()
         signal.signal(KICK_SIGNAL, lambda *_: None)    # interrupts KVM_RUN, nothing more
@@ -36,12 +37,30 @@ class StopRequest:
         self.reason = reason
         self.requested.set()
         os.write(self._cancel_w, b"x")
-        threading.Thread(target=self._kick, daemon=True, name="vcpu-kick").start()
+        self._kicker = threading.Thread(target=self._kick, daemon=True, name="vcpu-kick")
+        self._kicker.start()
 
     def _kick(self) -> None:
         while not self._stopped.wait(KICK_INTERVAL):
             self.run_page.immediate_exit = 1
             signal.pthread_kill(self._main, KICK_SIGNAL)
+
+    def clear(self) -> None:
+        """Forget a request that was refused: stop kicking and let the vCPU run on."""
+        self.stopped()
+        if self._kicker is not None:
+            self._kicker.join()
+            self._kicker = None
+        os.set_blocking(self.cancel_fd, False)
+        try:
+            while os.read(self.cancel_fd, 64):
+                pass
+        except BlockingIOError:
+            pass
+        os.set_blocking(self.cancel_fd, True)
+        self.requested.clear()
+        self._stopped.clear()
+        self.run_page.immediate_exit = 0
 
     def stopped(self) -> None:
         """The run loop has stopped the vCPU: stop kicking."""

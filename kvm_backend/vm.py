@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -108,6 +109,8 @@ class VirtualMachine:
         self.identity = Identity()
         self.signals = SignalState()
         self.max_file_size: int | None = None
+        self.forked_child = False             # this VMM process runs a guest's fork child
+        self._msrs: list[int] | None = None
         self.star = machine.STAR
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.stop = StopRequest(self.vcpu.run_page)
@@ -163,9 +166,12 @@ class VirtualMachine:
                                identity=self.identity, signals=self.signals)
         timing_mark("first-kvm-run")
         try:
-            return self._run_loop(syscalls, save, gate)
+            outcome = self._run_loop(syscalls, save, gate)
         finally:
             self.stop.stopped()
+        if self.forked_child:
+            _end_child_process(outcome)
+        return outcome
 
     def _run_loop(self, syscalls: Personality, save: SaveHandler | None,
                   gate: Callable[[], None] | None) -> Outcome:
@@ -188,7 +194,8 @@ class VirtualMachine:
                                    "deliver an exception", x86.SIGSEGV)
                 case InterruptedExit():
                     if self.stop.requested.is_set() and save is not None:
-                        return self._save(save, pending=None)
+                        if not self._refuse_save(syscalls):
+                            return self._save(save, pending=None)
                 case _:
                     rip = self.vcpu.run_page.s.regs.rip
                     return Faulted(f"unexpected KVM exit {exit} at rip {rip:#x}", x86.SIGSEGV)
@@ -206,6 +213,9 @@ class VirtualMachine:
                 else f"signal {e.signal}"
             return Faulted(f"guest killed by {name}", e.signal)
         except SaveRequested:
+            if self._refuse_save(syscalls):
+                self.return_to_user(-errno.EBUSY)
+                return None
             self.return_to_user(0)             # after the restore, syscall(400) returns 0
             return self._save(save, pending=None)
         except CallInterrupted:
@@ -214,6 +224,8 @@ class VirtualMachine:
             except GuestFault:            # not a syscall instruction the guest can re-issue:
                 self.return_to_user(-errno.EINTR)      # the call fails as interrupted
                 pending = None
+            if self._refuse_save(syscalls):
+                return None                   # the guest re-issues the call
             return self._save(save, pending=pending)
         return None
 
@@ -270,15 +282,34 @@ class VirtualMachine:
 
     # -- saving --------------------------------------------------------------------------------
 
+    def _refuse_save(self, syscalls: Personality) -> bool:
+        """A guest with child processes is not saved (a save holds one process): say so, and
+        let it run on."""
+        if not syscalls.children:
+            return False
+        pids = ", ".join(str(pid) for pid in sorted(syscalls.children))
+        print(f"vmstate: save refused: the guest has child processes ({pids}); an image holds "
+              "one process", file=sys.stderr, flush=True)
+        self.stop.clear()
+        return True
+
+    def xsave_size(self) -> int:
+        return max(self.kvm.check_extension(abi.KVM_CAP_XSAVE2), abi.XSAVE_LEGACY_SIZE)
+
+    def msr_list(self) -> list[int]:
+        if self._msrs is None:
+            self._msrs = vcpu_state.msr_indices(self.kvm, self.vcpu)
+        return self._msrs
+
     def _save(self, save: SaveHandler, pending: PendingCall | None) -> Saved:
         timing_mark("save-start")
         self.stop.stopped()
-        self._complete_pending_exit()
+        self.complete_pending_exit()
         where = save(self.capture(pending), [self.memory.view])
         timing_mark("save-done")
         return Saved(where)
 
-    def _complete_pending_exit(self) -> None:
+    def complete_pending_exit(self) -> None:
         """One KVM_RUN with immediate_exit set: KVM finishes the MMIO exit it is waiting on and
         takes our edited sync registers, then returns without running the guest."""
         run = self.vcpu.run_page
@@ -290,8 +321,7 @@ class VirtualMachine:
 
     def capture(self, pending: PendingCall | None = None) -> VmState:
         """The whole VM state. The vCPU must be stopped with no exit pending."""
-        msrs = vcpu_state.msr_indices(self.kvm, self.vcpu)
-        vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, msrs)
+        vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
         vmm = VmmState(program=self.program, argv=self.argv, files=self.files.snapshot(),
                        address_space=self.address_space.state, pending=pending)
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
@@ -324,6 +354,20 @@ def check_restorable(state: VmState) -> None:
         raise RestoreError(problem.message)
 
 
+def _end_child_process(outcome: Outcome) -> None:
+    """A fork child's VMM ends with its guest, as the guest process would have: its exit
+    status, or death by the signal that ended it (what the parent's wait4 reports)."""
+    sys.stdout.flush()
+    if isinstance(outcome, Exited):
+        os._exit(outcome.status)
+    if isinstance(outcome, Faulted):
+        if not outcome.report.startswith("guest killed"):
+            print(f"vmstate: {outcome.report}", file=sys.stderr, flush=True)
+        signal.signal(outcome.signal, signal.SIG_DFL)
+        os.kill(os.getpid(), outcome.signal)
+    os._exit(128 + x86.SIGSEGV)
+
+
 class KvmCpu:
     """The personality's Cpu (linux_personality.cpu) over vCPU 0: registers through the kvm_run
     sync registers (no extra ioctl per system call)."""
@@ -331,7 +375,24 @@ class KvmCpu:
     def __init__(self, vm: VirtualMachine):
         self.vm = vm
         self.memory = vm.memory
-        self.run = vm.vcpu.run_page
+
+    @property
+    def run(self):
+        return self.vm.vcpu.run_page      # a fork child has a vCPU of its own
+
+    def read_fpu(self) -> bytes:
+        return self.vm.vcpu.get_xsave(self.vm.xsave_size())
+
+    def write_fpu(self, data: bytes) -> None:
+        self.vm.vcpu.set_xsave(data)
+
+    def fork(self) -> int:
+        from .guest_process import fork_vm
+        return fork_vm(self.vm)
+
+    def exec(self, host_path: str, argv: list[str], envp: list[str]):
+        from .guest_process import exec_program
+        return exec_program(self.vm, host_path, argv, envp)
 
     def read_register(self, name: str) -> int:
         if name in SEGMENT_BASES:

@@ -173,6 +173,10 @@ class FileTable:
             else:
                 self.close(fd)
 
+    def close_on_exec(self) -> None:
+        for fd in list(self._cloexec):
+            self.close(fd)
+
     def fds(self) -> list[int]:
         return sorted(self._files)
 
