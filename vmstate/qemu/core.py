@@ -26,9 +26,11 @@ from .. import elf, x86
 from ..atomic import atomic_output
 from ..errors import FormatError, VmstateError
 from ..fd import open_to_read
+from ..image.writer import pwrite_all
 from ..paging import Mapping, PageTables
 from . import cpu, layout
 from .description import encode_group
+from .iov import write_gathered
 from .machine import placements
 from .stream import QemuStream
 
@@ -207,17 +209,25 @@ def guest_mappings(stream: QemuStream, view: cpu.VcpuView, read_phys) -> list[Ma
 
 # -- writing (split) -------------------------------------------------------------------------
 
-def fill_core(core: mmap.mmap, stream: QemuStream, blocks: list[CoreBlock]) -> None:
-    """Copy every PAGE record's bytes (and non-zero fills) to its block in `core`."""
-    target = np.frombuffer(core, dtype=np.uint8)
+def write_blocks(fd: int, stream: QemuStream, blocks: list[CoreBlock], digest_page) -> None:
+    """pwritev every PAGE record's bytes straight from the mapped stream to its block's place
+    in the core (the kernel gathers them: no copy in Python), and non-zero fills; ZERO pages
+    stay holes. `digest_page(view)` sees each stored page once, in stream order."""
+    source = memoryview(stream.data) if stream.data is not None else None
     for section in stream.sections:
         for run in section.runs:
-            if run.zero and not run.fill:
-                continue
             start = blocks[run.block].offset + run.first_page * layout.PAGE_SIZE
-            pages = target[start:start + run.count * layout.PAGE_SIZE].reshape(
-                run.count, layout.PAGE_SIZE)
-            pages[:] = run.fill if run.zero else stream.page_payloads(run)
+            if run.zero:
+                if run.fill:
+                    pwrite_all(fd, bytes([run.fill]) * (run.count * layout.PAGE_SIZE), start)
+                continue
+            stride = run.record_size(stream.blocks)
+            first = run.source + stride - layout.PAGE_SIZE
+            pages = [source[first + i * stride:first + i * stride + layout.PAGE_SIZE]
+                     for i in range(run.count)]
+            for page in pages:
+                digest_page(page)
+            write_gathered(fd, pages, start)
 
 
 # -- reading (join) --------------------------------------------------------------------------
@@ -232,7 +242,7 @@ class QemuCore:
             size = os.fstat(fd).st_size
             if size < elf.EHDR.size:
                 raise self._error("too short for an ELF header: not a core", 0)
-            self.data = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            self.data = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ)
         finally:
             os.close(fd)
         try:
@@ -302,7 +312,10 @@ class QemuCore:
         return np.frombuffer(self.data, dtype=np.uint8, count=block.size, offset=block.offset)
 
     def close(self) -> None:
-        self.data.close()
+        try:
+            self.data.close()
+        except BufferError:     # arrays still borrow it (an error is on its way up): the
+            pass                # mapping goes when they do
 
     def __enter__(self):
         return self
@@ -311,17 +324,12 @@ class QemuCore:
         self.close()
 
 
-def write_core_file(path: str, plan: CorePlan, stream: QemuStream, after_fill):
-    """Write the core atomically; `after_fill(core_bytes)` runs on the filled mapping before
-    the core gets its name, and its result is returned."""
+def write_core_file(path: str, plan: CorePlan, stream: QemuStream, digest_page) -> None:
+    """Write the core atomically: it gets its name only once complete."""
     try:
         with atomic_output(path) as f:
             f.truncate(plan.file_size)
-            f.write(plan.header)
-            f.flush()
-            with mmap.mmap(f.fileno(), plan.file_size) as core:
-                fill_core(core, stream, plan.blocks)
-                result = after_fill(core)
-            return result
+            pwrite_all(f.fileno(), plan.header, 0)
+            write_blocks(f.fileno(), stream, plan.blocks, digest_page)
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None

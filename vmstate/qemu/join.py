@@ -23,7 +23,7 @@ from .core import QemuCore
 from .description import Decoder, DescriptionError, Leaf, leaves
 from .machine import placements
 from .statexml import StateDocument, format_leaf, from_xml
-from .stream import QemuStream, write_stream
+from .stream import QemuStream, changed_pages, write_stream
 
 
 class JoinError(VmstateError):
@@ -173,9 +173,7 @@ def _page_changes(stream: QemuStream, memory, digests: bytes, result: JoinResult
                                       (run.first_page + run.count) * layout.PAGE_SIZE]
             if run.zero:
                 grid = pages.reshape(run.count, layout.PAGE_SIZE)
-                changed = np.flatnonzero((grid.view(np.uint64) != 0).any(axis=1)) \
-                    if run.fill == 0 else np.flatnonzero((grid != run.fill).any(axis=1))
-                for index in changed.tolist():
+                for index in np.flatnonzero(changed_pages(grid, run.fill)).tolist():
                     _record_page(stream, run.block, run.first_page + index, result)
                 continue
             if position + run.count > len(expected):
