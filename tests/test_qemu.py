@@ -145,6 +145,17 @@ def test_control_register_edit_recomputes_hflags(vmstate, saved, tmp_path):
     assert "tick " in output
 
 
+def test_gdb_reads_variables_and_registers_of_a_32_bit_guest(vmstate, saved, kernel, tmp_path):
+    core, xml = split(vmstate, saved("q35"), tmp_path)
+    rip = re.search(r'<reg name="rip" value="(0x[0-9a-f]+)"/>', xml.read_text()).group(1)
+    gdb = subprocess.run(["gdb", "-q", "-batch", "-nx", str(kernel), str(core), "-ex", "p/x $eip",
+                          "-ex", "p message", "-ex", "p/x nic_mac"],
+                         capture_output=True, text=True, timeout=60)
+    assert f"= {rip}" in gdb.stdout, gdb.stdout + gdb.stderr
+    assert '"hello from the guest"' in gdb.stdout
+    assert "{0x52, 0x54, 0x0, 0x12, 0x34, 0x56}" in gdb.stdout
+
+
 def test_gdb_command_splits_a_stream(vmstate, saved, kernel, tmp_path):
     result = vmstate("gdb", "--app", kernel, saved("pc"), "--", "-batch", "-ex", "p message",
                      cwd=tmp_path)

@@ -75,6 +75,24 @@ class CorePlan:
     segments: int
 
 
+# i386 struct elf_prstatus (for EM_386 cores, as gdb reads them): siginfo, cursig, sigpend,
+# sighold, pid, ppid, pgrp, sid, four timevals, 17 registers, fpvalid.
+PRSTATUS_I386 = struct.Struct("<iiih2xIIiiii32x17Ii")
+PRSTATUS_I386_REGISTERS = ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rax", "ds", "es", "fs",
+                           "gs", "orig_rax", "rip", "cs", "rflags", "rsp", "ss")
+assert PRSTATUS_I386.size == 144
+
+
+def _prstatus_i386(view: cpu.VcpuView) -> bytes:
+    v = view.values
+    values = {**{name: v["registers", name, "value"] & 0xFFFFFFFF for name in cpu.REGISTER_NAMES},
+              **{name: v["segment", name, "selector"] for name in cpu.SEGMENT_ORDER},
+              "orig_rax": 0xFFFFFFFF}
+    pid = 1 + view.id
+    return PRSTATUS_I386.pack(0, 0, 0, 0, 0, 0, pid, 0, pid, pid,
+                              *(values[name] for name in PRSTATUS_I386_REGISTERS), 0)
+
+
 def _prstatus(view: cpu.VcpuView) -> bytes:
     v = view.values
     reg = {name: v["registers", name, "value"] for name in cpu.REGISTER_NAMES}
@@ -152,15 +170,16 @@ def plan_core(stream: QemuStream, views: list[cpu.VcpuView], digest: int,
         file_offset = _physical_offset(stream, blocks, m.physical)
         if file_offset is not None:
             placed.append((file_offset, m.virtual, m.physical, m.size))
+    machine = elf.EM_X86_64 if views and long_mode(views[0]) else EM_386
+    prstatus = _prstatus if machine == elf.EM_X86_64 else _prstatus_i386
     notes = b"".join(
-        [elf.note(b"CORE", elf.NT_PRSTATUS, _prstatus(view)) for view in views]
+        [elf.note(b"CORE", elf.NT_PRSTATUS, prstatus(view)) for view in views]
         + [elf.note(QEMU_NOTE_NAME, 0, _qemu_cpu_state(view)) for view in views]
         + [elf.note(NOTE_NAME, NT_VMSTATE_QEMU, _block_note(stream, digest, blocks))])
     phnum = 1 + len(placed)
     notes_offset = elf.EHDR.size + elf.PHDR.size * phnum
     if blocks and notes_offset + len(notes) > blocks[0].offset:
         raise VmstateError("internal: core notes outgrew their room")
-    machine = elf.EM_X86_64 if views and long_mode(views[0]) else EM_386
     ident = elf.ELF_MAGIC + bytes([elf.ELFCLASS64, elf.ELFDATA2LSB, elf.EV_CURRENT,
                                    elf.ELFOSABI_SYSV]) + bytes(8)
     header = elf.EHDR.pack(ident, elf.ET_CORE, machine, elf.EV_CURRENT, 0, elf.EHDR.size, 0, 0,
