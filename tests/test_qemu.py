@@ -236,6 +236,20 @@ def test_parts_of_different_vms_are_refused(vmstate, saved, tmp_path):
     assert pc_core.stat().st_size > 128 << 20     # not overwritten
 
 
+@pytest.mark.parametrize("pattern, words", [
+    (r'\s*<device kind="full" id="\d+" name="serial"[^>]*>.*?</device>', ["missing", "reset"]),
+    (r'\s*<run block="pc.ram" first="0x1" count="\d+" kind="zero"/>', ["pc.ram", "in no run"]),
+])
+def test_sections_or_pages_left_out_are_refused(vmstate, saved, tmp_path, pattern, words):
+    core, xml = split(vmstate, saved("pc"), tmp_path)
+    text = xml.read_text()
+    edited, count = re.subn(pattern, "", text, count=1, flags=re.S)
+    assert count == 1
+    xml.write_text(edited)
+    refused(vmstate("join", core, xml, "-o", tmp_path / "new.state"), *words)
+    assert not (tmp_path / "new.state").exists()
+
+
 def test_stream_without_description_is_refused(vmstate, pc_stream, tmp_path):
     end = pc_stream.rindex(b"\x06")
     (tmp_path / "bare.state").write_bytes(pc_stream[:end])
