@@ -30,7 +30,7 @@ from ..image.writer import pwrite_all
 from ..paging import Mapping, PageTables
 from . import cpu, layout
 from .description import encode_group
-from .iov import write_gathered
+from .directio import DirectWriter
 from .machine import placements
 from .stream import QemuStream
 
@@ -229,24 +229,18 @@ def guest_mappings(stream: QemuStream, view: cpu.VcpuView, read_phys) -> list[Ma
 # -- writing (split) -------------------------------------------------------------------------
 
 def write_blocks(fd: int, stream: QemuStream, blocks: list[CoreBlock], digest_page) -> None:
-    """pwritev every PAGE record's bytes straight from the mapped stream to its block's place
-    in the core (the kernel gathers them: no copy in Python), and non-zero fills; ZERO pages
-    stay holes. `digest_page(view)` sees each stored page once, in stream order."""
-    source = memoryview(stream.data) if stream.data is not None else None
-    for section in stream.sections:
-        for run in section.runs:
-            start = blocks[run.block].offset + run.first_page * layout.PAGE_SIZE
-            if run.zero:
-                if run.fill:
-                    pwrite_all(fd, bytes([run.fill]) * (run.count * layout.PAGE_SIZE), start)
-                continue
-            stride = run.record_size(stream.blocks)
-            first = run.source + stride - layout.PAGE_SIZE
-            pages = [source[first + i * stride:first + i * stride + layout.PAGE_SIZE]
-                     for i in range(run.count)]
-            for page in pages:
-                digest_page(page)
-            write_gathered(fd, pages, start)
+    """Every PAGE record's bytes to its block's place in the core, gathered from the mapped
+    stream in bulk, and non-zero fills; ZERO pages stay holes. `digest_page(view)` sees each
+    stored page once, in stream order."""
+    with DirectWriter(fd) as out:
+        for section in stream.sections:
+            for run in section.runs:
+                start = blocks[run.block].offset + run.first_page * layout.PAGE_SIZE
+                if not run.zero:
+                    out.write_pages_at(stream.page_payloads(run), start, digest_page)
+                elif run.fill:
+                    fill = np.broadcast_to(np.uint8(run.fill), (run.count, layout.PAGE_SIZE))
+                    out.write_pages_at(fill, start)
 
 
 # -- reading (join) --------------------------------------------------------------------------

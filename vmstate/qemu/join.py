@@ -20,6 +20,7 @@ from ..atomic import atomic_output
 from ..errors import VmstateError
 from . import cpu, layout
 from .core import QemuCore
+from .directio import DirectWriter
 from .description import Decoder, DescriptionError, Leaf, leaves
 from .machine import placements
 from .statexml import StateDocument, format_leaf, from_xml
@@ -56,8 +57,9 @@ def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | No
             summary = render_summary(result, stream.machine, symbols)
             if output is not None:
                 try:
-                    with atomic_output(output) as f:
-                        write_stream(f, stream, memory)
+                    with atomic_output(output) as f, DirectWriter(f.fileno()) as out:
+                        write_stream(out, stream, memory)
+                        out.finish()
                 except OSError as e:
                     raise JoinError(f"cannot write {output}: {e.strerror}") from None
         finally:

@@ -25,7 +25,6 @@ import numpy as np
 from ..errors import FormatError
 from . import layout
 from .description import Decoder, DescriptionError, Group, encode_group
-from .iov import write_gathered
 
 
 class StreamError(FormatError):
@@ -368,9 +367,10 @@ WRITE_CHUNK_PAGES = 8192               # page records prepared at a time
 
 
 def write_stream(out, stream: QemuStream, memory: list[np.ndarray]) -> None:
-    """Write `stream` to the binary file `out`, the pages of block i from `memory[i]` (a flat
-    uint8 array of the block's size). A ZERO record whose page is no longer all its fill byte
-    becomes a PAGE record."""
+    """Write `stream` through `out` (a directio.DirectWriter, or anything with its `write`
+    and `write_records`), the pages of block i from `memory[i]` (a flat uint8 array of the
+    block's size). A ZERO record whose page is no longer all its fill byte becomes a PAGE
+    record."""
     out.write(layout.HEADER.pack(layout.MAGIC, layout.VERSION))
     machine = stream.machine.encode("latin-1")
     out.write(bytes([layout.CONFIGURATION]) + layout.U32.pack(len(machine)) + machine)
@@ -458,7 +458,4 @@ def _write_records(out, blocks: list[RamBlock], run: PageRun, pages: np.ndarray 
             records[:, 8] = run.fill
             out.write(records)
             continue
-        out.flush()
-        chunk = pages[begin:begin + n]
-        buffers = [part for i in range(n) for part in (headers[i], chunk[i])]
-        write_gathered(out.fileno(), buffers)
+        out.write_records(headers, pages[begin:begin + n])
