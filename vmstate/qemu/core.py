@@ -241,6 +241,7 @@ def write_blocks(fd: int, stream: QemuStream, blocks: list[CoreBlock], digest_pa
                 elif run.fill:
                     fill = np.broadcast_to(np.uint8(run.fill), (run.count, layout.PAGE_SIZE))
                     out.write_pages_at(fill, start)
+        out.drain()
 
 
 # -- reading (join) --------------------------------------------------------------------------
