@@ -101,6 +101,22 @@ def test_info_shows_machine_vcpu_blocks_and_devices(vmstate, saved):
     assert "pc.ram: 128 MiB" in text and "rip=0x" in text
 
 
+def test_a_stream_reads_into_the_shared_model(saved):
+    from vmstate.formats.registry import detect
+    stream = str(saved("pc"))
+    chosen = detect(stream)
+    assert chosen.name == "qemu-stream"
+    machine = chosen.read(stream)
+    assert machine.machine_type.startswith("pc-i440fx-")
+    vcpu = machine.vcpus[0]
+    assert vcpu.registers["rdi"] == 1 and vcpu.control["cr0"] & 1
+    assert vcpu.segments["cs"].attributes["db"] == 1            # 32-bit code, flat
+    ram = {block.name: block for block in machine.memory}["pc.ram"]
+    assert ram.size == 128 << 20 and ram.placements == ((0, 0, 128 << 20),)
+    nic = next(d for d in machine.devices if d.name.endswith("rtl8139"))
+    assert dict(nic.fields)["phys"] == "525400123456"
+
+
 def test_whole_loop_edits_show_in_the_resumed_guest(vmstate, saved, kernel, tmp_path):
     stream = saved("pc")
     core, xml = split(vmstate, stream, tmp_path)

@@ -81,10 +81,6 @@ class QemuStream:
     description: bytes            # the JSON exactly as it was in the stream
     data: mmap.mmap | bytes | None = None
 
-    @property
-    def ram_size(self) -> int:
-        return sum(block.size for block in self.blocks)
-
     def device_sections(self) -> list[Section]:
         return [s for s in self.sections if s.device is not None]
 
