@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN = $(VENV)/bin
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench examples system-packages clean
+.PHONY: setup demo qemu-demo test bench examples system-packages clean
 
 setup: $(VENV)/.installed examples
 
@@ -30,6 +30,9 @@ examples: system-packages
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" ./examples/demo.sh
+
+qemu-demo: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" ./examples/qemu_loop.sh
 
 test: setup
 	$(BIN)/python -m pytest
