@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 
 from vmstate.errors import RestoreError
 from vmstate.rootfs import MODE_BITS, normalize_guest_path, open_beneath, open_root
+from vmstate.validate import MAX_GUEST_FDS
 from vmstate.state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT, OpenFile
 
-MAX_GUEST_FDS = 1024
 # Flags that only matter when a file is created; a restore reopens without them.
 CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC
 STDIO = {0: (FD_STDIN, 0), 1: (FD_STDOUT, 1), 2: (FD_STDERR, 2)}
