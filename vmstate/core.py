@@ -227,7 +227,9 @@ class Core(FdOwner):
         return CoreError(message, f"{self.path}: offset {offset:#x}")
 
     def _pread(self, offset: int, length: int, what: str) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        """Bytes the header says are there; an offset or length past the file (up to 2^64,
+        beyond what pread takes) is a truncated core."""
+        data = os.pread(self.fd, length, offset) if offset + length <= self.file_size else b""
         if len(data) != length:
             raise self._error(f"{what} runs past the end of the file ({self.file_size} bytes): "
                               "truncated core", offset)
