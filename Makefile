@@ -8,10 +8,11 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(VENV)/.installed examples
 
-# Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow.
+# Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow,
+# elfutils (eu-stack, eu-readelf) that the tests read cores with.
 system-packages:
-	@command -v musl-gcc >/dev/null && command -v gdb >/dev/null || \
-	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q musl-tools gdb)
+	@command -v musl-gcc >/dev/null && command -v gdb >/dev/null && command -v eu-stack >/dev/null || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q musl-tools gdb elfutils)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
