@@ -93,6 +93,12 @@ def test_bad_option_values_are_a_bad_command_line(vmstate, example, args, messag
     assert message in line and len(line) < 200, line
 
 
+def test_a_huge_path_is_quoted_in_part_and_the_reason_kept(vmstate):
+    result = vmstate("info", "x" * 5000)
+    line = one_line_error(result)
+    assert len(line) < 500 and line.endswith(": cannot open: File name too long"), line
+
+
 def test_a_device_that_is_not_kvm(vmstate, example):
     result = vmstate("run", example("hello"), env={"VMSTATE_KVM_DEVICE": "/dev/null"})
     assert result.returncode == EXIT_NO_KVM

@@ -12,7 +12,7 @@ import typer
 
 from .errors import (
     EXIT_ERROR, EXIT_SIGNAL_BASE, FileMissingError, UsageError, VmstateError, describe_error,
-    shorten)
+    shorten, shorten_message)
 from .units import parse_size
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
@@ -326,7 +326,7 @@ def main() -> None:
     try:
         app()
     except VmstateError as e:
-        print(f"vmstate: {e}", file=sys.stderr)
+        print(f"vmstate: {shorten_message(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("vmstate: interrupted", file=sys.stderr)
@@ -335,11 +335,11 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_ERROR)
     except OSError as e:     # I/O outside the formats' own checks: disk full, permissions
-        print(f"vmstate: {describe_error(e)}", file=sys.stderr)
+        print(f"vmstate: {shorten_message(describe_error(e))}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except Exception as e:  # a bug in vmstate: one line, the traceback only on request
         if os.environ.get("VMSTATE_DEBUG"):
             raise
-        print(f"vmstate: internal error: {type(e).__name__}: {e} (set VMSTATE_DEBUG=1 for "
-              "a traceback)", file=sys.stderr)
+        print(f"vmstate: {shorten_message(f'internal error: {type(e).__name__}: {e}')} (set "
+              "VMSTATE_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(EXIT_ERROR)
