@@ -127,7 +127,12 @@ class Kvm(_Fd):
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from None
         super().__init__(fd)
-        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+        try:
+            version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+        except OSError as e:          # e.g. /dev/null: a device, but not KVM
+            self.close()
+            raise KvmUnavailable(f"{path} is not a KVM device (KVM_GET_API_VERSION: "
+                                 f"{e.strerror})") from None
         if version != KVM_API_VERSION:
             self.close()
             raise KvmUnavailable(f"{path} speaks KVM API {version}, expected {KVM_API_VERSION}")

@@ -28,14 +28,13 @@ from vmstate import x86
 from vmstate.paging import PTE_P, PTE_PS, PTE_RW, PTE_US
 from vmstate.state import (
     DescriptorTable, PAGE_SIZE, Registers, Segment, SpecialRegisters)
+# User memory's start, the memory limit and the page size, declared with the restore checks.
+from vmstate.validate import LARGE_PAGE, MAX_MEMORY, USER_START
 
 GDT_ADDR, IDT_ADDR, TSS_ADDR, STUB_ADDR = 0x1000, 0x2000, 0x3000, 0x4000
 PML4_ADDR, PDPT_ADDR, PT_LOW_ADDR, PD_ADDR = 0x5000, 0x6000, 0x7000, 0x8000
 EXCEPTION_STACK_TOP, DOUBLE_FAULT_STACK_TOP = 0x54000, 0x56000
-USER_START = 0x200000
-MAX_MEMORY = 64 << 30
 DOORBELL_VA, DOORBELL_GPA = 0x1FF000, MAX_MEMORY   # a guest physical address with no memory
-LARGE_PAGE = 2 << 20
 
 EXCEPTION_STUB_SIZE = 8
 SYSCALL_ENTRY = STUB_ADDR + 256 * EXCEPTION_STUB_SIZE

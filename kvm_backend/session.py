@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
-from vmstate.errors import VmstateError
+from vmstate.errors import UsageError
 from vmstate.image.reader import Image
 from vmstate.image.writer import write_image
 from vmstate.state import VmState
@@ -49,8 +49,8 @@ class SaveOptions:
 def check_memory_size(size: int) -> int:
     """Round up to whole 2 MiB pages; refuse sizes the guest layout cannot hold."""
     if not MIN_MEMORY <= size <= MAX_MEMORY:
-        raise VmstateError(f"--memory must be between {MIN_MEMORY >> 20} MiB and "
-                           f"{MAX_MEMORY >> 30} GiB")
+        raise UsageError(f"--memory must be between {MIN_MEMORY >> 20} MiB and "
+                         f"{MAX_MEMORY >> 30} GiB")
     return (size + LARGE_PAGE - 1) // LARGE_PAGE * LARGE_PAGE
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
 from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytemap, union
-from vmstate.validate import problems
+from vmstate.validate import restore_problems
 from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
 
 from linux_personality import (
@@ -337,20 +337,8 @@ class VirtualMachine:
 
 
 def check_restorable(state: VmState) -> None:
-    """This VMM runs one vCPU over one region of memory at guest physical 0."""
-    if len(state.vcpus) != 1 or len(state.memory) != 1:
-        raise RestoreError(f"the image has {len(state.vcpus)} vCPUs and {len(state.memory)} "
-                           "memory regions; this VMM restores 1 vCPU and 1 region")
-    region = state.memory[0]
-    if region.guest_phys_addr != 0 or region.size % machine.LARGE_PAGE \
-            or not machine.USER_START < region.size <= machine.MAX_MEMORY:
-        raise RestoreError(f"memory region {region.guest_phys_addr:#x}+{region.size:#x} does "
-                           "not fit this VMM's layout")
-    aspace = state.vmm.address_space
-    if not machine.USER_START <= aspace.user_start <= aspace.user_end <= region.size:
-        raise RestoreError(f"user address range {aspace.user_start:#x}-{aspace.user_end:#x} "
-                           "lies outside guest memory")
-    for problem in problems(state):
+    """What join also checks before it writes (vmstate.validate.restore_problems)."""
+    for problem in restore_problems(state):
         raise RestoreError(problem.message)
 
 

@@ -9,7 +9,8 @@ ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_SYSV = 2, 1, 1, 0
 ET_CORE, EM_X86_64 = 4, 62
 PT_LOAD, PT_NOTE = 1, 4
 PF_X, PF_W, PF_R = 1, 2, 4
-NT_PRSTATUS, NT_FPREGSET, NT_PRPSINFO, NT_X86_XSTATE = 1, 2, 3, 0x202
+NT_PRSTATUS, NT_FPREGSET, NT_PRPSINFO, NT_AUXV, NT_X86_XSTATE = 1, 2, 3, 6, 0x202
+NT_SIGINFO, NT_FILE = 0x53494749, 0x46494C45        # "SIGI", "FILE"
 
 # e_ident, e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize,
 # e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
@@ -29,9 +30,16 @@ PRSTATUS_REGISTERS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r
 # struct elf_prpsinfo: state, sname, zomb, nice, flag, uid, gid, pid, ppid, pgrp, sid,
 # fname[16], psargs[80]
 PRPSINFO = struct.Struct("<bcbb4xQIIiiii16s80s")
+# siginfo_t: si_signo, si_errno, si_code, and the rest of its 128 bytes.
+SIGINFO = struct.Struct("<iii116x")
+# NT_FILE: count, page size; then count x (start, end, file offset in pages); then count
+# NUL-terminated file names.
+FILE_NOTE_HEADER = struct.Struct("<QQ")
+FILE_NOTE_ENTRY = struct.Struct("<QQQ")
 XSAVE_XCR0_OFFSET = 464                 # where Linux (and gdb) keep XCR0 in an XSTATE note
 
 assert EHDR.size == 64 and PHDR.size == 56 and PRSTATUS.size == 336 and PRPSINFO.size == 136
+assert SIGINFO.size == 128
 
 
 def note(name: bytes, kind: int, desc: bytes) -> bytes:

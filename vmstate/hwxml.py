@@ -32,7 +32,7 @@ from pathlib import Path
 from lxml import etree
 
 from vmstate import xsave
-from vmstate.errors import FormatError
+from vmstate.errors import FormatError, shorten
 from vmstate.state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_REGISTERS, VCPU_EVENT_FIELDS, AddressSpace,
     CpuidEntry, DebugRegisters, DescriptorTable, ExtraSection, MemoryRegion, OpenFile,
@@ -98,8 +98,8 @@ class Number:
         except ValueError:      # only a decimal too long for int() gets past the schema
             value = -1
         if not 0 <= value < 1 << self.bits:
-            raise _Invalid(element, f"<{element.tag}> {attribute}={text!r} does not fit in "
-                                    f"{self.bits} bits")
+            raise _Invalid(element, f"<{element.tag}> {attribute}={shorten(text)!r} does not "
+                                    f"fit in {self.bits} bits")
         return value
 
 
@@ -379,10 +379,10 @@ def parse_xml(data: bytes, source: str):
 def _check_version(root) -> None:
     """Refuse a newer major version before the schema reports it as a mere mismatch."""
     version = root.get("version", "")
-    major = version.partition(".")[0]
-    if root.tag == ROOT and major.isdigit() and int(major) > SCHEMA_MAJOR:
-        raise _Invalid(root, f"format version {version} is newer than this vmstate reads "
-                             f"({SCHEMA_VERSION}); use a newer vmstate")
+    major = version.partition(".")[0].lstrip("0") or "0"
+    if root.tag == ROOT and major.isdigit() and (len(major) > 3 or int(major) > SCHEMA_MAJOR):
+        raise _Invalid(root, f"format version {shorten(version)} is newer than this vmstate "
+                             f"reads ({SCHEMA_VERSION}); use a newer vmstate")
 
 
 def _validate(root, source: str) -> None:

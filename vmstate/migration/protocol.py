@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from ..errors import VmstateError
+from ..errors import VmstateError, shorten
 
 MAGIC = b"VMSTMIG\0"
 VERSION_MAJOR, VERSION_MINOR = 2, 0
@@ -114,11 +114,13 @@ def recv_reply(sock: socket.socket) -> tuple[int, str]:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
+    host, colon, port = text.rpartition(":")
     try:
-        number = int(port)
+        number = int(port) if colon and port.isdigit() else -1
     except ValueError:
-        raise VmstateError(f"bad address {text!r} (expected HOST:PORT)") from None
+        number = -1
+    if number < 0:
+        raise VmstateError(f"bad address {shorten(text)!r} (expected HOST:PORT)")
     if not 0 < number < 65536:
-        raise VmstateError(f"bad port {number} in {text!r}")
+        raise VmstateError(f"bad port {shorten(port)} in {shorten(text)!r} (1 to 65535)")
     return host.strip("[]"), number

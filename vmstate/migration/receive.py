@@ -450,6 +450,25 @@ def _serve_one(sock: socket.socket, peer, handle: Callable[[Connection], None], 
             return True
 
 
+def _place(dir_fd: int, name: str) -> tuple:
+    """Where a name in a directory lands: the file it names if there is one, else the name."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=True)
+        return st.st_dev, st.st_ino
+    except OSError:
+        directory = os.fstat(dir_fd)
+        return directory.st_dev, directory.st_ino, name
+
+
+def _refuse_files_over_the_image(sink: ImageFileSink, received: Received) -> None:
+    """A guest file the sender carried must not be named over the image just received."""
+    image = _place(sink.file.dir_fd, os.path.basename(sink.output))
+    for received_file in received.files:
+        if _place(received_file.pending.dir_fd, os.path.basename(received_file.path)) == image:
+            raise P.ProtocolError(f"guest file {received_file.path!r} is the output image "
+                                  f"{sink.output}: an output never replaces another")
+
+
 def store_received(connection: Connection, root: str, output: str, max_size: int,
                    log=sys.stderr) -> str:
     """Receive one VM into `output` (an image file), after checking all of it."""
@@ -459,6 +478,7 @@ def store_received(connection: Connection, root: str, output: str, max_size: int
         received = receive_vm(connection.sock, sink, root_fd, max_size)
         print(f"Received {received.total_bytes} bytes", file=log, flush=True)
         try:
+            _refuse_files_over_the_image(sink, received)
             where = sink.keep()
             commit_files(received)
         except BaseException:
