@@ -43,6 +43,13 @@ WithFilesOption = Annotated[bool, typer.Option(
     help="Carry the contents of the guest's open files along (for hosts that share nothing).")]
 ConnectTimeoutOption = Annotated[float, typer.Option(
     help="Seconds to keep retrying the connection, once a second.")]
+CpuOption = Annotated[str, typer.Option(
+    "--cpu", metavar="kvm|soft|auto", envvar="VMSTATE_CPU", help="What runs the guest: KVM, the "
+    "software CPU (unicorn, no /dev/kvm needed), or KVM when it can create a VM and the "
+    "software CPU otherwise.")]
+MaxInstructionsOption = Annotated[Optional[int], typer.Option(
+    metavar="N", help="Stop the guest after exactly N instructions and save it (software CPU "
+    "only).")]
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -65,6 +72,8 @@ def run(
         help="Largest size a guest write may make a file (e.g. 100M); past it, EFBIG.")] = None,
     max_fds: Annotated[int, typer.Option(help="Most descriptors the guest may have open.")]
     = 1024,
+    cpu: CpuOption = "auto",
+    max_instructions: MaxInstructionsOption = None,
 ):
     """Run PROGRAM in a new KVM virtual machine; its exit status becomes vmstate's.
 
@@ -85,7 +94,8 @@ def run(
     options = GuestOptions(cwd=cwd, hostname=hostname, max_fds=max_fds, max_file_size=(
         parse_size(max_file_size) if max_file_size is not None else None))
     outcome = run_program(str(program), [str(program), *(args or [])], parse_size(memory),
-                          str(root), save, trace=sys.stderr if trace else None, options=options)
+                          str(root), save, trace=sys.stderr if trace else None, options=options,
+                          cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
 
 
@@ -100,6 +110,8 @@ def restore(
     migrate_to: MigrateOption = None,
     with_files: WithFilesOption = False,
     connect_timeout: ConnectTimeoutOption = 30.0,
+    cpu: CpuOption = "auto",
+    max_instructions: MaxInstructionsOption = None,
 ):
     """Create a blank VM from IMAGE and resume the guest exactly where it stopped.
 
@@ -108,7 +120,8 @@ def restore(
     from kvm_backend.session import SaveOptions, restore_image
     save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
                        connect_timeout)
-    outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None)
+    outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None,
+                            cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
 
 
@@ -167,6 +180,7 @@ def receive(
                                              "-o (the others wait); --run serves one.")] = 4,
     trace: TraceOption = False,
     image: ImageOption = Path(DEFAULT_IMAGE),
+    cpu: CpuOption = "auto",
 ):
     """Wait for VMs sent by `vmstate run --migrate-to`, `restore --migrate-to` or `send`;
     verify each, then run it (--run) or store it (-o IMAGE). A bad stream is logged in one
@@ -182,7 +196,8 @@ def receive(
     if run:
         from kvm_backend.session import SaveOptions, receive_and_run
         outcome = receive_and_run((bind, port), str(root), size_limit, rate, once,
-                                  SaveOptions(str(image)), trace=sys.stderr if trace else None)
+                                  SaveOptions(str(image)), trace=sys.stderr if trace else None,
+                                  cpu=cpu)
         if once:
             if outcome is None:
                 raise typer.Exit(EXIT_ERROR)
