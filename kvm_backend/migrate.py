@@ -19,7 +19,6 @@ from vmstate.rootfs import open_root
 from vmstate.state import PAGE_SIZE, VmState
 
 from .memory import GuestMemory
-from .kvm import Kvm
 from .vm import Outcome, SaveHandler, VirtualMachine, check_restorable
 
 
@@ -71,7 +70,7 @@ class GuestMemorySink:
             self.memory = None
 
 
-def receive_and_run(connection: Connection, kvm: Kvm, root: str, max_size: int,
+def receive_and_run(connection: Connection, backend, root: str, max_size: int,
                     save: SaveHandler, trace=None, log=sys.stderr) -> Outcome:
     """Receive one VM, verify it, start it, acknowledge, and run it to its end."""
     root_fd = open_root(root)
@@ -81,12 +80,13 @@ def receive_and_run(connection: Connection, kvm: Kvm, root: str, max_size: int,
     finally:
         os.close(root_fd)
     print(f"Received {received.total_bytes} bytes", file=log, flush=True)
-    with _start(received, sink, kvm, root) as vm:
+    with _start(received, sink, backend, root) as vm:
         connection.acknowledge("VM verified and started")
         return vm.run(trace=trace, save=save)
 
 
-def _start(received: Received, sink: GuestMemorySink, kvm: Kvm, root: str) -> VirtualMachine:
+def _start(received: Received, sink: GuestMemorySink, backend, root: str) -> VirtualMachine:
+    """`backend`: session.KvmBackend or soft_backend's SoftBackend."""
     try:
         commit_files(received)
     except BaseException:
@@ -94,5 +94,5 @@ def _start(received: Received, sink: GuestMemorySink, kvm: Kvm, root: str) -> Vi
         sink.discard()
         raise
     memory, sink.memory = sink.memory, None          # the VM owns it from here
-    return VirtualMachine.restore(kvm, received.metadata.state, memory, root)
+    return backend.restore(received.metadata.state, memory, root)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
-from vmstate.errors import UsageError
+from vmstate.errors import KvmNotAvailableError, UsageError, VmstateError
 from vmstate.image.reader import Image
 from vmstate.image.writer import write_image
 from vmstate.state import VmState
@@ -62,34 +62,85 @@ def save_to_file(path: str) -> SaveHandler:
     return save
 
 
+CPU_CHOICES = ("auto", "kvm", "soft")
+
+
+class KvmBackend:
+    name = "kvm"
+
+    def __init__(self, kvm):
+        self.kvm = kvm
+
+    def boot(self, program: str, argv: list[str], memory_size: int, root: str,
+             options: GuestOptions) -> VirtualMachine:
+        from .boot import boot          # the ELF loader is not needed to restore
+        return boot(self.kvm, program, argv, memory_size, root, options)
+
+    def restore(self, state: VmState, memory: GuestMemory, root: str) -> VirtualMachine:
+        return VirtualMachine.restore(self.kvm, state, memory, root)
+
+
+def choose_backend(cpu: str = "auto", max_instructions: int | None = None):
+    """The CPU that runs the guest: KVM, the software CPU (unicorn), or for "auto" KVM if it
+    can create a VM and the software CPU otherwise (said once on stderr). Only the software
+    CPU counts instructions, so "auto" with `max_instructions` takes it."""
+    if cpu not in CPU_CHOICES:
+        raise VmstateError(f"--cpu {cpu}: must be one of {', '.join(CPU_CHOICES)}")
+    if max_instructions is not None:
+        if max_instructions <= 0:
+            raise VmstateError(f"--max-instructions {max_instructions}: must be positive")
+        if cpu == "kvm":
+            raise VmstateError("--max-instructions needs the software CPU (--cpu soft): KVM "
+                               "runs the guest on the real CPU, which cannot stop it after an "
+                               "exact number of instructions")
+        cpu = "soft"
+    if cpu != "soft":
+        try:
+            return KvmBackend(open_kvm())
+        except KvmNotAvailableError as e:
+            if cpu == "kvm":
+                raise
+            print(f"vmstate: {e}; running the guest on the software CPU (unicorn)",
+                  file=sys.stderr, flush=True)
+    from soft_backend.backend import SoftBackend
+    return SoftBackend()
+
+
+def _run_options(max_instructions: int | None) -> dict:
+    return {"max_instructions": max_instructions} if max_instructions is not None else {}
+
+
 def run_program(program: str, argv: list[str], memory_size: int, root: str,
-                save: SaveOptions, trace=None, options: GuestOptions = GuestOptions()) -> Outcome:
+                save: SaveOptions, trace=None, options: GuestOptions = GuestOptions(),
+                cpu: str = "auto", max_instructions: int | None = None) -> Outcome:
     memory_size = check_memory_size(memory_size)
-    from .boot import boot          # the ELF loader is not needed to restore
-    kvm = open_kvm()
-    with boot(kvm, program, argv, memory_size, root, options) as vm:
+    backend = choose_backend(cpu, max_instructions)
+    with backend.boot(program, argv, memory_size, root, options) as vm:
         vm.stop.on_signals(save.signals)
-        return vm.run(trace=trace, save=save.handler(root))
+        return vm.run(trace=trace, save=save.handler(root),
+                      **_run_options(max_instructions))
 
 
-def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> Outcome:
+def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu: str = "auto",
+                  max_instructions: int | None = None) -> Outcome:
     """Restore and run. Memory checksums are verified in a background thread while the vCPU
     starts; the VMM acts on no exit (so the guest affects nothing) until they pass."""
     image = Image(image_path)
     try:
-        kvm = open_kvm()
+        backend = choose_backend(cpu, max_instructions)
         verification = _MemoryVerification(image)
         check_restorable(image.state)
         memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
                              image_offset=image.region_data[0].data_offset)
-        with VirtualMachine.restore(kvm, image.state, memory, root) as vm:
+        with backend.restore(image.state, memory, root) as vm:
             verification.start(vm.stop)
             if trace is not None:
                 for index in vm.refused_msrs:
                     print(f"vmstate: note: this host does not take MSR {index:#x}; skipped",
                           file=trace)
             vm.stop.on_signals(save.signals)
-            return vm.run(trace=trace, save=save.handler(root), gate=verification.wait)
+            return vm.run(trace=trace, save=save.handler(root), gate=verification.wait,
+                          **_run_options(max_instructions))
     finally:
         image.close()
 
@@ -115,18 +166,19 @@ class _MemoryVerification:
 
 
 def receive_and_run(address: tuple[str, int], root: str, max_size: int, min_rate: int,
-                    once: bool, save: SaveOptions, trace=None) -> Outcome | None:
+                    once: bool, save: SaveOptions, trace=None, cpu: str = "auto"
+                    ) -> Outcome | None:
     """Serve senders one at a time (a VM runs in the main thread); run each VM received.
     Returns the last VM's outcome (None if the last sender was rejected)."""
     from vmstate.migration.receive import serve
 
     from .migrate import receive_and_run as run_one
-    kvm = open_kvm()                  # no KVM: say so now, not after taking a VM in
+    backend = choose_backend(cpu)     # no KVM: say so now, not after taking a VM in
     outcomes: list[Outcome | None] = [None]
 
     def handle(connection) -> None:
         outcomes.append(None)
-        outcome = run_one(connection, kvm, root, max_size, save.handler(root), trace)
+        outcome = run_one(connection, backend, root, max_size, save.handler(root), trace)
         outcomes[-1] = outcome
         print(f"vmstate: receive: the VM from {connection.peer} ended: {describe(outcome)}",
               file=sys.stderr, flush=True)

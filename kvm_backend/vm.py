@@ -267,18 +267,7 @@ class VirtualMachine:
         except Exception:
             return Faulted(f"guest halted in ring 0 at rip {run.s.regs.rip:#x}", x86.SIGSEGV)
         vector, error_code, rip, cs, _, rsp, _ = frame
-        mnemonic, name, _, signal = x86.EXCEPTIONS.get(vector, (f"#{vector}", "exception", 0,
-                                                                 x86.SIGSEGV))
-        report = f"guest fault: {mnemonic} {name} (vector {vector}) at rip {rip:#x}"
-        if vector == 14:
-            access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16
-                                                     else "read")
-            cause = "protection violation" if error_code & 1 else "page not present"
-            report += f", {access} of address {run.s.sregs.cr2:#x} ({cause})"
-        elif x86.has_error_code(vector):
-            report += f", error code {error_code:#x}"
-        report += f", rsp {rsp:#x}" + ("" if cs & 3 == 3 else " (in the guest kernel stub)")
-        return Faulted(report, signal)
+        return describe_fault(vector, error_code, rip, rsp, cs & 3 == 3, run.s.sregs.cr2)
 
     # -- saving --------------------------------------------------------------------------------
 
@@ -334,6 +323,24 @@ class VirtualMachine:
         self._present = union(union(self._present, bytemap_from_bits(dirty, len(self._present))),
                               self.memory.vmm_written_pages)
         return self._present
+
+
+def describe_fault(vector: int, error_code: int, rip: int, rsp: int, in_user: bool,
+                   address: int) -> Faulted:
+    """The report and signal for a guest exception, the same whichever CPU ran the guest
+    (`address` is the faulting address of a page fault)."""
+    mnemonic, name, _, signal = x86.EXCEPTIONS.get(vector, (f"#{vector}", "exception", 0,
+                                                             x86.SIGSEGV))
+    report = f"guest fault: {mnemonic} {name} (vector {vector}) at rip {rip:#x}"
+    if vector == 14:
+        access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16
+                                                 else "read")
+        cause = "protection violation" if error_code & 1 else "page not present"
+        report += f", {access} of address {address:#x} ({cause})"
+    elif x86.has_error_code(vector):
+        report += f", error code {error_code:#x}"
+    report += f", rsp {rsp:#x}" + ("" if in_user else " (in the guest kernel stub)")
+    return Faulted(report, signal)
 
 
 def check_restorable(state: VmState) -> None:

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from helpers import one_line_error
-from vmstate.errors import EXIT_CANNOT_RUN, EXIT_NO_KVM, EXIT_NOT_FOUND, EXIT_USAGE
+from vmstate.errors import EXIT_CANNOT_RUN, EXIT_ERROR, EXIT_NO_KVM, EXIT_NOT_FOUND, EXIT_USAGE
 
 pytestmark = pytest.mark.kvm
 
@@ -141,9 +141,26 @@ def test_null_dereference_is_reported_not_hung(vmstate, guest):
 
 
 def test_missing_kvm_device(vmstate, example, tmp_path):
-    result = vmstate("run", example("hello"), env={"VMSTATE_KVM_DEVICE": str(tmp_path / "kvm")})
+    result = vmstate("run", "--cpu", "kvm", example("hello"),
+                     env={"VMSTATE_KVM_DEVICE": str(tmp_path / "kvm")})
     assert result.returncode == EXIT_NO_KVM
     assert "KVM is not available" in one_line_error(result)
+
+
+def test_without_kvm_auto_runs_on_the_software_cpu_and_says_so_once(vmstate, example, tmp_path):
+    result = vmstate("run", "--cpu", "auto", example("hello"), "one",
+                     env={"VMSTATE_KVM_DEVICE": str(tmp_path / "kvm")})
+    assert result.returncode == 0, result.stderr
+    assert b"arg 1: one" in result.stdout
+    assert result.stderr.decode().splitlines() == [
+        f"vmstate: KVM is not available: {tmp_path / 'kvm'} does not exist (is the kvm module "
+        "loaded?); running the guest on the software CPU (unicorn)"]
+
+
+def test_max_instructions_is_refused_on_kvm(vmstate, example):
+    result = vmstate("run", "--cpu", "kvm", "--max-instructions", "100", example("hello"))
+    assert result.returncode == EXIT_ERROR
+    assert "--max-instructions needs the software CPU" in one_line_error(result)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
@@ -152,7 +169,7 @@ def test_kvm_without_permission(vmstate_cmd, example, tmp_path):
     os.chmod(tmp_path, 0o777)
     result = subprocess.run(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", vmstate_cmd, "run",
-         example("hello")], capture_output=True, cwd=tmp_path)
+         "--cpu", "kvm", example("hello")], capture_output=True, cwd=tmp_path)
     assert result.returncode == EXIT_NO_KVM
     assert "no permission to open /dev/kvm" in one_line_error(result)
 

@@ -72,6 +72,13 @@ WithFilesOption = Annotated[bool, typer.Option(
     help="Carry the contents of the guest's open files along (for hosts that share nothing).")]
 ConnectTimeoutOption = Annotated[float, typer.Option(
     help="Seconds to keep retrying the connection, once a second.")]
+CpuOption = Annotated[str, typer.Option(
+    "--cpu", metavar="kvm|soft|auto", envvar="VMSTATE_CPU", help="What runs the guest: KVM, the "
+    "software CPU (unicorn, no /dev/kvm needed), or KVM when it can create a VM and the "
+    "software CPU otherwise.")]
+MaxInstructionsOption = Annotated[Optional[int], typer.Option(
+    metavar="N", help="Stop the guest after exactly N instructions and save it (software CPU "
+    "only).")]
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -94,6 +101,8 @@ def run(
         help="Largest size a guest write may make a file (e.g. 100M); past it, EFBIG.")] = None,
     max_fds: Annotated[int, typer.Option(help="Most descriptors the guest may have open.")]
     = 1024,
+    cpu: CpuOption = "auto",
+    max_instructions: MaxInstructionsOption = None,
 ):
     """Run PROGRAM in a new KVM virtual machine; its exit status becomes vmstate's.
 
@@ -116,7 +125,8 @@ def run(
     options = GuestOptions(cwd=cwd, hostname=hostname, max_fds=max_fds, max_file_size=(
         _size("--max-file-size", max_file_size) if max_file_size is not None else None))
     outcome = run_program(str(program), [str(program), *(args or [])], memory_size,
-                          str(root), save, trace=sys.stderr if trace else None, options=options)
+                          str(root), save, trace=sys.stderr if trace else None, options=options,
+                          cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
 
 
@@ -131,6 +141,8 @@ def restore(
     migrate_to: MigrateOption = None,
     with_files: WithFilesOption = False,
     connect_timeout: ConnectTimeoutOption = 30.0,
+    cpu: CpuOption = "auto",
+    max_instructions: MaxInstructionsOption = None,
 ):
     """Create a blank VM from IMAGE and resume the guest exactly where it stopped.
 
@@ -140,7 +152,8 @@ def restore(
     _check_save_options(migrate_to, connect_timeout)
     save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
                        connect_timeout)
-    outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None)
+    outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None,
+                            cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
 
 
@@ -200,6 +213,7 @@ def receive(
                                              "(the others wait); --run serves one.")] = 4,
     trace: TraceOption = False,
     image: ImageOption = Path(DEFAULT_IMAGE),
+    cpu: CpuOption = "auto",
 ):
     """Wait for VMs sent by `vmstate run --migrate-to`, `restore --migrate-to` or `send`;
     verify each, then run it (--run) or store it (-o IMAGE). A bad stream is logged in one
@@ -217,7 +231,8 @@ def receive(
     if run:
         from kvm_backend.session import SaveOptions, receive_and_run
         outcome = receive_and_run((bind, port), str(root), size_limit, rate, once,
-                                  SaveOptions(str(image)), trace=sys.stderr if trace else None)
+                                  SaveOptions(str(image)), trace=sys.stderr if trace else None,
+                                  cpu=cpu)
         if once:
             if outcome is None:
                 raise typer.Exit(EXIT_ERROR)
