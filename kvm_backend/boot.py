@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from vmstate.errors import ProgramError
 from vmstate.state import VcpuState
 
@@ -39,6 +41,7 @@ def boot(kvm: Kvm, program_path: str, argv: list[str], memory_size: int,
         vm.identity = Identity(hostname=options.hostname)
         vm.max_file_size = options.max_file_size
         vm.program, vm.argv = program_path, tuple(argv)
+        vm.name = os.path.basename(program_path)
         apic_base = vm.vcpu.get_sregs().apic_base
         vcpu_state.apply(vm.vcpu, VcpuState(
             regs=machine.boot_registers(program.entry, rsp),

@@ -40,6 +40,11 @@ class SaveOptions:
         return migrate_to(parse_address(self.migrate_to), self.connect_timeout,
                           self.with_files, root, self.image)
 
+    def paracalls(self, vm: VirtualMachine):
+        """The para-calls (401-403) of `vm`, migrating with these options."""
+        from .paracalls import ParaCalls
+        return ParaCalls(vm, self.connect_timeout, self.with_files)
+
     @property
     def signals(self) -> list[signal.Signals]:
         return ([signal.SIGUSR1] if self.on_signal else []) + \
@@ -69,7 +74,7 @@ def run_program(program: str, argv: list[str], memory_size: int, root: str,
     kvm = open_kvm()
     with boot(kvm, program, argv, memory_size, root, options) as vm:
         vm.stop.on_signals(save.signals)
-        return vm.run(trace=trace, save=save.handler(root))
+        return vm.run(trace=trace, save=save.handler(root), paracalls=save.paracalls(vm))
 
 
 def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> Outcome:
@@ -89,7 +94,8 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> 
                     print(f"vmstate: note: this host does not take MSR {index:#x}; skipped",
                           file=trace)
             vm.stop.on_signals(save.signals)
-            return vm.run(trace=trace, save=save.handler(root), gate=verification.wait)
+            return vm.run(trace=trace, save=save.handler(root), gate=verification.wait,
+                          paracalls=save.paracalls(vm))
     finally:
         image.close()
 
