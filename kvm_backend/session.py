@@ -40,6 +40,11 @@ class SaveOptions:
         return migrate_to(parse_address(self.migrate_to), self.connect_timeout,
                           self.with_files, root, self.image)
 
+    def paracalls(self, vm: VirtualMachine):
+        """The para-calls (401-403) of `vm`, migrating with these options."""
+        from .paracalls import ParaCalls
+        return ParaCalls(vm, self.connect_timeout, self.with_files)
+
     @property
     def signals(self) -> list[signal.Signals]:
         return ([signal.SIGUSR1] if self.on_signal else []) + \
@@ -79,6 +84,11 @@ class KvmBackend:
     def restore(self, state: VmState, memory: GuestMemory, root: str) -> VirtualMachine:
         return VirtualMachine.restore(self.kvm, state, memory, root)
 
+    @staticmethod
+    def run_options(vm: VirtualMachine, save: SaveOptions, max_instructions: int | None) -> dict:
+        """VirtualMachine.run's backend-specific arguments: the para-calls (401-403)."""
+        return {"paracalls": save.paracalls(vm)}
+
 
 def choose_backend(cpu: str = "auto", max_instructions: int | None = None):
     """The CPU that runs the guest: KVM, the software CPU (unicorn), or for "auto" KVM if it
@@ -106,10 +116,6 @@ def choose_backend(cpu: str = "auto", max_instructions: int | None = None):
     return SoftBackend()
 
 
-def _run_options(max_instructions: int | None) -> dict:
-    return {"max_instructions": max_instructions} if max_instructions is not None else {}
-
-
 def run_program(program: str, argv: list[str], memory_size: int, root: str,
                 save: SaveOptions, trace=None, options: GuestOptions = GuestOptions(),
                 cpu: str = "auto", max_instructions: int | None = None) -> Outcome:
@@ -118,7 +124,7 @@ def run_program(program: str, argv: list[str], memory_size: int, root: str,
     with backend.boot(program, argv, memory_size, root, options) as vm:
         vm.stop.on_signals(save.signals)
         return vm.run(trace=trace, save=save.handler(root),
-                      **_run_options(max_instructions))
+                      **backend.run_options(vm, save, max_instructions))
 
 
 def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu: str = "auto",
@@ -140,7 +146,7 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu
                           file=trace)
             vm.stop.on_signals(save.signals)
             return vm.run(trace=trace, save=save.handler(root), gate=verification.wait,
-                          **_run_options(max_instructions))
+                          **backend.run_options(vm, save, max_instructions))
     finally:
         image.close()
 

@@ -114,7 +114,9 @@ class VirtualMachine:
         self.star = machine.STAR
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.stop = StopRequest(self.vcpu.run_page)
+        self.name = "vm"                      # tags its para-call output and its lines on a host
         self._present = bytes(memory.size // PAGE_SIZE)      # pages known present so far
+        self._running: _Running | None = None
 
     def close(self) -> None:
         if self.files is not None:
@@ -145,6 +147,7 @@ class VirtualMachine:
             vm.address_space = UserAddressSpace(aspace, memory)
             memory.set_user_range(aspace.user_start, aspace.user_end)
             vm.program, vm.argv = state.vmm.program, state.vmm.argv
+            vm.name = os.path.basename(vm.program) or "vm"
             vcpu = state.vcpus[0]
             vm.star = vcpu.msr(x86.MSR_STAR, machine.STAR)
             vm.refused_msrs = vcpu_state.apply(vm.vcpu, vcpu)
@@ -157,33 +160,44 @@ class VirtualMachine:
     # -- running -------------------------------------------------------------------------------
 
     def run(self, trace=None, save: SaveHandler | None = None,
-            gate: Callable[[], None] | None = None) -> Outcome:
+            gate: Callable[[], None] | None = None, paracalls=None) -> Outcome:
         """Run until the guest exits, faults, or is saved through `save`. `gate` is called
         before the VMM acts on the guest's first exit (restore verifies memory there)."""
-        syscalls = Personality(KvmCpu(self), self.files, self.address_space,
-                               program=self.program, trace=trace, stop_fd=self.stop.cancel_fd,
-                               save_enabled=save is not None, max_file_size=self.max_file_size,
-                               identity=self.identity, signals=self.signals)
-        timing_mark("first-kvm-run")
+        self.start(trace, save, gate, paracalls)
         try:
-            outcome = self._run_loop(syscalls, save, gate)
+            while (outcome := self.run_slice()) is None:
+                pass
         finally:
             self.stop.stopped()
         if self.forked_child:
             _end_child_process(outcome)
         return outcome
 
-    def _run_loop(self, syscalls: Personality, save: SaveHandler | None,
-                  gate: Callable[[], None] | None) -> Outcome:
+    def start(self, trace=None, save: SaveHandler | None = None,
+              gate: Callable[[], None] | None = None, paracalls=None) -> None:
+        """Make the VM ready for run_slice (run does this itself). `paracalls` serves
+        syscalls 401-403 (default: a ParaCalls with default migration options)."""
+        from .paracalls import ParaCalls
+        syscalls = Personality(KvmCpu(self), self.files, self.address_space,
+                               program=self.program, trace=trace, stop_fd=self.stop.cancel_fd,
+                               save_enabled=save is not None, max_file_size=self.max_file_size,
+                               identity=self.identity, signals=self.signals)
+        self._running = _Running(syscalls, save, gate, paracalls or ParaCalls(self))
+        timing_mark("first-kvm-run")
+
+    def run_slice(self) -> Outcome | None:
+        """Run the vCPU until the guest ends (its Outcome) or KVM_RUN is interrupted by a
+        signal with no stop requested (None: a time slice ended; call again to go on)."""
+        running = self._running
         while True:
             exit = self.vcpu.run()
-            if gate is not None:
-                gate()
-                gate = None
+            if running.gate is not None:
+                running.gate()
+                running.gate = None
                 timing_mark("gate-passed")
             match exit:
                 case MmioExit(address=machine.DOORBELL_GPA):
-                    outcome = self._service_syscall(syscalls, save)
+                    outcome = self._service_syscall(running)
                     if outcome is not None:
                         return outcome
                 case HltExit():
@@ -193,19 +207,22 @@ class VirtualMachine:
                     return Faulted(f"guest triple fault (rip {rip:#x}): it could not even "
                                    "deliver an exception", x86.SIGSEGV)
                 case InterruptedExit():
-                    if self.stop.requested.is_set() and save is not None:
-                        if not self._refuse_save(syscalls):
-                            return self._save(save, pending=None)
+                    if self.stop.requested.is_set() and running.save is not None:
+                        if not self._refuse_save(running.syscalls):
+                            return self._save(running.save, pending=None)
+                    return None
                 case _:
                     rip = self.vcpu.run_page.s.regs.rip
                     return Faulted(f"unexpected KVM exit {exit} at rip {rip:#x}", x86.SIGSEGV)
 
-    def _service_syscall(self, syscalls: Personality, save: SaveHandler | None
-                         ) -> Outcome | None:
+    def _service_syscall(self, running: _Running) -> Outcome | None:
         regs = self.vcpu.run_page.s.regs
         nr, args = regs.rax, (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
+        save = running.save
+        if running.paracalls.serves(nr):
+            return running.paracalls.serve(nr, args)
         try:
-            syscalls.serve()
+            running.syscalls.serve()
         except GuestExit as e:
             return Exited(e.status)
         except GuestKilled as e:
@@ -213,7 +230,7 @@ class VirtualMachine:
                 else f"signal {e.signal}"
             return Faulted(f"guest killed by {name}", e.signal)
         except SaveRequested:
-            if self._refuse_save(syscalls):
+            if self._refuse_save(running.syscalls):
                 self.return_to_user(-errno.EBUSY)
                 return None
             self.return_to_user(0)             # after the restore, syscall(400) returns 0
@@ -224,7 +241,7 @@ class VirtualMachine:
             except GuestFault:            # not a syscall instruction the guest can re-issue:
                 self.return_to_user(-errno.EINTR)      # the call fails as interrupted
                 pending = None
-            if self._refuse_save(syscalls):
+            if self._refuse_save(running.syscalls):
                 return None                   # the guest re-issues the call
             return self._save(save, pending=pending)
         return None
@@ -298,6 +315,13 @@ class VirtualMachine:
         timing_mark("save-done")
         return Saved(where)
 
+    def settle(self, result: int) -> None:
+        """Finish the system call the vCPU stopped on with `result` and leave the vCPU stopped
+        with no exit pending, so that capture() sees the guest as it resumes; the VM goes on
+        at the next run_slice (return_to_user may still change the result it sees)."""
+        self.return_to_user(result)
+        self.complete_pending_exit()
+
     def complete_pending_exit(self) -> None:
         """One KVM_RUN with immediate_exit set: KVM finishes the MMIO exit it is waiting on and
         takes our edited sync registers, then returns without running the guest."""
@@ -341,6 +365,15 @@ def describe_fault(vector: int, error_code: int, rip: int, rsp: int, in_user: bo
         report += f", error code {error_code:#x}"
     report += f", rsp {rsp:#x}" + ("" if in_user else " (in the guest kernel stub)")
     return Faulted(report, signal)
+
+
+@dataclass
+class _Running:
+    """What the run loop of a started VM works with."""
+    syscalls: Personality
+    save: SaveHandler | None
+    gate: Callable[[], None] | None
+    paracalls: object              # paracalls.ParaCalls (imported late: it imports this module)
 
 
 def check_restorable(state: VmState) -> None:

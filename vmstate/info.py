@@ -45,7 +45,7 @@ def describe(image: Image, instructions: int = 8) -> dict:
                   "digest": f"{image.digest():#018x}"},
         "program": {**json_text("path", state.vmm.program),
                     "argv": [json_text("value", arg) for arg in state.vmm.argv]},
-        "vcpus": [_describe_vcpu(image, vcpu, instructions) for vcpu in state.vcpus],
+        "vcpus": [describe_vcpu(image, vcpu, instructions) for vcpu in state.vcpus],
         "memory": [{"guest_phys_addr": hexa(r.guest_phys_addr), "size": r.size,
                     "pages": r.page_count, "present_pages": r.present_pages,
                     "present_bytes": r.present_pages * PAGE_SIZE, "extents": len(r.present),
@@ -71,7 +71,9 @@ def describe(image: Image, instructions: int = 8) -> dict:
     }
 
 
-def _describe_vcpu(image: Image, vcpu: VcpuState, instructions: int) -> dict:
+def describe_vcpu(image: Image, vcpu: VcpuState, instructions: int) -> dict:
+    """One vCPU's state as data; `image` is anything with read_phys(addr, length) (an
+    Image, or a running VM's memory)."""
     s = vcpu.sregs
     fpu = xsave.decode(vcpu.xsave)
     return {
@@ -146,7 +148,7 @@ def render_text(info: dict, verified: str) -> str:
     add(f"Address space  user {space['user_start']}-{space['user_end']}, heap {space['brk_start']}"
         f"-{space['brk']}, mmap area {space['mmap_low']}-{space['mmap_top']}")
     for vcpu in info["vcpus"]:
-        lines += [""] + _render_vcpu(vcpu)
+        lines += [""] + render_vcpu(vcpu)
     add("")
     add("Open files")
     for f in info["files"]:
@@ -161,7 +163,7 @@ def render_text(info: dict, verified: str) -> str:
     return "\n".join(lines)
 
 
-def _render_vcpu(vcpu: dict) -> list[str]:
+def render_vcpu(vcpu: dict, with_msrs: bool = True) -> list[str]:
     regs, c = vcpu["registers"], vcpu["control"]
     lines = [f"vCPU {vcpu['id']}"]
     names = [n for n in regs if n not in ("rip", "rflags")]
@@ -179,8 +181,8 @@ def _render_vcpu(vcpu: dict) -> list[str]:
     lines.append(f"  cr0 {c['cr0']} [{' '.join(c['cr0_names'])}]  cr2 {c['cr2']}  cr3 {c['cr3']}  "
                  f"cr4 {c['cr4']} [{' '.join(c['cr4_names'])}]  cr8 {c['cr8']}")
     lines.append(f"  efer {c['efer']} [{' '.join(c['efer_names'])}]  apic_base {c['apic_base']}")
-    lines.append(f"  MSRs ({len(vcpu['msrs'])})")
-    for msr in vcpu["msrs"]:
+    lines.append(f"  MSRs ({len(vcpu['msrs'])})" + ("" if with_msrs else ": see vmstate info"))
+    for msr in vcpu["msrs"] if with_msrs else ():
         lines.append(f"    {msr['name']:<24} {msr['index']:>10}  {int(msr['value'], 16):#018x}")
     fpu = vcpu["fpu"]
     xmm = "  ".join(f"{k} {v}" for k, v in fpu["xmm"].items()) or "all zero"
