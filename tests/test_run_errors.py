@@ -100,7 +100,8 @@ def test_a_huge_path_is_quoted_in_part_and_the_reason_kept(vmstate):
 
 
 def test_a_device_that_is_not_kvm(vmstate, example):
-    result = vmstate("run", example("hello"), env={"VMSTATE_KVM_DEVICE": "/dev/null"})
+    result = vmstate("run", "--cpu", "kvm", example("hello"),
+                     env={"VMSTATE_KVM_DEVICE": "/dev/null"})
     assert result.returncode == EXIT_NO_KVM
     assert one_line_error(result) == ("vmstate: KVM is not available: /dev/null is not a KVM "
                                       "device (KVM_GET_API_VERSION: Inappropriate ioctl for "
