@@ -33,7 +33,6 @@ from . import protocol as P
 HELLO_TIMEOUT = 3.0          # seconds from the connection to a complete hello
 START_GRACE = 3.0            # seconds of slack before the stream must keep up with --min-rate
 DEFAULT_MIN_RATE = 1 << 20   # bytes per second
-DEFAULT_SENDERS = 4          # senders served at once; the others wait in the listen backlog
 BACKLOG = 64
 REPLY_TIMEOUT = 5.0          # a reply is small: a peer that does not take it is dropped
 DRAIN_TIME = 30              # after our own failure, read (and drop) what the sender still sends
@@ -387,9 +386,8 @@ class Connection:
         try:
             P.send_reply(self.sock, P.STATUS_FAILED, reason)
             self.sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + DRAIN_TIME
-            while drain and time.monotonic() < deadline and self.sock.recv_into(
-                    bytearray(P.CHUNK)):
+            deadline, dropped = time.monotonic() + DRAIN_TIME, bytearray(P.CHUNK if drain else 0)
+            while drain and time.monotonic() < deadline and self.sock.recv_into(dropped):
                 pass
         except (OSError, P.ProtocolError):
             pass
@@ -446,7 +444,8 @@ def _serve_one(sock: socket.socket, peer, handle: Callable[[Connection], None], 
                 print(f"vmstate: receive: rejected VM from {connection.peer}: {reason}",
                       file=log, flush=True)
                 if not isinstance(e, Refused):
-                    connection.fail(reason, drain=not isinstance(e, (P.ProtocolError, FormatError)))
+                    judged_bad = isinstance(e, (P.ProtocolError, FormatError))
+                    connection.fail(reason, drain=not judged_bad)
             return True
 
 
