@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 from vmstate.background import BackgroundCall
 from vmstate.errors import VmstateError
-from vmstate.image.reader import Image
-from vmstate.image.writer import write_image
 from vmstate.state import VmState
 from vmstate.units import format_size
 
@@ -55,6 +53,7 @@ def check_memory_size(size: int) -> int:
 
 def save_to_file(path: str) -> SaveHandler:
     def save(state: VmState, region_views: list[memoryview]) -> str:
+        from vmstate.image.writer import write_image      # only a SAVE needs the writer
         plan = write_image(path, state, region_views)
         pages = sum(r.present_pages for r in state.memory)
         return f"saved to {path} ({pages} pages, {format_size(plan.memory_bytes)} of memory stored)"
@@ -74,6 +73,7 @@ def run_program(program: str, argv: list[str], memory_size: int, root: str,
 def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> Outcome:
     """Restore and run. Memory checksums are verified in a background thread while the vCPU
     starts; the VMM acts on no exit (so the guest affects nothing) until they pass."""
+    from vmstate.image.reader import Image
     image = Image(image_path)
     try:
         kvm = open_kvm()
@@ -94,7 +94,7 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> 
 
 
 class _MemoryVerification:
-    def __init__(self, image: Image):
+    def __init__(self, image):
         self.image = image
         self._call: BackgroundCall[None] | None = None
 
