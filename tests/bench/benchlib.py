@@ -27,7 +27,7 @@ def report(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"  {label.ljust(width)}  {value}")
 
 
-def warm_up_memory(gib: int = 14) -> None:
+def warm_up_memory(gib: int = 8) -> None:
     """Touch `gib` GiB of anonymous memory once, then free it.
 
     These machines are microVMs whose memory is backed lazily by their host: the first touch
