@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
 from vmstate.errors import KvmNotAvailableError, UsageError, VmstateError
-from vmstate.image.reader import Image
-from vmstate.image.writer import write_image
 from vmstate.state import VmState
 from vmstate.units import format_size
 
@@ -61,6 +59,7 @@ def check_memory_size(size: int) -> int:
 
 def save_to_file(path: str) -> SaveHandler:
     def save(state: VmState, region_views: list[memoryview]) -> str:
+        from vmstate.image.writer import write_image      # only a SAVE needs the writer
         plan = write_image(path, state, region_views)
         pages = sum(r.present_pages for r in state.memory)
         return f"saved to {path} ({pages} pages, {format_size(plan.memory_bytes)} of memory stored)"
@@ -131,6 +130,7 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu
                   max_instructions: int | None = None) -> Outcome:
     """Restore and run. Memory checksums are verified in a background thread while the vCPU
     starts; the VMM acts on no exit (so the guest affects nothing) until they pass."""
+    from vmstate.image.reader import Image
     image = Image(image_path)
     try:
         backend = choose_backend(cpu, max_instructions)
@@ -152,7 +152,7 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu
 
 
 class _MemoryVerification:
-    def __init__(self, image: Image):
+    def __init__(self, image):
         self.image = image
         self._call: BackgroundCall[None] | None = None
 

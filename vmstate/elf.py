@@ -1,4 +1,5 @@
-"""ELF64 structures for x86-64 core files, each declared once (see schemas/core-format.md)."""
+"""ELF64 structures for x86-64 core files and the executables the VMM loads, each declared
+once (see schemas/core-format.md)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import struct
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_SYSV = 2, 1, 1, 0
-ET_CORE, EM_X86_64 = 4, 62
-PT_LOAD, PT_NOTE = 1, 4
+ET_REL, ET_EXEC, ET_DYN, ET_CORE, EM_X86_64 = 1, 2, 3, 4, 62
+PT_LOAD, PT_INTERP, PT_NOTE, PT_PHDR = 1, 3, 4, 6
+ET_NAMES = {0: "ET_NONE", ET_REL: "ET_REL", ET_EXEC: "ET_EXEC", ET_DYN: "ET_DYN",
+            ET_CORE: "ET_CORE"}
+EM_NAMES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 22: "EM_S390",
+            40: "EM_ARM", 62: "EM_X86_64", 183: "EM_AARCH64", 243: "EM_RISCV"}
 PF_X, PF_W, PF_R = 1, 2, 4
 NT_PRSTATUS, NT_FPREGSET, NT_PRPSINFO, NT_AUXV, NT_X86_XSTATE = 1, 2, 3, 6, 0x202
 NT_SIGINFO, NT_FILE = 0x53494749, 0x46494C45        # "SIGI", "FILE"

@@ -4,11 +4,11 @@ schemas/hardware-state.rng is the normative definition and schemas/hardware-stat
 description. The document carries a VmState losslessly, except guest memory, whose bytes live
 in the ELF core: `from_xml(to_xml(state, provenance))` gives back the same state and provenance.
 
-    <vmstate-hardware version="1.0">
+    <vmstate-hardware version="2.0">
       <provenance image-digest="0x..." image-file="..." core-file="..."/>
       <vcpu id="0"> registers, segments, descriptor tables, control, msrs, fpu + xsave-rest,
                     xcrs, events, mp-state, debug-registers, cpuid </vcpu>      (one per vCPU)
-      <memory> <region ...> present runs, page-digests </region> </memory>
+      <memory> <region ...> present-pages bitmap, page-digests </region> </memory>
       <vmm> program + args, files, address-space, pending-call </vmm>
       <extra-section .../>                                                     (zero or more)
     </vmstate-hardware>
@@ -33,14 +33,15 @@ from lxml import etree
 
 from vmstate import xsave
 from vmstate.errors import FormatError, shorten
+from vmstate.pages import bits_from_runs, bytemap_from_bits, runs_from_bytemap
 from vmstate.state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_REGISTERS, VCPU_EVENT_FIELDS, AddressSpace,
-    CpuidEntry, DebugRegisters, DescriptorTable, ExtraSection, MemoryRegion, OpenFile,
+    PAGE_SIZE, CpuidEntry, DebugRegisters, DescriptorTable, ExtraSection, MemoryRegion, OpenFile,
     PendingCall, Registers, Segment, SpecialRegisters, VcpuEvents, VcpuState, VmmState, VmState)
 from vmstate.x86 import msr_name
 
-SCHEMA_VERSION = "1.0"
-SCHEMA_MAJOR = 1
+SCHEMA_VERSION = "2.0"
+SCHEMA_MAJOR = 2
 SCHEMA_FILE = "hardware-state.rng"
 ROOT = "vmstate-hardware"
 BASE64_LINE = 76
@@ -301,8 +302,8 @@ def _write_memory(root, regions: tuple[MemoryRegion, ...],
     for index, (region, digests) in enumerate(zip(regions, page_digests, strict=True)):
         element = _child(memory, "region", index=str(index))
         _set_numbers(element, region, REGION_FIELDS)
-        for first, count in region.present:
-            _child(element, "present", **{"first-page": str(first), "pages": str(count)})
+        _set_base64(_child(element, "present-pages"),
+                    bits_from_runs(region.present, region.size // PAGE_SIZE))
         _set_base64(_child(element, "page-digests", algorithm="xxh3-64"), digests)
 
 
@@ -383,6 +384,9 @@ def _check_version(root) -> None:
     if root.tag == ROOT and major.isdigit() and (len(major) > 3 or int(major) > SCHEMA_MAJOR):
         raise _Invalid(root, f"format version {shorten(version)} is newer than this vmstate "
                              f"reads ({SCHEMA_VERSION}); use a newer vmstate")
+    if root.tag == ROOT and major.isdigit() and int(major) < SCHEMA_MAJOR:
+        raise _Invalid(root, f"format version {shorten(version)} is older than this vmstate "
+                             f"reads ({SCHEMA_VERSION}); split the image again with this vmstate")
 
 
 def _validate(root, source: str) -> None:
@@ -498,12 +502,25 @@ def _read_memory(memory) -> tuple[tuple[MemoryRegion, ...], tuple[bytes, ...]]:
         if DEC32.parse(element, "index") != position:
             raise _Invalid(element, f"region index {element.get('index')} is out of order "
                                     f"(expected {position})")
-        present = tuple((DEC64.parse(run, "first-page"), DEC64.parse(run, "pages"))
-                        for run in element.findall("present"))
-        region = MemoryRegion(**_get_numbers(element, REGION_FIELDS), present=present)
+        numbers = _get_numbers(element, REGION_FIELDS)
+        present = _read_present_pages(element.find("present-pages"),
+                                      numbers["size"] // PAGE_SIZE)
+        region = MemoryRegion(**numbers, present=present)
         regions.append(region)
         page_digests.append(_read_page_digests(element, region))
     return tuple(regions), tuple(page_digests)
+
+
+def _read_present_pages(element, pages: int):
+    """The present-page bitmap (bit i of byte i // 8 = page i) as runs."""
+    bitmap = _get_base64(element)
+    if len(bitmap) != (pages + 7) // 8:
+        raise _Invalid(element, f"<present-pages> holds {len(bitmap)} bytes, expected "
+                                f"{(pages + 7) // 8} (one bit for each of the region's {pages} "
+                                "pages)")
+    if pages % 8 and bitmap[-1] >> pages % 8:
+        raise _Invalid(element, f"<present-pages> marks pages past the region's {pages} pages")
+    return runs_from_bytemap(bytemap_from_bits(bitmap, pages))
 
 
 def _read_page_digests(region_element, region: MemoryRegion) -> bytes:

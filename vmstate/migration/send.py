@@ -173,7 +173,8 @@ def send_image(path: str, address: tuple[str, int], with_files: bool, root: str,
     from ..image.reader import Image
     from ..image.writer import plan_image
     with Image(path) as image:
-        image.verify_memory()
+        image.verify_memory()           # so its chunk checksums are those of these bytes
         plan = plan_image(image.state,
-                          [image.region_view(i) for i in range(len(image.state.memory))])
+                          [image.region_view(i) for i in range(len(image.state.memory))],
+                          [data.chunk_hashes for data in image.region_data])
         return send_to(address, connect_timeout, plan, image.state, with_files, root)
