@@ -51,6 +51,32 @@ def problems(state: VmState) -> list[Problem]:
             found.append(Problem(f"/vmstate-hardware/vmm/files/fd[@number='{f.fd}']",
                                  f"guest fd {f.fd}: path {f.path!r} is outside the guest root "
                                  "(use a relative path without '..')"))
+    return found + _os_problems(state)
+
+
+def _os_problems(state: VmState) -> list[Problem]:
+    """The vmm-os section agrees with the file table: every descriptor is a file table entry
+    or a pipe end (not both), every pipe end names a pipe, the cwd lies inside the root."""
+    g = state.vmm.os
+    if g is None:
+        return []
+    at = "/vmstate-hardware/vmm/os"
+    found = []
+    if not is_inside_root(g.cwd):
+        found.append(Problem(f"{at}", f"cwd {g.cwd!r} is outside the guest root"))
+    files = {f.fd for f in state.vmm.files}
+    pipes = {p.id for p in g.pipes}
+    seen = set()
+    for d in g.descriptors:
+        where = f"{at}/descriptor[@fd='{d.fd}']"
+        if d.fd in seen or d.fd < 0:
+            found.append(Problem(where, f"descriptor {d.fd} appears twice or is negative"))
+        seen.add(d.fd)
+        if d.pipe >= 0 and (d.pipe not in pipes or d.fd in files):
+            found.append(Problem(where, f"guest fd {d.fd}: pipe {d.pipe} is not in the image, "
+                                 "or the fd is also in the file table"))
+        if d.pipe < 0 and d.fd not in files:
+            found.append(Problem(where, f"guest fd {d.fd} is neither a file nor a pipe end"))
     return found
 
 
