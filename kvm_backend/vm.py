@@ -19,6 +19,7 @@ from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmStat
 
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
+from linux_personality import snapshot
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.cpu import GuestFault
 from linux_personality.fdtable import FileTable
@@ -150,7 +151,8 @@ class VirtualMachine:
             vcpu = state.vcpus[0]
             vm.star = vcpu.msr(x86.MSR_STAR, machine.STAR)
             vm.refused_msrs = vcpu_state.apply(vm.vcpu, vcpu)
-            vm.files = FileTable.reopen(root, state.vmm.files)
+            vm.files, vm.identity, vm.signals = snapshot.restore(root, state.vmm.files,
+                                                                 state.vmm.os)
         except BaseException:
             vm.close()
             raise
@@ -336,8 +338,9 @@ class VirtualMachine:
     def capture(self, pending: PendingCall | None = None) -> VmState:
         """The whole VM state. The vCPU must be stopped with no exit pending."""
         vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
-        vmm = VmmState(program=self.program, argv=self.argv, files=self.files.snapshot(),
-                       address_space=self.address_space.state, pending=pending)
+        files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
+        vmm = VmmState(program=self.program, argv=self.argv, files=files,
+                       address_space=self.address_space.state, pending=pending, os=guest_os)
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 

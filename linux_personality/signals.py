@@ -56,7 +56,7 @@ class SignalState:
     actions: dict[int, bytes] = field(default_factory=dict)   # signal: struct sigaction
     blocked: int = 0
     pending: int = 0
-    altstack: bytes = bytes(STACK_T_SIZE)
+    altstack: bytes = STACK_T.pack(0, SS_DISABLE, 0, 0)
     suspended_mask: int | None = None      # the mask to restore after sigsuspend's handler
     alarm_at: float | None = None          # CLOCK_MONOTONIC deadline of ITIMER_REAL
     alarm_interval: float = 0.0
@@ -74,7 +74,7 @@ class SignalState:
         """execve: handled signals go back to their default action; ignored ones stay so."""
         self.actions = {sig: action for sig, action in self.actions.items()
                         if SIGACTION.unpack(action)[0] == SIG_IGN}
-        self.altstack = bytes(STACK_T_SIZE)
+        self.altstack = STACK_T.pack(0, SS_DISABLE, 0, 0)
 
 
 def _check_signal(sig: int) -> int:

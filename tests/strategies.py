@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from vmstate.image import layout as L
 from vmstate.pages import runs_from_bytemap
 from vmstate.state import (
-    PAGE_SIZE, AddressSpace, CpuidEntry, DebugRegisters, DescriptorTable, ExtraSection,
-    MemoryRegion, OpenFile, PendingCall, Registers, Segment, SpecialRegisters, VcpuEvents,
-    VcpuState, VmmState, VmState)
+    PAGE_SIZE, AddressSpace, CpuidEntry, DebugRegisters, Descriptor, DescriptorTable,
+    ExtraSection, GuestOs, MemoryRegion, OpenFile, PendingCall, Pipe, Registers, Segment,
+    SignalAction, SpecialRegisters, VcpuEvents, VcpuState, VmmState, VmState)
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
@@ -91,6 +91,19 @@ def address_spaces(draw, memory_end: int) -> AddressSpace:
     return AddressSpace(user_start=user_start, user_end=user_end, brk_start=brk_start, brk=brk,
                         mmap_low=mmap_low, mmap_top=mmap_top, free_ranges=free)
 pending_calls = st.builds(PendingCall, u64, st.tuples(u64, u64, u64, u64, u64, u64), u64)
+int31 = st.integers(0, (1 << 31) - 1)
+guest_paths = st.just(".") | st.lists(names.filter(lambda n: n not in (".", "..")), min_size=1,
+                                      max_size=3).map("/".join)
+guest_os_states = st.builds(
+    GuestOs, cwd=guest_paths, umask=st.integers(0, 0o777), hostname=names, uid=u32, gid=u32,
+    descriptors=st.lists(st.builds(Descriptor, fd=st.integers(0, 1023), description=int31,
+                                   cloexec=st.booleans(), pipe=st.just(-1) | int31, flags=u32),
+                         max_size=4, unique_by=lambda d: d.fd).map(tuple),
+    pipes=st.lists(st.builds(Pipe, int31, st.binary(max_size=40)), max_size=2,
+                   unique_by=lambda p: p.id).map(tuple),
+    actions=st.lists(st.builds(SignalAction, u32, u64, u64, u64, u64), max_size=3).map(tuple),
+    blocked=u64, pending=u64, altstack=st.tuples(u64, u32, u64), alarm_ns=u64,
+    alarm_interval_ns=u64, limits=st.lists(st.tuples(u32, u64, u64), max_size=2).map(tuple))
 known_types = set(L.SECTION_NAMES)
 extras = st.builds(ExtraSection, type=u16.filter(lambda t: t not in known_types),
                    instance=u32, flags=st.just(L.SECTION_OPTIONAL), data=st.binary(max_size=40))
@@ -105,6 +118,13 @@ def vm_states(draw) -> tuple[VmState, list[bytes]]:
                    address_space=draw(address_spaces(max(r.guest_phys_addr + r.size
                                                           for r, _ in region_pairs))),
                    pending=draw(st.none() | pending_calls))
+    guest_os = draw(st.none() | guest_os_states)
+    if guest_os is not None:      # descriptors that agree with the file table (see validate)
+        pipe_ids = [p.id for p in guest_os.pipes]
+        descriptors = [Descriptor(f.fd, f.fd, draw(st.booleans())) for f in vmm.files]
+        if pipe_ids:
+            descriptors.append(Descriptor(1024, 1024, False, pipe_ids[0], draw(u32)))
+        vmm = replace(vmm, os=replace(guest_os, descriptors=tuple(descriptors)))
     state = VmState(vcpus=vcpu_list, memory=tuple(r for r, _ in region_pairs), vmm=vmm,
                     extra=tuple(draw(st.lists(extras, max_size=2))))
     return state, [contents for _, contents in region_pairs]

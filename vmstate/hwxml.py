@@ -9,7 +9,7 @@ in the ELF core: `from_xml(to_xml(state, provenance))` gives back the same state
       <vcpu id="0"> registers, segments, descriptor tables, control, msrs, fpu + xsave-rest,
                     xcrs, events, mp-state, debug-registers, cpuid </vcpu>      (one per vCPU)
       <memory> <region ...> present-pages bitmap, page-digests </region> </memory>
-      <vmm> program + args, files, address-space, pending-call </vmm>
+      <vmm> program + args, files, address-space, pending-call, os </vmm>
       <extra-section .../>                                                     (zero or more)
     </vmstate-hardware>
 
@@ -36,8 +36,9 @@ from vmstate.errors import FormatError, shorten
 from vmstate.pages import bits_from_runs, bytemap_from_bits, runs_from_bytemap
 from vmstate.state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_REGISTERS, VCPU_EVENT_FIELDS, AddressSpace,
-    PAGE_SIZE, CpuidEntry, DebugRegisters, DescriptorTable, ExtraSection, MemoryRegion, OpenFile,
-    PendingCall, Registers, Segment, SpecialRegisters, VcpuEvents, VcpuState, VmmState, VmState)
+    PAGE_SIZE, CpuidEntry, DebugRegisters, Descriptor, DescriptorTable, ExtraSection, GuestOs,
+    MemoryRegion, OpenFile, PendingCall, Pipe, Registers, Segment, SignalAction,
+    SpecialRegisters, VcpuEvents, VcpuState, VmmState, VmState)
 from vmstate.x86 import msr_name
 
 SCHEMA_VERSION = "2.0"
@@ -129,6 +130,11 @@ ADDRESS_SPACE_FIELDS = dict.fromkeys(
 PENDING_CALL_FIELDS = {"nr": DEC64, "rip": HEX64}
 EXTRA_FIELDS = {"type": HEX16, "instance": DEC32, "flags": HEX16}
 FD_POSITION_FIELDS = {"mode": OCT32, "offset": DEC64}
+OS_FIELDS = {"uid": DEC32, "gid": DEC32, "blocked": HEX64, "pending": HEX64, "alarm_ns": DEC64,
+             "alarm_interval_ns": DEC64}
+ALTSTACK_ATTRIBUTES = ("altstack-sp", "altstack-flags", "altstack-size")
+SIGNAL_ACTION_FIELDS = {"signal": DEC32, "handler": HEX64, "flags": HEX64, "restorer": HEX64,
+                        "mask": HEX64}
 DIGEST_SIZE = 8
 
 
@@ -325,6 +331,31 @@ def _write_vmm(root, vmm: VmmState) -> None:
         _set_numbers(call, vmm.pending, PENDING_CALL_FIELDS)
         for arg in vmm.pending.args:
             _child(call, "arg", value=HEX64.format(arg))
+    if vmm.os is not None:
+        _write_os(element, vmm.os)
+
+
+def _write_os(vmm_element, g: GuestOs) -> None:
+    element = _child(vmm_element, "os")
+    _set_string(element, "cwd", g.cwd)
+    element.set("umask", OCT32.format(g.umask))
+    _set_string(element, "hostname", g.hostname)
+    _set_numbers(element, g, OS_FIELDS)
+    for name, value in zip(ALTSTACK_ATTRIBUTES, g.altstack):
+        element.set(name, HEX64.format(value))
+    for d in g.descriptors:
+        child = _child(element, "descriptor", fd=str(d.fd), description=str(d.description),
+                       cloexec=str(int(d.cloexec)))
+        if d.pipe >= 0:
+            child.set("pipe", str(d.pipe))
+        if d.pipe >= 0 or d.flags:
+            child.set("flags", HEX32.format(d.flags))
+    for pipe in g.pipes:
+        _set_base64(_child(element, "pipe", id=str(pipe.id)), pipe.buffered)
+    for action in g.actions:
+        _set_numbers(_child(element, "signal-action"), action, SIGNAL_ACTION_FIELDS)
+    for resource, soft, hard in g.limits:
+        _child(element, "limit", resource=str(resource), soft=str(soft), hard=str(hard))
 
 
 def _write_fd(files, entry: OpenFile) -> None:
@@ -549,7 +580,28 @@ def _read_vmm(element) -> VmmState:
         address_space=address_space,
         pending=None if pending is None else PendingCall(
             **_get_numbers(pending, PENDING_CALL_FIELDS),
-            args=tuple(HEX64.parse(arg, "value") for arg in pending.findall("arg"))))
+            args=tuple(HEX64.parse(arg, "value") for arg in pending.findall("arg"))),
+        os=None if element.find("os") is None else _read_os(element.find("os")))
+
+
+def _read_os(element) -> GuestOs:
+    descriptors = tuple(
+        Descriptor(fd=DEC31.parse(d, "fd"), description=DEC31.parse(d, "description"),
+                   cloexec=d.get("cloexec") == "1",
+                   pipe=DEC31.parse(d, "pipe") if d.get("pipe") is not None else -1,
+                   flags=HEX32.parse(d, "flags") if d.get("flags") is not None else 0)
+        for d in _unique(element.findall("descriptor"), "fd", DEC31))
+    return GuestOs(
+        cwd=_get_string(element, "cwd"), umask=OCT32.parse(element, "umask"),
+        hostname=_get_string(element, "hostname"), **_get_numbers(element, OS_FIELDS),
+        altstack=tuple(HEX64.parse(element, name) for name in ALTSTACK_ATTRIBUTES),
+        descriptors=descriptors,
+        pipes=tuple(Pipe(DEC31.parse(p, "id"), _get_base64(p))
+                    for p in _unique(element.findall("pipe"), "id", DEC31)),
+        actions=tuple(SignalAction(**_get_numbers(a, SIGNAL_ACTION_FIELDS))
+                      for a in element.findall("signal-action")),
+        limits=tuple((DEC32.parse(limit, "resource"), DEC64.parse(limit, "soft"),
+                      DEC64.parse(limit, "hard")) for limit in element.findall("limit")))
 
 
 def _read_fd(element) -> OpenFile:

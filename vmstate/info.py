@@ -68,6 +68,23 @@ def describe(image: Image, instructions: int = 8) -> dict:
             "rip": hexa(state.vmm.pending.rip)},
         "extra_sections": [{"type": hexa(x.type), "instance": x.instance, "size": len(x.data)}
                            for x in state.extra],
+        "os": None if state.vmm.os is None else _describe_os(state.vmm.os),
+    }
+
+
+def _describe_os(g) -> dict:
+    return {
+        "cwd": g.cwd, "umask": f"0{g.umask:03o}", "hostname": g.hostname, "uid": g.uid,
+        "gid": g.gid,
+        "descriptors": [{"fd": d.fd, "description": d.description, "cloexec": d.cloexec,
+                         "pipe": None if d.pipe < 0 else d.pipe, "flags": hexa(d.flags)}
+                        for d in g.descriptors],
+        "pipes": [{"id": p.id, "buffered_bytes": len(p.buffered)} for p in g.pipes],
+        "signal_actions": [{"signal": a.signal, "handler": hexa(a.handler),
+                            "flags": hexa(a.flags), "mask": hexa(a.mask)} for a in g.actions],
+        "blocked": hexa(g.blocked), "pending": hexa(g.pending),
+        "alarm_ns": g.alarm_ns, "alarm_interval_ns": g.alarm_interval_ns,
+        "limits": [{"resource": r, "soft": s, "hard": h} for r, s, h in g.limits],
     }
 
 
@@ -158,6 +175,8 @@ def render_text(info: dict, verified: str) -> str:
     add("Pending call   " + ("none" if pending is None else
                              f"{pending['name']}({', '.join(pending['args'])}) at rip "
                              f"{pending['rip']}, re-issued on resume"))
+    if info["os"] is not None:
+        lines += _render_os(info["os"])
     for extra in info["extra_sections"]:
         add(f"Unknown section type {extra['type']} ({extra['size']} bytes), carried through")
     return "\n".join(lines)
@@ -198,4 +217,26 @@ def render_vcpu(vcpu: dict, with_msrs: bool = True) -> list[str]:
             lines.append(f"    (cannot read: {insn['error']})")
         else:
             lines.append(f"    {insn['address']}:  {insn['bytes']:<22} {insn['text']}")
+    return lines
+
+
+def _render_os(g: dict) -> list[str]:
+    lines = [f"Guest OS       cwd /{g['cwd'].lstrip('.')}  umask {g['umask']}  hostname "
+             f"{g['hostname']}  uid {g['uid']} gid {g['gid']}"]
+    shared = [d for d in g["descriptors"] if d["description"] != d["fd"]]
+    for d in shared:
+        lines.append(f"  fd {d['fd']} shares the open-file description of fd {d['description']}")
+    cloexec = [str(d["fd"]) for d in g["descriptors"] if d["cloexec"]]
+    if cloexec:
+        lines.append(f"  close-on-exec fds {', '.join(cloexec)}")
+    for pipe in g["pipes"]:
+        ends = ", ".join(f"fd {d['fd']}" for d in g["descriptors"] if d["pipe"] == pipe["id"])
+        lines.append(f"  pipe {pipe['id']} ({ends}): {pipe['buffered_bytes']} bytes buffered")
+    for action in g["signal_actions"]:
+        lines.append(f"  signal {action['signal']}: handler {action['handler']} flags "
+                     f"{action['flags']} mask {action['mask']}")
+    lines.append(f"  signals blocked {g['blocked']}  pending {g['pending']}"
+                 + (f"  alarm in {g['alarm_ns'] / 1e9:.3f} s" if g["alarm_ns"] else ""))
+    for limit in g["limits"]:
+        lines.append(f"  limit {limit['resource']}: soft {limit['soft']} hard {limit['hard']}")
     return lines

@@ -263,7 +263,27 @@ def diff_states(old: VmState, new: VmState) -> list[tuple[str, str, str]]:
     changes += _diff_dataclass("address space ", old.vmm.address_space, new.vmm.address_space)
     if old.vmm.pending != new.vmm.pending:
         changes.append(("pending call", str(old.vmm.pending), str(new.vmm.pending)))
+    changes += _diff_os(old.vmm.os, new.vmm.os)
     return changes
+
+
+def _diff_os(old, new) -> list[tuple[str, str, str]]:
+    """The guest OS state: scalar fields one by one, each list as a whole."""
+    if old == new:
+        return []
+    if old is None or new is None:
+        return [("guest os", "absent" if old is None else "present",
+                 "absent" if new is None else "present")]
+    out = []
+    for f in fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if isinstance(a, tuple) and f.name != "altstack":
+            out.append((f"guest os {f.name}", f"{len(a)} entries", f"{len(b)} entries, edited"))
+        else:
+            out.append((f"guest os {f.name}", _value(a), _value(b)))
+    return out
 
 
 def _value(v) -> str:

@@ -54,6 +54,7 @@ def problems(state: VmState) -> list[Problem]:
     found += _extra_problems(state)
     found += _file_problems(state)
     found += _address_space_problems(state)
+    found += _os_problems(state)
     return found
 
 
@@ -194,6 +195,32 @@ def _machine_problems(state: VmState) -> list[Problem]:
                                  f"the pending call (syscall {pending.nr} at {pending.rip:#x}) "
                                  f"does not match the registers (rax {regs.rax:#x}, rip "
                                  f"{regs.rip:#x}): the guest would not re-issue it", "nr"))
+    return found
+
+
+def _os_problems(state: VmState) -> list[Problem]:
+    """The vmm-os section agrees with the file table: every descriptor is a file table entry
+    or a pipe end (not both), every pipe end names a pipe, the cwd lies inside the root."""
+    g = state.vmm.os
+    if g is None:
+        return []
+    at = f"{VMM}/os"
+    found = []
+    if not is_inside_root(g.cwd):
+        found.append(Problem(f"{at}", f"cwd {g.cwd!r} is outside the guest root"))
+    files = {f.fd for f in state.vmm.files}
+    pipes = {p.id for p in g.pipes}
+    seen = set()
+    for d in g.descriptors:
+        where = f"{at}/descriptor[@fd='{d.fd}']"
+        if d.fd in seen or d.fd < 0:
+            found.append(Problem(where, f"descriptor {d.fd} appears twice or is negative"))
+        seen.add(d.fd)
+        if d.pipe >= 0 and (d.pipe not in pipes or d.fd in files):
+            found.append(Problem(where, f"guest fd {d.fd}: pipe {d.pipe} is not in the image, "
+                                 "or the fd is also in the file table"))
+        if d.pipe < 0 and d.fd not in files:
+            found.append(Problem(where, f"guest fd {d.fd} is neither a file nor a pipe end"))
     return found
 
 

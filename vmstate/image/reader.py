@@ -21,6 +21,7 @@ from ..sparse import nonzero_pages_outside
 from ..validate import problems
 from ..state import PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
 from . import codec
+from .os_codec import decode_os
 from . import layout as L
 
 MAX_SECTIONS = 1 << 16
@@ -338,4 +339,5 @@ VMM_DECODERS = {
     L.VMM_FILES: ("files", codec.decode_files),
     L.VMM_ADDRESS_SPACE: ("address_space", codec.decode_address_space),
     L.VMM_PENDING_CALL: ("pending", codec.decode_pending),
+    L.VMM_OS: ("os", decode_os),
 }
