@@ -22,6 +22,8 @@ sys.path.insert(0, str(REPO / "examples"))
 import qemu_vm  # noqa: E402
 
 KERNEL = REPO / "examples" / "qemu_guest" / "kernel.elf"
+KERNEL64, KERNEL64_SYMBOLS = (REPO / "examples" / "qemu_guest" / name
+                              for name in ("kernel64.bin", "kernel64.elf"))
 MEMORY = "128M"
 
 
@@ -46,16 +48,17 @@ def kernel() -> Path:
 
 @pytest.fixture(scope="session")
 def saved(kernel, tmp_path_factory):
-    """Streams saved from running guests, made once: saved(machine, fill=False, memory)."""
+    """Streams saved from running guests, made once: saved(machine, fill=False, memory,
+    bits=32 or 64 for the long-mode guest)."""
     directory = tmp_path_factory.mktemp("qemu-streams")
     cache = {}
 
-    def get(machine: str, fill: bool = False, memory: str = MEMORY) -> Path:
-        key = (machine, fill, memory)
+    def get(machine: str, fill: bool = False, memory: str = MEMORY, bits: int = 32) -> Path:
+        key = (machine, fill, memory, bits)
         if key not in cache:
-            path = directory / f"{machine}-{'fill' if fill else 'idle'}-{memory}.state"
+            path = directory / f"{machine}-{'fill' if fill else 'idle'}-{memory}-{bits}.state"
             qemu_vm.save_running_guest(path, machine, memory, directory / f"{path.stem}.log",
-                                       fill=fill)
+                                       fill=fill, kernel=KERNEL64 if bits == 64 else KERNEL)
             cache[key] = path
         return cache[key]
     return get
@@ -143,6 +146,32 @@ def test_whole_loop_edits_show_in_the_resumed_guest(vmstate, saved, kernel, tmp_
         assert "mac 52:54:00:12:34:99 device-mac 02:aa:bb:cc:dd:ee" in line, line
     counters = [int(line.split()[1]) for line in lines]
     assert all(b - a == 100 for a, b in zip(counters, counters[1:])), counters
+
+
+def test_long_mode_guest_with_paging(vmstate, saved, tmp_path):
+    """A 64-bit guest running in the higher half: the core maps its page tables' virtual
+    addresses, so gdb reads and patches variables by name; the resumed guest shows it."""
+    stream = saved("q35", bits=64)
+    core, xml = split(vmstate, stream, tmp_path)
+    result = vmstate("join", core, xml, "-o", tmp_path / "same.state")
+    assert (tmp_path / "same.state").read_bytes() == stream.read_bytes()
+    gdb = subprocess.run(["gdb", "-q", "-batch", "-nx", "-write", str(KERNEL64_SYMBOLS), str(core),
+                          "-ex", "p &message", "-ex", 'set var message = "sixty-four"',
+                          "-ex", "p/x $rip"], capture_output=True, text=True, timeout=60)
+    assert "0xffffffff80" in gdb.stdout and "<message>" in gdb.stdout, gdb.stdout + gdb.stderr
+    rip = re.search(r'<reg name="rip" value="(0x[0-9a-f]+)"/>', xml.read_text()).group(1)
+    assert f"= {rip}" in gdb.stdout
+    edit_xml(xml, r'<reg name="r15" value="0x1"/>', '<reg name="r15" value="0x7"/>')
+    result = vmstate("join", core, xml, "-o", tmp_path / "new.state", "--app", KERNEL64_SYMBOLS)
+    summary = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "cpu.env.regs[15] (r15): 0x1 -> 0x7" in summary
+    assert re.search(r"memory page pc.ram \+0x\w+ \(guest physical 0x\w+, virtual "
+                     r"0xffffffff80\w+\) changed holding", summary), summary
+    output = qemu_vm.resume(tmp_path / "new.state", "q35", MEMORY, tmp_path / "resumed.log",
+                            seconds=0.3)
+    lines = [line for line in output.splitlines() if line.startswith("tick ")]
+    assert lines and all("step 7 message 'sixty-four'" in line for line in lines), output
 
 
 def test_control_register_edit_recomputes_hflags(vmstate, saved, tmp_path):

@@ -35,7 +35,8 @@ from .machine import placements
 from .stream import QemuStream
 
 EM_386 = 3
-UNPLACED_BASE = 0x8000_0000_0000_0000
+UNPLACED_BASE = 0x8000_0000_0000_0000     # up to CANONICAL_HIGH: no guest virtual address
+CANONICAL_HIGH = 0xFFFF_8000_0000_0000
 NOTE_NAME = b"VMSTATE-QEMU"
 NT_VMSTATE_QEMU = 0x564D5351             # "VMSQ"
 # version, reserved, stream digest, machine type length, block count, device section count;
@@ -276,17 +277,28 @@ class QemuCore:
         if phoff + phnum * elf.PHDR.size > len(self.data):
             raise self._error("program headers run past the end of the file: truncated core",
                               phoff)
+        self.loads = []                       # (p_vaddr, p_paddr, size) of guest-visible PT_LOADs
+        note = None
         for i in range(phnum):
-            p_type, _, offset, _, _, filesz, _, _ = elf.PHDR.unpack_from(self.data,
-                                                                       phoff + i * elf.PHDR.size)
-            if p_type != elf.PT_NOTE:
+            p_type, _, offset, vaddr, paddr, filesz, _, _ = \
+                elf.PHDR.unpack_from(self.data, phoff + i * elf.PHDR.size)
+            if p_type == elf.PT_LOAD and not UNPLACED_BASE <= vaddr < CANONICAL_HIGH:
+                self.loads.append((vaddr, paddr, filesz))
+            if p_type != elf.PT_NOTE or note is not None:
                 continue
             if offset + filesz > len(self.data):
                 raise self._error("the note segment runs past the end of the file", offset)
             for name, kind, desc in elf.iter_notes(self.data[offset:offset + filesz]):
                 if name == NOTE_NAME and kind == NT_VMSTATE_QEMU:
-                    return self._note(desc, offset)
-        raise self._error("no VMSTATE-QEMU note: not a core split from a QEMU stream", 0)
+                    note = (desc, offset)
+        if note is None:
+            raise self._error("no VMSTATE-QEMU note: not a core split from a QEMU stream", 0)
+        return self._note(*note)
+
+    def virtual_addresses(self, physical: int) -> list[int]:
+        """Every p_vaddr through which the core shows guest physical address `physical`."""
+        return sorted({vaddr + physical - paddr for vaddr, paddr, size in self.loads
+                       if paddr <= physical < paddr + size})
 
     def _note(self, desc: bytes, where: int):
         """Sets machine, devices (section id -> original body); returns (digest, blocks)."""

@@ -33,7 +33,8 @@ class JoinError(VmstateError):
 @dataclass
 class JoinResult:
     field_changes: list[tuple[str, str, str]] = field(default_factory=list)
-    page_changes: list[tuple[str, int, int | None]] = field(default_factory=list)  # block, offset, gpa
+    # block, offset in it, guest physical address (or None), virtual addresses in the core
+    page_changes: list[tuple[str, int, int | None, list[int]]] = field(default_factory=list)
 
 
 def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | None,
@@ -49,6 +50,9 @@ def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | No
             result = JoinResult()
             _device_changes(core, document, result)
             _page_changes(stream, memory, document.provenance.page_digests, result)
+            result.page_changes = [(block, offset, physical,
+                                    core.virtual_addresses(physical) if physical is not None
+                                    else []) for block, offset, physical, _ in result.page_changes]
             summary = render_summary(result, stream.machine, symbols)
             if output is not None:
                 try:
@@ -217,16 +221,22 @@ def _record_page(stream: QemuStream, block: int, page: int, result: JoinResult) 
     for part in placements(stream.machine, stream.blocks[block]):
         if part.offset <= offset < part.offset + part.length:
             physical = part.address + offset - part.offset
-    result.page_changes.append((stream.blocks[block].name, offset, physical))
+    result.page_changes.append((stream.blocks[block].name, offset, physical, []))
 
 
 def render_summary(result: JoinResult, machine: str, symbols=None) -> str:
     lines = [f"  {what}: {old} -> {new}" for what, old, new in result.field_changes]
-    for block, offset, physical in result.page_changes:
-        where = f"{block} +{offset:#x}" + (f" (guest physical {physical:#x})"
-                                            if physical is not None else "")
-        names = symbols.in_range(physical, physical + layout.PAGE_SIZE) \
-            if symbols and physical is not None else []
+    for block, offset, physical, virtuals in result.page_changes:
+        where = f"{block} +{offset:#x}" + (f" (guest physical {physical:#x}" if physical
+                                            is not None else "")
+        shown_virtual = [v for v in virtuals if v != physical][:2]
+        if shown_virtual:
+            where += ", virtual " + ", ".join(f"{v:#x}" for v in shown_virtual)
+        where += ")" if physical is not None else ""
+        names = []
+        for address in virtuals if symbols else []:
+            names += [n for n in symbols.in_range(address, address + layout.PAGE_SIZE)
+                      if n not in names]
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         lines.append(f"  memory page {where} changed" + (f" holding {shown}" if shown else ""))
     if not lines:

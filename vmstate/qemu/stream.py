@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import FormatError
+from ..fd import open_to_read
 from . import layout
 from .description import Decoder, DescriptionError, Group, encode_group
 
@@ -108,11 +109,7 @@ class QemuStream:
 
 def open_stream(path: str) -> QemuStream:
     """Map and parse the stream at `path` (refused with a one-line StreamError if bad)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        from ..errors import FileMissingError
-        raise FileMissingError(f"{path}: no such file") from None
+    fd = open_to_read(path, "QEMU stream", StreamError)
     try:
         size = os.fstat(fd).st_size
         data = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ) \
