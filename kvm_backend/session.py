@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
@@ -83,21 +84,29 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> 
     image = Image(image_path)
     try:
         kvm = open_kvm()
-        verification = _MemoryVerification(image)
-        check_restorable(image.state)
-        memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
-                             image_offset=image.region_data[0].data_offset)
-        with VirtualMachine.restore(kvm, image.state, memory, root) as vm:
-            verification.start(vm.stop)
+        vm, gate = restored_vm(kvm, image, root)
+        with vm:
             if trace is not None:
                 for index in vm.refused_msrs:
                     print(f"vmstate: note: this host does not take MSR {index:#x}; skipped",
                           file=trace)
             vm.stop.on_signals(save.signals)
-            return vm.run(trace=trace, save=save.handler(root), gate=verification.wait,
+            return vm.run(trace=trace, save=save.handler(root), gate=gate,
                           paracalls=save.paracalls(vm))
     finally:
         image.close()
+
+
+def restored_vm(kvm, image: Image, root: str) -> tuple[VirtualMachine, Callable[[], None]]:
+    """A VM over `image`'s memory (copy-on-write) and the gate its run must pass: the memory
+    verification started here. `image` must stay open while the VM runs."""
+    verification = _MemoryVerification(image)
+    check_restorable(image.state)
+    memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
+                         image_offset=image.region_data[0].data_offset)
+    vm = VirtualMachine.restore(kvm, image.state, memory, root)
+    verification.start(vm.stop)
+    return vm, verification.wait
 
 
 class _MemoryVerification:
