@@ -24,6 +24,8 @@ from vmstate.errors import UsageError
 from .host import Host, Request
 
 MAX_LINE = 1 << 16
+MAX_CLIENTS = 64         # replies under way that close() waits for
+REPLY_GRACE = 2.0        # seconds close() waits for each
 PROTOCOL_VERSION = "1.0"
 PEERCRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
 
@@ -34,12 +36,15 @@ class ControlServer:
         self.host = host
         self.sock, self._identity = _listen(path)
         self._closed = False
+        self._replying = threading.Semaphore(MAX_CLIENTS)   # one unit per reply not yet sent
         threading.Thread(target=self._accept, daemon=True, name="control-accept").start()
 
     def close(self) -> None:
-        """Stop listening and remove the socket file (clients still connected get EOF when
-        the process ends)."""
+        """Stop listening and remove the socket file once the replies under way are sent
+        (`quit` gets its answer); clients still connected get EOF when the process ends."""
         self._closed = True
+        for _ in range(MAX_CLIENTS):
+            self._replying.acquire(timeout=REPLY_GRACE)
         try:
             st = os.lstat(self.path)
             if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._identity:
@@ -76,7 +81,8 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue
-                _send(stream, self._answer(line))
+                with self._replying:
+                    _send(stream, self._answer(line))
 
     def _answer(self, line: bytes) -> dict:
         try:
