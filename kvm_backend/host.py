@@ -281,7 +281,8 @@ class Host:
     def summary(self) -> str:
         width = max(len(h.name) for h in self.vms)
         lines = [f"vmstate: {len(self.vms)} VMs ended:"]
-        lines += [f"  {h.name:<{width}}  status {h.status():<3}  {h.describe()}" for h in self.vms]
+        lines += [f"  {h.name:<{width}}  status {h.status():<3}  {h.describe()}  ({h.slices} "
+                  f"slices, {h.run_ns / 1e9:.3f} s)" for h in self.vms]
         return "\n".join(lines)
 
     def exit_status(self) -> int:

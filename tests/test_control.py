@@ -137,6 +137,9 @@ def test_every_command_two_clients_and_garbage(started, vmstate, vmstate_cmd, gu
 
     restored = vmstate("restore", "a.sav")                # the snapshot goes on from its point
     assert restored.returncode == 3 and restored.stdout.decode().splitlines()[-1] == "tick 39"
+    assert vmstate("split", "a.sav").returncode == 0       # and splits and joins, unchanged
+    assert vmstate("join", "vm.core", "hw.xml", "-o", "a2.sav").returncode == 0
+    assert (tmp_path / "a2.sav").read_bytes() == (tmp_path / "a.sav").read_bytes()
     restored = vmstate("restore", "b.sav")
     assert restored.returncode == 4 and restored.stdout.decode().splitlines()[-1] == "tick 39"
 
