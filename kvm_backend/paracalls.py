@@ -69,12 +69,14 @@ class ParaCalls:
         self.log.flush()
         return 0
 
-    def dump_text(self) -> str:
-        """The vCPU's state as the guest resumes it (after the call: RAX 0), one block of
-        lines tagged with the VM's name."""
+    def dump_text(self, settle: bool = True) -> str:
+        """The vCPU's state as the guest resumes it, one block of lines tagged with the VM's
+        name. `settle`: the vCPU is stopped on the para-call, which returns 0 (else it is
+        between slices, see VirtualMachine.pause)."""
         from vmstate import info
         vm = self.vm
-        vm.settle(0)
+        if settle:
+            vm.settle(0)
         state = vcpu_state.capture(vm.kvm, vm.vcpu, 0, vcpu_state.msr_indices(vm.kvm, vm.vcpu))
         lines = [f"processor state of VM {vm.name} (program {vm.program})"]
         lines += info.render_vcpu(info.describe_vcpu(vm.memory, state, DUMP_INSTRUCTIONS),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
@@ -16,6 +17,9 @@ from .machine import LARGE_PAGE, MAX_MEMORY
 from .memory import GuestMemory
 from .vm import (
     Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm, timing_mark)
+
+if TYPE_CHECKING:             # imported where used: run does not need the image reader
+    from vmstate.image.reader import Image
 
 MIN_MEMORY = 8 << 20
 DEFAULT_IMAGE = "vm_image.sav"
@@ -134,21 +138,30 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu
     image = Image(image_path)
     try:
         backend = choose_backend(cpu, max_instructions)
-        verification = _MemoryVerification(image)
-        check_restorable(image.state)
-        memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
-                             image_offset=image.region_data[0].data_offset)
-        with backend.restore(image.state, memory, root) as vm:
-            verification.start(vm.stop)
+        vm, gate = restored_vm(backend, image, root)
+        with vm:
             if trace is not None:
                 for index in vm.refused_msrs:
                     print(f"vmstate: note: this host does not take MSR {index:#x}; skipped",
                           file=trace)
             vm.stop.on_signals(save.signals)
-            return vm.run(trace=trace, save=save.handler(root), gate=verification.wait,
+            return vm.run(trace=trace, save=save.handler(root), gate=gate,
                           **backend.run_options(vm, save, max_instructions))
     finally:
         image.close()
+
+
+def restored_vm(backend, image: Image, root: str) -> tuple[VirtualMachine, Callable[[], None]]:
+    """A VM of `backend` (KvmBackend or SoftBackend) over `image`'s memory (copy-on-write) and
+    the gate its run must pass: the memory verification started here. `image` must stay open
+    while the VM runs."""
+    verification = _MemoryVerification(image)
+    check_restorable(image.state)
+    memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
+                         image_offset=image.region_data[0].data_offset)
+    vm = backend.restore(image.state, memory, root)
+    verification.start(vm.stop)
+    return vm, verification.wait
 
 
 class _MemoryVerification:

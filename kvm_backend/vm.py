@@ -325,6 +325,15 @@ class VirtualMachine:
         self.return_to_user(result)
         self.complete_pending_exit()
 
+    def pause(self) -> None:
+        """Between slices: leave the vCPU with no exit pending and the registers the run loop
+        edited taken, so that capture() or a save sees the guest as it will resume."""
+        self.complete_pending_exit()
+
+    def save_now(self, save: SaveHandler) -> Saved:
+        """Save the VM between slices through `save`; it ends."""
+        return self._save(save, pending=None)
+
     def complete_pending_exit(self) -> None:
         """One KVM_RUN with immediate_exit set: KVM finishes the MMIO exit it is waiting on and
         takes our edited sync registers, then returns without running the guest."""

@@ -79,6 +79,11 @@ CpuOption = Annotated[str, typer.Option(
 MaxInstructionsOption = Annotated[Optional[int], typer.Option(
     metavar="N", help="Stop the guest after exactly N instructions and save it (software CPU "
     "only).")]
+ControlOption = Annotated[Optional[Path], typer.Option(
+    metavar="PATH", help="Serve a control socket there (JSON lines; see `vmstate ctl`).")]
+SliceOption = Annotated[Optional[int], typer.Option(
+    "--slice-ms", help="Time slice of each vCPU in milliseconds (vm_exec_slice_ms; "
+    "default 10).")]
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -103,6 +108,7 @@ def run(
     = 1024,
     cpu: CpuOption = "auto",
     max_instructions: MaxInstructionsOption = None,
+    control: ControlOption = None,
 ):
     """Run PROGRAM in a new KVM virtual machine; its exit status becomes vmstate's.
 
@@ -124,8 +130,14 @@ def run(
         raise UsageError("--hostname: at most 64 bytes")
     options = GuestOptions(cwd=cwd, hostname=hostname, max_fds=max_fds, max_file_size=(
         _size("--max-file-size", max_file_size) if max_file_size is not None else None))
-    outcome = run_program(str(program), [str(program), *(args or [])], memory_size,
-                          str(root), save, trace=sys.stderr if trace else None, options=options,
+    argv = [str(program), *(args or [])]
+    if control is not None:
+        from .vmm_config import VmEntry, complete
+        entry = complete([VmEntry(program=str(program), argv=tuple(argv), root=str(root),
+                                  memory=memory_size, image=str(image))], VmEntry())[0]
+        _finish(_hosted_alone(entry, control, save, trace, options))
+    outcome = run_program(str(program), argv, memory_size, str(root), save,
+                          trace=sys.stderr if trace else None, options=options,
                           cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
 
@@ -143,6 +155,7 @@ def restore(
     connect_timeout: ConnectTimeoutOption = 30.0,
     cpu: CpuOption = "auto",
     max_instructions: MaxInstructionsOption = None,
+    control: ControlOption = None,
 ):
     """Create a blank VM from IMAGE and resume the guest exactly where it stopped.
 
@@ -152,9 +165,118 @@ def restore(
     _check_save_options(migrate_to, connect_timeout)
     save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
                        connect_timeout)
+    if control is not None:
+        from .vmm_config import VmEntry, complete
+        entry = complete([VmEntry(snapshot=str(image_file), root=str(root), image=str(image))],
+                         VmEntry())[0]
+        _finish(_hosted_alone(entry, control, save, trace))
     outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None,
                             cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
+
+
+def _hosted_alone(entry, control: Path, save, trace: bool, options=None):
+    """run/restore --control: the one VM on a host that serves the control socket."""
+    from kvm_backend.host import run_hosted
+    from linux_personality.options import GuestOptions
+    from .vmm_config import DEFAULT_SLICE_MS
+    host = run_hosted([entry], DEFAULT_SLICE_MS, str(control), options=options or GuestOptions(),
+                      save=save, trace=sys.stderr if trace else None)
+    return host.vms[0].outcome
+
+
+@app.command(name="host")
+def host_command(
+    vm: Annotated[Optional[list[str]], typer.Option(
+        "-v", "--vm", metavar="'PROGRAM ARGS'", help="A VM running this program (with its "
+        "arguments, quoted as in a shell). Repeat for more VMs.")] = None,
+    snapshot: Annotated[Optional[list[Path]], typer.Option(
+        "-s", "--snapshot", metavar="IMAGE", help="A VM restored from this image. Repeat for "
+        "more.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", help="A VMM configuration file (key=value lines; see the README).")]
+    = None,
+    slice_ms: SliceOption = None,
+    memory: Annotated[Optional[str], typer.Option(
+        help="Memory of every VM started from a program (overrides the file).")] = None,
+    root: Annotated[Optional[Path], typer.Option(
+        help="Root directory of every VM (overrides the file).")] = None,
+    control: ControlOption = None,
+):
+    """Run several VMs in one VMM, round-robin in time slices on one thread; exit when all
+    have ended, with the largest of their exit statuses (a fault counts 128 + signal).
+
+    Each VM has its own memory, vCPU, root, open files and exit status; with several VMs
+    their output lines are tagged [NAME] and their stdin is /dev/null; a SAVE writes
+    NAME.sav. Example: vmstate host -v "examples/hello a b" -v examples/lab_app -s saved.sav
+    """
+    from .vmm_config import HostConfig, VmEntry, complete, load, parse_memory
+    settings = load(str(config)) if config is not None else HostConfig()
+    if settings.slice_instructions is not None:
+        _fail(f"{config}: vm_exec_slice_in_instructions: the KVM backend cannot end a slice "
+              "after a number of instructions (the guest runs on the hardware, which counts "
+              "none for us); use vm_exec_slice_ms", 2)
+    entries = list(settings.vms)
+    entries += [VmEntry.for_program(command, "-v") for command in vm or []]
+    entries += [VmEntry(snapshot=str(path), where="-s") for path in snapshot or []]
+    if not entries:
+        _fail("host needs at least one VM: -v PROGRAM, -s IMAGE or --config FILE", 2)
+    overrides = {}
+    if memory is not None:
+        overrides["memory"] = parse_memory(memory)
+    if root is not None:
+        overrides["root"] = str(root)
+    from dataclasses import replace
+    entries = complete([replace(e, **overrides) for e in entries], settings.defaults)
+    _refuse_shared_images(entries)
+    from kvm_backend.host import run_hosted
+    from .vmm_config import parse_slice_ms
+    slice_value = settings.slice_ms if slice_ms is None else parse_slice_ms(str(slice_ms))
+    control_path = str(control) if control is not None else settings.control
+    host = run_hosted(entries, slice_value, control_path)
+    print(host.summary(), file=sys.stderr)
+    raise typer.Exit(host.exit_status())
+
+
+def _refuse_shared_images(entries) -> None:
+    """No two VMs save to one image, and none over a program or another VM's snapshot (a VM
+    may save over the image it was restored from, as `restore` does)."""
+    from .atomic import refuse_clobbering
+    programs = {f"the program of {e.name}": e.program for e in entries if e.program}
+    refuse_clobbering({f"the image of {e.name}": e.image for e in entries}, programs)
+    for entry in entries:
+        others = {f"the snapshot of {e.name}": e.snapshot for e in entries
+                  if e.snapshot and e is not entry}
+        refuse_clobbering({f"the image of {entry.name}": entry.image}, others)
+
+
+@app.command()
+def ctl(
+    path: Annotated[Path, typer.Argument(metavar="SOCKET", help="A VMM's --control socket.")],
+    command: Annotated[str, typer.Argument(help="query-vms, stop, cont, dump-state, snapshot, "
+                                           "save, migrate or quit.")],
+    args: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[VM] [KEY=VALUE]...", help="The VM's name, then arguments (path=..., "
+        "address=HOST:PORT).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the reply line as JSON.")]
+    = False,
+):
+    """Send one command to a VMM's control socket and print the reply.
+
+    Example: vmstate ctl vmm.sock snapshot web path=web-1.sav
+    """
+    import json
+
+    from .ctl import arguments_from, render, request
+    reply = request(str(path), command, arguments_from(list(args or [])))
+    if json_output:
+        print(json.dumps(reply))
+    if "error" in reply:
+        if not json_output:
+            _fail(f"ctl {command}: {reply['error'].get('desc', reply['error'])}", EXIT_ERROR)
+        raise typer.Exit(EXIT_ERROR)
+    if not json_output:
+        print(render(reply))
 
 
 @app.command()
@@ -334,13 +456,15 @@ def _read_input(path: Path) -> bytes:
 
 
 def _finish(outcome) -> None:
-    from kvm_backend.vm import Exited, Saved
+    from kvm_backend.vm import Exited, Faulted, Saved
     if isinstance(outcome, Exited):
         raise typer.Exit(outcome.status)
     if isinstance(outcome, Saved):
         print(f"vmstate: VM {outcome.where}", file=sys.stderr)
         raise typer.Exit(0)
-    _fail(outcome.report, EXIT_SIGNAL_BASE + outcome.signal)
+    if isinstance(outcome, Faulted):
+        _fail(outcome.report, EXIT_SIGNAL_BASE + outcome.signal)
+    _fail(outcome.report, outcome.status)        # ended by a control `quit` or a VMM error
 
 
 def main() -> None:
