@@ -43,6 +43,12 @@ WithFilesOption = Annotated[bool, typer.Option(
     help="Carry the contents of the guest's open files along (for hosts that share nothing).")]
 ConnectTimeoutOption = Annotated[float, typer.Option(
     help="Seconds to keep retrying the connection, once a second.")]
+LiveOption = Annotated[bool, typer.Option(
+    help="With --migrate-to: migrate live (pre-copy); the guest runs on while its memory is "
+    "sent, and stays here if the migration fails.")]
+MaxDowntimeOption = Annotated[float, typer.Option(
+    metavar="MS", help="Live migration: stop the guest for the last pages once they can go "
+    "in this many milliseconds.")]
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -58,6 +64,8 @@ def run(
     migrate_to: MigrateOption = None,
     with_files: WithFilesOption = False,
     connect_timeout: ConnectTimeoutOption = 30.0,
+    live: LiveOption = False,
+    max_downtime: MaxDowntimeOption = 50.0,
     cwd: Annotated[str, typer.Option(help="The guest's starting directory (a path inside "
                                      "--root, which is the guest's /).")] = "/",
     hostname: Annotated[str, typer.Option(help="The guest's host name (uname).")] = "vmstate",
@@ -71,12 +79,12 @@ def run(
     The guest asks for a SAVE with syscall(400): the VM is written to --image and vmstate
     exits 0. Example: vmstate run --trace examples/hello one two
     """
-    from kvm_backend.session import SaveOptions, run_program
+    from kvm_backend.session import run_program
 
     from .atomic import refuse_clobbering
     refuse_clobbering({"--image": str(image)}, {"the program": str(program)})
-    save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
-                       connect_timeout)
+    save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
+                         connect_timeout, live, max_downtime)
     from linux_personality.options import GuestOptions
     if not 3 <= max_fds <= 1 << 20:
         _fail(f"--max-fds {max_fds}: must be between 3 and {1 << 20}", EXIT_ERROR)
@@ -87,6 +95,18 @@ def run(
     outcome = run_program(str(program), [str(program), *(args or [])], parse_size(memory),
                           str(root), save, trace=sys.stderr if trace else None, options=options)
     _finish(outcome)
+
+
+def _save_options(image: Path, save_on_signal: bool, save_on_interrupt: bool,
+                  migrate_to: str | None, with_files: bool, connect_timeout: float, live: bool,
+                  max_downtime: float):
+    from kvm_backend.session import SaveOptions
+    if live and migrate_to is None:
+        _fail("--live needs --migrate-to HOST:PORT", EXIT_ERROR)
+    if not 0 < max_downtime <= 60_000:
+        _fail(f"--max-downtime {max_downtime:g}: must be between 0 and 60000 ms", EXIT_ERROR)
+    return SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
+                       connect_timeout, live, max_downtime / 1000)
 
 
 @app.command()
@@ -100,14 +120,16 @@ def restore(
     migrate_to: MigrateOption = None,
     with_files: WithFilesOption = False,
     connect_timeout: ConnectTimeoutOption = 30.0,
+    live: LiveOption = False,
+    max_downtime: MaxDowntimeOption = 50.0,
 ):
     """Create a blank VM from IMAGE and resume the guest exactly where it stopped.
 
     Example: vmstate restore vm_image.sav
     """
-    from kvm_backend.session import SaveOptions, restore_image
-    save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
-                       connect_timeout)
+    from kvm_backend.session import restore_image
+    save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
+                         connect_timeout, live, max_downtime)
     outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None)
     _finish(outcome)
 
