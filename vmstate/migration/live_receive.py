@@ -147,7 +147,7 @@ class LivePages:
         if count and (numbers[-1] >= len(self.memory) or np.any(numbers[1:] <= numbers[:-1])):
             raise P.ProtocolError("page numbers outside guest memory or not ascending")
         data = self.staging[:count]
-        P.recv_exact_into(self.sock, memoryview(data).cast("B"), "guest pages")
+        P.recv_exact_into(self.sock, memoryview(data.reshape(-1)), "guest pages")
         hasher = xxhash.xxh3_64(raw)
         hasher.update(data)
         self.frames.verify(P.FRAME_PAGES, check, hasher.intdigest())

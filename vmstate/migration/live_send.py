@@ -113,7 +113,7 @@ class PageSender:
             header = P.FRAME.pack(P.FRAME_PAGES, P.FLAG_ROUND_END if last else 0, 0,
                                   hasher.intdigest(), length)
             P.send_buffers(self.sock, [memoryview(header), memoryview(numbers),
-                                       memoryview(data).cast("B")])
+                                       memoryview(data.reshape(-1))])
             self.count(length)
 
     def send_frame(self, kind: int, payload: bytes, check: int | None = None) -> None:
