@@ -16,7 +16,7 @@ from vmstate.units import format_size
 from .machine import LARGE_PAGE, MAX_MEMORY
 from .memory import GuestMemory
 from .vm import (
-    Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm, timing_mark)
+    LiveSave, Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm, timing_mark)
 
 if TYPE_CHECKING:             # imported where used: run does not need the image reader
     from vmstate.image.reader import Image
@@ -33,11 +33,18 @@ class SaveOptions:
     migrate_to: str | None = None    # HOST:PORT: stream the VM there instead of writing it
     with_files: bool = False         # carry the guest's open files' contents along
     connect_timeout: float = 30.0
+    live: bool = False               # with migrate_to: pre-copy while the guest runs
+    max_downtime: float = 0.050      # seconds, for a live migration's final stop
 
-    def handler(self, root: str) -> SaveHandler:
+    def handler(self, root: str) -> SaveHandler | LiveSave:
         if self.migrate_to is None:
             return save_to_file(self.image)
         from vmstate.migration.protocol import parse_address
+        if self.live:
+            from vmstate.migration.live_send import LiveOptions
+            from .live import live_migrate_to
+            return live_migrate_to(parse_address(self.migrate_to), self.connect_timeout,
+                                   self.with_files, root, LiveOptions(self.max_downtime))
         from .migrate import migrate_to
         return migrate_to(parse_address(self.migrate_to), self.connect_timeout,
                           self.with_files, root, self.image)

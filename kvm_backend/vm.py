@@ -8,13 +8,16 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
+
+import numpy as np
 
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
-from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytemap, union
+from vmstate.pages import bytemap_from_runs, runs_from_bytemap
 from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
 
 from linux_personality import (
@@ -60,6 +63,24 @@ class Saved:
 
 Outcome = Exited | Faulted | Saved
 SaveHandler = Callable[[VmState, list[memoryview]], str]
+
+
+class LiveMigration(Protocol):
+    """A live migration under way (kvm_backend/live.py), as the run loop sees it."""
+    wants_pause: threading.Event     # the sender is ready for the final stop-and-copy
+    finished: threading.Event        # it ended (failed) without stopping the guest
+
+    def hand_over(self, state: VmState, stopped_at: float) -> str | None:
+        """The vCPU stopped at `stopped_at` (time.monotonic()): send the rest; where the VM
+        went, or None if it failed."""
+    def abandon(self, why: str) -> None:
+        """The guest ended here first: cancel the migration."""
+
+
+@dataclass(frozen=True)
+class LiveSave:
+    """Save by live migration: `begin(vm)` starts sending while the guest runs on."""
+    begin: Callable[["VirtualMachine"], LiveMigration]
 
 
 SYNC_REGS = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
@@ -115,7 +136,10 @@ class VirtualMachine:
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.stop = StopRequest(self.vcpu.run_page)
         self.name = "vm"                      # tags its para-call output and its lines on a host
-        self._present = bytes(memory.size // PAGE_SIZE)      # pages known present so far
+        self._present = np.zeros(memory.size // PAGE_SIZE, np.uint8)   # pages present so far
+        self._unsent: np.ndarray | None = None    # written since a live migration took them
+        self._written_lock = threading.Lock()
+        self.migration: LiveMigration | None = None
         self._running: _Running | None = None
 
     def close(self) -> None:
@@ -142,7 +166,8 @@ class VirtualMachine:
         region = state.memory[0]
         vm = cls(kvm, memory)
         try:
-            vm._present = bytes(bytemap_from_runs(region.present, region.size // PAGE_SIZE))
+            vm._present = np.frombuffer(
+                bytemap_from_runs(region.present, region.size // PAGE_SIZE), np.uint8)
             aspace = state.vmm.address_space
             vm.address_space = UserAddressSpace(aspace, memory)
             memory.set_user_range(aspace.user_start, aspace.user_end)
@@ -170,6 +195,9 @@ class VirtualMachine:
                 pass
         finally:
             self.stop.stopped()
+            if self.migration is not None:
+                self.migration.abandon("the guest ended on this host first")
+                self.migration = None
         if self.forked_child:
             _end_child_process(outcome)
         return outcome
@@ -211,8 +239,11 @@ class VirtualMachine:
                                    "deliver an exception", x86.SIGSEGV)
                 case InterruptedExit():
                     if self.stop.requested.is_set() and running.save is not None:
-                        if not self._refuse_save(running.syscalls):
-                            return self._save(running.save, pending=None)
+                        if self._refuse_save(running.syscalls):
+                            return None
+                        outcome = self._on_stop(running.save, pending=None)
+                        if outcome is not None:
+                            return outcome
                     return None
                 case _:
                     rip = self.vcpu.run_page.s.regs.rip
@@ -237,6 +268,9 @@ class VirtualMachine:
                 self.return_to_user(-errno.EBUSY)
                 return None
             self.return_to_user(0)             # after the restore, syscall(400) returns 0
+            if isinstance(save, LiveSave):
+                self._begin_live(save)
+                return None
             return self._save(save, pending=None)
         except CallInterrupted:
             try:
@@ -246,7 +280,7 @@ class VirtualMachine:
                 pending = None
             if self._refuse_save(running.syscalls):
                 return None                   # the guest re-issues the call
-            return self._save(save, pending=pending)
+            return self._on_stop(save, pending)
         return None
 
     def return_to_user(self, result: int) -> None:
@@ -299,7 +333,7 @@ class VirtualMachine:
         pids = ", ".join(str(pid) for pid in sorted(syscalls.children))
         print(f"vmstate: save refused: the guest has child processes ({pids}); an image holds "
               "one process", file=sys.stderr, flush=True)
-        self.stop.clear()
+        self.stop.reset()
         return True
 
     def xsave_size(self) -> int:
@@ -309,6 +343,38 @@ class VirtualMachine:
         if self._msrs is None:
             self._msrs = vcpu_state.msr_indices(self.kvm, self.vcpu)
         return self._msrs
+
+    def _on_stop(self, save, pending: PendingCall | None) -> Outcome | None:
+        """A stop request reached the run loop (a signal, or a live migration's last round);
+        None: the guest carries on (a rewound call is re-issued)."""
+        if not isinstance(save, LiveSave):
+            return self._save(save, pending)
+        self.stop.reset()                 # before looking: a request from now on is kept
+        if self.migration is not None and self.migration.wants_pause.is_set():
+            return self._final_copy(pending)
+        self._begin_live(save)
+        return None
+
+    def _begin_live(self, save: LiveSave) -> None:
+        if self.migration is not None and not self.migration.finished.is_set():
+            return                        # one at a time: this request joins it
+        self.migration = save.begin(self)
+
+    def _final_copy(self, pending: PendingCall | None) -> Outcome | None:
+        """Stop the guest for the live migration's last pages and state. If the migration
+        then fails, the guest carries on here as if nothing happened."""
+        timing_mark("save-start")
+        stopped_at = time.monotonic()
+        self.stop.stopped()
+        self.complete_pending_exit()
+        migration, self.migration = self.migration, None
+        where = migration.hand_over(self.capture(pending), stopped_at)
+        self.stop.reset()
+        if where is None:
+            timing_mark("resumed-here")
+            return None
+        timing_mark("save-done")
+        return Saved(where)
 
     def _save(self, save: SaveHandler, pending: PendingCall | None) -> Saved:
         timing_mark("save-start")
@@ -353,13 +419,41 @@ class VirtualMachine:
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 
-    def present_pages(self) -> bytes:
+    def present_pages(self) -> np.ndarray:
         """Pages ever written: by the guest (KVM's dirty log), by the VMM, or present in the
         image this VM was restored from. One byte per page."""
-        dirty = self.vm.get_dirty_log(0, self.memory.size // PAGE_SIZE)
-        self._present = union(union(self._present, bytemap_from_bits(dirty, len(self._present))),
-                              self.memory.vmm_written_pages)
+        self._collect_written()
         return self._present
+
+    def start_tracking(self) -> np.ndarray:
+        """Keep the pages written from now on for take_dirty; the pages present now."""
+        present = self.present_pages().copy()
+        with self._written_lock:
+            self._unsent = np.zeros(len(self._present), np.uint8)
+        return present
+
+    def take_dirty(self) -> np.ndarray:
+        """Pages written since start_tracking or the previous call (one byte per page)."""
+        self._collect_written()
+        with self._written_lock:
+            taken, self._unsent = self._unsent, np.zeros(len(self._present), np.uint8)
+        return taken
+
+    def stop_tracking(self) -> None:
+        with self._written_lock:
+            self._unsent = None
+
+    def _collect_written(self) -> None:
+        """Fold the pages written since the last look (KVM's dirty log, which reading
+        clears, and the VMM's own writes) into the present set and the unsent set."""
+        with self._written_lock:
+            pages = len(self._present)
+            bits = np.frombuffer(self.vm.get_dirty_log(0, pages), np.uint8)
+            written = np.unpackbits(bits, bitorder="little")[:pages]
+            written |= np.frombuffer(self.memory.take_written(), np.uint8)
+            self._present |= written
+            if self._unsent is not None:
+                self._unsent |= written
 
 
 def describe_fault(vector: int, error_code: int, rip: int, rsp: int, in_user: bool,

@@ -84,6 +84,12 @@ ControlOption = Annotated[Optional[Path], typer.Option(
 SliceOption = Annotated[Optional[int], typer.Option(
     "--slice-ms", help="Time slice of each vCPU in milliseconds (vm_exec_slice_ms; "
     "default 10).")]
+LiveOption = Annotated[bool, typer.Option(
+    help="With --migrate-to: migrate live (pre-copy); the guest runs on while its memory is "
+    "sent, and stays here if the migration fails.")]
+MaxDowntimeOption = Annotated[float, typer.Option(
+    metavar="MS", help="Live migration: stop the guest for the last pages once they can go "
+    "in this many milliseconds.")]
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -99,6 +105,8 @@ def run(
     migrate_to: MigrateOption = None,
     with_files: WithFilesOption = False,
     connect_timeout: ConnectTimeoutOption = 30.0,
+    live: LiveOption = False,
+    max_downtime: MaxDowntimeOption = 50.0,
     cwd: Annotated[str, typer.Option(help="The guest's starting directory (a path inside "
                                      "--root, which is the guest's /).")] = "/",
     hostname: Annotated[str, typer.Option(help="The guest's host name (uname).")] = "vmstate",
@@ -115,14 +123,14 @@ def run(
     The guest asks for a SAVE with syscall(400): the VM is written to --image and vmstate
     exits 0. Example: vmstate run --trace examples/hello one two
     """
-    from kvm_backend.session import SaveOptions, check_memory_size, run_program
+    from kvm_backend.session import check_memory_size, run_program
 
     from .atomic import refuse_clobbering
     memory_size = check_memory_size(_size("--memory", memory))
     _check_save_options(migrate_to, connect_timeout)
     refuse_clobbering({"--image": str(image)}, {"the program": str(program)})
-    save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
-                       connect_timeout)
+    save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
+                         connect_timeout, live, max_downtime)
     from linux_personality.options import GuestOptions
     from vmstate.validate import MAX_GUEST_FDS
     _in_range("--max-fds", max_fds, 3, MAX_GUEST_FDS)
@@ -142,6 +150,18 @@ def run(
     _finish(outcome)
 
 
+def _save_options(image: Path, save_on_signal: bool, save_on_interrupt: bool,
+                  migrate_to: str | None, with_files: bool, connect_timeout: float, live: bool,
+                  max_downtime: float):
+    from kvm_backend.session import SaveOptions
+    if live and migrate_to is None:
+        raise UsageError("--live needs --migrate-to HOST:PORT")
+    if not 0 < max_downtime <= 60_000:
+        raise UsageError(f"--max-downtime {max_downtime:g}: must be between 0 and 60000 ms")
+    return SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
+                       connect_timeout, live, max_downtime / 1000)
+
+
 @app.command()
 def restore(
     image_file: Annotated[Path, typer.Argument(metavar="IMAGE", help="A saved VM image.")],
@@ -156,15 +176,17 @@ def restore(
     cpu: CpuOption = "auto",
     max_instructions: MaxInstructionsOption = None,
     control: ControlOption = None,
+    live: LiveOption = False,
+    max_downtime: MaxDowntimeOption = 50.0,
 ):
     """Create a blank VM from IMAGE and resume the guest exactly where it stopped.
 
     Example: vmstate restore vm_image.sav
     """
-    from kvm_backend.session import SaveOptions, restore_image
+    from kvm_backend.session import restore_image
     _check_save_options(migrate_to, connect_timeout)
-    save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
-                       connect_timeout)
+    save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
+                         connect_timeout, live, max_downtime)
     if control is not None:
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(snapshot=str(image_file), root=str(root), image=str(image))],
