@@ -282,7 +282,7 @@ class VirtualMachine:
         msrs = vcpu_state.msr_indices(self.kvm, self.vcpu)
         vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, msrs)
         vmm = VmmState(program=self.program, argv=self.argv, files=self.files.snapshot(),
-                       address_space=self.address_space.state, pending=pending)
+                       address_space=self.address_space.state, pending=pending, saved_by="kvm")
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 

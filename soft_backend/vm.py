@@ -276,7 +276,7 @@ class SoftMachine:
     def capture(self, pending: PendingCall | None = None) -> VmState:
         vcpu = unicorn_state.capture(self.uc, self.template)
         vmm = VmmState(program=self.program, argv=self.argv, files=self.files.snapshot(),
-                       address_space=self.address_space.state, pending=pending)
+                       address_space=self.address_space.state, pending=pending, saved_by="soft")
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(replace(vcpu, id=0),), memory=(region,), vmm=vmm)
 

@@ -92,7 +92,8 @@ def vm_states(draw) -> tuple[VmState, list[bytes]]:
     vmm = VmmState(program=draw(names), argv=tuple(draw(st.lists(names, max_size=3))),
                    files=tuple(draw(st.lists(open_files, max_size=3, unique_by=lambda f: f.fd))),
                    address_space=draw(address_spaces),
-                   pending=draw(st.none() | pending_calls))
+                   pending=draw(st.none() | pending_calls),
+                   saved_by=draw(st.sampled_from(("", "kvm", "soft"))))
     state = VmState(vcpus=vcpu_list, memory=tuple(r for r, _ in region_pairs), vmm=vmm,
                     extra=tuple(draw(st.lists(extras, max_size=2))))
     return state, [contents for _, contents in region_pairs]

@@ -307,7 +307,7 @@ def _write_memory(root, regions: tuple[MemoryRegion, ...],
 
 
 def _write_vmm(root, vmm: VmmState) -> None:
-    element = _child(root, "vmm")
+    element = _child(root, "vmm", **({"saved-by": vmm.saved_by} if vmm.saved_by else {}))
     program = _child(element, "program")
     _set_string(program, "path", vmm.program)
     for arg in vmm.argv:
@@ -532,7 +532,8 @@ def _read_vmm(element) -> VmmState:
         address_space=address_space,
         pending=None if pending is None else PendingCall(
             **_get_numbers(pending, PENDING_CALL_FIELDS),
-            args=tuple(HEX64.parse(arg, "value") for arg in pending.findall("arg"))))
+            args=tuple(HEX64.parse(arg, "value") for arg in pending.findall("arg"))),
+        saved_by=element.get("saved-by", ""))
 
 
 def _read_fd(element) -> OpenFile:

@@ -224,6 +224,7 @@ class VmmState:
     files: tuple[OpenFile, ...] = ()
     address_space: AddressSpace = AddressSpace()
     pending: PendingCall | None = None
+    saved_by: str = ""          # the CPU that ran the guest when it was saved: "kvm" or "soft"
 
 
 @dataclass(frozen=True)

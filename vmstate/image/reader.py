@@ -346,4 +346,5 @@ VMM_DECODERS = {
     L.VMM_FILES: ("files", codec.decode_files),
     L.VMM_ADDRESS_SPACE: ("address_space", codec.decode_address_space),
     L.VMM_PENDING_CALL: ("pending", codec.decode_pending),
+    L.VMM_SAVED_BY: ("saved_by", codec.decode_saved_by),
 }
