@@ -30,7 +30,6 @@ from kvm_backend.vm import (
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
 from linux_personality.address_space import UserAddressSpace
-from linux_personality.cpu import GuestFault
 from linux_personality.fdtable import FileTable
 from linux_personality.identity import Identity
 from linux_personality.options import GuestOptions
