@@ -313,6 +313,6 @@ class SoftMachine:
     def present_pages(self) -> bytes:
         """Pages ever written: by the guest or the VMM (found as pages private to this
         process), or present in the image this machine was restored from."""
-        written = written_pages(self.memory.host_address, self.memory.size)
+        written = written_pages(self.memory.view, self.memory.host_address)
         self._present = union(union(self._present, written), self.memory.vmm_written_pages)
         return self._present
