@@ -415,7 +415,8 @@ class VirtualMachine:
         vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
         files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
         vmm = VmmState(program=self.program, argv=self.argv, files=files,
-                       address_space=self.address_space.state, pending=pending, os=guest_os)
+                       address_space=self.address_space.state, pending=pending, os=guest_os,
+                       saved_by="kvm")
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 

@@ -9,6 +9,7 @@ capture, the personality's state, `stop`), so images, saves and migrations are t
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import signal
 from dataclasses import replace
@@ -18,6 +19,7 @@ from unicorn import (
     UC_ARCH_X86, UC_ERR_INSN_INVALID, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc,
     UcError)
 from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
 
 from kvm_backend.boot import boot_vcpu_state, load_guest
 from kvm_backend.loader import inspect_program
@@ -44,6 +46,21 @@ from .written import written_pages
 APIC_BASE = 0xFEE00900          # what KVM gives a fresh vCPU 0 (enabled, bootstrap processor)
 NO_STOP_ADDRESS = (1 << 64) - 1
 SYSCALL_INSTRUCTION = b"\x0f\x05"
+
+
+SYSCALL_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+
+
+def add_syscall_hook(uc: Uc, callback) -> ctypes._CFuncPtr:
+    """Hook `syscall` with `callback(handle, user_data)` through the C API; returns the ctypes
+    function, which must be kept alive as long as the hook."""
+    function = SYSCALL_HOOK(callback)
+    handle = ctypes.c_size_t()
+    status = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_INSN, function, None,
+                               1, 0, ctypes.c_int(X.UC_X86_INS_SYSCALL))
+    if status:
+        raise UcError(status)
+    return function
 
 
 class SoftStop(StopRequest):
@@ -85,6 +102,7 @@ class SoftMachine:
         self._present = bytes(memory.size // PAGE_SIZE)
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self._indexed: set[int] = set()
+        self._hook_error: BaseException | None = None
 
     def close(self) -> None:
         if self.files is not None:
@@ -142,7 +160,7 @@ class SoftMachine:
             if entry.flags & 1:
                 self._indexed.add(entry.function)
         unicorn_state.enter(self.uc, vcpu)
-        self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, aux1=X.UC_X86_INS_SYSCALL)
+        self._syscall_hook = add_syscall_hook(self.uc, self._on_syscall_checked)
         if self._cpuid:
             self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, aux1=X.UC_X86_INS_CPUID)
         self.uc.hook_add(UC_HOOK_INTR, self._on_exception)
@@ -169,8 +187,11 @@ class SoftMachine:
 
     def _run(self, save: SaveHandler | None, max_instructions: int | None) -> Outcome:
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        self._hook_error = None
         try:
             self.uc.emu_start(rip, NO_STOP_ADDRESS, count=max_instructions or 0)
+            if self._hook_error is not None:
+                raise self._hook_error
         except UcError as e:
             self._pass_gate()
             vector = 6 if e.errno == UC_ERR_INSN_INVALID else None
@@ -197,12 +218,21 @@ class SoftMachine:
             gate()
             timing_mark("gate-passed")
 
-    def _on_syscall(self, uc: Uc, _) -> None:
-        self._pass_gate()
+    def _on_syscall_checked(self, _handle, _user_data) -> None:
+        """The hook unicorn calls (straight through ctypes: the binding's wrapping costs
+        microseconds a call). An error is kept for run() to raise: none may cross C code."""
+        try:
+            self._on_syscall()
+        except BaseException as e:
+            if self._hook_error is None:
+                self._hook_error = e
+            self.uc.emu_stop()
+
+    def _on_syscall(self) -> None:
+        if self._gate is not None:
+            self._pass_gate()
         cpu = self.cpu
         cpu.enter_call()
-        nr = cpu.read_register("rax")
-        args = tuple(cpu.read_register(n) for n in ("rdi", "rsi", "rdx", "r10", "r8", "r9"))
         try:
             self._personality.serve()
         except GuestExit as e:
@@ -215,6 +245,7 @@ class SoftMachine:
             cpu.return_to_user(0)             # after the restore, syscall(400) returns 0
             self._stop_with(("save", None))
         except CallInterrupted:
+            nr, args = cpu.call_at_entry()
             pending = None
             if self.memory.read(cpu.read_register("rcx") - 2, 2) == SYSCALL_INSTRUCTION:
                 cpu.write_register("rax", nr)
@@ -275,13 +306,13 @@ class SoftMachine:
     def capture(self, pending: PendingCall | None = None) -> VmState:
         vcpu = unicorn_state.capture(self.uc, self.template)
         vmm = VmmState(program=self.program, argv=self.argv, files=self.files.snapshot(),
-                       address_space=self.address_space.state, pending=pending)
+                       address_space=self.address_space.state, pending=pending, saved_by="soft")
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(replace(vcpu, id=0),), memory=(region,), vmm=vmm)
 
     def present_pages(self) -> bytes:
         """Pages ever written: by the guest or the VMM (found as pages private to this
         process), or present in the image this machine was restored from."""
-        written = written_pages(self.memory.host_address, self.memory.size)
+        written = written_pages(self.memory.view, self.memory.host_address)
         self._present = union(union(self._present, written), self.memory.vmm_written_pages)
         return self._present

@@ -117,7 +117,8 @@ def vm_states(draw) -> tuple[VmState, list[bytes]]:
                    files=tuple(draw(st.lists(open_files, max_size=3, unique_by=lambda f: f.fd))),
                    address_space=draw(address_spaces(max(r.guest_phys_addr + r.size
                                                           for r, _ in region_pairs))),
-                   pending=draw(st.none() | pending_calls))
+                   pending=draw(st.none() | pending_calls),
+                   saved_by=draw(st.sampled_from(("", "kvm", "soft"))))
     guest_os = draw(st.none() | guest_os_states)
     if guest_os is not None:      # descriptors that agree with the file table (see validate)
         pipe_ids = [p.id for p in guest_os.pipes]

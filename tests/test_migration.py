@@ -85,6 +85,7 @@ def two_dirs(tmp_path):
     return sender, receiver
 
 
+@pytest.mark.both_cpus
 def test_lab_flow_across_two_processes(vmstate, example, receivers, two_dirs):
     sender_dir, receiver_dir = two_dirs
     receiver = receivers(receiver_dir, "--run", "--once", "--root", sender_dir)
@@ -100,6 +101,7 @@ def test_lab_flow_across_two_processes(vmstate, example, receivers, two_dirs):
     assert sorted(p.name for p in sender_dir.iterdir()) == ["ay_caramba.txt"]   # no image
 
 
+@pytest.mark.both_cpus
 def test_with_files_the_receiver_needs_nothing_from_the_sender(vmstate, example, receivers,
                                                                two_dirs):
     sender_dir, receiver_dir = two_dirs

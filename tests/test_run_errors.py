@@ -59,6 +59,7 @@ def test_missing_program(vmstate, tmp_path):
     assert "no such file" in one_line_error(result)
 
 
+@pytest.mark.both_cpus
 def test_program_larger_than_memory(vmstate, guest):
     result = vmstate("run", "--memory", "16M", guest("big_bss"))
     assert result.returncode == EXIT_CANNOT_RUN
@@ -108,6 +109,7 @@ def test_a_device_that_is_not_kvm(vmstate, example):
                                       "device)")
 
 
+@pytest.mark.both_cpus
 def test_guest_cannot_escape_root(vmstate, guest, tmp_path):
     """The root is the guest's /: `..` at the top stays there and an absolute symlink
     resolves inside it, so none of these reaches the host's /etc/passwd (which exists)."""
@@ -123,6 +125,7 @@ def test_guest_cannot_escape_root(vmstate, guest, tmp_path):
         "escape_link: No such file or directory", "inside.txt: OPENED"]
 
 
+@pytest.mark.both_cpus
 def test_wild_pointers_get_efault_and_the_guest_goes_on(vmstate, guest):
     result = vmstate("run", guest("wild_pointer"), input=b"")
     assert result.returncode == 0, result.stderr
@@ -131,6 +134,7 @@ def test_wild_pointers_get_efault_and_the_guest_goes_on(vmstate, guest):
         "writev(wild iovec) = -14", "still alive"]
 
 
+@pytest.mark.both_cpus
 def test_null_dereference_is_reported_not_hung(vmstate, guest):
     result = vmstate("run", guest("null_deref"), timeout=30)
     assert result.returncode == 128 + 11
@@ -175,6 +179,7 @@ def test_kvm_without_permission(vmstate_cmd, example, tmp_path):
     assert "no permission to open /dev/kvm" in one_line_error(result)
 
 
+@pytest.mark.both_cpus
 def test_unusual_calls_get_linux_answers_and_the_vm_survives(vmstate, guest, tmp_path):
     result = vmstate("run", guest("odd_calls"), input=b"")
     assert result.returncode == 0, result.stderr

@@ -122,3 +122,28 @@ def test_software_cpu_runs_without_kvm(vmstate, example, tmp_path):
     assert restored.returncode == 0, restored.stderr
     assert (tmp_path / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
 
+
+
+@pytest.mark.kvm
+def test_both_cpus_write_the_same_sections_and_only_a_field_tells_them_apart(vmstate, example,
+                                                                           tmp_path):
+    sections = {}
+    for cpu in ("kvm", "soft"):
+        saved = vmstate("run", "--cpu", cpu, "--image", f"{cpu}.sav", example("lab_app"))
+        assert saved.returncode == 0, saved.stderr
+        with Image(str(tmp_path / f"{cpu}.sav")) as image:
+            sections[cpu] = [(s.type, s.flags, s.instance) for s in image.sections]
+            assert image.state.vmm.saved_by == cpu
+        info = vmstate("info", f"{cpu}.sav")
+        assert f"({cpu})" in [line for line in info.stdout.decode().splitlines()
+                              if line.startswith("Saved by")][0]
+    assert sections["kvm"] == sections["soft"]
+    # split and join carry the field; the joined soft image finishes on KVM.
+    assert vmstate("split", "soft.sav").returncode == 0
+    assert 'saved-by="soft"' in (tmp_path / "hw.xml").read_text()
+    assert vmstate("join", "vm.core", "hw.xml", "-o", "joined.sav").returncode == 0
+    with Image(str(tmp_path / "joined.sav")) as image:
+        assert image.state.vmm.saved_by == "soft"
+    restored = vmstate("restore", "--cpu", "kvm", "joined.sav")
+    assert restored.returncode == 0, restored.stderr
+    assert (tmp_path / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"

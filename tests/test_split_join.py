@@ -51,6 +51,7 @@ def test_gdb_sees_the_application(lab_split, example):
     assert '"Bye Bye !!!\\n"' in result.stdout and '"Hello World !!!\\n"' in result.stdout
 
 
+@pytest.mark.both_cpus
 def test_lab_loop_gdb_patch_and_xml_file_edit_both_take_effect(vmstate, lab_split, example):
     patched = gdb_batch(example("lab_app"), lab_split / "vm.core",
                         'set var *(char (*)[13]) bye = "Ciao Ciao!!\\n"', write=True)
@@ -70,6 +71,7 @@ def test_lab_loop_gdb_patch_and_xml_file_edit_both_take_effect(vmstate, lab_spli
     assert (lab_split / "ay_caramba.txt").read_bytes() == b"Hello World !!!\n"
 
 
+@pytest.mark.both_cpus
 def test_register_edit_is_seen_by_the_program(vmstate, example, tmp_path):
     assert vmstate("run", example("sse_keeper")).returncode == 0
     assert vmstate("split", "vm_image.sav").returncode == 0
@@ -80,6 +82,7 @@ def test_register_edit_is_seen_by_the_program(vmstate, example, tmp_path):
     assert b"save returned 42" in restored.stdout, restored.stderr
 
 
+@pytest.mark.both_cpus
 def test_variable_patched_in_gdb_is_seen_after_restore(vmstate, example, tmp_path):
     assert vmstate("run", example("sse_keeper")).returncode == 0
     assert vmstate("split", "vm_image.sav").returncode == 0

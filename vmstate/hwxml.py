@@ -314,7 +314,7 @@ def _write_memory(root, regions: tuple[MemoryRegion, ...],
 
 
 def _write_vmm(root, vmm: VmmState) -> None:
-    element = _child(root, "vmm")
+    element = _child(root, "vmm", **({"saved-by": vmm.saved_by} if vmm.saved_by else {}))
     program = _child(element, "program")
     _set_string(program, "path", vmm.program)
     for arg in vmm.argv:
@@ -581,7 +581,8 @@ def _read_vmm(element) -> VmmState:
         pending=None if pending is None else PendingCall(
             **_get_numbers(pending, PENDING_CALL_FIELDS),
             args=tuple(HEX64.parse(arg, "value") for arg in pending.findall("arg"))),
-        os=None if element.find("os") is None else _read_os(element.find("os")))
+        os=None if element.find("os") is None else _read_os(element.find("os")),
+        saved_by=element.get("saved-by", ""))
 
 
 def _read_os(element) -> GuestOs:

@@ -34,6 +34,8 @@ def bit_names(value: int, table) -> list[str]:
     return [name for bit, name in table if value >> bit & 1]
 
 
+SAVED_BY_NAMES = {"kvm": "KVM (kvm)", "soft": "the software CPU (soft)"}
+
 def describe(image: Image, instructions: int = 8) -> dict:
     """Everything `info` shows, as JSON-ready data (addresses and registers as 0x hex)."""
     state = image.state
@@ -45,6 +47,7 @@ def describe(image: Image, instructions: int = 8) -> dict:
                   "digest": f"{image.digest():#018x}"},
         "program": {**json_text("path", state.vmm.program),
                     "argv": [json_text("value", arg) for arg in state.vmm.argv]},
+        "saved_by": state.vmm.saved_by or None,
         "vcpus": [describe_vcpu(image, vcpu, instructions) for vcpu in state.vcpus],
         "memory": [{"guest_phys_addr": hexa(r.guest_phys_addr), "size": r.size,
                     "pages": r.page_count, "present_pages": r.present_pages,
@@ -157,6 +160,8 @@ def render_text(info: dict, verified: str) -> str:
         f"{format_size(image['file_size'])} apparent size, {image['sections']} sections): {verified}")
     argv = [escape(from_json_text(arg, "value")) for arg in info["program"]["argv"]]
     add(f"Program   {' '.join(argv) or '(unknown)'}")
+    if info["saved_by"]:
+        add(f"Saved by  {SAVED_BY_NAMES.get(info['saved_by'], info['saved_by'])}")
     for i, region in enumerate(info["memory"]):
         add(f"Memory    region {i}: guest physical {region['guest_phys_addr']}, "
             f"{format_size(region['size'])}, {region['present_pages']} of {region['pages']} pages "

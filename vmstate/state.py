@@ -272,6 +272,7 @@ class VmmState:
     address_space: AddressSpace = AddressSpace()
     pending: PendingCall | None = None
     os: GuestOs | None = None          # None: an image from before the vmm-os section
+    saved_by: str = ""          # the CPU that ran the guest when it was saved: "kvm" or "soft"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Binary layout of vmstate image files, format 2.0. The normative description with the same
+"""Binary layout of vmstate image files, format 2.1. The normative description with the same
 tables is schemas/image-format.md; every structure is declared here once and used everywhere.
 
     +--------------------+ 0
@@ -17,7 +17,7 @@ import struct
 from ..state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT
 
 MAGIC = b"VMSTATE\0"
-VERSION_MAJOR, VERSION_MINOR = 2, 0
+VERSION_MAJOR, VERSION_MINOR = 2, 1
 PAGE = 4096
 ALIGN = 8
 
@@ -36,6 +36,8 @@ VCPU_XCRS, VCPU_EVENTS, VCPU_MP_STATE, VCPU_DEBUGREGS, VCPU_CPUID = (
 MEMORY_REGION = 0x0020
 VMM_PROGRAM, VMM_FILES, VMM_ADDRESS_SPACE, VMM_PENDING_CALL = 0x0030, 0x0031, 0x0032, 0x0033
 VMM_OS = 0x0034
+VMM_SAVED_BY = 0x0035                           # 2.1, optional: a 2.0 reader skips it
+OPTIONAL_TYPES = frozenset({VMM_SAVED_BY})      # written with SECTION_OPTIONAL
 
 SECTION_NAMES = {
     VCPU_REGS: "vcpu-regs", VCPU_SREGS: "vcpu-sregs", VCPU_MSRS: "vcpu-msrs",
@@ -44,6 +46,7 @@ SECTION_NAMES = {
     MEMORY_REGION: "memory-region", VMM_PROGRAM: "vmm-program", VMM_FILES: "vmm-files",
     VMM_ADDRESS_SPACE: "vmm-address-space", VMM_PENDING_CALL: "vmm-pending-call",
     VMM_OS: "vmm-os",
+    VMM_SAVED_BY: "vmm-saved-by",
 }
 
 REGS = struct.Struct("<18Q")                    # rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags

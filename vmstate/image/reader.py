@@ -340,4 +340,5 @@ VMM_DECODERS = {
     L.VMM_ADDRESS_SPACE: ("address_space", codec.decode_address_space),
     L.VMM_PENDING_CALL: ("pending", codec.decode_pending),
     L.VMM_OS: ("os", decode_os),
+    L.VMM_SAVED_BY: ("saved_by", codec.decode_saved_by),
 }
