@@ -29,6 +29,7 @@ from kvm_backend.vm import (
     Exited, Faulted, Outcome, SaveHandler, Saved, describe_fault, timing_mark)
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
+from linux_personality import snapshot
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.fdtable import FileTable
 from linux_personality.identity import Identity
@@ -146,7 +147,8 @@ class SoftMachine:
             memory.set_user_range(aspace.user_start, aspace.user_end)
             vm.program, vm.argv = state.vmm.program, state.vmm.argv
             vm._start(state.vcpus[0])
-            vm.files = FileTable.reopen(root, state.vmm.files)
+            vm.files, vm.identity, vm.signals = snapshot.restore(root, state.vmm.files,
+                                                                 state.vmm.os)
         except BaseException:
             vm.close()
             raise
@@ -305,8 +307,10 @@ class SoftMachine:
 
     def capture(self, pending: PendingCall | None = None) -> VmState:
         vcpu = unicorn_state.capture(self.uc, self.template)
-        vmm = VmmState(program=self.program, argv=self.argv, files=self.files.snapshot(),
-                       address_space=self.address_space.state, pending=pending, saved_by="soft")
+        files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
+        vmm = VmmState(program=self.program, argv=self.argv, files=files,
+                       address_space=self.address_space.state, pending=pending, os=guest_os,
+                       saved_by="soft")
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(replace(vcpu, id=0),), memory=(region,), vmm=vmm)
 
@@ -314,5 +318,5 @@ class SoftMachine:
         """Pages ever written: by the guest or the VMM (found as pages private to this
         process), or present in the image this machine was restored from."""
         written = written_pages(self.memory.view, self.memory.host_address)
-        self._present = union(union(self._present, written), self.memory.vmm_written_pages)
+        self._present = union(union(self._present, written), bytes(self.memory.take_written()))
         return self._present
