@@ -21,7 +21,7 @@ import threading
 
 from vmstate.errors import UsageError
 
-from .host import Host, Request
+from .host import Host, Request, quiet_thread
 
 MAX_LINE = 1 << 16
 MAX_CLIENTS = 64         # replies under way that close() waits for
@@ -54,6 +54,7 @@ class ControlServer:
         self.sock.close()
 
     def _accept(self) -> None:
+        quiet_thread()
         while not self._closed:
             try:
                 conn, _ = self.sock.accept()
@@ -63,6 +64,7 @@ class ControlServer:
                              name="control-client").start()
 
     def _serve(self, conn: socket.socket) -> None:
+        quiet_thread()
         with conn, conn.makefile("rwb", buffering=0) as stream:
             _pid, uid, _gid = PEERCRED.unpack(
                 conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))

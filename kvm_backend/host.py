@@ -40,6 +40,12 @@ EXIT_QUIT = 137                 # a VM ended by `quit` is reported as killed (12
 EXIT_VMM_FAILED = 125
 
 
+def quiet_thread() -> None:
+    """Call first in a helper thread: the slice timer's SIGALRM must reach the main thread
+    (a process-directed signal may go to any thread that does not block it)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SLICE_SIGNAL})
+
+
 @dataclass(frozen=True)
 class Stopped:
     """The VM was ended without running to its end: `quit`, or a VMM error."""
@@ -53,6 +59,7 @@ class HostedVm:
     vm: VirtualMachine
     save: SaveOptions
     image: Image | None = None                      # a restored VM's image, open while it runs
+    verified: Callable[[], None] | None = None      # waits for that image's memory check
     outputs: list[TaggedOutput] = field(default_factory=list)
     stdin_fd: int | None = None
     running: bool = True                            # False: stopped by the control socket
@@ -69,6 +76,11 @@ class HostedVm:
         return self.outcome is not None
 
     def release(self) -> None:
+        if self.verified is not None:
+            try:
+                self.verified()          # the check reads the image: let it finish first
+            except Exception:
+                pass                     # a VM that never ran: its image's fault is moot
         self.vm.close()
         for output in self.outputs:
             output.close()
@@ -152,7 +164,7 @@ class Host:
             vm = boot(self.kvm, entry.program, list(entry.argv), check_memory_size(entry.memory),
                       entry.root, options)
         vm.name = entry.name
-        hosted = HostedVm(entry, vm, save, image)
+        hosted = HostedVm(entry, vm, save, image, gate)
         if self.tag_output:
             self._tag(hosted)
         vm.start(trace=trace, save=save.handler(entry.root), gate=gate,
@@ -255,6 +267,16 @@ class Host:
                 reply = {"error": {"class": "GenericError", "desc": describe_error(e)}}
             request.reply.put(reply)
 
+    def refuse_requests(self) -> None:
+        """Answer the requests that came too late (every VM had ended)."""
+        while True:
+            try:
+                request = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            request.reply.put({"error": {"class": "GenericError",
+                                         "desc": "every VM has ended"}})
+
     def _execute(self, request: Request):
         handler = COMMANDS.get(request.command)
         if handler is None:
@@ -312,6 +334,8 @@ def run_hosted(entries: list[VmEntry], slice_ms: int, control: str | None = None
         if control is not None:
             server = ControlServer(control, host)
         host.run()
+        host.quitting = True
+        host.refuse_requests()
     finally:
         if server is not None:
             server.close()

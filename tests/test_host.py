@@ -167,3 +167,20 @@ def test_slices_counted_in_instructions_are_refused_on_kvm(vmstate, tmp_path):
 
 def test_host_without_vms_is_refused(vmstate):
     assert one_line_error(vmstate("host")).startswith("vmstate: host needs at least one VM")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--slice-ms", "0", "-v", "x"], "vmstate: --slice-ms: 0 ms is not between 1 and 60000"),
+    (["--memory", "1K", "-v", "x"], "vmstate: --memory: memory 1K is not between 8 MiB"),
+    (["-v", "'unclosed"], "vmstate: -v: \"'unclosed\": No closing quotation")])
+def test_bad_host_options_refused_in_one_line(vmstate, args, message):
+    result = vmstate("host", *args)
+    assert result.returncode == 2
+    assert one_line_error(result).startswith(message)
+
+
+@pytest.mark.kvm
+def test_a_vm_that_cannot_start_is_named(vmstate, guest):
+    result = vmstate("host", "-v", f"{guest('ticker')} 1 1 0", "-v", "no/such/program")
+    assert result.returncode == 127
+    assert one_line_error(result).startswith("vmstate: VM program (-v): ")

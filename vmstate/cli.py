@@ -176,21 +176,29 @@ def host_command(
     entries += [VmEntry(snapshot=str(path), where="-s") for path in snapshot or []]
     if not entries:
         _fail("host needs at least one VM: -v PROGRAM, -s IMAGE or --config FILE", 2)
+    from .vmm_config import parse_slice_ms
     overrides = {}
     if memory is not None:
-        overrides["memory"] = parse_memory(memory)
+        overrides["memory"] = _option_value("--memory", parse_memory, memory)
+    slice_value = settings.slice_ms if slice_ms is None else \
+        _option_value("--slice-ms", parse_slice_ms, str(slice_ms))
     if root is not None:
         overrides["root"] = str(root)
     from dataclasses import replace
     entries = complete([replace(e, **overrides) for e in entries], settings.defaults)
     _refuse_shared_images(entries)
     from kvm_backend.host import run_hosted
-    from .vmm_config import parse_slice_ms
-    slice_value = settings.slice_ms if slice_ms is None else parse_slice_ms(str(slice_ms))
     control_path = str(control) if control is not None else settings.control
     host = run_hosted(entries, slice_value, control_path)
     print(host.summary(), file=sys.stderr)
     raise typer.Exit(host.exit_status())
+
+
+def _option_value(option: str, parse, text: str):
+    try:
+        return parse(text)
+    except VmstateError as e:
+        _fail(f"{option}: {e}", 2)
 
 
 def _refuse_shared_images(entries) -> None:
