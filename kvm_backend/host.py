@@ -7,9 +7,11 @@ each slice: its handler sets the running vCPU's `immediate_exit` when it lands i
 and the signal itself interrupts a KVM_RUN under way. (A tick landing in the few bytecodes
 between that check and the ioctl is caught by the next tick: such a slice lasts two.)
 
-Between slices the VMM serves control commands (control.py). A guest blocked in a system
-call (a read that waits, a sleep) holds the thread until the call returns: the other VMs
-wait. A VM that ends (exit, fault, save, migration) ends alone; the host returns when all
+Between slices the VMM serves control commands (control.py). A guest blocked in a read
+(read, readv on a pipe, FIFO or terminal) is woken at its slice's end through its StopRequest's
+pipe; the call is rewound and re-issued when the VM runs again, so it holds no one up. Other
+blocking calls (a sleep, poll or select with a timeout, which would restart their time) hold
+the thread until they return: the other VMs wait. A VM that ends (exit, fault, save, migration) ends alone; the host returns when all
 have ended, or on `quit`.
 """
 
@@ -38,6 +40,9 @@ from .vm import Exited, Faulted, Outcome, Saved, VirtualMachine, timing_mark
 SLICE_SIGNAL = signal.SIGALRM
 EXIT_QUIT = 137                 # a VM ended by `quit` is reported as killed (128 + SIGKILL)
 EXIT_VMM_FAILED = 125
+# Blocking calls a slice end interrupts: the guest re-issues them and loses nothing (a sleep
+# or a poll with a timeout would start its time again, so those run to their end).
+REISSUED_READS = frozenset({0, 19})            # read, readv
 
 
 def quiet_thread() -> None:
@@ -219,9 +224,17 @@ class Host:
         current = self._current
         if current is not None:
             current.vm.vcpu.run_page.immediate_exit = 1
+            if current.vm.serving in REISSUED_READS and self._others_waiting():
+                current.vm.stop.interrupt_call()
+
+    def _others_waiting(self) -> bool:
+        """Another VM could run, or a control request waits."""
+        return not self.requests.empty() or sum(1 for h in self.vms if h.running
+                                                and not h.ended) > 1
 
     def _run_slice(self, hosted: HostedVm) -> None:
         hosted.vm.vcpu.run_page.immediate_exit = 0
+        hosted.vm.stop.clear_interrupted_call()
         self._current = hosted
         signal.setitimer(signal.ITIMER_REAL, self.slice_s, self.slice_s)
         start = time.perf_counter_ns()

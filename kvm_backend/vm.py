@@ -114,6 +114,7 @@ class VirtualMachine:
         self.name = "vm"                      # tags its para-call output and its lines on a host
         self._present = bytes(memory.size // PAGE_SIZE)      # pages known present so far
         self._running: _Running | None = None
+        self.serving: int | None = None       # the system call being served, if any
 
     def close(self) -> None:
         if self.files is not None:
@@ -215,6 +216,7 @@ class VirtualMachine:
         save = running.save
         if running.paracalls.serves(nr):
             return running.paracalls.serve(nr, args)
+        self.serving = nr
         try:
             running.syscalls.serve()
         except GuestExit as e:
@@ -232,7 +234,12 @@ class VirtualMachine:
             except GuestFault:            # not a syscall instruction the guest can re-issue:
                 self.return_to_user(-errno.EINTR)      # the call fails as interrupted
                 pending = None
+            if not self.stop.requested.is_set():       # a time slice ended (stop.interrupt_call)
+                self.vcpu.run_page.immediate_exit = 1  # the next KVM_RUN takes the registers
+                return None                            # and returns: run_slice gives None
             return self._save(save, pending=pending)
+        finally:
+            self.serving = None
         return None
 
     def return_to_user(self, result: int) -> None:

@@ -4,6 +4,10 @@ and the configuration file (good and bad lines, command-line overrides)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
+
 import pytest
 
 from helpers import one_line_error
@@ -184,3 +188,28 @@ def test_a_vm_that_cannot_start_is_named(vmstate, guest):
     result = vmstate("host", "-v", f"{guest('ticker')} 1 1 0", "-v", "no/such/program")
     assert result.returncode == 127
     assert one_line_error(result).startswith("vmstate: VM program (-v): ")
+
+
+@pytest.mark.kvm
+def test_a_vm_blocked_in_a_read_does_not_hold_up_the_others(vmstate_cmd, guest, tmp_path):
+    os.mkfifo(tmp_path / "wait.fifo")
+    host = subprocess.Popen([vmstate_cmd, "host", "-v", f"{guest('read_once')} wait.fifo",
+                             "-v", f"{guest('ticker')} 5 20 0"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(30, host.kill)          # a VMM held up fails, not hangs
+    watchdog.start()
+    try:
+        first = host.stderr.readline().decode()     # the ticker ends while the reader waits
+        assert first == "vmstate: [ticker] exit status 0\n", first
+        with open(tmp_path / "wait.fifo", "wb") as fifo:
+            fifo.write(b"news")
+        out, err = host.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if host.poll() is None:
+            host.kill()
+            host.communicate()
+    assert host.returncode == 0, err
+    lines = tagged(out)
+    assert [text for tag, text in lines if tag == "ticker"] == [f"tick {i}" for i in range(5)]
+    assert ("read_once", "read 4: news") in lines
