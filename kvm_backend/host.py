@@ -326,11 +326,15 @@ class Host:
 
 def run_hosted(entries: list[VmEntry], slice_ms: int, control: str | None = None, *,
                options: GuestOptions = GuestOptions(), save: SaveOptions | None = None,
-               trace=None) -> Host:
+               trace=None, slice_instructions: int | None = None) -> Host:
     """Start every VM, serve the control socket if asked, and run them all to their end.
     `save` (with its signals) is for a single VM (run/restore); with several VMs each one
     saves to its own image and output lines are tagged with the VMs' names."""
     from .control import ControlServer
+    if slice_instructions is not None:
+        raise UsageError("vm_exec_slice_in_instructions: the KVM backend cannot end a slice "
+                         "after a number of instructions (the hardware runs the guest and "
+                         "counts none for the VMM); use vm_exec_slice_ms")
     from .vm import open_kvm
     host = Host(open_kvm(), slice_ms, tag_output=len(entries) > 1)
     server = None
