@@ -6,7 +6,8 @@ request is one line {"execute": COMMAND, "arguments": {...}} and gets one reply 
 gets an error reply and the connection stays open. Commands are served by the host's main
 thread between time slices (host.py). Only the socket's owner may connect: the socket file is
 mode 0600 and each peer's uid (SO_PEERCRED) must be ours, else it gets one error line and is
-disconnected. The protocol is specified in schemas/control-protocol.md.
+disconnected. The commands are in host_commands.py; the protocol is specified in
+schemas/control-protocol.md.
 """
 
 from __future__ import annotations

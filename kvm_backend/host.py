@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from linux_personality.options import GuestOptions
-from vmstate.errors import UsageError, VmstateError, describe_error
+from vmstate.errors import EXIT_SIGNAL_BASE, UsageError, VmstateError, describe_error
 from vmstate.image.reader import Image
 from vmstate.state import FD_STDERR, FD_STDIN, FD_STDOUT
 from vmstate.vmm_config import VmEntry
 
 from .kvm import Kvm
-from .session import SaveOptions, check_memory_size, describe, restored_vm, save_to_file
+from .session import SaveOptions, check_memory_size, describe, restored_vm
 from .tagged_output import TaggedOutput
 from .vm import Exited, Faulted, Outcome, Saved, VirtualMachine, timing_mark
 
@@ -62,7 +62,6 @@ class Stopped:
 class HostedVm:
     entry: VmEntry
     vm: VirtualMachine
-    save: SaveOptions
     image: Image | None = None                      # a restored VM's image, open while it runs
     verified: Callable[[], None] | None = None      # waits for that image's memory check
     outputs: list[TaggedOutput] = field(default_factory=list)
@@ -101,7 +100,7 @@ class HostedVm:
             case Exited(status=status):
                 return status
             case Faulted(signal=sig):
-                return 128 + sig
+                return EXIT_SIGNAL_BASE + sig
             case Stopped(status=status):
                 return status
         return 0
@@ -169,7 +168,7 @@ class Host:
             vm = boot(self.kvm, entry.program, list(entry.argv), check_memory_size(entry.memory),
                       entry.root, options)
         vm.name = entry.name
-        hosted = HostedVm(entry, vm, save, image, gate)
+        hosted = HostedVm(entry, vm, image, gate)
         if self.tag_output:
             self._tag(hosted)
         vm.start(trace=trace, save=save.handler(entry.root), gate=gate,
@@ -247,11 +246,12 @@ class Host:
             hosted.run_ns += time.perf_counter_ns() - start
             hosted.slices += 1
         if outcome is not None:
-            self._end(hosted, outcome)
+            self.end(hosted, outcome)
         elif not self._runnable():
             signal.setitimer(signal.ITIMER_REAL, 0)
 
-    def _end(self, hosted: HostedVm, outcome) -> None:
+    def end(self, hosted: HostedVm, outcome) -> None:
+        """The VM has ended with `outcome`: report it and release it."""
         hosted.outcome = outcome
         hosted.vm.stop.stopped()
         if len(self.vms) > 1:
@@ -291,6 +291,7 @@ class Host:
                                          "desc": "every VM has ended"}})
 
     def _execute(self, request: Request):
+        from .host_commands import COMMANDS
         handler = COMMANDS.get(request.command)
         if handler is None:
             raise CommandError(f"unknown command {request.command!r} (known: "
@@ -358,94 +359,3 @@ def run_hosted(entries: list[VmEntry], slice_ms: int, control: str | None = None
             server.close()
         host.close()
     return host
-
-
-def _argument(arguments: dict, name: str) -> str:
-    value = arguments.get(name)
-    if not isinstance(value, str) or not value:
-        raise CommandError(f"argument {name!r} (a string) is needed")
-    return value
-
-
-def _query_vms(host: Host, arguments: dict) -> list[dict]:
-    return [{"name": h.name, "state": h.state_name(), "description": h.describe(),
-             "program": h.vm.program, "argv": list(h.vm.argv), "root": h.entry.root,
-             "snapshot": h.entry.snapshot, "exit_status": h.status() if h.ended else None,
-             "slices": h.slices, "run_seconds": round(h.run_ns / 1e9, 6)} for h in host.vms]
-
-
-def _stop(host: Host, arguments: dict) -> dict:
-    host.find(arguments).running = False
-    return {}
-
-
-def _cont(host: Host, arguments: dict) -> dict:
-    host.find(arguments).running = True
-    return {}
-
-
-def _dump_state(host: Host, arguments: dict) -> dict:
-    hosted = host.find(arguments)
-    hosted.vm.pause()
-    from .paracalls import ParaCalls
-    return {"text": ParaCalls(hosted.vm).dump_text(settle=False)}
-
-
-def _snapshot(host: Host, arguments: dict) -> dict:
-    hosted, path = host.find(arguments), _argument(arguments, "path")
-    _refuse_over_program(hosted, path)
-    hosted.vm.pause()
-    from vmstate.image.writer import write_image
-    write_image(path, hosted.vm.capture(), [hosted.vm.memory.view])
-    return {"path": path}
-
-
-def _save(host: Host, arguments: dict) -> dict:
-    hosted = host.find(arguments)
-    path = arguments.get("path") or hosted.entry.image
-    if not isinstance(path, str):
-        raise CommandError("argument 'path' must be a string")
-    _refuse_over_program(hosted, path)
-    hosted.vm.pause()
-    outcome = hosted.vm.save_now(save_to_file(path))
-    host._end(hosted, outcome)
-    return {"path": path, "description": outcome.where}
-
-
-def _migrate(host: Host, arguments: dict) -> dict:
-    hosted, address = host.find(arguments), _argument(arguments, "address")
-    from vmstate.migration.protocol import parse_address
-    target = parse_address(address)
-    hosted.vm.pause()
-    from vmstate.image.writer import plan_image
-    from vmstate.migration.send import send_to
-    state = hosted.vm.capture()
-    message = send_to(target, float(arguments.get("connect_timeout", 5)),
-                      plan_image(state, [hosted.vm.memory.view]), state,
-                      bool(arguments.get("with_files", False)), hosted.entry.root)
-    host._end(hosted, Saved(f"migrated to {address}: {message}"))
-    return {"description": message}
-
-
-def _quit(host: Host, arguments: dict) -> dict:
-    host.quitting = True
-    for hosted in host.vms:
-        if not hosted.ended:
-            host._end(hosted, Stopped("ended by quit", EXIT_QUIT))
-    return {}
-
-
-def _refuse_over_program(hosted: HostedVm, path: str) -> None:
-    from vmstate.atomic import refuse_clobbering
-    inputs = {"the program": hosted.vm.program}
-    if hosted.entry.snapshot:
-        inputs = {}       # saving over the image a VM was restored from is how it is saved again
-    try:
-        refuse_clobbering({"path": path}, inputs)
-    except UsageError as e:
-        raise CommandError(str(e)) from None
-
-
-COMMANDS: dict[str, Callable[[Host, dict], object]] = {
-    "query-vms": _query_vms, "stop": _stop, "cont": _cont, "dump-state": _dump_state,
-    "snapshot": _snapshot, "save": _save, "migrate": _migrate, "quit": _quit}
