@@ -215,7 +215,7 @@ class VirtualMachine:
         nr, args = regs.rax, (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
         save = running.save
         if running.paracalls.serves(nr):
-            return running.paracalls.serve(nr, args)
+            return running.paracalls.serve(nr, args, running.syscalls.trace)
         self.serving = nr
         try:
             running.syscalls.serve()
