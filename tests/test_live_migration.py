@@ -294,3 +294,20 @@ def test_an_image_receiver_refuses_a_live_sender_clearly(vmstate, example, recei
     assert status == P.STATUS_REFUSED
     assert message == ("the sender speaks protocol 3.0-3.0, this receiver 2.0 (a live "
                        "migration needs vmstate receive --run)")
+
+
+def test_the_receivers_pace_counts_scattered_reads():
+    """Memory received straight into guest pages (recvmsg_into) counts towards --min-rate's
+    pace: a 1 GiB guest sent in more than 3 s was refused as "too slow" when it did not."""
+    import socket
+
+    from vmstate.migration.receive import PacedSocket
+    a, b = socket.socketpair()
+    with a, b:
+        paced = PacedSocket(b, 1 << 20)
+        a.sendall(b"x" * 10000)
+        buffers = [memoryview(bytearray(4000)), memoryview(bytearray(6000))]
+        received = 0
+        while received < 10000:
+            received += paced.recvmsg_into(buffers)[0]
+        assert paced.received == 10000
