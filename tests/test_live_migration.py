@@ -192,32 +192,41 @@ def _frame(kind, payload, flags=0, check=None):
     return P.FRAME.pack(kind, flags, 0, check, len(payload)) + payload
 
 
-def _pages(numbers, data, flags=P.FLAG_ROUND_END, check=None):
+def _pages(numbers, data, check=None):
     payload = b"".join(P.PAGE_NUMBER.pack(n) for n in numbers) + data
-    return _frame(P.FRAME_PAGES, payload, flags, check)
+    return _frame(P.FRAME_PAGES, payload, check=check)
 
 
 def _live_stream(vmstate, example, directory):
     """A saved lab VM as an honest live sender would send it: hello, layout, one round of
-    pages, state, end; with the pieces to break."""
+    pages, state (without memory), end (with the memory's digest); the pieces to break."""
+    from dataclasses import replace
+
+    import numpy as np
+
     from vmstate.image.reader import Image
+    from vmstate.image.writer import plan_image
+    from vmstate.migration.page_digests import PageDigests
     assert vmstate("run", example("lab_app"), cwd=directory).returncode == 0
     with Image(str(directory / "vm_image.sav")) as image:
-        metadata = image.metadata()
+        full_metadata = image.metadata()
+        metadata = plan_image(replace(image.state, memory=()), []).metadata
         region = image.state.memory[0]
         view = image.region_view(0)
         numbers = [page for first, count in region.present for page in range(first,
                                                                              first + count)]
         data = b"".join(bytes(view[n * 4096:(n + 1) * 4096]) for n in numbers)
         size = region.size
+    digests = PageDigests(size // 4096)
+    digests.update(np.array(numbers), np.frombuffer(data, np.uint8).reshape(-1, 4096))
     hello = P.HELLO.pack(P.MAGIC, *P.LIVE_VERSION, *P.LIVE_VERSION, 0, size, 0)
     layout = _frame(P.FRAME_LAYOUT, P.LAYOUT_REGION.pack(0, size))
-    return hello, layout, numbers, data, metadata
+    return hello, layout, numbers, data, metadata, full_metadata, digests.digest()
 
 
-def _end(*frames):
+def _end(digest, *frames):
     payload_bytes = sum(P.FRAME.unpack_from(f)[4] for f in frames)
-    return _frame(P.FRAME_END, P.LIVE_END.pack(len(frames), payload_bytes))
+    return _frame(P.FRAME_END, P.LIVE_END.pack(len(frames), payload_bytes, digest))
 
 
 def _send_raw(port, hello, *frames):
@@ -237,11 +246,13 @@ def _send_raw(port, hello, *frames):
 
 @pytest.mark.parametrize("case", ["honest", "corrupted page", "page outside memory",
                                   "pages not ascending", "page missing", "stale page",
-                                  "pages before layout", "end miscounts", "no state"])
+                                  "pages before layout", "end miscounts", "no state",
+                                  "state with memory", "flags set"])
 def test_hostile_live_stream_is_refused_and_nothing_runs(vmstate, example, receivers, two_dirs,
                                                          case):
     sender_dir, receiver_dir = two_dirs
-    hello, layout, numbers, data, metadata = _live_stream(vmstate, example, sender_dir)
+    hello, layout, numbers, data, metadata, full_metadata, digest = _live_stream(
+        vmstate, example, sender_dir)
     receiver = receivers(sender_dir, "--run", "--once", "--root", sender_dir)
     pages = _pages(numbers, data)
     state = _frame(P.FRAME_STATE, metadata)
@@ -259,22 +270,26 @@ def test_hostile_live_stream_is_refused_and_nothing_runs(vmstate, example, recei
         "stale page": [layout, _pages(numbers, bytes(flipped)), state],   # consistent frame
         "pages before layout": [pages, layout, state],
         "no state": [layout, pages],
+        "state with memory": [layout, pages, _frame(P.FRAME_STATE, full_metadata)],
+        "flags set": [layout, _frame(P.FRAME_PAGES, pages[P.FRAME.size:], flags=1), state],
     }
     frames = broken.get(case, [layout, pages, state])
-    end = _end(*frames)
+    end = _end(digest, *frames)
     if case == "end miscounts":
-        end = _frame(P.FRAME_END, P.LIVE_END.pack(len(frames) + 1, 0))
+        end = _frame(P.FRAME_END, P.LIVE_END.pack(len(frames) + 1, 0, digest))
     status, message = _send_raw(receiver.port, hello, *frames, end)
     expected = {
         "honest": "VM verified and started",
         "corrupted page": "fails its check: corrupted in transit",
         "page outside memory": "page numbers outside guest memory or not ascending",
         "pages not ascending": "page numbers outside guest memory or not ascending",
-        "page missing": "present pages are not the pages received",
+        "page missing": "differs from the sender's final memory",
         "stale page": "differs from the sender's final memory",
         "pages before layout": "the first frame must be the memory layout",
         "end miscounts": "the end frame counts",
         "no state": "unexpected frame of type 3",
+        "state with memory": "the final state describes memory",
+        "flags set": "non-zero flags",
     }[case]
     assert expected in message, message
     assert receiver.process.wait(timeout=60) == (0 if case == "honest" else 125)
@@ -288,7 +303,7 @@ def test_hostile_live_stream_is_refused_and_nothing_runs(vmstate, example, recei
 
 def test_an_image_receiver_refuses_a_live_sender_clearly(vmstate, example, receivers, two_dirs):
     sender_dir, receiver_dir = two_dirs
-    hello, *_ = _live_stream(vmstate, example, sender_dir)
+    hello = _live_stream(vmstate, example, sender_dir)[0]
     receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
     status, message = _send_raw(receiver.port, hello)
     assert status == P.STATUS_REFUSED
