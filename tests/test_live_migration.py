@@ -90,6 +90,27 @@ def test_live_migration_over_loopback_continues_the_sequence(vmstate_cmd, counte
                                                                  list(range(left + 1)))
 
 
+def test_live_migration_on_sigusr1(vmstate_cmd, counter, receivers, two_dirs):
+    """--save-on-signal: SIGUSR1 starts the live migration (the guest never asks for SAVE)."""
+    import signal
+    from types import SimpleNamespace
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir)
+    sender = subprocess.Popen([vmstate_cmd, "run", "--with-files", "--live", "--save-on-signal",
+                               "--migrate-to", f"127.0.0.1:{receiver.port}", "--memory", "256M",
+                               counter, str(STEPS), "-1", "16", "64"], cwd=sender_dir,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (sender_dir / "sequence.txt").exists() or \
+            len((sender_dir / "sequence.txt").read_text().splitlines()) < 200:
+        assert time.monotonic() < deadline and sender.poll() is None, "the guest did not start"
+        time.sleep(0.02)
+    sender.send_signal(signal.SIGUSR1)
+    out, err = sender.communicate(timeout=180)
+    check_continued(SimpleNamespace(stdout=out, stderr=err, returncode=sender.returncode),
+                    receiver, receiver_dir)
+
+
 @pytest.fixture
 def namespaces():
     """Two network namespaces with random names, joined by a veth pair."""
