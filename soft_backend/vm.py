@@ -45,6 +45,7 @@ from .written import written_pages
 
 APIC_BASE = 0xFEE00900          # what KVM gives a fresh vCPU 0 (enabled, bootstrap processor)
 NO_STOP_ADDRESS = (1 << 64) - 1
+EFER_NXE = 1 << 11
 SYSCALL_INSTRUCTION = b"\x0f\x05"
 
 
@@ -282,7 +283,7 @@ class SoftMachine:
             [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_CR3])))
         if vector in (None, 8, 14):
             found = page_fault(self.memory.read_phys, self._read_register, regs["cr3"],
-                               regs["rip"])
+                               regs["rip"], bool(self.template.sregs.efer & EFER_NXE))
             if found is not None:
                 return describe_fault(14, found[1], regs["rip"], regs["rsp"], True, found[0])
             if vector is None:
