@@ -100,7 +100,8 @@ class SoftMachine:
         self.refused_msrs: list[int] = []
         self.stop = SoftStop(self.uc)
         self.cpu = SoftCpu(self.uc, memory)
-        self._present = bytes(memory.size // PAGE_SIZE)
+        self._present: bytes | None = None           # pages known present so far
+        self._image_present: tuple = ()
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self._indexed: set[int] = set()
         self._hook_error: BaseException | None = None
@@ -141,7 +142,7 @@ class SoftMachine:
         region = state.memory[0]
         vm = cls(memory)
         try:
-            vm._present = bytes(bytemap_from_runs(region.present, region.size // PAGE_SIZE))
+            vm._image_present = region.present      # as a byte map only when saving
             aspace = state.vmm.address_space
             vm.address_space = UserAddressSpace(aspace, memory)
             memory.set_user_range(aspace.user_start, aspace.user_end)
@@ -314,6 +315,9 @@ class SoftMachine:
     def present_pages(self) -> bytes:
         """Pages ever written: by the guest or the VMM (found as pages private to this
         process), or present in the image this machine was restored from."""
+        if self._present is None:
+            self._present = bytes(bytemap_from_runs(self._image_present,
+                                                    self.memory.size // PAGE_SIZE))
         written = written_pages(self.memory.view, self.memory.host_address)
         self._present = union(union(self._present, written), self.memory.vmm_written_pages)
         return self._present
