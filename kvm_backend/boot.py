@@ -5,6 +5,8 @@ state, the VMM's boot template), shared with the software CPU (soft_backend)."""
 
 from __future__ import annotations
 
+import os
+
 from vmstate.errors import ProgramError
 from vmstate.state import CpuidEntry, VcpuState
 
@@ -57,6 +59,7 @@ def load_guest(vm, program: Program, argv: list[str], root: str, options: GuestO
     vm.identity = Identity(hostname=options.hostname)
     vm.max_file_size = options.max_file_size
     vm.program, vm.argv = program.path, tuple(argv)
+    vm.name = os.path.basename(program.path)
     return rsp
 
 

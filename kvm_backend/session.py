@@ -5,19 +5,21 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
-from vmstate.errors import KvmNotAvailableError, VmstateError
-from vmstate.image.reader import Image
-from vmstate.image.writer import write_image
+from vmstate.errors import KvmNotAvailableError, UsageError, VmstateError
 from vmstate.state import VmState
 from vmstate.units import format_size
 
 from .machine import LARGE_PAGE, MAX_MEMORY
 from .memory import GuestMemory
 from .vm import (
-    Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm, timing_mark)
+    LiveSave, Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm, timing_mark)
+
+if TYPE_CHECKING:             # imported where used: run does not need the image reader
+    from vmstate.image.reader import Image
 
 MIN_MEMORY = 8 << 20
 DEFAULT_IMAGE = "vm_image.sav"
@@ -31,14 +33,26 @@ class SaveOptions:
     migrate_to: str | None = None    # HOST:PORT: stream the VM there instead of writing it
     with_files: bool = False         # carry the guest's open files' contents along
     connect_timeout: float = 30.0
+    live: bool = False               # with migrate_to: pre-copy while the guest runs
+    max_downtime: float = 0.050      # seconds, for a live migration's final stop
 
-    def handler(self, root: str) -> SaveHandler:
+    def handler(self, root: str) -> SaveHandler | LiveSave:
         if self.migrate_to is None:
             return save_to_file(self.image)
         from vmstate.migration.protocol import parse_address
+        if self.live:
+            from vmstate.migration.live_send import LiveOptions
+            from .live import live_migrate_to
+            return live_migrate_to(parse_address(self.migrate_to), self.connect_timeout,
+                                   self.with_files, root, LiveOptions(self.max_downtime))
         from .migrate import migrate_to
         return migrate_to(parse_address(self.migrate_to), self.connect_timeout,
                           self.with_files, root, self.image)
+
+    def paracalls(self, vm: VirtualMachine):
+        """The para-calls (401-403) of `vm`, migrating with these options."""
+        from .paracalls import ParaCalls
+        return ParaCalls(vm, self.connect_timeout, self.with_files)
 
     @property
     def signals(self) -> list[signal.Signals]:
@@ -49,13 +63,14 @@ class SaveOptions:
 def check_memory_size(size: int) -> int:
     """Round up to whole 2 MiB pages; refuse sizes the guest layout cannot hold."""
     if not MIN_MEMORY <= size <= MAX_MEMORY:
-        raise VmstateError(f"--memory must be between {MIN_MEMORY >> 20} MiB and "
-                           f"{MAX_MEMORY >> 30} GiB")
+        raise UsageError(f"--memory must be between {MIN_MEMORY >> 20} MiB and "
+                         f"{MAX_MEMORY >> 30} GiB")
     return (size + LARGE_PAGE - 1) // LARGE_PAGE * LARGE_PAGE
 
 
 def save_to_file(path: str) -> SaveHandler:
     def save(state: VmState, region_views: list[memoryview]) -> str:
+        from vmstate.image.writer import write_image      # only a SAVE needs the writer
         plan = write_image(path, state, region_views)
         pages = sum(r.present_pages for r in state.memory)
         return f"saved to {path} ({pages} pages, {format_size(plan.memory_bytes)} of memory stored)"
@@ -78,6 +93,11 @@ class KvmBackend:
 
     def restore(self, state: VmState, memory: GuestMemory, root: str) -> VirtualMachine:
         return VirtualMachine.restore(self.kvm, state, memory, root)
+
+    @staticmethod
+    def run_options(vm: VirtualMachine, save: SaveOptions, max_instructions: int | None) -> dict:
+        """VirtualMachine.run's backend-specific arguments: the para-calls (401-403)."""
+        return {"paracalls": save.paracalls(vm)}
 
 
 def choose_backend(cpu: str = "auto", max_instructions: int | None = None):
@@ -106,10 +126,6 @@ def choose_backend(cpu: str = "auto", max_instructions: int | None = None):
     return SoftBackend()
 
 
-def _run_options(max_instructions: int | None) -> dict:
-    return {"max_instructions": max_instructions} if max_instructions is not None else {}
-
-
 def run_program(program: str, argv: list[str], memory_size: int, root: str,
                 save: SaveOptions, trace=None, options: GuestOptions = GuestOptions(),
                 cpu: str = "auto", max_instructions: int | None = None) -> Outcome:
@@ -118,35 +134,45 @@ def run_program(program: str, argv: list[str], memory_size: int, root: str,
     with backend.boot(program, argv, memory_size, root, options) as vm:
         vm.stop.on_signals(save.signals)
         return vm.run(trace=trace, save=save.handler(root),
-                      **_run_options(max_instructions))
+                      **backend.run_options(vm, save, max_instructions))
 
 
 def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu: str = "auto",
                   max_instructions: int | None = None) -> Outcome:
     """Restore and run. Memory checksums are verified in a background thread while the vCPU
     starts; the VMM acts on no exit (so the guest affects nothing) until they pass."""
+    from vmstate.image.reader import Image
     image = Image(image_path)
     try:
         backend = choose_backend(cpu, max_instructions)
-        verification = _MemoryVerification(image)
-        check_restorable(image.state)
-        memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
-                             image_offset=image.region_data[0].data_offset)
-        with backend.restore(image.state, memory, root) as vm:
-            verification.start(vm.stop)
+        vm, gate = restored_vm(backend, image, root)
+        with vm:
             if trace is not None:
                 for index in vm.refused_msrs:
                     print(f"vmstate: note: this host does not take MSR {index:#x}; skipped",
                           file=trace)
             vm.stop.on_signals(save.signals)
-            return vm.run(trace=trace, save=save.handler(root), gate=verification.wait,
-                          **_run_options(max_instructions))
+            return vm.run(trace=trace, save=save.handler(root), gate=gate,
+                          **backend.run_options(vm, save, max_instructions))
     finally:
         image.close()
 
 
+def restored_vm(backend, image: Image, root: str) -> tuple[VirtualMachine, Callable[[], None]]:
+    """A VM of `backend` (KvmBackend or SoftBackend) over `image`'s memory (copy-on-write) and
+    the gate its run must pass: the memory verification started here. `image` must stay open
+    while the VM runs."""
+    verification = _MemoryVerification(image)
+    check_restorable(image.state)
+    memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
+                         image_offset=image.region_data[0].data_offset)
+    vm = backend.restore(image.state, memory, root)
+    verification.start(vm.stop)
+    return vm, verification.wait
+
+
 class _MemoryVerification:
-    def __init__(self, image: Image):
+    def __init__(self, image):
         self.image = image
         self._call: BackgroundCall[None] | None = None
 

@@ -17,3 +17,8 @@ class SoftBackend:
 
     def restore(self, state, memory, root: str) -> SoftMachine:
         return SoftMachine.restore(state, memory, root)
+
+    @staticmethod
+    def run_options(vm: SoftMachine, save, max_instructions: int | None) -> dict:
+        """SoftMachine.run's backend-specific arguments: the instruction budget."""
+        return {"max_instructions": max_instructions} if max_instructions is not None else {}

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from helpers import one_line_error
-from vmstate.errors import EXIT_CANNOT_RUN, EXIT_ERROR, EXIT_NO_KVM, EXIT_NOT_FOUND
+from vmstate.errors import EXIT_CANNOT_RUN, EXIT_ERROR, EXIT_NO_KVM, EXIT_NOT_FOUND, EXIT_USAGE
 
 pytestmark = pytest.mark.kvm
 
@@ -68,7 +68,45 @@ def test_program_larger_than_memory(vmstate, guest):
 
 def test_bad_memory_size(vmstate, example):
     result = vmstate("run", "--memory", "lots", example("hello"))
+    assert result.returncode == EXIT_USAGE
     assert "bad size 'lots'" in one_line_error(result)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "--memory", "abc", "PROGRAM"), "--memory: bad size 'abc'"),
+    (("run", "--memory", "100G", "PROGRAM"), "--memory must be between 8 MiB and 64 GiB"),
+    (("run", "--memory", "9" * 5000, "PROGRAM"), "--memory: bad size '99999"),
+    (("run", "--migrate-to", "4040", "PROGRAM"), "--migrate-to: bad address '4040'"),
+    (("run", "--connect-timeout", "-1", "PROGRAM"), "--connect-timeout -1.0: must be from 0"),
+    (("send", "vm_image.sav", "nohostport"), "bad address 'nohostport' (expected HOST:PORT)"),
+    (("send", "vm_image.sav", ":99999"), "bad port 99999 in ':99999' (1 to 65535)"),
+    (("receive", "-o", "x.sav", "--max-size", "zz"), "--max-size: bad size 'zz'"),
+    (("receive", "-o", "x.sav", "--min-rate", "0"), "--min-rate: bad size '0': must be positive"),
+    (("receive", "-o", "x.sav", "--port", "99999"), "--port 99999: must be from 0 to 65535"),
+    (("receive", "-o", "x.sav", "--max-senders", "0"), "--max-senders 0: must be from 1 to 64"),
+    (("info", "--instructions", "-5", "vm_image.sav"), "--instructions -5: must be from 0"),
+])
+def test_bad_option_values_are_a_bad_command_line(vmstate, example, args, message):
+    """Exit status 2 and one line, before anything runs; a huge value is quoted in part."""
+    result = vmstate(*(example("hello") if a == "PROGRAM" else a for a in args))
+    assert result.returncode == EXIT_USAGE
+    line = one_line_error(result)
+    assert message in line and len(line) < 200, line
+
+
+def test_a_huge_path_is_quoted_in_part_and_the_reason_kept(vmstate):
+    result = vmstate("info", "x" * 5000)
+    line = one_line_error(result)
+    assert len(line) < 500 and line.endswith(": cannot open: File name too long"), line
+
+
+def test_a_device_that_is_not_kvm(vmstate, example):
+    result = vmstate("run", "--cpu", "kvm", example("hello"),
+                     env={"VMSTATE_KVM_DEVICE": "/dev/null"})
+    assert result.returncode == EXIT_NO_KVM
+    assert one_line_error(result) == ("vmstate: KVM is not available: /dev/null is not a KVM "
+                                      "device (KVM_GET_API_VERSION: Inappropriate ioctl for "
+                                      "device)")
 
 
 @pytest.mark.both_cpus

@@ -4,6 +4,7 @@ checked by readers other than ours (pyelftools, LIEF, readelf)."""
 import os
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -177,6 +178,15 @@ def test_a_directory_or_fifo_is_not_a_core(vmstate, lab_split, make):
     opened = vmstate("gdb", "vm.core", "--", "-batch")
     assert opened.returncode == 125
     assert "vm.core: not a regular file" in one_line_error(opened)
+
+
+def test_program_header_offset_near_2_64(vmstate, lab_split):
+    core = lab_split / "vm.core"
+    with open(core, "r+b") as f:
+        f.seek(32)                                     # e_phoff
+        f.write(struct.pack("<Q", (1 << 64) - 64))
+    message = _refused(vmstate, lab_split)
+    assert "program header table runs past the end of the file" in message
 
 
 def test_truncated_core(vmstate, lab_split):

@@ -276,6 +276,9 @@ def encode_vmm(vmm: VmmState) -> list[tuple[int, bytes]]:
                 (L.VMM_ADDRESS_SPACE, encode_address_space(vmm.address_space))]
     if vmm.pending is not None:
         sections.append((L.VMM_PENDING_CALL, encode_pending(vmm.pending)))
+    if vmm.os is not None:
+        from .os_codec import encode_os
+        sections.append((L.VMM_OS, encode_os(vmm.os)))
     if vmm.saved_by:
         sections.append((L.VMM_SAVED_BY, encode_saved_by(vmm.saved_by)))
     return sections

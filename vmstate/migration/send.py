@@ -155,13 +155,24 @@ def _early_reply(sock: socket.socket) -> str | None:
 
 
 def _send_file(sock: socket.socket, f: GuestFile) -> None:
+    header, size, digest = file_header(f)
+    sock.sendall(P.FRAME.pack(P.FRAME_FILE, 0, 0, 0, len(header) + size) + header)
+    send_file_content(sock, f, size)
+
+
+def file_header(f: GuestFile) -> tuple[bytes, int, int]:
+    """A FILE frame's payload up to the content (FILE header and path), the content's size
+    and its XXH3-64 (the file is read once to hash it)."""
     size = os.fstat(f.host_fd).st_size
     digest = xxhash.xxh3_64()
     for position in range(0, size, P.CHUNK):
         digest.update(os.pread(f.host_fd, P.CHUNK, position))
     path = os.fsencode(f.path)
-    header = P.FILE_HEADER.pack(len(path), f.mode, size, digest.intdigest()) + path
-    sock.sendall(P.FRAME.pack(P.FRAME_FILE, 0, 0, 0, len(header) + size) + header)
+    return P.FILE_HEADER.pack(len(path), f.mode, size, digest.intdigest()) + path, size, \
+        digest.intdigest()
+
+
+def send_file_content(sock: socket.socket, f: GuestFile, size: int) -> None:
     with os.fdopen(os.dup(f.host_fd), "rb") as content:     # sendfile(2), in the kernel
         if sock.sendfile(content, 0, size) != size:
             raise MigrationFailed(f"{f.path} shrank while it was being sent")
@@ -173,7 +184,8 @@ def send_image(path: str, address: tuple[str, int], with_files: bool, root: str,
     from ..image.reader import Image
     from ..image.writer import plan_image
     with Image(path) as image:
-        image.verify_memory()
+        image.verify_memory()           # so its chunk checksums are those of these bytes
         plan = plan_image(image.state,
-                          [image.region_view(i) for i in range(len(image.state.memory))])
+                          [image.region_view(i) for i in range(len(image.state.memory))],
+                          [data.chunk_hashes for data in image.region_data])
         return send_to(address, connect_timeout, plan, image.state, with_files, root)

@@ -1,0 +1,207 @@
+"""The control socket (`--control`, `vmstate ctl`): every command on a host of three VMs,
+a second client at the same time, garbage answered with errors, a client of another uid
+refused; and `run --control` for a single VM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from test_migration import Receiver
+
+pytestmark = pytest.mark.kvm
+
+
+class Client:
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(60)
+        self.sock.connect(str(path))
+        self.stream = self.sock.makefile("rwb", buffering=0)
+        self.greeting = self.read()
+
+    def read(self) -> dict:
+        return json.loads(self.stream.readline())
+
+    def send_line(self, line: bytes) -> dict:
+        self.stream.write(line + b"\n")
+        return self.read()
+
+    def execute(self, command: str, **arguments) -> dict:
+        return self.send_line(json.dumps({"execute": command, "arguments": arguments}).encode())
+
+    def ok(self, command: str, **arguments):
+        reply = self.execute(command, **arguments)
+        assert "return" in reply, reply
+        return reply["return"]
+
+    def close(self):
+        self.stream.close()
+        self.sock.close()
+
+
+def wait_for(path, process, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no control socket"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def started(vmstate_cmd, tmp_path):
+    processes = []
+
+    def start(*args, socket_path=tmp_path / "vmm.sock"):
+        process = subprocess.Popen([vmstate_cmd, *map(str, args)], cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        processes.append(process)
+        wait_for(socket_path, process)
+        return process
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def states(client) -> dict[str, str]:
+    return {vm["name"]: vm["state"] for vm in client.ok("query-vms")}
+
+
+def test_every_command_two_clients_and_garbage(started, vmstate, vmstate_cmd, guest, tmp_path):
+    ticker = guest("ticker")
+    host = started("host", "--control", "vmm.sock", "-v", f"{ticker} 40 20 3",
+                   "-v", f"{ticker} 40 20 4", "-v", f"{ticker} 100000 20 5")
+    assert os.stat(tmp_path / "vmm.sock").st_mode & 0o777 == 0o600
+    first = Client(tmp_path / "vmm.sock")
+    assert first.greeting["vmstate"]["vms"] == ["ticker", "ticker-2", "ticker-3"]
+    for name in ("ticker", "ticker-2", "ticker-3"):
+        assert first.ok("stop", vm=name) == {}
+    assert states(first) == {"ticker": "stopped", "ticker-2": "stopped", "ticker-3": "stopped"}
+    slices = {vm["name"]: vm["slices"] for vm in first.ok("query-vms")}
+    time.sleep(0.3)
+    assert {vm["name"]: vm["slices"] for vm in first.ok("query-vms")} == slices   # none ran
+
+    second = Client(tmp_path / "vmm.sock")                 # while the first stays connected
+    for garbage in (b"garbage", b"{}", b'{"execute": 5}', b"[1]", b'{"execute": "stop", '
+                    b'"arguments": []}', b'{"execute": "no-such-command"}', b"\xff\xfe"):
+        reply = second.send_line(garbage)
+        assert reply["error"]["class"] == "GenericError" and reply["error"]["desc"], reply
+    assert second.execute("stop")["error"]["desc"] == 'name the VM: "vm": NAME'
+    assert "no VM named" in second.execute("cont", vm="nobody")["error"]["desc"]
+    assert second.execute("snapshot", vm="ticker")["error"]["desc"].startswith("argument 'path'")
+    assert set(states(second)) == {"ticker", "ticker-2", "ticker-3"}       # still serving
+
+    dump = first.ok("dump-state", vm="ticker")["text"]
+    assert "[ticker] processor state of VM ticker" in dump and "rip 0x" in dump
+    assert "efer 0x" in dump and "Next instructions" in dump
+    assert first.ok("snapshot", vm="ticker", path="a.sav") == {"path": "a.sav"}
+    assert states(first)["ticker"] == "stopped"                           # it goes on (stopped)
+    saved = second.ok("save", vm="ticker-2", path="b.sav")
+    assert saved["path"] == "b.sav" and states(first)["ticker-2"] == "saved"
+    assert "has ended" in first.execute("cont", vm="ticker-2")["error"]["desc"]
+
+    receiver = Receiver(vmstate_cmd, tmp_path, "--run", "--once", "--root", tmp_path)
+    try:
+        first.ok("migrate", vm="ticker", address=f"127.0.0.1:{receiver.port}")
+        assert states(first)["ticker"] == "saved"
+        assert receiver.process.wait(timeout=60) == 3
+        ticks = receiver.process.stdout.read().decode().splitlines()
+        assert ticks[-1] == "tick 39"
+    finally:
+        receiver.stop()
+
+    assert first.ok("cont", vm="ticker-3") == {}
+    assert states(first)["ticker-3"] == "running"
+    ctl = vmstate("ctl", "vmm.sock", "query-vms", "--json")
+    assert ctl.returncode == 0 and json.loads(ctl.stdout)["return"][2]["name"] == "ticker-3"
+    bad = vmstate("ctl", "vmm.sock", "stop", "nobody")
+    assert bad.returncode == 125
+    assert bad.stderr.decode() == "vmstate: ctl stop: no VM named 'nobody'\n"
+    assert vmstate("ctl", "vmm.sock", "quit").returncode == 0
+    out, err = host.communicate(timeout=60)
+    assert host.returncode == 137, err                   # ticker-3 ended by quit
+    assert b"ticker-3  status 137  ended by quit" in err
+    assert not (tmp_path / "vmm.sock").exists()
+    first.close()
+    second.close()
+
+    restored = vmstate("restore", "a.sav")                # the snapshot goes on from its point
+    assert restored.returncode == 3 and restored.stdout.decode().splitlines()[-1] == "tick 39"
+    assert vmstate("split", "a.sav").returncode == 0       # and splits and joins, unchanged
+    assert vmstate("join", "vm.core", "hw.xml", "-o", "a2.sav").returncode == 0
+    assert (tmp_path / "a2.sav").read_bytes() == (tmp_path / "a.sav").read_bytes()
+    restored = vmstate("restore", "b.sav")
+    assert restored.returncode == 4 and restored.stdout.decode().splitlines()[-1] == "tick 39"
+
+
+NOBODY = 65534
+CONNECT_AS_NOBODY = """
+import json, os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print(json.dumps({"connect": e.errno})); sys.exit()
+print(s.makefile("rb").readline().decode().strip())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_a_client_of_another_uid_is_refused(started, guest):
+    directory = tempfile.mkdtemp(prefix="vmstate-ctl-")     # pytest's own are closed to others
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, "vmm.sock")
+    try:
+        _refuse_nobody(started, guest, path)
+    finally:
+        shutil.rmtree(directory)
+
+
+def _refuse_nobody(started, guest, path):
+    started("host", "--control", path, "-v", f"{guest('ticker')} 100000 20 0", socket_path=path)
+
+    def as_nobody() -> dict:
+        result = subprocess.run([sys.executable, "-c", CONNECT_AS_NOBODY, path],
+                                capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+    assert as_nobody() == {"connect": 13}                   # EACCES: the socket is mode 0600
+    os.chmod(path, 0o666)                                   # even if its mode were lost:
+    reply = as_nobody()
+    assert reply["error"]["class"] == "PermissionDenied"     # SO_PEERCRED says who it is
+    assert f"uid {NOBODY} may not control" in reply["error"]["desc"]
+    owner = Client(path)                                      # the VMM is unharmed
+    assert states(owner) == {"ticker": "running"}
+    owner.ok("quit")
+    owner.close()
+
+
+def test_run_and_restore_with_a_control_socket(started, vmstate, guest, tmp_path):
+    run = started("run", "--control", "vmm.sock", guest("ticker"), "100000", "20", "6")
+    client = Client(tmp_path / "vmm.sock")
+    assert client.greeting["vmstate"]["vms"] == ["ticker"]
+    assert client.ok("stop") == {}                     # one VM: no name needed
+    assert states(client) == {"ticker": "stopped"}
+    assert client.ok("save")["path"] == "vm_image.sav"
+    client.close()
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0 and b"vmstate: VM saved to vm_image.sav" in err, err
+
+    restore = started("restore", "--control", "vmm.sock", "vm_image.sav")
+    client = Client(tmp_path / "vmm.sock")
+    assert states(client) == {"vm_image": "running"}
+    client.ok("quit")
+    client.close()
+    out, err = restore.communicate(timeout=60)
+    assert restore.returncode == 137 and err.decode().strip() == "vmstate: ended by quit", err
