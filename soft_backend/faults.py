@@ -39,12 +39,13 @@ def user_access_error(read_phys, cr3: int, address: int, write: bool) -> int | N
     return error
 
 
-def page_fault(read_phys, read_register, cr3: int, rip: int) -> tuple[int, int] | None:
+def page_fault(read_phys, read_register, cr3: int, rip: int, nx: bool) -> tuple[int, int] | None:
     """(address, error code) of the access the instruction at `rip` cannot make, or None if
-    every access it makes explicitly is allowed."""
+    every access it makes explicitly is allowed. `nx`: EFER.NXE, without which the CPU
+    reports an instruction fetch as a read."""
     fetch = user_access_error(read_phys, cr3, rip, write=False)
     if fetch is not None:
-        return rip, fetch | PF_FETCH
+        return rip, fetch | (PF_FETCH if nx else 0)
     code = _read_code(read_phys, cr3, rip)
     try:
         instruction = next(_disassembler.disasm(code, rip, 1), None)

@@ -46,6 +46,7 @@ from .written import written_pages
 
 APIC_BASE = 0xFEE00900          # what KVM gives a fresh vCPU 0 (enabled, bootstrap processor)
 NO_STOP_ADDRESS = (1 << 64) - 1
+EFER_NXE = 1 << 11
 SYSCALL_INSTRUCTION = b"\x0f\x05"
 
 
@@ -100,7 +101,8 @@ class SoftMachine:
         self.refused_msrs: list[int] = []
         self.stop = SoftStop(self.uc)
         self.cpu = SoftCpu(self.uc, memory)
-        self._present = bytes(memory.size // PAGE_SIZE)
+        self._present: bytes | None = None           # pages known present so far
+        self._image_present: tuple = ()
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self._indexed: set[int] = set()
         self._hook_error: BaseException | None = None
@@ -141,7 +143,7 @@ class SoftMachine:
         region = state.memory[0]
         vm = cls(memory)
         try:
-            vm._present = bytes(bytemap_from_runs(region.present, region.size // PAGE_SIZE))
+            vm._image_present = region.present      # as a byte map only when saving
             aspace = state.vmm.address_space
             vm.address_space = UserAddressSpace(aspace, memory)
             memory.set_user_range(aspace.user_start, aspace.user_end)
@@ -284,7 +286,7 @@ class SoftMachine:
             [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_CR3])))
         if vector in (None, 8, 14):
             found = page_fault(self.memory.read_phys, self._read_register, regs["cr3"],
-                               regs["rip"])
+                               regs["rip"], bool(self.template.sregs.efer & EFER_NXE))
             if found is not None:
                 return describe_fault(14, found[1], regs["rip"], regs["rsp"], True, found[0])
             if vector is None:
@@ -317,6 +319,9 @@ class SoftMachine:
     def present_pages(self) -> bytes:
         """Pages ever written: by the guest or the VMM (found as pages private to this
         process), or present in the image this machine was restored from."""
+        if self._present is None:
+            self._present = bytes(bytemap_from_runs(self._image_present,
+                                                    self.memory.size // PAGE_SIZE))
         written = written_pages(self.memory.view, self.memory.host_address)
         self._present = union(union(self._present, written), bytes(self.memory.take_written()))
         return self._present

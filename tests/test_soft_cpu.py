@@ -147,3 +147,14 @@ def test_both_cpus_write_the_same_sections_and_only_a_field_tells_them_apart(vms
     restored = vmstate("restore", "--cpu", "kvm", "joined.sav")
     assert restored.returncode == 0, restored.stderr
     assert (tmp_path / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("fault", ["null", "kernel", "fetch", "ud2", "hlt", "cr0", "divide"])
+def test_faults_are_reported_as_on_kvm(vmstate, guest, fault):
+    """The same exit status and the same one-line report, byte for byte, on both CPUs."""
+    results = {cpu: vmstate("run", "--cpu", cpu, guest("faults"), fault) for cpu in OTHER}
+    assert results["kvm"].returncode > 128
+    assert results["kvm"].stderr.decode().startswith("vmstate: guest fault: ")
+    assert (results["soft"].returncode, results["soft"].stdout, results["soft"].stderr) == \
+        (results["kvm"].returncode, results["kvm"].stdout, results["kvm"].stderr)
