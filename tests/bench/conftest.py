@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 
 from benchlib import warm_up_memory
@@ -6,3 +8,11 @@ from benchlib import warm_up_memory
 @pytest.fixture(scope="session", autouse=True)
 def warm_memory():
     warm_up_memory()
+
+
+@pytest.fixture(autouse=True)
+def free_scratch_space(tmp_path):
+    """A benchmark leaves up to several GiB of images and cores behind: removed after it
+    (a tmpfs --basetemp would otherwise fill memory)."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
