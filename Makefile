@@ -9,10 +9,10 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(VENV)/.installed examples
 
 # Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow,
-# busybox-static for the conformance test (tests/conformance.py).
+# busybox-static, mksh and sash for the conformance test (tests/conformance.py).
 system-packages:
-	@command -v musl-gcc >/dev/null && command -v gdb >/dev/null && dpkg -s busybox-static >/dev/null 2>&1 || \
-	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q musl-tools gdb busybox-static)
+	@command -v musl-gcc >/dev/null && command -v gdb >/dev/null && dpkg -s busybox-static mksh sash >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q musl-tools gdb busybox-static mksh sash)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

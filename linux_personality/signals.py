@@ -31,7 +31,8 @@ IGNORED_BY_DEFAULT = {SIGCHLD, SIGCONT, SIGURG, SIGWINCH}
 STOPPING = {SIGSTOP, 20, 21, 22}          # SIGTSTP, SIGTTIN, SIGTTOU: one process, no job control
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
 UNBLOCKABLE = (1 << (SIGKILL - 1)) | (1 << (SIGSTOP - 1))
-SIGALRM = 14
+SIGALRM, SIGPIPE = 14, 13
+MAX_TREE_DEPTH = 64
 SA_ONSTACK, SA_NODEFER, SA_RESETHAND = 0x08000000, 0x40000000, 0x80000000
 SS_ONSTACK, SS_DISABLE = 1, 2
 STACK_T = struct.Struct("<QiiQ")
@@ -308,10 +309,28 @@ def sys_kill(k, pid, sig):
             os.kill(child, sig)
         send_to_self(k, sig)
         return 0
-    if abs(pid) in k.children:
-        os.kill(abs(pid), sig)
+    host_pid = k.root_host_pid if abs(pid) == k.root_pid else abs(pid)
+    if host_pid == k.root_host_pid or _in_guest_tree(host_pid, k.root_host_pid):
+        os.kill(host_pid, sig)       # that guest's VMM: the signal's default action applies
         return 0
     raise error(errno.ESRCH)
+
+
+def _in_guest_tree(host_pid: int, root_host_pid: int) -> bool:
+    """A guest process of this VM: a VMM process descended from the first one (guest
+    processes other than the first have their VMM's host pid)."""
+    for _ in range(MAX_TREE_DEPTH):
+        try:
+            with open(f"/proc/{host_pid}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if parent == root_host_pid:
+            return True
+        if parent <= 1:
+            return False
+        host_pid = parent
+    return False
 
 
 @syscall(200, "tkill", "int int")
