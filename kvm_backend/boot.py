@@ -23,10 +23,10 @@ def boot(kvm: Kvm, program_path: str, argv: list[str], memory_size: int,
     program = inspect_program(program_path)
     vm = VirtualMachine(kvm, GuestMemory(memory_size))
     try:
-        for addr, data in machine.boot_structures(memory_size):
-            vm.memory.write_phys(addr, data)
         vm.address_space = UserAddressSpace.fresh(vm.memory, machine.USER_START,
                                                   heap_start(program), vm.memory.size)
+        for addr, data in machine.boot_structures(memory_size, vm.address_space.guard_page):
+            vm.memory.write_phys(addr, data)
         vm.memory.set_user_range(machine.USER_START, vm.address_space.state.user_end)
         load_program(program, vm.memory, vm.address_space.state.mmap_top)
         rsp = build_stack(vm.memory, program, argv, vm.address_space.stack_top)

@@ -276,6 +276,9 @@ class VirtualMachine:
             access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16
                                                      else "read")
             cause = "protection violation" if error_code & 1 else "page not present"
+            guard = self.address_space.guard_page if self.address_space else -1
+            if guard <= run.s.sregs.cr2 < guard + PAGE_SIZE:
+                cause = "the guard page below the stack: a stack overflow"
             report += f", {access} of address {run.s.sregs.cr2:#x} ({cause})"
         elif x86.has_error_code(vector):
             report += f", error code {error_code:#x}"

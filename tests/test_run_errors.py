@@ -131,3 +131,12 @@ def test_unusual_calls_get_linux_answers_and_the_vm_survives(vmstate, guest, tmp
     restored = vmstate("restore", "vm_image.sav")
     assert restored.returncode == 0, restored.stderr
     assert restored.stdout == b"restored with the directory still open: yes\n"
+
+
+def test_stack_overflow_faults_on_the_guard_page(vmstate, guest):
+    result = vmstate("run", guest("recurse"), timeout=60)
+    assert result.returncode == 128 + 11
+    assert result.stdout == b"recursing\n"
+    message = one_line_error(result)
+    assert "#PF page fault (vector 14)" in message
+    assert "the guard page below the stack: a stack overflow" in message
