@@ -20,7 +20,7 @@ from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmStat
 
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
-from linux_personality import snapshot
+from linux_personality import signals, snapshot
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.cpu import GuestFault
 from linux_personality.fdtable import FileTable
@@ -34,6 +34,7 @@ from .stop import StopRequest
 
 SYSRET_RFLAGS_MASK = 0x3C7FD7       # the RFLAGS bits sysretq takes from R11 (RF and VM cleared)
 SYSCALL_INSTRUCTION = b"\x0f\x05"
+SEGV_MAPERR, SEGV_ACCERR = 1, 2          # si_code of a SIGSEGV: no mapping, no permission
 FAULT_FRAME = struct.Struct("<7Q")  # vector, error code, rip, cs, rflags, rsp, ss
 KVM_DEVICE_ENV = "VMSTATE_KVM_DEVICE"   # another path for /dev/kvm (tests, odd hosts)
 TIMING_ENV = "VMSTATE_TIMING"           # print CLOCK_MONOTONIC marks for the benchmarks
@@ -189,7 +190,9 @@ class VirtualMachine:
                     if outcome is not None:
                         return outcome
                 case HltExit():
-                    return self._fault()
+                    fault = self._fault()
+                    if not self._deliver_fault(syscalls, fault):
+                        return fault
                 case ShutdownExit():
                     rip = self.vcpu.run_page.s.regs.rip
                     return Faulted(f"guest triple fault (rip {rip:#x}): it could not even "
@@ -260,6 +263,32 @@ class VirtualMachine:
             vcpu_state.segment_to_kvm(cs, sregs.cs)
             vcpu_state.segment_to_kvm(ss, sregs.ss)
             run.kvm_dirty_regs |= abi.KVM_SYNC_X86_SREGS
+
+    def _deliver_fault(self, syscalls: Personality, fault: Faulted) -> bool:
+        """If the guest handles the fault's signal, resume it in user mode where it faulted
+        and enter its handler (as Linux does); else the fault ends the run."""
+        if not signals.handles_fault(syscalls, fault.signal):
+            return False
+        run = self.vcpu.run_page
+        try:
+            vector, error_code, rip, cs, rflags, rsp, _ = FAULT_FRAME.unpack(
+                self.memory.read_phys(run.s.regs.rsp, FAULT_FRAME.size))
+        except GuestFault:
+            return False
+        if cs & 3 != 3:
+            return False                      # the fault was in the guest kernel's stub
+        regs, sregs = run.s.regs, run.s.sregs
+        regs.rip, regs.rsp, regs.rflags = rip, rsp, rflags
+        code, address = ((SEGV_ACCERR if error_code & 1 else SEGV_MAPERR), sregs.cr2) \
+            if vector == 14 else (0, rip)
+        cs_user, ss_user = machine.user_return_segments(self.star)
+        vcpu_state.segment_to_kvm(cs_user, sregs.cs)
+        vcpu_state.segment_to_kvm(ss_user, sregs.ss)
+        run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+        self.vcpu.set_mp_state(abi.KVM_MP_STATE_RUNNABLE)
+        signals.enter_handler(syscalls, fault.signal,
+                              struct.pack("<iiiiQ", fault.signal, 0, code, 0, address))
+        return True
 
     def _fault(self) -> Faulted:
         """An exception stub halted: decode the frame it left on the exception stack."""

@@ -140,3 +140,11 @@ def test_stack_overflow_faults_on_the_guard_page(vmstate, guest):
     message = one_line_error(result)
     assert "#PF page fault (vector 14)" in message
     assert "the guard page below the stack: a stack overflow" in message
+
+
+def test_a_sigsegv_handler_runs_on_a_guest_fault(vmstate, guest):
+    """With a handler installed, a fault is delivered to it (with the faulting address in
+    siginfo) and the guest goes on, as on Linux."""
+    result = vmstate("run", guest("segv_handler"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"caught signal 11 at address 0x10\n"
