@@ -91,7 +91,7 @@ def _idt() -> bytes:
     return b"".join(gates)
 
 
-def _page_tables(memory_size: int, guard_page: int) -> list[tuple[int, bytes]]:
+def page_tables(memory_size: int, guard_page: int) -> list[tuple[int, bytes]]:
     """Identity map: 4 KiB pages below 2 MiB (guard, supervisor-only kernel, user stub page),
     2 MiB user pages from USER_START to the end of memory, but 4 KiB pages around the stack
     guard page, which is left out."""
@@ -121,7 +121,7 @@ def boot_structures(memory_size: int, guard_page: int) -> list[tuple[int, bytes]
                     DOUBLE_FAULT_STACK_TOP, 0, 0, 0, 0, 0, 0, 0, 0, _TSS.size)
     stubs = b"".join(exception_stub(v) for v in range(256)) + SYSCALL_ENTRY_CODE
     return ([(GDT_ADDR, _GDT.pack(*_gdt_entries())), (IDT_ADDR, _idt()), (TSS_ADDR, tss),
-             (STUB_ADDR, stubs)] + _page_tables(memory_size, guard_page))
+             (STUB_ADDR, stubs)] + page_tables(memory_size, guard_page))
 
 
 def _user_segment(selector: int, code: bool) -> Segment:

@@ -3,7 +3,9 @@ loop that services the guest's system calls until it exits, faults or is saved."
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import signal
 import struct
@@ -113,6 +115,7 @@ class VirtualMachine:
         self.max_file_size: int | None = None
         self.forked_child = False             # this VMM process runs a guest's fork child
         self._msrs: list[int] | None = None
+        self._flush_page: mmap.mmap | None = None
         self.star = machine.STAR
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.stop = StopRequest(self.vcpu.run_page)
@@ -327,6 +330,13 @@ class VirtualMachine:
         self.stop.clear()
         return True
 
+    def flush_page(self) -> int:
+        """The host address of a page for protection.flush_tlb's short-lived memory slot."""
+        if self._flush_page is None:
+            self._flush_page = mmap.mmap(-1, PAGE_SIZE)
+            self._flush_anchor = ctypes.c_char.from_buffer(self._flush_page)
+        return ctypes.addressof(self._flush_anchor)
+
     def xsave_size(self) -> int:
         return max(self.kvm.check_extension(abi.KVM_CAP_XSAVE2), abi.XSAVE_LEGACY_SIZE)
 
@@ -414,6 +424,10 @@ class KvmCpu:
     @property
     def run(self):
         return self.vm.vcpu.run_page      # a fork child has a vCPU of its own
+
+    def protect(self, addr: int, length: int, prot: int) -> bool:
+        from .protection import protect
+        return protect(self.vm, addr, length, prot)
 
     def read_fpu(self) -> bytes:
         return self.vm.vcpu.get_xsave(self.vm.xsave_size())

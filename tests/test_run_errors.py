@@ -148,3 +148,13 @@ def test_a_sigsegv_handler_runs_on_a_guest_fault(vmstate, guest):
     result = vmstate("run", guest("segv_handler"), timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"caught signal 11 at address 0x10\n"
+
+
+def test_mprotect_is_enforced(vmstate, guest):
+    """Read-only and PROT_NONE pages fault (the guest's SIGSEGV handler sees it), their
+    neighbours do not, and read-write again works: the same lines as natively."""
+    result = vmstate("run", guest("mprotect"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [
+        "rw write ok", "ro write fault, neighbour write ok, ro read ok x", "none read fault",
+        "rw again write ok", "reservation read fault"]
