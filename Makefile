@@ -10,9 +10,9 @@ setup: $(VENV)/.installed examples
 
 # Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow,
 # QEMU (TCG) and gcc-multilib for the QEMU loop and its 32-bit multiboot example guest,
-# busybox-static for the conformance test (tests/conformance.py), elfutils (eu-stack,
+# busybox-static, mksh and sash for the conformance test (tests/conformance.py), elfutils (eu-stack,
 # eu-readelf) that the tests read cores with.
-APT_PACKAGES = musl-tools gdb qemu-system-x86 gcc-multilib busybox-static elfutils
+APT_PACKAGES = musl-tools gdb qemu-system-x86 gcc-multilib busybox-static mksh sash elfutils
 
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \

@@ -43,10 +43,10 @@ def load_guest(vm, program: Program, argv: list[str], root: str, options: GuestO
     state (address space, files, identity); return the initial stack pointer. `vm` is either
     backend's machine: it has `memory` and the personality's attributes."""
     memory = vm.memory
-    for addr, data in machine.boot_structures(memory.size):
-        memory.write_phys(addr, data)
     vm.address_space = UserAddressSpace.fresh(memory, machine.USER_START, heap_start(program),
                                               memory.size)
+    for addr, data in machine.boot_structures(memory.size, vm.address_space.guard_page):
+        memory.write_phys(addr, data)
     memory.set_user_range(machine.USER_START, vm.address_space.state.user_end)
     load_program(program, memory, vm.address_space.state.mmap_top)
     rsp = build_stack(memory, program, argv, vm.address_space.stack_top)

@@ -21,6 +21,7 @@ from linux_personality.address_space import UserAddressSpace
 from vmstate.errors import ProgramError
 
 from . import abi, machine, vcpu_state
+from .protection import flush_tlb
 from .loader import build_stack, heap_start, inspect_program, load_program
 from .stop import StopRequest
 
@@ -73,6 +74,8 @@ def exec_program(vm, host_path: str, argv: list[str], envp: list[str]) -> UserAd
     memory.zero(old.mmap_low, old.user_end - old.mmap_low)
     space = UserAddressSpace.fresh(memory, machine.USER_START, heap_start(program),
                                    old.user_end)
+    for addr, data in machine.page_tables(memory.size, space.guard_page):   # no mprotect left
+        memory.write_phys(addr, data)
     load_program(program, memory, space.state.mmap_top)
     rsp = build_stack(memory, program, argv, space.stack_top, envp)
     run = vm.vcpu.run_page
@@ -83,6 +86,7 @@ def exec_program(vm, host_path: str, argv: list[str], envp: list[str]) -> UserAd
     vcpu_state.segment_to_kvm(cs, run.s.sregs.cs)
     vcpu_state.segment_to_kvm(ss, run.s.sregs.ss)
     run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+    flush_tlb(vm)
     vm.address_space = space
     vm.program, vm.argv = host_path, tuple(argv)
     return space

@@ -9,7 +9,10 @@ Guest physical memory is identity-mapped (virtual == physical). Layout of the fi
     0x005000  PML4       0x006000  PDPT       0x007000  PT for 0..2 MiB
     0x008000  one page directory per GiB of memory (up to MAX_MEMORY)
     0x050000  exception stack (TSS RSP0)      0x054000  double-fault stack (IST1)
-    0x200000  user memory: program, heap, mmap area, stack (2 MiB pages, user accessible)
+    0x056000  PT for the 2 MiB holding the stack guard page (4 KiB pages)
+    0x200000  user memory: program, heap, mmap area, stack (2 MiB pages, user accessible),
+              except the guard page right below the stack: not mapped, so a runaway
+              recursion faults there (a page fault) instead of running into the mmap area
 
 Applications run in ring 3. `syscall` jumps to the syscall entry, whose one instruction stores
 a byte to the doorbell page; no memory slot backs it, so KVM exits with KVM_EXIT_MMIO. The VMM
@@ -36,6 +39,7 @@ from vmstate.validate import LARGE_PAGE, MAX_MEMORY, USER_START
 GDT_ADDR, IDT_ADDR, TSS_ADDR, STUB_ADDR = 0x1000, 0x2000, 0x3000, 0x4000
 PML4_ADDR, PDPT_ADDR, PT_LOW_ADDR, PD_ADDR = 0x5000, 0x6000, 0x7000, 0x8000
 EXCEPTION_STACK_TOP, DOUBLE_FAULT_STACK_TOP = 0x54000, 0x56000
+PT_GUARD_ADDR = 0x56000
 DOORBELL_VA, DOORBELL_GPA = 0x1FF000, MAX_MEMORY   # a guest physical address with no memory
 SPARE_DOORBELL_GPA = DOORBELL_GPA + 8   # a write here is answered by running on: a bare exit
 
@@ -89,9 +93,10 @@ def _idt() -> bytes:
     return b"".join(gates)
 
 
-def _page_tables(memory_size: int) -> list[tuple[int, bytes]]:
+def page_tables(memory_size: int, guard_page: int) -> list[tuple[int, bytes]]:
     """Identity map: 4 KiB pages below 2 MiB (guard, supervisor-only kernel, user stub page),
-    2 MiB user pages from USER_START to the end of memory."""
+    2 MiB user pages from USER_START to the end of memory, but 4 KiB pages around the stack
+    guard page, which is left out."""
     gib = (memory_size + (1 << 30) - 1) >> 30
     pml4 = struct.pack("<Q", PDPT_ADDR | PTE_P | PTE_RW | PTE_US)
     pdpt = struct.pack(f"<{gib}Q", *(PD_ADDR + i * PAGE_SIZE | PTE_P | PTE_RW | PTE_US
@@ -103,18 +108,22 @@ def _page_tables(memory_size: int) -> list[tuple[int, bytes]]:
     pt_low[DOORBELL_VA // PAGE_SIZE] = DOORBELL_GPA | PTE_P | PTE_RW | PTE_US
     pd_entries = [PT_LOW_ADDR | PTE_P | PTE_RW | PTE_US] + [
         addr | PTE_P | PTE_RW | PTE_US | PTE_PS for addr in range(USER_START, memory_size, LARGE_PAGE)]
+    guard_large = guard_page & ~(LARGE_PAGE - 1)
+    pd_entries[guard_large // LARGE_PAGE] = PT_GUARD_ADDR | PTE_P | PTE_RW | PTE_US
+    pt_guard = [addr | PTE_P | PTE_RW | PTE_US if addr != guard_page else 0
+                for addr in range(guard_large, guard_large + LARGE_PAGE, PAGE_SIZE)]
     pds = struct.pack(f"<{len(pd_entries)}Q", *pd_entries)
     return [(PML4_ADDR, pml4), (PDPT_ADDR, pdpt), (PT_LOW_ADDR, struct.pack("<512Q", *pt_low)),
-            (PD_ADDR, pds)]
+            (PD_ADDR, pds), (PT_GUARD_ADDR, struct.pack("<512Q", *pt_guard))]
 
 
-def boot_structures(memory_size: int) -> list[tuple[int, bytes]]:
+def boot_structures(memory_size: int, guard_page: int) -> list[tuple[int, bytes]]:
     """(guest physical address, bytes) pairs to write into fresh guest memory."""
     tss = _TSS.pack(0, EXCEPTION_STACK_TOP, 0, 0, 0,
                     DOUBLE_FAULT_STACK_TOP, 0, 0, 0, 0, 0, 0, 0, 0, _TSS.size)
     stubs = b"".join(exception_stub(v) for v in range(256)) + SYSCALL_ENTRY_CODE
     return ([(GDT_ADDR, _GDT.pack(*_gdt_entries())), (IDT_ADDR, _idt()), (TSS_ADDR, tss),
-             (STUB_ADDR, stubs)] + _page_tables(memory_size))
+             (STUB_ADDR, stubs)] + page_tables(memory_size, guard_page))
 
 
 def _user_segment(selector: int, code: bool) -> Segment:

@@ -3,7 +3,9 @@ loop that services the guest's system calls until it exits, faults or is saved."
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import signal
 import struct
@@ -22,7 +24,7 @@ from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmStat
 
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
-from linux_personality import snapshot
+from linux_personality import signals, snapshot
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.cpu import GuestFault
 from linux_personality.fdtable import FileTable
@@ -36,6 +38,7 @@ from .stop import StopRequest
 
 SYSRET_RFLAGS_MASK = 0x3C7FD7       # the RFLAGS bits sysretq takes from R11 (RF and VM cleared)
 SYSCALL_INSTRUCTION = b"\x0f\x05"
+SEGV_MAPERR, SEGV_ACCERR = 1, 2          # si_code of a SIGSEGV: no mapping, no permission
 FAULT_FRAME = struct.Struct("<7Q")  # vector, error code, rip, cs, rflags, rsp, ss
 KVM_DEVICE_ENV = "VMSTATE_KVM_DEVICE"   # another path for /dev/kvm (tests, odd hosts)
 TIMING_ENV = "VMSTATE_TIMING"           # print CLOCK_MONOTONIC marks for the benchmarks
@@ -132,6 +135,7 @@ class VirtualMachine:
         self.max_file_size: int | None = None
         self.forked_child = False             # this VMM process runs a guest's fork child
         self._msrs: list[int] | None = None
+        self._flush_page: mmap.mmap | None = None
         self.star = machine.STAR
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.stop = StopRequest(self.vcpu.run_page)
@@ -233,7 +237,9 @@ class VirtualMachine:
                 case MmioExit(address=machine.SPARE_DOORBELL_GPA):
                     pass         # nothing to do: the round-trip benchmark's baseline
                 case HltExit():
-                    return self._fault()
+                    fault = self._fault()
+                    if not self._deliver_fault(running.syscalls, fault):
+                        return fault
                 case ShutdownExit():
                     rip = self.vcpu.run_page.s.regs.rip
                     return Faulted(f"guest triple fault (rip {rip:#x}): it could not even "
@@ -320,6 +326,32 @@ class VirtualMachine:
             vcpu_state.segment_to_kvm(ss, sregs.ss)
             run.kvm_dirty_regs |= abi.KVM_SYNC_X86_SREGS
 
+    def _deliver_fault(self, syscalls: Personality, fault: Faulted) -> bool:
+        """If the guest handles the fault's signal, resume it in user mode where it faulted
+        and enter its handler (as Linux does); else the fault ends the run."""
+        if not signals.handles_fault(syscalls, fault.signal):
+            return False
+        run = self.vcpu.run_page
+        try:
+            vector, error_code, rip, cs, rflags, rsp, _ = FAULT_FRAME.unpack(
+                self.memory.read_phys(run.s.regs.rsp, FAULT_FRAME.size))
+        except GuestFault:
+            return False
+        if cs & 3 != 3:
+            return False                      # the fault was in the guest kernel's stub
+        regs, sregs = run.s.regs, run.s.sregs
+        regs.rip, regs.rsp, regs.rflags = rip, rsp, rflags
+        code, address = ((SEGV_ACCERR if error_code & 1 else SEGV_MAPERR), sregs.cr2) \
+            if vector == 14 else (0, rip)
+        cs_user, ss_user = machine.user_return_segments(self.star)
+        vcpu_state.segment_to_kvm(cs_user, sregs.cs)
+        vcpu_state.segment_to_kvm(ss_user, sregs.ss)
+        run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+        self.vcpu.set_mp_state(abi.KVM_MP_STATE_RUNNABLE)
+        signals.enter_handler(syscalls, fault.signal,
+                              struct.pack("<iiiiQ", fault.signal, 0, code, 0, address))
+        return True
+
     def _fault(self) -> Faulted:
         """An exception stub halted: decode the frame it left on the exception stack."""
         run = self.vcpu.run_page
@@ -328,7 +360,8 @@ class VirtualMachine:
         except Exception:
             return Faulted(f"guest halted in ring 0 at rip {run.s.regs.rip:#x}", x86.SIGSEGV)
         vector, error_code, rip, cs, _, rsp, _ = frame
-        return describe_fault(vector, error_code, rip, rsp, cs & 3 == 3, run.s.sregs.cr2)
+        guard = self.address_space.guard_page if self.address_space else -1
+        return describe_fault(vector, error_code, rip, rsp, cs & 3 == 3, run.s.sregs.cr2, guard)
 
     # -- saving --------------------------------------------------------------------------------
 
@@ -342,6 +375,13 @@ class VirtualMachine:
               "one process", file=sys.stderr, flush=True)
         self.stop.reset()
         return True
+
+    def flush_page(self) -> int:
+        """The host address of a page for protection.flush_tlb's short-lived memory slot."""
+        if self._flush_page is None:
+            self._flush_page = mmap.mmap(-1, PAGE_SIZE)
+            self._flush_anchor = ctypes.c_char.from_buffer(self._flush_page)
+        return ctypes.addressof(self._flush_anchor)
 
     def xsave_size(self) -> int:
         return max(self.kvm.check_extension(abi.KVM_CAP_XSAVE2), abi.XSAVE_LEGACY_SIZE)
@@ -465,9 +505,10 @@ class VirtualMachine:
 
 
 def describe_fault(vector: int, error_code: int, rip: int, rsp: int, in_user: bool,
-                   address: int) -> Faulted:
+                   address: int, guard_page: int = -1) -> Faulted:
     """The report and signal for a guest exception, the same whichever CPU ran the guest
-    (`address` is the faulting address of a page fault)."""
+    (`address` is the faulting address of a page fault, `guard_page` the page below the
+    stack, whose faults are a stack overflow)."""
     mnemonic, name, _, signal = x86.EXCEPTIONS.get(vector, (f"#{vector}", "exception", 0,
                                                              x86.SIGSEGV))
     report = f"guest fault: {mnemonic} {name} (vector {vector}) at rip {rip:#x}"
@@ -475,6 +516,8 @@ def describe_fault(vector: int, error_code: int, rip: int, rsp: int, in_user: bo
         access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16
                                                  else "read")
         cause = "protection violation" if error_code & 1 else "page not present"
+        if guard_page <= address < guard_page + PAGE_SIZE:
+            cause = "the guard page below the stack: a stack overflow"
         report += f", {access} of address {address:#x} ({cause})"
     elif x86.has_error_code(vector):
         report += f", error code {error_code:#x}"
@@ -523,6 +566,10 @@ class KvmCpu:
     @property
     def run(self):
         return self.vm.vcpu.run_page      # a fork child has a vCPU of its own
+
+    def protect(self, addr: int, length: int, prot: int) -> bool:
+        from .protection import protect
+        return protect(self.vm, addr, length, prot)
 
     def read_fpu(self) -> bytes:
         return self.vm.vcpu.get_xsave(self.vm.xsave_size())

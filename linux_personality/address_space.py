@@ -1,7 +1,7 @@
 """The guest's user address space as the VMM hands it out: program break and mmap area.
 
-    user_start .. program .. brk_start ->heap->brk   ...   mmap_low <-mmap area- mmap_top | stack
-                                                                                         user_end
+    user_start .. program .. brk_start ->heap->brk  ...  mmap_low <-mmap area- mmap_top | guard | stack
+                                                                                           user_end
 
 Memory is identity-mapped and present from boot, so brk and mmap only move bookkeeping.
 Fresh memory is zero; memory handed out a second time (munmap'ed, or below a lowered brk)
@@ -36,13 +36,19 @@ class UserAddressSpace:
     def fresh(cls, memory: GuestMemory, user_start: int, heap_start: int,
               user_end: int) -> UserAddressSpace:
         stack_size = min(DEFAULT_STACK_SIZE, user_end // 8)
-        top = user_end - stack_size
+        top = user_end - stack_size - PAGE_SIZE          # the guard page lies at `top`
         return cls(AddressSpace(user_start=user_start, user_end=user_end, brk_start=heap_start,
                                 brk=heap_start, mmap_low=top, mmap_top=top), memory)
 
     @property
     def stack_top(self) -> int:
         return self.state.user_end
+
+    @property
+    def guard_page(self) -> int:
+        """The page between the mmap area and the stack, which a CPU backend leaves unmapped
+        (a stack overflow faults there)."""
+        return self.state.mmap_top
 
     def brk(self, requested: int) -> int:
         s = self.state

@@ -47,6 +47,10 @@ class Cpu(Protocol):
         """Finish the call as `sysretq` would: RAX = result, RIP = RCX, RFLAGS from R11, user
         code and stack segments."""
 
+    def protect(self, addr: int, length: int, prot: int) -> bool:
+        """Enforce PROT_* on whole pages of user memory (False if the backend cannot now:
+        the range keeps its protection)."""
+
     def read_fpu(self) -> bytes:
         """The x87/SSE/AVX state in the XSAVE layout (what a signal frame's fpstate holds)."""
 

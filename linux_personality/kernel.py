@@ -43,6 +43,7 @@ class Personality:
         self.cpu = cpu
         self.program = program
         self.pid, self.parent_pid = GUEST_PID, 0
+        self.root_pid, self.root_host_pid = GUEST_PID, os.getpid()   # the first process
         self.identity = identity or Identity()
         self.signals = signals or SignalState()
         self.max_file_size = max_file_size
@@ -89,6 +90,8 @@ class Personality:
         except GuestFault:
             return -errno.EFAULT
         except OSError as e:
+            if e.errno == errno.EPIPE:         # a write to a pipe nobody reads: SIGPIPE
+                signals.send_to_self(self, signals.SIGPIPE)
             return -(e.errno or errno.EIO)
         except (OverflowError, ValueError):     # 64-bit values the host call cannot take
             return -errno.EINVAL

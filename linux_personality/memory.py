@@ -11,6 +11,8 @@ from .address_space import MAP_ANONYMOUS, page_up
 from .table import syscall
 
 MREMAP_MAYMOVE = 1
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+PROT_GROWS = 0x03000000                  # PROT_GROWSDOWN | PROT_GROWSUP: accepted, no effect
 MADV_DONTNEED = 4
 
 
@@ -21,8 +23,12 @@ def sys_brk(k, addr):
 
 @syscall(9, "mmap", "ptr size prot mflags fd off")
 def sys_mmap(k, addr, length, prot, flags, fd, offset):
+    """The memory handed out gets `prot` (PROT_NONE: a reservation that faults on access)."""
     host_fd = None if flags & MAP_ANONYMOUS else k.host_fd(fd)
-    return k.address_space.mmap(addr, length, flags, host_fd, offset)
+    start = k.address_space.mmap(addr, length, flags, host_fd, offset)
+    if start >= 0:
+        k.cpu.protect(start, page_up(length), prot)
+    return start
 
 
 @syscall(11, "munmap", "ptr size")
@@ -32,9 +38,14 @@ def sys_munmap(k, addr, length):
 
 @syscall(10, "mprotect", "ptr size prot")
 def sys_mprotect(k, addr, length, prot):
-    """Accepted but not enforced: all user memory stays readable and writable."""
+    """Enforced by the CPU backend's page tables (read-only, or no access for PROT_NONE)."""
+    if addr % PAGE_SIZE or prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_GROWS):
+        return -errno.EINVAL
+    length = page_up(length)
     if not k.address_space.in_user_memory(addr, length):
         return -errno.ENOMEM
+    if length:
+        k.cpu.protect(addr, length, prot)
     return 0
 
 

@@ -21,6 +21,8 @@ CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x200000, 0x1000000
 WNOHANG, WUNTRACED, WCONTINUED, __WALL = 1, 2, 8, 0x40000000
 MAX_ARG_STRINGS, MAX_ARG_STRLEN = 1 << 16, 32 * 4096
 RUSAGE_SIZE = 144
+SHEBANG_MAX = 256
+MAX_INTERPRETERS = 4
 PR_SET_NAME, PR_GET_NAME = 15, 16
 GETRANDOM_MAX = 1 << 25
 ARCH_SET_GS, ARCH_SET_FS, ARCH_GET_FS, ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
@@ -154,6 +156,14 @@ def _execve(k, dirfd, path, argv_addr, envp_addr, flags) -> int:
     guest_path = k.resolve(dirfd, path)
     argv = _string_array(k, argv_addr)
     envp = _string_array(k, envp_addr)
+    for _ in range(MAX_INTERPRETERS):
+        interpreter = _script_interpreter(k, guest_path)
+        if interpreter is None:
+            break
+        argv = [*interpreter, guest_path, *argv[1:]]
+        guest_path = k.namespace.absolute(interpreter[0])
+    else:
+        raise error(errno.ELOOP)
     host_fd = k.namespace.open(guest_path, os.O_RDONLY)
     try:
         mode = os.fstat(host_fd).st_mode
@@ -166,6 +176,23 @@ def _execve(k, dirfd, path, argv_addr, envp_addr, flags) -> int:
     k.files.close_on_exec()
     k.signals.reset_on_exec()
     raise ContextReplaced()
+
+
+def _script_interpreter(k, guest_path: str) -> list[str] | None:
+    """For a `#!` script, its interpreter and optional argument (as Linux splits the line)."""
+    host_fd = k.namespace.open(guest_path, os.O_RDONLY)
+    try:
+        head = os.pread(host_fd, SHEBANG_MAX, 0)
+    finally:
+        os.close(host_fd)
+    if not head.startswith(b"#!"):
+        return None
+    line = os.fsdecode(head[2:].split(b"\n")[0]).strip()
+    if not line:
+        raise error(errno.ENOEXEC)
+    interpreter, _, argument = line.partition(" ")
+    argument = argument.strip()
+    return [interpreter, argument] if argument else [interpreter]
 
 
 def _string_array(k, addr: int) -> list[str]:

@@ -5,8 +5,9 @@ or by its alarm. One whose action is to be ignored is dropped; one whose default
 ends the process ends the run (GuestKilled); one with a handler stays pending until a system
 call returns with it unblocked, and is delivered then as Linux does: an rt_sigframe (the
 interrupted registers, the blocked mask and the FPU state) is pushed on the guest's stack and
-the handler entered; rt_sigreturn undoes it. (Faults are not turned into signals yet: a fault
-ends the run as before.)"""
+the handler entered; rt_sigreturn undoes it. A CPU fault raises SIGSEGV (or SIGFPE, SIGILL,
+SIGBUS): the backend enters the guest's handler through enter_handler if it has one, else the
+fault ends the run."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ IGNORED_BY_DEFAULT = {SIGCHLD, SIGCONT, SIGURG, SIGWINCH}
 STOPPING = {SIGSTOP, 20, 21, 22}          # SIGTSTP, SIGTTIN, SIGTTOU: one process, no job control
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
 UNBLOCKABLE = (1 << (SIGKILL - 1)) | (1 << (SIGSTOP - 1))
-SIGALRM = 14
+SIGALRM, SIGPIPE = 14, 13
+MAX_TREE_DEPTH = 64
 SA_ONSTACK, SA_NODEFER, SA_RESETHAND = 0x08000000, 0x40000000, 0x80000000
 SS_ONSTACK, SS_DISABLE = 1, 2
 STACK_T = struct.Struct("<QiiQ")
@@ -161,10 +163,21 @@ def check_events(k) -> None:
 
 def deliver(k, sig: int, result: int) -> None:
     """Return from the call with `result`, then enter the handler of `sig` on a new frame."""
+    k.signals.pending &= ~(1 << (sig - 1))
+    k.cpu.return_to_user(result)
+    enter_handler(k, sig, struct.pack("<iiii", sig, 0, SI_USER, 0))
+
+
+def handles_fault(k, sig: int) -> bool:
+    """The guest has a handler for the signal a fault raises, and does not block it."""
+    handler = k.signals.handler(sig)[0]
+    return handler not in (SIG_DFL, SIG_IGN) and not k.signals.blocked >> (sig - 1) & 1
+
+
+def enter_handler(k, sig: int, siginfo: bytes) -> None:
+    """Push an rt_sigframe for the registers the CPU holds now and enter `sig`'s handler."""
     state = k.signals
     handler, flags, restorer, mask = state.handler(sig)
-    state.pending &= ~(1 << (sig - 1))
-    k.cpu.return_to_user(result)
     regs = [k.cpu.read_register(name) for name in SIGCONTEXT_REGISTERS]
     fpu = k.cpu.read_fpu()
     sp = regs[SIGCONTEXT_REGISTERS.index("rsp")]
@@ -179,9 +192,9 @@ def deliver(k, sig: int, result: int) -> None:
     old_mask = state.blocked if state.suspended_mask is None else state.suspended_mask
     ucontext = UCONTEXT.pack(0, 0, state.altstack, *regs, USER_CS, 0, 0, USER_SS, 0, 0,
                              old_mask, 0, fpu_addr, old_mask)
-    siginfo = struct.pack("<iiii", sig, 0, SI_USER, 0).ljust(SIGINFO_SIZE, b"\0")
     k.memory.write(fpu_addr, fpu)
-    k.memory.write(frame, struct.pack("<Q", restorer) + ucontext + siginfo)
+    k.memory.write(frame, struct.pack("<Q", restorer) + ucontext
+                   + siginfo.ljust(SIGINFO_SIZE, b"\0"))
     state.suspended_mask = None
     state.blocked = (old_mask | mask | (0 if flags & SA_NODEFER else 1 << (sig - 1))) \
         & ~UNBLOCKABLE
@@ -308,10 +321,28 @@ def sys_kill(k, pid, sig):
             os.kill(child, sig)
         send_to_self(k, sig)
         return 0
-    if abs(pid) in k.children:
-        os.kill(abs(pid), sig)
+    host_pid = k.root_host_pid if abs(pid) == k.root_pid else abs(pid)
+    if host_pid == k.root_host_pid or _in_guest_tree(host_pid, k.root_host_pid):
+        os.kill(host_pid, sig)       # that guest's VMM: the signal's default action applies
         return 0
     raise error(errno.ESRCH)
+
+
+def _in_guest_tree(host_pid: int, root_host_pid: int) -> bool:
+    """A guest process of this VM: a VMM process descended from the first one (guest
+    processes other than the first have their VMM's host pid)."""
+    for _ in range(MAX_TREE_DEPTH):
+        try:
+            with open(f"/proc/{host_pid}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if parent == root_host_pid:
+            return True
+        if parent <= 1:
+            return False
+        host_pid = parent
+    return False
 
 
 @syscall(200, "tkill", "int int")

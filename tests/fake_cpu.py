@@ -62,6 +62,7 @@ class FakeCpu:
         self.memory = memory
         self.registers: dict[str, int] = {"rcx": 0x401000, "r11": 0x202}
         self.returns: list[int] = []
+        self.protections: list[tuple[int, int, int]] = []
         self.fpu = bytes(range(256)) * 2          # a recognisable 512-byte FXSAVE area
 
     def read_register(self, name: str) -> int:
@@ -69,6 +70,10 @@ class FakeCpu:
 
     def write_register(self, name: str, value: int) -> None:
         self.registers[name] = value
+
+    def protect(self, addr: int, length: int, prot: int) -> bool:
+        self.protections.append((addr, length, prot))
+        return True
 
     def read_fpu(self) -> bytes:
         return self.fpu

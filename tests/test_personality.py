@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 
 import pytest
 
-from linux_personality import GuestExit, Personality
+from linux_personality import GuestExit, GuestKilled, Personality
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.fdtable import FileTable
 from tests.fake_cpu import USER_START, FakeCpu, FakeMemory

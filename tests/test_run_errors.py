@@ -193,3 +193,30 @@ def test_unusual_calls_get_linux_answers_and_the_vm_survives(vmstate, guest, tmp
     assert restored.stdout.decode().splitlines() == [
         "restored: fstat of the directory = 0, a directory",   # reopened by the restore
         "after close: fstat = -9"]                              # EBADF: the check can fail
+
+
+def test_stack_overflow_faults_on_the_guard_page(vmstate, guest):
+    result = vmstate("run", guest("recurse"), timeout=60)
+    assert result.returncode == 128 + 11
+    assert result.stdout == b"recursing\n"
+    message = one_line_error(result)
+    assert "#PF page fault (vector 14)" in message
+    assert "the guard page below the stack: a stack overflow" in message
+
+
+def test_a_sigsegv_handler_runs_on_a_guest_fault(vmstate, guest):
+    """With a handler installed, a fault is delivered to it (with the faulting address in
+    siginfo) and the guest goes on, as on Linux."""
+    result = vmstate("run", guest("segv_handler"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"caught signal 11 at address 0x10\n"
+
+
+def test_mprotect_is_enforced(vmstate, guest):
+    """Read-only and PROT_NONE pages fault (the guest's SIGSEGV handler sees it), their
+    neighbours do not, and read-write again works: the same lines as natively."""
+    result = vmstate("run", guest("mprotect"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [
+        "rw write ok", "ro write fault, neighbour write ok, ro read ok x", "none read fault",
+        "rw again write ok", "reservation read fault"]

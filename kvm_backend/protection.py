@@ -1,0 +1,77 @@
+"""mprotect in the guest's page tables. User memory is mapped with 2 MiB pages; a 2 MiB page
+whose 4 KiB pages need different protections is split into a page table taken from a pool
+in the low 2 MiB (PT_POOL_START..PT_POOL_END), so that the page tables themselves say which
+pages are split and no other state is needed (they are in guest memory, saved with it).
+Read-only pages are present without RW; PROT_NONE pages are not present. Execute permission
+is not enforced (the guest runs without EFER.NXE). After a change the VMM makes KVM drop
+what it cached of the old tables (flush_tlb)."""
+
+from __future__ import annotations
+
+import struct
+
+from vmstate.paging import PTE_P, PTE_PS, PTE_RW, PTE_US
+from vmstate.state import PAGE_SIZE
+
+from . import machine
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+PT_POOL_START, PT_POOL_END = 0x57000, machine.DOORBELL_VA
+ENTRY = struct.Struct("<Q")
+USER_RW = PTE_P | PTE_RW | PTE_US
+FLUSH_SLOT, FLUSH_GPA = 1, machine.MAX_MEMORY + (1 << 30)   # far from memory and the doorbell
+
+
+def protect(vm, addr: int, length: int, prot: int) -> bool:
+    """Give [addr, addr+length) (page aligned, in user memory) the protection `prot`. False
+    if the page-table pool is exhausted (the range is then left as it was)."""
+    wanted = 0 if not prot & (PROT_READ | PROT_WRITE | PROT_EXEC) else \
+        PTE_P | PTE_US | (PTE_RW if prot & PROT_WRITE else 0)
+    memory = vm.memory
+    changed = False
+    page = addr
+    while page < addr + length:
+        large = page & ~(machine.LARGE_PAGE - 1)
+        end = min(addr + length, large + machine.LARGE_PAGE)
+        pd_slot = machine.PD_ADDR + 8 * (large // machine.LARGE_PAGE)
+        (pd_entry,) = ENTRY.unpack(memory.read_phys(pd_slot, 8))
+        if pd_entry & PTE_PS:
+            if wanted == USER_RW:
+                page = end
+                continue                      # already mapped read-write as a whole
+            table = _take_pool_page(vm)
+            if table is None:
+                return False
+            memory.write_phys(table, struct.pack("<512Q", *(
+                a | USER_RW for a in range(large, large + machine.LARGE_PAGE, PAGE_SIZE))))
+            memory.write_phys(pd_slot, ENTRY.pack(table | USER_RW))
+            pd_entry = table | USER_RW
+        table = pd_entry & ~0xFFF
+        first, count = (page - large) // PAGE_SIZE, (end - page) // PAGE_SIZE
+        memory.write_phys(table + 8 * first, struct.pack(f"<{count}Q", *(
+            a | wanted for a in range(page, end, PAGE_SIZE))))
+        changed = True
+        page = end
+    if changed:
+        flush_tlb(vm)
+    return True
+
+
+def _take_pool_page(vm) -> int | None:
+    """A pool page no page directory entry uses yet."""
+    pds = vm.memory.read_phys(machine.PD_ADDR, 8 * (vm.memory.size // machine.LARGE_PAGE))
+    used = {e & ~0xFFF for (e,) in struct.iter_unpack("<Q", pds) if e & PTE_P and not e & PTE_PS}
+    for page in range(PT_POOL_START, PT_POOL_END, PAGE_SIZE):
+        if page not in used:
+            return page
+    return None
+
+
+def flush_tlb(vm) -> None:
+    """Make the vCPU see page-table edits the VMM made through its own mapping. Shadow
+    paging (KVM-PVM) keeps shadow copies of guest page tables that such writes do not
+    invalidate, and a CR3 reload does not drop them; deleting a memory slot makes KVM zap
+    every shadow page and flush the TLBs (with EPT too). So: add a one-page slot, delete it."""
+    page = vm.flush_page()
+    vm.vm.set_user_memory_region(FLUSH_SLOT, FLUSH_GPA, PAGE_SIZE, page, 0)
+    vm.vm.set_user_memory_region(FLUSH_SLOT, FLUSH_GPA, 0, page, 0)
