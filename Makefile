@@ -4,13 +4,15 @@ PYTHON ?= python3
 BIN = $(VENV)/bin
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench examples system-packages clean
+.PHONY: setup demo qemu-demo test bench examples system-packages clean
 
 setup: $(VENV)/.installed examples
 
 # Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow,
-# QEMU (TCG) and gcc-multilib for the QEMU loop and its 32-bit multiboot example guest.
-APT_PACKAGES = musl-tools gdb qemu-system-x86 gcc-multilib
+# QEMU (TCG) and gcc-multilib for the QEMU loop and its 32-bit multiboot example guest,
+# busybox-static for the conformance test (tests/conformance.py), elfutils (eu-stack,
+# eu-readelf) that the tests read cores with.
+APT_PACKAGES = musl-tools gdb qemu-system-x86 gcc-multilib busybox-static elfutils
 
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
@@ -29,6 +31,9 @@ examples: system-packages
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" ./examples/demo.sh
+
+qemu-demo: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" ./examples/qemu_loop.sh
 
 test: setup
 	$(BIN)/python -m pytest

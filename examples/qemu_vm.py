@@ -2,6 +2,7 @@
 """Drive a real QEMU for vmstate's QEMU loop (used by examples/qemu_loop.sh and the tests).
 
     qemu_vm.py save OUT.state [--machine pc|q35] [--memory 128M] [--serial LOG] [--fill]
+                              [--kernel qemu_guest/kernel64.bin]
         boots examples/qemu_guest/kernel.elf, waits for ticks on the serial port, then over
         QMP: stop, migrate "exec:cat > OUT.state", quit.
     qemu_vm.py resume IN.state [--machine ...] [--memory ...] [--serial LOG] [--seconds 2]
@@ -26,7 +27,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KERNEL = HERE / "qemu_guest" / "kernel.elf"
+KERNEL = HERE / "qemu_guest" / "kernel.elf"          # 32-bit, paging off
+KERNEL64 = HERE / "qemu_guest" / "kernel64.bin"      # long mode with paging (kernel64.elf: symbols)
 DEFAULT_MAC = "52:54:00:12:34:56"
 
 
@@ -170,9 +172,9 @@ class Qemu:
 
 def save_running_guest(out: str | Path, machine: str = "pc", memory: str = "128M",
                        serial: str | Path = "serial.log", fill: bool = False,
-                       ticks: int = 3) -> str:
+                       ticks: int = 3, kernel: str | Path = KERNEL) -> str:
     """Boot the example guest, let it print `ticks` lines, save it; returns its serial output."""
-    with Qemu(machine, memory, serial, append="fill" if fill else None) as qemu:
+    with Qemu(machine, memory, serial, kernel, append="fill" if fill else None) as qemu:
         qemu.wait_serial(f"tick {ticks} ", timeout=120)
         qemu.save(out)
         return qemu.serial_text()
@@ -198,12 +200,16 @@ def main() -> None:
     parser.add_argument("--memory", default="128M")
     parser.add_argument("--serial")
     parser.add_argument("--fill", action="store_true", help="write all RAM before saving")
+    parser.add_argument("--kernel", default=str(KERNEL),
+                        help="the guest (default: the 32-bit kernel.elf; the 64-bit one is "
+                             "qemu_guest/kernel64.bin)")
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     try:
         if args.action == "save":
             output = save_running_guest(args.state, args.machine, args.memory,
-                                        args.serial or "serial.log", args.fill)
+                                        args.serial or "serial.log", args.fill,
+                                        kernel=args.kernel)
         else:
             output = resume(args.state, args.machine, args.memory,
                             args.serial or "resumed.log", args.seconds)

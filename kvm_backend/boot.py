@@ -1,11 +1,14 @@
-"""Booting a fresh VM: load a static ELF program and set the vCPU up at its entry point."""
+"""Booting a fresh VM: load a static ELF program and set the vCPU up at its entry point.
+
+load_guest and boot_vcpu_state do the CPU-independent part (guest memory, the personality's
+state, the VMM's boot template), shared with the software CPU (soft_backend)."""
 
 from __future__ import annotations
 
 import os
 
 from vmstate.errors import ProgramError
-from vmstate.state import VcpuState
+from vmstate.state import CpuidEntry, VcpuState
 
 from . import abi, machine, vcpu_state
 from linux_personality.address_space import UserAddressSpace
@@ -14,7 +17,7 @@ from linux_personality.identity import Identity
 from linux_personality.options import GuestOptions
 
 from .kvm import Kvm
-from .loader import build_stack, heap_start, inspect_program, load_program
+from .loader import Program, build_stack, heap_start, inspect_program, load_program
 from .memory import GuestMemory
 from .vm import VirtualMachine
 
@@ -25,30 +28,44 @@ def boot(kvm: Kvm, program_path: str, argv: list[str], memory_size: int,
     program = inspect_program(program_path)
     vm = VirtualMachine(kvm, GuestMemory(memory_size))
     try:
-        for addr, data in machine.boot_structures(memory_size):
-            vm.memory.write_phys(addr, data)
-        vm.address_space = UserAddressSpace.fresh(vm.memory, machine.USER_START,
-                                                  heap_start(program), vm.memory.size)
-        vm.memory.set_user_range(machine.USER_START, vm.address_space.state.user_end)
-        load_program(program, vm.memory, vm.address_space.state.mmap_top)
-        rsp = build_stack(vm.memory, program, argv, vm.address_space.stack_top)
-        vm.files = FileTable.with_stdio(root, options.max_fds)
-        try:
-            vm.files.namespace.enter(options.cwd)
-        except OSError as e:
-            raise ProgramError(f"--cwd {options.cwd}: {e.strerror} (inside the guest root "
-                               f"{root})") from None
-        vm.identity = Identity(hostname=options.hostname)
-        vm.max_file_size = options.max_file_size
-        vm.program, vm.argv = program_path, tuple(argv)
-        vm.name = os.path.basename(program_path)
+        rsp = load_guest(vm, program, argv, root, options)
         apic_base = vm.vcpu.get_sregs().apic_base
-        vcpu_state.apply(vm.vcpu, VcpuState(
-            regs=machine.boot_registers(program.entry, rsp),
-            sregs=machine.boot_sregs(apic_base), msrs=machine.BOOT_MSRS,
-            cpuid=vcpu_state.cpuid_from_kvm(kvm.supported_cpuid()),
-            mp_state=abi.KVM_MP_STATE_RUNNABLE))
+        vcpu_state.apply(vm.vcpu, boot_vcpu_state(
+            program, rsp, apic_base, vcpu_state.cpuid_from_kvm(kvm.supported_cpuid())))
     except BaseException:
         vm.close()
         raise
     return vm
+
+
+def load_guest(vm, program: Program, argv: list[str], root: str, options: GuestOptions) -> int:
+    """Fill a fresh machine's memory (boot structures, program, stack) and its personality
+    state (address space, files, identity); return the initial stack pointer. `vm` is either
+    backend's machine: it has `memory` and the personality's attributes."""
+    memory = vm.memory
+    for addr, data in machine.boot_structures(memory.size):
+        memory.write_phys(addr, data)
+    vm.address_space = UserAddressSpace.fresh(memory, machine.USER_START, heap_start(program),
+                                              memory.size)
+    memory.set_user_range(machine.USER_START, vm.address_space.state.user_end)
+    load_program(program, memory, vm.address_space.state.mmap_top)
+    rsp = build_stack(memory, program, argv, vm.address_space.stack_top)
+    vm.files = FileTable.with_stdio(root, options.max_fds)
+    try:
+        vm.files.namespace.enter(options.cwd)
+    except OSError as e:
+        raise ProgramError(f"--cwd {options.cwd}: {e.strerror} (inside the guest root "
+                           f"{root})") from None
+    vm.identity = Identity(hostname=options.hostname)
+    vm.max_file_size = options.max_file_size
+    vm.program, vm.argv = program.path, tuple(argv)
+    vm.name = os.path.basename(program.path)
+    return rsp
+
+
+def boot_vcpu_state(program: Program, rsp: int, apic_base: int,
+                    cpuid: tuple[CpuidEntry, ...]) -> VcpuState:
+    """The VMM's boot template: the vCPU at the program's entry point, in ring 3."""
+    return VcpuState(regs=machine.boot_registers(program.entry, rsp),
+                     sregs=machine.boot_sregs(apic_base), msrs=machine.BOOT_MSRS,
+                     cpuid=cpuid, mp_state=abi.KVM_MP_STATE_RUNNABLE)

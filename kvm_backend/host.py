@@ -33,7 +33,7 @@ from vmstate.state import FD_STDERR, FD_STDIN, FD_STDOUT
 from vmstate.vmm_config import VmEntry
 
 from .kvm import Kvm
-from .session import SaveOptions, check_memory_size, describe, restored_vm
+from .session import KvmBackend, SaveOptions, check_memory_size, describe, restored_vm
 from .tagged_output import TaggedOutput
 from .vm import Exited, Faulted, Outcome, Saved, VirtualMachine, timing_mark
 
@@ -159,7 +159,7 @@ class Host:
         if entry.snapshot is not None:
             image = Image(entry.snapshot)
             try:
-                vm, gate = restored_vm(self.kvm, image, entry.root)
+                vm, gate = restored_vm(KvmBackend(self.kvm), image, entry.root)
             except BaseException:
                 image.close()
                 raise

@@ -1,7 +1,7 @@
 """Thin, typed wrappers over the KVM ioctl API: Kvm (/dev/kvm) -> Vm -> Vcpu.
 
 Each method wraps one ioctl. Objects own their file descriptors and close them as context
-managers. KVM_RUN results come back as one of the small frozen exit dataclasses below.
+managers. KVM_RUN results come back as one of the small exit named tuples below.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import errno
 import fcntl
 import mmap
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 
 from vmstate.errors import VmstateError
 from vmstate.fd import FdOwner
@@ -39,59 +39,18 @@ class KvmIoctlError(VmstateError):
 
 
 # --- exits ----------------------------------------------------------------------------------
+# Named tuples: one is made per KVM_RUN, and they cost a fraction of a frozen dataclass to
+# define at start-up and to create. Match them by class and keyword (never compare two).
 
-@dataclass(frozen=True)
-class IoExit:
-    port: int
-    is_out: bool
-    size: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class HltExit:
-    pass
-
-
-@dataclass(frozen=True)
-class DebugExit:
-    pc: int
-    exception: int
-    dr6: int
-
-
-@dataclass(frozen=True)
-class MmioExit:
-    address: int
-    is_write: bool
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ShutdownExit:
-    """Triple fault: the guest could not even deliver an exception."""
-
-
-@dataclass(frozen=True)
-class FailEntryExit:
-    reason: int
-
-
-@dataclass(frozen=True)
-class InternalErrorExit:
-    suberror: int
-    data: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class InterruptedExit:
-    """KVM_RUN returned EINTR (a signal, or immediate_exit was set)."""
-
-
-@dataclass(frozen=True)
-class UnknownExit:
-    reason: int
-
+IoExit = namedtuple("IoExit", "port is_out size data")
+HltExit = namedtuple("HltExit", "")
+DebugExit = namedtuple("DebugExit", "pc exception dr6")
+MmioExit = namedtuple("MmioExit", "address is_write data")
+ShutdownExit = namedtuple("ShutdownExit", "")    # triple fault: no exception could be delivered
+FailEntryExit = namedtuple("FailEntryExit", "reason")
+InternalErrorExit = namedtuple("InternalErrorExit", "suberror data")
+InterruptedExit = namedtuple("InterruptedExit", "")   # EINTR: a signal, or immediate_exit
+UnknownExit = namedtuple("UnknownExit", "reason")
 
 Exit = (IoExit | HltExit | DebugExit | MmioExit | ShutdownExit | FailEntryExit
         | InternalErrorExit | InterruptedExit | UnknownExit)
@@ -127,7 +86,13 @@ class Kvm(_Fd):
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from None
         super().__init__(fd)
-        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+        self._spare_vm: Vm | None = None
+        try:
+            version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+        except OSError as e:          # e.g. /dev/null: a device, but not KVM
+            self.close()
+            raise KvmUnavailable(f"{path} is not a KVM device (KVM_GET_API_VERSION: "
+                                 f"{e.strerror})") from None
         if version != KVM_API_VERSION:
             self.close()
             raise KvmUnavailable(f"{path} speaks KVM API {version}, expected {KVM_API_VERSION}")
@@ -146,7 +111,21 @@ class Kvm(_Fd):
         return _grow_until_fits(lambda n: abi.kvm_msr_list(n), self.fd, KVM_GET_MSR_INDEX_LIST,
                                 "nmsrs", "indices")
 
+    def probe(self) -> None:
+        """Create a VM, the only reliable test that KVM works (CPU flags lie under nesting);
+        it is kept for the next create_vm, which then costs nothing."""
+        self._spare_vm = self.create_vm()
+
+    def close(self) -> None:
+        if self._spare_vm is not None:
+            self._spare_vm.close()
+            self._spare_vm = None
+        super().close()
+
     def create_vm(self) -> Vm:
+        spare, self._spare_vm = self._spare_vm, None
+        if spare is not None:
+            return spare
         try:
             fd = fcntl.ioctl(self.fd, KVM_CREATE_VM, 0)
         except OSError as e:
@@ -156,7 +135,7 @@ class Kvm(_Fd):
 
 def _grow_until_fits(make, fd: int, request: int, count_field: str, array_field: str) -> list:
     """Call an ioctl that answers E2BIG until its flexible array is large enough."""
-    count = 64
+    count = 256          # enough for today's CPUID and MSR lists: one call, not two
     while True:
         buf = make(count)
         try:

@@ -10,9 +10,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
+from vmstate import elf
 from vmstate.errors import ProgramError
 from vmstate.fd import open_to_read
 from vmstate.state import PAGE_SIZE
@@ -52,44 +50,54 @@ class Program:
 
 def inspect_program(path: str) -> Program:
     """Parse and validate the ELF headers (no guest needed)."""
-    with os.fdopen(open_to_read(path, "file", ProgramError), "rb") as f:
-        if f.read(4) != b"\x7fELF":
+    fd = open_to_read(path, "file", ProgramError)
+    try:
+        header = os.pread(fd, elf.EHDR.size, 0)
+        if header[:4] != elf.ELF_MAGIC:
             raise ProgramError(f"{path}: not an ELF executable")
-        f.seek(0)
-        try:
-            return _parse(path, ELFFile(f))
-        except (ELFError, struct.error, ValueError) as e:
-            raise ProgramError(f"{path}: corrupt ELF file ({e})") from None
+        if len(header) > 4 and header[4] != elf.ELFCLASS64:
+            raise ProgramError(f"{path}: 32-bit ELF; vmstate runs x86-64 (64-bit) programs only")
+        if len(header) < elf.EHDR.size:
+            raise ProgramError(f"{path}: corrupt ELF file (the header is cut short)")
+        (ident, e_type, machine, _, entry, phoff, _, _, _, phentsize, phnum, _, _, _) = \
+            elf.EHDR.unpack(header)
+        if ident[5] != elf.ELFDATA2LSB or machine != elf.EM_X86_64:
+            name = elf.EM_NAMES.get(machine, f"machine {machine}") \
+                if ident[5] == elf.ELFDATA2LSB else "a big-endian machine"
+            raise ProgramError(f"{path}: ELF for {name}, not x86-64")
+        if phentsize != elf.PHDR.size and phnum:
+            raise ProgramError(f"{path}: corrupt ELF file (program header size {phentsize})")
+        table = os.pread(fd, phnum * elf.PHDR.size, phoff)
+        if len(table) != phnum * elf.PHDR.size:
+            raise ProgramError(f"{path}: corrupt ELF file (the program headers run past its "
+                               "end)")
+    finally:
+        os.close(fd)
+    return _program(path, e_type, entry, phoff, phnum, table)
 
 
-def _parse(path: str, elf: ELFFile) -> Program:
-    if elf.elfclass != 64:
-        raise ProgramError(f"{path}: 32-bit ELF; vmstate runs x86-64 (64-bit) programs only")
-    if elf["e_machine"] != "EM_X86_64":
-        raise ProgramError(f"{path}: ELF for {elf['e_machine']}, not x86-64")
+def _program(path: str, e_type: int, entry: int, phoff: int, phnum: int,
+             table: bytes) -> Program:
     segments, phdr_addr, interp = [], None, False
-    for seg in elf.iter_segments():
-        kind = seg["p_type"]
-        if kind == "PT_INTERP":
+    for kind, _, offset, vaddr, _, filesz, memsz, _ in elf.PHDR.iter_unpack(table):
+        if kind == elf.PT_INTERP:
             interp = True
-        elif kind == "PT_PHDR":
-            phdr_addr = seg["p_vaddr"]
-        elif kind == "PT_LOAD" and seg["p_memsz"]:
-            segments.append(Segment(seg["p_vaddr"], seg["p_offset"], seg["p_filesz"],
-                                    seg["p_memsz"]))
+        elif kind == elf.PT_PHDR:
+            phdr_addr = vaddr
+        elif kind == elf.PT_LOAD and memsz:
+            segments.append(Segment(vaddr, offset, filesz, memsz))
     if interp:
         raise ProgramError(f"{path}: dynamically linked; build it with musl-gcc -static")
-    if elf["e_type"] == "ET_DYN":
+    if e_type == elf.ET_DYN:
         raise ProgramError(f"{path}: position-independent executable (PIE); link with "
                            "-static -no-pie")
-    if elf["e_type"] != "ET_EXEC" or not segments:
-        raise ProgramError(f"{path}: not an executable ({elf['e_type']})")
+    if e_type != elf.ET_EXEC or not segments:
+        raise ProgramError(f"{path}: not an executable "
+                           f"({elf.ET_NAMES.get(e_type, f'type {e_type}')})")
     if phdr_addr is None:   # the headers lie inside the first segment that maps file offset e_phoff
-        phoff = elf["e_phoff"]
         phdr_addr = next((s.vaddr + phoff - s.file_offset for s in segments
                           if s.file_offset <= phoff < s.file_offset + s.file_size), 0)
-    return Program(path, elf["e_entry"], tuple(segments), phdr_addr, elf["e_phentsize"],
-                   elf["e_phnum"])
+    return Program(path, entry, tuple(segments), phdr_addr, elf.PHDR.size, phnum)
 
 
 def load_program(program: Program, memory: GuestMemory, limit: int) -> None:
@@ -104,24 +112,26 @@ def load_program(program: Program, memory: GuestMemory, limit: int) -> None:
             memory.write_phys(seg.vaddr, os.pread(f.fileno(), seg.file_size, seg.file_offset))
 
 
-def build_stack(memory: GuestMemory, program: Program, argv: list[str], stack_top: int) -> int:
+def build_stack(memory: GuestMemory, program: Program, argv: list[str], stack_top: int,
+                envp: list[str] = ()) -> int:
     """Write argc, argv, envp and the auxiliary vector below `stack_top`; return the initial
     RSP (16-byte aligned, pointing at argc), as the Linux ELF loader does."""
     strings = bytearray()
     offsets = []
-    for arg in argv:
+    for arg in [*argv, *envp]:
         offsets.append(len(strings))
         strings += os.fsencode(arg) + b"\0"
     random_offset = len(strings)
     strings += os.urandom(16)
     area = (stack_top - len(strings)) & ~0xF
     memory.write_phys(area, bytes(strings))
-    arg_ptrs = [area + off for off in offsets]
+    pointers = [area + off for off in offsets]
+    arg_ptrs, env_ptrs = pointers[:len(argv)], pointers[len(argv):]
     auxv = [AT_PHDR, program.phdr_addr, AT_PHENT, program.phent, AT_PHNUM, program.phnum,
             AT_PAGESZ, PAGE_SIZE, AT_ENTRY, program.entry, AT_UID, 0, AT_EUID, 0, AT_GID, 0,
             AT_EGID, 0, AT_SECURE, 0, AT_CLKTCK, 100, AT_RANDOM, area + random_offset,
             AT_EXECFN, arg_ptrs[0], AT_NULL, 0]
-    words = [len(argv), *arg_ptrs, 0, 0, *auxv]      # argc, argv..., NULL, envp: NULL, auxv
+    words = [len(argv), *arg_ptrs, 0, *env_ptrs, 0, *auxv]   # argc, argv, NULL, envp, NULL, auxv
     rsp = (area - 8 * len(words)) & ~0xF
     memory.write_phys(rsp, struct.pack(f"<{len(words)}Q", *words))
     return rsp

@@ -14,6 +14,8 @@ Guest physical memory is identity-mapped (virtual == physical). Layout of the fi
 Applications run in ring 3. `syscall` jumps to the syscall entry, whose one instruction stores
 a byte to the doorbell page; no memory slot backs it, so KVM exits with KVM_EXIT_MMIO. The VMM
 services the call and returns to the application itself (RIP = RCX, RFLAGS = R11, user CS/SS).
+A store to the doorbell page's byte 8 (the spare doorbell) exits the same way and the VMM
+just runs the guest on: the bare exit round trip the benchmarks compare a system call with.
 This works on hardware KVM, where `syscall` enters ring 0, and on KVM-PVM, where it stays in
 ring 3, where `hlt`/`out` fault and where hardware breakpoints do not exit (measured). Guest
 ring 0 (emulated on PVM, ~2000x slower) only ever runs an exception stub: push the vector and
@@ -28,14 +30,14 @@ from vmstate import x86
 from vmstate.paging import PTE_P, PTE_PS, PTE_RW, PTE_US
 from vmstate.state import (
     DescriptorTable, PAGE_SIZE, Registers, Segment, SpecialRegisters)
+# User memory's start, the memory limit and the page size, declared with the restore checks.
+from vmstate.validate import LARGE_PAGE, MAX_MEMORY, USER_START
 
 GDT_ADDR, IDT_ADDR, TSS_ADDR, STUB_ADDR = 0x1000, 0x2000, 0x3000, 0x4000
 PML4_ADDR, PDPT_ADDR, PT_LOW_ADDR, PD_ADDR = 0x5000, 0x6000, 0x7000, 0x8000
 EXCEPTION_STACK_TOP, DOUBLE_FAULT_STACK_TOP = 0x54000, 0x56000
-USER_START = 0x200000
-MAX_MEMORY = 64 << 30
 DOORBELL_VA, DOORBELL_GPA = 0x1FF000, MAX_MEMORY   # a guest physical address with no memory
-LARGE_PAGE = 2 << 20
+SPARE_DOORBELL_GPA = DOORBELL_GPA + 8   # a write here is answered by running on: a bare exit
 
 EXCEPTION_STUB_SIZE = 8
 SYSCALL_ENTRY = STUB_ADDR + 256 * EXCEPTION_STUB_SIZE

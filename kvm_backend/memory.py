@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 
 from linux_personality.cpu import GuestFault
 from vmstate.mapping import close_mapping
@@ -33,6 +34,7 @@ class GuestMemory:
         self.view = memoryview(self._map)
         self.user_start = self.user_end = 0      # no guest pointer is valid until set
         self._vmm_written = bytearray(size // PAGE_SIZE)
+        self._written_lock = threading.Lock()    # a live migration's sender takes the marks
 
     def close(self) -> None:
         del self._anchor
@@ -57,12 +59,15 @@ class GuestMemory:
         if length <= 0:
             return
         first, last = addr // PAGE_SIZE, (addr + length - 1) // PAGE_SIZE
-        self._vmm_written[first:last + 1] = b"\x01" * (last - first + 1)
+        with self._written_lock:
+            self._vmm_written[first:last + 1] = b"\x01" * (last - first + 1)
 
-    @property
-    def vmm_written_pages(self) -> bytearray:
-        """One byte per page, 1 where the VMM itself wrote (KVM's dirty log misses these)."""
-        return self._vmm_written
+    def take_written(self) -> bytearray:
+        """One byte per page, 1 where the VMM itself wrote since the previous call (KVM's
+        dirty log misses these)."""
+        with self._written_lock:
+            taken, self._vmm_written = self._vmm_written, bytearray(len(self._vmm_written))
+        return taken
 
     # -- guest pointers: untrusted, checked against the user range ------------------------------
 

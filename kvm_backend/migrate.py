@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from vmstate.errors import VmstateError, describe_error
+from vmstate.errors import RestoreError, VmstateError, describe_error
 from vmstate.image.reader import ImageMetadata
 from vmstate.image.writer import plan_image, write_image
 from vmstate.migration import protocol as P
@@ -18,8 +18,8 @@ from vmstate.migration.send import MigrationFailed, send_to
 from vmstate.rootfs import open_root
 from vmstate.state import PAGE_SIZE, VmState
 
+from . import machine
 from .memory import GuestMemory
-from .kvm import Kvm
 from .vm import Outcome, SaveHandler, VirtualMachine, check_restorable
 
 
@@ -56,6 +56,25 @@ class GuestMemorySink:
         self.metadata = metadata
         self.memory = GuestMemory(metadata.state.memory[0].size)
 
+    # a live migration (live_receive.LiveMemorySink): memory first, the state last
+
+    def prepare_layout(self, regions: list[tuple[int, int]]) -> None:
+        if len(regions) != 1 or regions[0][0] != 0 or regions[0][1] % machine.LARGE_PAGE \
+                or not machine.USER_START < regions[0][1] <= machine.MAX_MEMORY:
+            raise RestoreError(f"memory layout {regions} does not fit this VMM's (one region "
+                               "at guest physical 0, whole 2 MiB pages)")
+        self.memory = GuestMemory(regions[0][1])
+
+    @property
+    def view(self) -> memoryview:
+        return self.memory.view
+
+    def check(self, metadata: ImageMetadata) -> None:
+        check_restorable(metadata.state)
+        if metadata.state.memory[0].size != self.memory.size:
+            raise RestoreError("the final state's memory is not the size announced")
+        self.metadata = metadata
+
     def receive(self, sock: socket.socket, pieces: list[tuple[int, int, int]]) -> None:
         """Scattered reads straight into the pages' places in guest memory (one region)."""
         view = self.memory.view
@@ -71,22 +90,23 @@ class GuestMemorySink:
             self.memory = None
 
 
-def receive_and_run(connection: Connection, kvm: Kvm, root: str, max_size: int,
+def receive_and_run(connection: Connection, backend, root: str, max_size: int,
                     save: SaveHandler, trace=None, log=sys.stderr) -> Outcome:
     """Receive one VM, verify it, start it, acknowledge, and run it to its end."""
     root_fd = open_root(root)
     sink = GuestMemorySink()
     try:
-        received = receive_vm(connection.sock, sink, root_fd, max_size)
+        received = receive_vm(connection.sock, sink, root_fd, max_size, live=True)
     finally:
         os.close(root_fd)
     print(f"Received {received.total_bytes} bytes", file=log, flush=True)
-    with _start(received, sink, kvm, root) as vm:
+    with _start(received, sink, backend, root) as vm:
         connection.acknowledge("VM verified and started")
         return vm.run(trace=trace, save=save)
 
 
-def _start(received: Received, sink: GuestMemorySink, kvm: Kvm, root: str) -> VirtualMachine:
+def _start(received: Received, sink: GuestMemorySink, backend, root: str) -> VirtualMachine:
+    """`backend`: session.KvmBackend or soft_backend's SoftBackend."""
     try:
         commit_files(received)
     except BaseException:
@@ -94,5 +114,5 @@ def _start(received: Received, sink: GuestMemorySink, kvm: Kvm, root: str) -> Vi
         sink.discard()
         raise
     memory, sink.memory = sink.memory, None          # the VM owns it from here
-    return VirtualMachine.restore(kvm, received.metadata.state, memory, root)
+    return backend.restore(received.metadata.state, memory, root)
 

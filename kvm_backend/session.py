@@ -5,20 +5,21 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
-from vmstate.errors import VmstateError
-from vmstate.image.reader import Image
-from vmstate.image.writer import write_image
+from vmstate.errors import KvmNotAvailableError, UsageError, VmstateError
 from vmstate.state import VmState
 from vmstate.units import format_size
 
 from .machine import LARGE_PAGE, MAX_MEMORY
 from .memory import GuestMemory
 from .vm import (
-    Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm, timing_mark)
+    LiveSave, Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm, timing_mark)
+
+if TYPE_CHECKING:             # imported where used: run does not need the image reader
+    from vmstate.image.reader import Image
 
 MIN_MEMORY = 8 << 20
 DEFAULT_IMAGE = "vm_image.sav"
@@ -32,11 +33,18 @@ class SaveOptions:
     migrate_to: str | None = None    # HOST:PORT: stream the VM there instead of writing it
     with_files: bool = False         # carry the guest's open files' contents along
     connect_timeout: float = 30.0
+    live: bool = False               # with migrate_to: pre-copy while the guest runs
+    max_downtime: float = 0.050      # seconds, for a live migration's final stop
 
-    def handler(self, root: str) -> SaveHandler:
+    def handler(self, root: str) -> SaveHandler | LiveSave:
         if self.migrate_to is None:
             return save_to_file(self.image)
         from vmstate.migration.protocol import parse_address
+        if self.live:
+            from vmstate.migration.live_send import LiveOptions
+            from .live import live_migrate_to
+            return live_migrate_to(parse_address(self.migrate_to), self.connect_timeout,
+                                   self.with_files, root, LiveOptions(self.max_downtime))
         from .migrate import migrate_to
         return migrate_to(parse_address(self.migrate_to), self.connect_timeout,
                           self.with_files, root, self.image)
@@ -55,36 +63,89 @@ class SaveOptions:
 def check_memory_size(size: int) -> int:
     """Round up to whole 2 MiB pages; refuse sizes the guest layout cannot hold."""
     if not MIN_MEMORY <= size <= MAX_MEMORY:
-        raise VmstateError(f"--memory must be between {MIN_MEMORY >> 20} MiB and "
-                           f"{MAX_MEMORY >> 30} GiB")
+        raise UsageError(f"--memory must be between {MIN_MEMORY >> 20} MiB and "
+                         f"{MAX_MEMORY >> 30} GiB")
     return (size + LARGE_PAGE - 1) // LARGE_PAGE * LARGE_PAGE
 
 
 def save_to_file(path: str) -> SaveHandler:
     def save(state: VmState, region_views: list[memoryview]) -> str:
+        from vmstate.image.writer import write_image      # only a SAVE needs the writer
         plan = write_image(path, state, region_views)
         pages = sum(r.present_pages for r in state.memory)
         return f"saved to {path} ({pages} pages, {format_size(plan.memory_bytes)} of memory stored)"
     return save
 
 
+CPU_CHOICES = ("auto", "kvm", "soft")
+
+
+class KvmBackend:
+    name = "kvm"
+
+    def __init__(self, kvm):
+        self.kvm = kvm
+
+    def boot(self, program: str, argv: list[str], memory_size: int, root: str,
+             options: GuestOptions) -> VirtualMachine:
+        from .boot import boot          # the ELF loader is not needed to restore
+        return boot(self.kvm, program, argv, memory_size, root, options)
+
+    def restore(self, state: VmState, memory: GuestMemory, root: str) -> VirtualMachine:
+        return VirtualMachine.restore(self.kvm, state, memory, root)
+
+    @staticmethod
+    def run_options(vm: VirtualMachine, save: SaveOptions, max_instructions: int | None) -> dict:
+        """VirtualMachine.run's backend-specific arguments: the para-calls (401-403)."""
+        return {"paracalls": save.paracalls(vm)}
+
+
+def choose_backend(cpu: str = "auto", max_instructions: int | None = None):
+    """The CPU that runs the guest: KVM, the software CPU (unicorn), or for "auto" KVM if it
+    can create a VM and the software CPU otherwise (said once on stderr). Only the software
+    CPU counts instructions, so "auto" with `max_instructions` takes it."""
+    if cpu not in CPU_CHOICES:
+        raise VmstateError(f"--cpu {cpu}: must be one of {', '.join(CPU_CHOICES)}")
+    if max_instructions is not None:
+        if max_instructions <= 0:
+            raise VmstateError(f"--max-instructions {max_instructions}: must be positive")
+        if cpu == "kvm":
+            raise VmstateError("--max-instructions needs the software CPU (--cpu soft): KVM "
+                               "runs the guest on the real CPU, which cannot stop it after an "
+                               "exact number of instructions")
+        cpu = "soft"
+    if cpu != "soft":
+        try:
+            return KvmBackend(open_kvm())
+        except KvmNotAvailableError as e:
+            if cpu == "kvm":
+                raise
+            print(f"vmstate: {e}; running the guest on the software CPU (unicorn)",
+                  file=sys.stderr, flush=True)
+    from soft_backend.backend import SoftBackend
+    return SoftBackend()
+
+
 def run_program(program: str, argv: list[str], memory_size: int, root: str,
-                save: SaveOptions, trace=None, options: GuestOptions = GuestOptions()) -> Outcome:
+                save: SaveOptions, trace=None, options: GuestOptions = GuestOptions(),
+                cpu: str = "auto", max_instructions: int | None = None) -> Outcome:
     memory_size = check_memory_size(memory_size)
-    from .boot import boot          # the ELF loader is not needed to restore
-    kvm = open_kvm()
-    with boot(kvm, program, argv, memory_size, root, options) as vm:
+    backend = choose_backend(cpu, max_instructions)
+    with backend.boot(program, argv, memory_size, root, options) as vm:
         vm.stop.on_signals(save.signals)
-        return vm.run(trace=trace, save=save.handler(root), paracalls=save.paracalls(vm))
+        return vm.run(trace=trace, save=save.handler(root),
+                      **backend.run_options(vm, save, max_instructions))
 
 
-def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> Outcome:
+def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu: str = "auto",
+                  max_instructions: int | None = None) -> Outcome:
     """Restore and run. Memory checksums are verified in a background thread while the vCPU
     starts; the VMM acts on no exit (so the guest affects nothing) until they pass."""
+    from vmstate.image.reader import Image
     image = Image(image_path)
     try:
-        kvm = open_kvm()
-        vm, gate = restored_vm(kvm, image, root)
+        backend = choose_backend(cpu, max_instructions)
+        vm, gate = restored_vm(backend, image, root)
         with vm:
             if trace is not None:
                 for index in vm.refused_msrs:
@@ -92,25 +153,26 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None) -> 
                           file=trace)
             vm.stop.on_signals(save.signals)
             return vm.run(trace=trace, save=save.handler(root), gate=gate,
-                          paracalls=save.paracalls(vm))
+                          **backend.run_options(vm, save, max_instructions))
     finally:
         image.close()
 
 
-def restored_vm(kvm, image: Image, root: str) -> tuple[VirtualMachine, Callable[[], None]]:
-    """A VM over `image`'s memory (copy-on-write) and the gate its run must pass: the memory
-    verification started here. `image` must stay open while the VM runs."""
+def restored_vm(backend, image: Image, root: str) -> tuple[VirtualMachine, Callable[[], None]]:
+    """A VM of `backend` (KvmBackend or SoftBackend) over `image`'s memory (copy-on-write) and
+    the gate its run must pass: the memory verification started here. `image` must stay open
+    while the VM runs."""
     verification = _MemoryVerification(image)
     check_restorable(image.state)
     memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
                          image_offset=image.region_data[0].data_offset)
-    vm = VirtualMachine.restore(kvm, image.state, memory, root)
+    vm = backend.restore(image.state, memory, root)
     verification.start(vm.stop)
     return vm, verification.wait
 
 
 class _MemoryVerification:
-    def __init__(self, image: Image):
+    def __init__(self, image):
         self.image = image
         self._call: BackgroundCall[None] | None = None
 
@@ -130,18 +192,19 @@ class _MemoryVerification:
 
 
 def receive_and_run(address: tuple[str, int], root: str, max_size: int, min_rate: int,
-                    once: bool, save: SaveOptions, trace=None) -> Outcome | None:
+                    once: bool, save: SaveOptions, trace=None, cpu: str = "auto"
+                    ) -> Outcome | None:
     """Serve senders one at a time (a VM runs in the main thread); run each VM received.
     Returns the last VM's outcome (None if the last sender was rejected)."""
     from vmstate.migration.receive import serve
 
     from .migrate import receive_and_run as run_one
-    kvm = open_kvm()                  # no KVM: say so now, not after taking a VM in
+    backend = choose_backend(cpu)     # no KVM: say so now, not after taking a VM in
     outcomes: list[Outcome | None] = [None]
 
     def handle(connection) -> None:
         outcomes.append(None)
-        outcome = run_one(connection, kvm, root, max_size, save.handler(root), trace)
+        outcome = run_one(connection, backend, root, max_size, save.handler(root), trace)
         outcomes[-1] = outcome
         print(f"vmstate: receive: the VM from {connection.peer} ended: {describe(outcome)}",
               file=sys.stderr, flush=True)

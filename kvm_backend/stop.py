@@ -25,6 +25,8 @@ class StopRequest:
         self.requested = threading.Event()
         self.reason = ""
         self._stopped = threading.Event()
+        self._kicker: threading.Thread | None = None
+        self._lock = threading.Lock()         # a request and a reset do not interleave
         self._main = threading.main_thread().ident
         self.cancel_fd, self._cancel_w = os.pipe()
         os.set_blocking(self.cancel_fd, False)          # drained by clear_interrupted_call
@@ -32,12 +34,14 @@ class StopRequest:
 
     def request(self, reason: str) -> None:
         """Ask the run loop to stop (any thread)."""
-        if self.requested.is_set():
-            return
-        self.reason = reason
-        self.requested.set()
-        os.write(self._cancel_w, b"x")
-        threading.Thread(target=self._kick, daemon=True, name="vcpu-kick").start()
+        with self._lock:
+            if self.requested.is_set():
+                return
+            self.reason = reason
+            self.requested.set()
+            os.write(self._cancel_w, b"x")
+            self._kicker = threading.Thread(target=self._kick, daemon=True, name="vcpu-kick")
+            self._kicker.start()
 
     def interrupt_call(self) -> None:
         """Wake the blocking call the guest is in (CallInterrupted) without asking the VM to
@@ -63,6 +67,25 @@ class StopRequest:
     def stopped(self) -> None:
         """The run loop has stopped the vCPU: stop kicking."""
         self._stopped.set()
+
+    def reset(self) -> None:
+        """The run loop has handled the request and the guest carries on (a live migration
+        began, or failed and left the guest here, or a save was refused): accept the next
+        request."""
+        with self._lock:
+            self.stopped()
+            if self._kicker is not None:
+                self._kicker.join()
+                self._kicker = None
+            os.set_blocking(self.cancel_fd, False)
+            try:
+                os.read(self.cancel_fd, 64)
+            except BlockingIOError:
+                pass
+            os.set_blocking(self.cancel_fd, True)
+            self.run_page.immediate_exit = 0
+            self.requested.clear()
+            self._stopped.clear()
 
     def close(self) -> None:
         """Stop kicking and release the pipe (the signal watcher, if any, stays for the

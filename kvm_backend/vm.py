@@ -7,18 +7,22 @@ import errno
 import os
 import signal
 import struct
+import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
+
+import numpy as np
 
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
-from vmstate.pages import bytemap_from_bits, bytemap_from_runs, runs_from_bytemap, union
-from vmstate.validate import problems
+from vmstate.pages import bytemap_from_runs, runs_from_bytemap
 from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
 
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
+from linux_personality import snapshot
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.cpu import GuestFault
 from linux_personality.fdtable import FileTable
@@ -61,6 +65,24 @@ Outcome = Exited | Faulted | Saved
 SaveHandler = Callable[[VmState, list[memoryview]], str]
 
 
+class LiveMigration(Protocol):
+    """A live migration under way (kvm_backend/live.py), as the run loop sees it."""
+    wants_pause: threading.Event     # the sender is ready for the final stop-and-copy
+    finished: threading.Event        # it ended (failed) without stopping the guest
+
+    def hand_over(self, state: VmState, stopped_at: float) -> str | None:
+        """The vCPU stopped at `stopped_at` (time.monotonic()): send the rest; where the VM
+        went, or None if it failed."""
+    def abandon(self, why: str) -> None:
+        """The guest ended here first: cancel the migration."""
+
+
+@dataclass(frozen=True)
+class LiveSave:
+    """Save by live migration: `begin(vm)` starts sending while the guest runs on."""
+    begin: Callable[["VirtualMachine"], LiveMigration]
+
+
 SYNC_REGS = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
 SEGMENT_BASES = {"fs_base": "fs", "gs_base": "gs"}
 
@@ -68,7 +90,7 @@ SEGMENT_BASES = {"fs_base": "fs", "gs_base": "gs"}
 def open_kvm() -> Kvm:
     try:
         kvm = Kvm(os.environ.get(KVM_DEVICE_ENV, "/dev/kvm"))
-        kvm.create_vm().close()     # the only reliable probe (CPU flags lie under nesting)
+        kvm.probe()
     except KvmUnavailable as e:
         raise KvmNotAvailableError(f"KVM is not available: {e}") from None
     if kvm.check_extension(abi.KVM_CAP_SYNC_REGS) & SYNC_REGS != SYNC_REGS:
@@ -108,11 +130,16 @@ class VirtualMachine:
         self.identity = Identity()
         self.signals = SignalState()
         self.max_file_size: int | None = None
+        self.forked_child = False             # this VMM process runs a guest's fork child
+        self._msrs: list[int] | None = None
         self.star = machine.STAR
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.stop = StopRequest(self.vcpu.run_page)
         self.name = "vm"                      # tags its para-call output and its lines on a host
-        self._present = bytes(memory.size // PAGE_SIZE)      # pages known present so far
+        self._present = np.zeros(memory.size // PAGE_SIZE, np.uint8)   # pages present so far
+        self._unsent: np.ndarray | None = None    # written since a live migration took them
+        self._written_lock = threading.Lock()
+        self.migration: LiveMigration | None = None
         self._running: _Running | None = None
         self.serving: int | None = None       # the system call being served, if any
 
@@ -140,7 +167,8 @@ class VirtualMachine:
         region = state.memory[0]
         vm = cls(kvm, memory)
         try:
-            vm._present = bytes(bytemap_from_runs(region.present, region.size // PAGE_SIZE))
+            vm._present = np.frombuffer(
+                bytemap_from_runs(region.present, region.size // PAGE_SIZE), np.uint8)
             aspace = state.vmm.address_space
             vm.address_space = UserAddressSpace(aspace, memory)
             memory.set_user_range(aspace.user_start, aspace.user_end)
@@ -149,7 +177,8 @@ class VirtualMachine:
             vcpu = state.vcpus[0]
             vm.star = vcpu.msr(x86.MSR_STAR, machine.STAR)
             vm.refused_msrs = vcpu_state.apply(vm.vcpu, vcpu)
-            vm.files = FileTable.reopen(root, state.vmm.files)
+            vm.files, vm.identity, vm.signals = snapshot.restore(root, state.vmm.files,
+                                                                 state.vmm.os)
         except BaseException:
             vm.close()
             raise
@@ -165,9 +194,14 @@ class VirtualMachine:
         try:
             while (outcome := self.run_slice()) is None:
                 pass
-            return outcome
         finally:
             self.stop.stopped()
+            if self.migration is not None:
+                self.migration.abandon("the guest ended on this host first")
+                self.migration = None
+        if self.forked_child:
+            _end_child_process(outcome)
+        return outcome
 
     def start(self, trace=None, save: SaveHandler | None = None,
               gate: Callable[[], None] | None = None, paracalls=None) -> None:
@@ -196,6 +230,8 @@ class VirtualMachine:
                     outcome = self._service_syscall(running)
                     if outcome is not None:
                         return outcome
+                case MmioExit(address=machine.SPARE_DOORBELL_GPA):
+                    pass         # nothing to do: the round-trip benchmark's baseline
                 case HltExit():
                     return self._fault()
                 case ShutdownExit():
@@ -204,7 +240,11 @@ class VirtualMachine:
                                    "deliver an exception", x86.SIGSEGV)
                 case InterruptedExit():
                     if self.stop.requested.is_set() and running.save is not None:
-                        return self._save(running.save, pending=None)
+                        if self._refuse_save(running.syscalls):
+                            return None
+                        outcome = self._on_stop(running.save, pending=None)
+                        if outcome is not None:
+                            return outcome
                     return None
                 case _:
                     rip = self.vcpu.run_page.s.regs.rip
@@ -226,7 +266,13 @@ class VirtualMachine:
                 else f"signal {e.signal}"
             return Faulted(f"guest killed by {name}", e.signal)
         except SaveRequested:
+            if self._refuse_save(running.syscalls):
+                self.return_to_user(-errno.EBUSY)
+                return None
             self.return_to_user(0)             # after the restore, syscall(400) returns 0
+            if isinstance(save, LiveSave):
+                self._begin_live(save)
+                return None
             return self._save(save, pending=None)
         except CallInterrupted:
             try:
@@ -237,7 +283,9 @@ class VirtualMachine:
             if not self.stop.requested.is_set():       # a time slice ended (stop.interrupt_call)
                 self.vcpu.run_page.immediate_exit = 1  # the next KVM_RUN takes the registers
                 return None                            # and returns: run_slice gives None
-            return self._save(save, pending=pending)
+            if self._refuse_save(running.syscalls):
+                return None                   # the guest re-issues the call
+            return self._on_stop(save, pending)
         finally:
             self.serving = None
         return None
@@ -280,25 +328,65 @@ class VirtualMachine:
         except Exception:
             return Faulted(f"guest halted in ring 0 at rip {run.s.regs.rip:#x}", x86.SIGSEGV)
         vector, error_code, rip, cs, _, rsp, _ = frame
-        mnemonic, name, _, signal = x86.EXCEPTIONS.get(vector, (f"#{vector}", "exception", 0,
-                                                                 x86.SIGSEGV))
-        report = f"guest fault: {mnemonic} {name} (vector {vector}) at rip {rip:#x}"
-        if vector == 14:
-            access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16
-                                                     else "read")
-            cause = "protection violation" if error_code & 1 else "page not present"
-            report += f", {access} of address {run.s.sregs.cr2:#x} ({cause})"
-        elif x86.has_error_code(vector):
-            report += f", error code {error_code:#x}"
-        report += f", rsp {rsp:#x}" + ("" if cs & 3 == 3 else " (in the guest kernel stub)")
-        return Faulted(report, signal)
+        return describe_fault(vector, error_code, rip, rsp, cs & 3 == 3, run.s.sregs.cr2)
 
     # -- saving --------------------------------------------------------------------------------
+
+    def _refuse_save(self, syscalls: Personality) -> bool:
+        """A guest with child processes is not saved (a save holds one process): say so, and
+        let it run on."""
+        if not syscalls.children:
+            return False
+        pids = ", ".join(str(pid) for pid in sorted(syscalls.children))
+        print(f"vmstate: save refused: the guest has child processes ({pids}); an image holds "
+              "one process", file=sys.stderr, flush=True)
+        self.stop.reset()
+        return True
+
+    def xsave_size(self) -> int:
+        return max(self.kvm.check_extension(abi.KVM_CAP_XSAVE2), abi.XSAVE_LEGACY_SIZE)
+
+    def msr_list(self) -> list[int]:
+        if self._msrs is None:
+            self._msrs = vcpu_state.msr_indices(self.kvm, self.vcpu)
+        return self._msrs
+
+    def _on_stop(self, save, pending: PendingCall | None) -> Outcome | None:
+        """A stop request reached the run loop (a signal, or a live migration's last round);
+        None: the guest carries on (a rewound call is re-issued)."""
+        if not isinstance(save, LiveSave):
+            return self._save(save, pending)
+        self.stop.reset()                 # before looking: a request from now on is kept
+        if self.migration is not None and self.migration.wants_pause.is_set():
+            return self._final_copy(pending)
+        self._begin_live(save)
+        return None
+
+    def _begin_live(self, save: LiveSave) -> None:
+        if self.migration is not None and not self.migration.finished.is_set():
+            return                        # one at a time: this request joins it
+        self.migration = save.begin(self)
+
+    def _final_copy(self, pending: PendingCall | None) -> Outcome | None:
+        """Stop the guest for the live migration's last pages and state. If the migration
+        then fails, the guest carries on here as if nothing happened."""
+        timing_mark("save-start")
+        stopped_at = time.monotonic()
+        self.stop.stopped()
+        self.complete_pending_exit()
+        migration, self.migration = self.migration, None
+        where = migration.hand_over(self.capture(pending), stopped_at)
+        self.stop.reset()
+        if where is None:
+            timing_mark("resumed-here")
+            return None
+        timing_mark("save-done")
+        return Saved(where)
 
     def _save(self, save: SaveHandler, pending: PendingCall | None) -> Saved:
         timing_mark("save-start")
         self.stop.stopped()
-        self._complete_pending_exit()
+        self.complete_pending_exit()
         where = save(self.capture(pending), [self.memory.view])
         timing_mark("save-done")
         return Saved(where)
@@ -308,18 +396,18 @@ class VirtualMachine:
         with no exit pending, so that capture() sees the guest as it resumes; the VM goes on
         at the next run_slice (return_to_user may still change the result it sees)."""
         self.return_to_user(result)
-        self._complete_pending_exit()
+        self.complete_pending_exit()
 
     def pause(self) -> None:
         """Between slices: leave the vCPU with no exit pending and the registers the run loop
         edited taken, so that capture() or a save sees the guest as it will resume."""
-        self._complete_pending_exit()
+        self.complete_pending_exit()
 
     def save_now(self, save: SaveHandler) -> Saved:
         """Save the VM between slices through `save`; it ends."""
         return self._save(save, pending=None)
 
-    def _complete_pending_exit(self) -> None:
+    def complete_pending_exit(self) -> None:
         """One KVM_RUN with immediate_exit set: KVM finishes the MMIO exit it is waiting on and
         takes our edited sync registers, then returns without running the guest."""
         run = self.vcpu.run_page
@@ -331,20 +419,67 @@ class VirtualMachine:
 
     def capture(self, pending: PendingCall | None = None) -> VmState:
         """The whole VM state. The vCPU must be stopped with no exit pending."""
-        msrs = vcpu_state.msr_indices(self.kvm, self.vcpu)
-        vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, msrs)
-        vmm = VmmState(program=self.program, argv=self.argv, files=self.files.snapshot(),
-                       address_space=self.address_space.state, pending=pending)
+        vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
+        files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
+        vmm = VmmState(program=self.program, argv=self.argv, files=files,
+                       address_space=self.address_space.state, pending=pending, os=guest_os,
+                       saved_by="kvm")
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 
-    def present_pages(self) -> bytes:
+    def present_pages(self) -> np.ndarray:
         """Pages ever written: by the guest (KVM's dirty log), by the VMM, or present in the
         image this VM was restored from. One byte per page."""
-        dirty = self.vm.get_dirty_log(0, self.memory.size // PAGE_SIZE)
-        self._present = union(union(self._present, bytemap_from_bits(dirty, len(self._present))),
-                              self.memory.vmm_written_pages)
+        self._collect_written()
         return self._present
+
+    def start_tracking(self) -> np.ndarray:
+        """Keep the pages written from now on for take_dirty; the pages present now."""
+        present = self.present_pages().copy()
+        with self._written_lock:
+            self._unsent = np.zeros(len(self._present), np.uint8)
+        return present
+
+    def take_dirty(self) -> np.ndarray:
+        """Pages written since start_tracking or the previous call (one byte per page)."""
+        self._collect_written()
+        with self._written_lock:
+            taken, self._unsent = self._unsent, np.zeros(len(self._present), np.uint8)
+        return taken
+
+    def stop_tracking(self) -> None:
+        with self._written_lock:
+            self._unsent = None
+
+    def _collect_written(self) -> None:
+        """Fold the pages written since the last look (KVM's dirty log, which reading
+        clears, and the VMM's own writes) into the present set and the unsent set."""
+        with self._written_lock:
+            pages = len(self._present)
+            bits = np.frombuffer(self.vm.get_dirty_log(0, pages), np.uint8)
+            written = np.unpackbits(bits, bitorder="little")[:pages]
+            written |= np.frombuffer(self.memory.take_written(), np.uint8)
+            self._present |= written
+            if self._unsent is not None:
+                self._unsent |= written
+
+
+def describe_fault(vector: int, error_code: int, rip: int, rsp: int, in_user: bool,
+                   address: int) -> Faulted:
+    """The report and signal for a guest exception, the same whichever CPU ran the guest
+    (`address` is the faulting address of a page fault)."""
+    mnemonic, name, _, signal = x86.EXCEPTIONS.get(vector, (f"#{vector}", "exception", 0,
+                                                             x86.SIGSEGV))
+    report = f"guest fault: {mnemonic} {name} (vector {vector}) at rip {rip:#x}"
+    if vector == 14:
+        access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16
+                                                 else "read")
+        cause = "protection violation" if error_code & 1 else "page not present"
+        report += f", {access} of address {address:#x} ({cause})"
+    elif x86.has_error_code(vector):
+        report += f", error code {error_code:#x}"
+    report += f", rsp {rsp:#x}" + ("" if in_user else " (in the guest kernel stub)")
+    return Faulted(report, signal)
 
 
 @dataclass
@@ -357,21 +492,24 @@ class _Running:
 
 
 def check_restorable(state: VmState) -> None:
-    """This VMM runs one vCPU over one region of memory at guest physical 0."""
-    if len(state.vcpus) != 1 or len(state.memory) != 1:
-        raise RestoreError(f"the image has {len(state.vcpus)} vCPUs and {len(state.memory)} "
-                           "memory regions; this VMM restores 1 vCPU and 1 region")
-    region = state.memory[0]
-    if region.guest_phys_addr != 0 or region.size % machine.LARGE_PAGE \
-            or not machine.USER_START < region.size <= machine.MAX_MEMORY:
-        raise RestoreError(f"memory region {region.guest_phys_addr:#x}+{region.size:#x} does "
-                           "not fit this VMM's layout")
-    aspace = state.vmm.address_space
-    if not machine.USER_START <= aspace.user_start <= aspace.user_end <= region.size:
-        raise RestoreError(f"user address range {aspace.user_start:#x}-{aspace.user_end:#x} "
-                           "lies outside guest memory")
-    for problem in problems(state):
+    """What join also checks before it writes (vmstate.validate.restore_problems)."""
+    from vmstate.validate import restore_problems      # only restores need the checks
+    for problem in restore_problems(state):
         raise RestoreError(problem.message)
+
+
+def _end_child_process(outcome: Outcome) -> None:
+    """A fork child's VMM ends with its guest, as the guest process would have: its exit
+    status, or death by the signal that ended it (what the parent's wait4 reports)."""
+    sys.stdout.flush()
+    if isinstance(outcome, Exited):
+        os._exit(outcome.status)
+    if isinstance(outcome, Faulted):
+        if not outcome.report.startswith("guest killed"):
+            print(f"vmstate: {outcome.report}", file=sys.stderr, flush=True)
+        signal.signal(outcome.signal, signal.SIG_DFL)
+        os.kill(os.getpid(), outcome.signal)
+    os._exit(128 + x86.SIGSEGV)
 
 
 class KvmCpu:
@@ -381,7 +519,24 @@ class KvmCpu:
     def __init__(self, vm: VirtualMachine):
         self.vm = vm
         self.memory = vm.memory
-        self.run = vm.vcpu.run_page
+
+    @property
+    def run(self):
+        return self.vm.vcpu.run_page      # a fork child has a vCPU of its own
+
+    def read_fpu(self) -> bytes:
+        return self.vm.vcpu.get_xsave(self.vm.xsave_size())
+
+    def write_fpu(self, data: bytes) -> None:
+        self.vm.vcpu.set_xsave(data)
+
+    def fork(self) -> int:
+        from .guest_process import fork_vm
+        return fork_vm(self.vm)
+
+    def exec(self, host_path: str, argv: list[str], envp: list[str]):
+        from .guest_process import exec_program
+        return exec_program(self.vm, host_path, argv, envp)
 
     def read_register(self, name: str) -> int:
         if name in SEGMENT_BASES:

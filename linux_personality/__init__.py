@@ -8,6 +8,9 @@ interface in cpu.py and, each time its guest executes `syscall`, calls Personali
     Cpu.read_register(name)        "rax".."r15", "rip", "rflags", "fs_base", "gs_base"
     Cpu.write_register(name, v)
     Cpu.return_to_user(result)     finish the call as `sysretq` would (RAX, RIP = RCX, RFLAGS)
+    Cpu.read_fpu(), write_fpu()    the FPU state as an XSAVE area (for signal frames)
+    Cpu.fork()                     duplicate the guest process (0 in the copy, its pid here)
+    Cpu.exec(path, argv, envp)     load a new program into a fresh address space
 
 serve() reads the number and arguments, runs the handler and returns to the guest, or raises
 one of stops.GuestExit / SaveRequested / CallInterrupted for the backend's run loop. Handlers

@@ -3,7 +3,10 @@ fake): registers, guest memory, and the return from a system call to the guest."
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .address_space import UserAddressSpace
 
 SYSCALL_ARG_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
@@ -43,3 +46,17 @@ class Cpu(Protocol):
     def return_to_user(self, result: int) -> None:
         """Finish the call as `sysretq` would: RAX = result, RIP = RCX, RFLAGS from R11, user
         code and stack segments."""
+
+    def read_fpu(self) -> bytes:
+        """The x87/SSE/AVX state in the XSAVE layout (what a signal frame's fpstate holds)."""
+
+    def write_fpu(self, data: bytes) -> None: ...
+
+    def fork(self) -> int:
+        """Duplicate the guest process (its memory copied on write, its host fds shared) and
+        return 0 in the copy, which runs on from the returned call, and the copy's host pid
+        in the original. The copy's VMM process exits with the guest's status."""
+
+    def exec(self, host_path: str, argv: list[str], envp: list[str]) -> UserAddressSpace:
+        """Replace the program: a fresh address space holding `host_path`'s ELF image and
+        stack, the CPU at its entry. OSError(ENOEXEC) if it is no program this CPU runs."""

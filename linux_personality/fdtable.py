@@ -84,7 +84,10 @@ class FileTable:
     def open(self, path: str, flags: int, mode: int) -> int:
         """Open the guest path (absolute, see Namespace.absolute) as a new lowest fd."""
         mode &= MODE_BITS
-        host_fd = self.namespace.open(path, flags, mode)
+        return self.adopt(path, self.namespace.open(path, flags, mode), flags, mode)
+
+    def adopt(self, path: str, host_fd: int, flags: int, mode: int) -> int:
+        """Give `host_fd`, open on guest path `path`, the lowest free guest fd."""
         try:
             fd = self.lowest_free_fd()
         except OSError:
@@ -173,26 +176,24 @@ class FileTable:
             else:
                 self.close(fd)
 
+    def close_on_exec(self) -> None:
+        for fd in list(self._cloexec):
+            self.close(fd)
+
     def fds(self) -> list[int]:
         return sorted(self._files)
 
-    def snapshot(self) -> tuple[OpenFile, ...]:
-        """The table as plain data, with each file's current offset."""
-        entries = []
-        for fd in sorted(self._files):
-            guest_file = self._files[fd]
-            if guest_file.entry.kind == FD_PIPE:
-                raise RestoreError(f"guest fd {fd} is a pipe; a VM with pipes open cannot be "
-                                   "saved yet")
-            offset = 0
-            if guest_file.owns_host_fd:
-                try:
-                    offset = os.lseek(guest_file.host_fd, 0, os.SEEK_CUR)
-                except OSError as e:
-                    if e.errno != errno.ESPIPE:      # a FIFO or device has no offset
-                        raise
-            entries.append(replace(guest_file.entry, fd=fd, offset=offset))
-        return tuple(entries)
+    def snapshot_entry(self, fd: int) -> OpenFile:
+        """Guest fd `fd`'s file table entry, with its description's current offset."""
+        guest_file = self._files[fd]
+        offset = 0
+        if guest_file.owns_host_fd:
+            try:
+                offset = os.lseek(guest_file.host_fd, 0, os.SEEK_CUR)
+            except OSError as e:
+                if e.errno != errno.ESPIPE:      # a FIFO or device has no offset
+                    raise
+        return replace(guest_file.entry, fd=fd, offset=offset)
 
     @classmethod
     def reopen(cls, root: str, entries: tuple[OpenFile, ...]) -> FileTable:

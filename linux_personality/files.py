@@ -5,9 +5,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
+import stat
 import struct
+import threading
 
 from .paths import PROC_SELF_EXE, PROC_SELF_FD, error
+from .stops import CallInterrupted
 from .table import signed32, signed64, syscall
 from .trace import AT_FDCWD
 
@@ -91,7 +95,60 @@ def sys_openat(k, dirfd, path, flags, mode):
         return _reopen_guest_fd(k, guest_path[len(PROC_SELF_FD):], flags)
     if guest_path == PROC_SELF_EXE:
         return k.files.open_host(k.program, flags)
+    fifo_fd = _open_fifo(k, guest_path, flags)
+    if fifo_fd is not None:
+        return k.files.adopt(guest_path, fifo_fd, flags, 0)
     return k.files.open(guest_path, flags, mode)
+
+
+def _open_fifo(k, guest_path: str, flags: int) -> int | None:
+    """A blocking open of an existing FIFO, waiting for its other end in a thread so that a
+    save can still be served (the open is then re-issued after the restore). None if the path
+    is no FIFO or the open would not block."""
+    if flags & (os.O_NONBLOCK | os.O_CREAT) or flags & os.O_ACCMODE == os.O_RDWR \
+            or k.stop_fd is None:
+        return None
+    try:
+        probe = k.namespace.open(guest_path, os.O_PATH)
+    except OSError:
+        return None                             # the ordinary open reports it
+    try:
+        if not stat.S_ISFIFO(os.fstat(probe).st_mode):
+            return None
+        return _wait_for_fifo(k, f"/proc/self/fd/{probe}", flags)
+    finally:
+        os.close(probe)
+
+
+def _wait_for_fifo(k, proc_path: str, flags: int) -> int:
+    outcome: dict[str, object] = {}
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+
+    def opener() -> None:
+        try:
+            outcome["fd"] = os.open(proc_path, flags | os.O_CLOEXEC)
+        except OSError as e:
+            outcome["error"] = e
+        finally:
+            os.write(done_w, b"x")
+    thread = threading.Thread(target=opener, daemon=True, name="fifo-open")
+    thread.start()
+    try:
+        if k.stop_fd in select.select([done_r, k.stop_fd], [], [])[0] and "fd" not in outcome:
+            other = os.O_RDONLY if flags & os.O_ACCMODE == os.O_WRONLY else os.O_WRONLY
+            release = os.open(proc_path, other | os.O_NONBLOCK | os.O_CLOEXEC)
+            thread.join()
+            os.close(release)
+            if "fd" in outcome:
+                os.close(outcome["fd"])
+            raise CallInterrupted()
+        thread.join()
+    finally:
+        os.close(done_r)
+        os.close(done_w)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["fd"]
 
 
 def _reopen_guest_fd(k, number: str, flags: int) -> int:

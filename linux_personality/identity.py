@@ -144,19 +144,21 @@ def sys_setfsgid(k, gid):
 
 @syscall(115, "getgroups", "int ptr")
 def sys_getgroups(k, size, buf):
-    size = signed32(size)
-    if size < 0:
+    """The VMM's own supplementary groups."""
+    size, groups = signed32(size), os.getgroups()
+    if size < 0 or 0 < size < len(groups):
         raise error(errno.EINVAL)
-    if size == 0:
-        return 1
-    k.memory.write(buf, struct.pack("<I", k.identity.gid))
-    return 1
+    if size and groups:
+        k.memory.write(buf, struct.pack(f"<{len(groups)}I", *groups))
+    return len(groups)
 
 
 @syscall(116, "setgroups", "int ptr")
 def sys_setgroups(k, size, buf):
     groups = struct.unpack(f"<{size}I", k.memory.read(buf, 4 * size)) if 0 < size <= 64 else ()
-    return _set_ids(k.identity.gid, *groups)
+    if sorted(groups) != sorted(os.getgroups()):
+        raise error(errno.EPERM)
+    return 0
 
 
 def rlimit(k, resource_nr: int) -> tuple[int, int]:

@@ -21,13 +21,15 @@ from .address_space import UserAddressSpace
 from .cpu import SYSCALL_ARG_REGISTERS, Cpu, GuestFault, GuestMemory
 from .fdtable import FD_PIPE, FileTable
 from .identity import Identity
+from . import signals
 from .signals import SignalState
 from .paths import PATH_MAX, error
-from .stops import CallInterrupted
+from .stops import CallInterrupted, ContextReplaced
 from .table import SYSCALLS, Syscall, signed32
 from .trace import AT_FDCWD, format_call
 
 GUEST_PID = 1
+MAX_PROCESSES = 64           # children one guest process may have at a time (EAGAIN past it)
 IOV_MAX = 1024
 IOVEC = struct.Struct("<QQ")
 STAT = struct.Struct("<QQQIIIIQqqqQQQQQQ24x")       # struct stat, x86-64 (144 bytes)
@@ -44,6 +46,8 @@ class Personality:
         self.identity = identity or Identity()
         self.signals = signals or SignalState()
         self.max_file_size = max_file_size
+        self.children: set[int] = set()          # host pids of forked guest processes
+        self.max_processes = MAX_PROCESSES
         self.memory: GuestMemory = cpu.memory
         self.files = files
         self.namespace = files.namespace
@@ -57,7 +61,16 @@ class Personality:
         SaveRequested and CallInterrupted propagate: those calls do not return (now)."""
         nr = self.cpu.read_register("rax")
         args = tuple(self.cpu.read_register(name) for name in SYSCALL_ARG_REGISTERS)
-        self.cpu.return_to_user(self.dispatch(nr, args))
+        try:
+            result = self.dispatch(nr, args)
+        except ContextReplaced:
+            return
+        signals.check_events(self)
+        sig = self.signals.deliverable()
+        if sig:
+            signals.deliver(self, sig, result)
+        else:
+            self.cpu.return_to_user(result)
 
     def dispatch(self, nr: int, args: tuple[int, ...]) -> int:
         """The call's result for RAX."""

@@ -111,6 +111,15 @@ class Namespace:
         finally:
             os.close(host_fd)
 
+    def host_path(self, guest_path: str) -> str:
+        """Where a guest file lives on the host (the root's real path joined with its guest
+        path), for the program name /proc/self/exe shows."""
+        host_fd = self.open(guest_path, os.O_PATH)
+        try:
+            return os.readlink(f"/proc/self/fd/{host_fd}")
+        finally:
+            os.close(host_fd)
+
     def guest_path(self, host_fd: int) -> str | None:
         """The guest path of an open host fd, or None if it lies outside the root."""
         real = os.readlink(f"/proc/self/fd/{host_fd}")

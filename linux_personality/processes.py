@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 
 from vmstate import x86
 
-from .stops import GuestExit, SaveRequested
-from .table import syscall
+from .paths import error
+from .stops import GuestExit, ContextReplaced, SaveRequested
+from .table import signed32, syscall
+from .trace import AT_FDCWD
 
 ROBUST_LIST_HEAD_SIZE = 24
+CLONE_VM, CLONE_VFORK, CLONE_THREAD = 0x100, 0x4000, 0x10000
+CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x200000, 0x1000000
+WNOHANG, WUNTRACED, WCONTINUED, __WALL = 1, 2, 8, 0x40000000
+MAX_ARG_STRINGS, MAX_ARG_STRLEN = 1 << 16, 32 * 4096
+RUSAGE_SIZE = 144
 PR_SET_NAME, PR_GET_NAME = 15, 16
 GETRANDOM_MAX = 1 << 25
 ARCH_SET_GS, ARCH_SET_FS, ARCH_GET_FS, ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
@@ -93,9 +101,104 @@ def sys_prctl(k, option, arg2, arg3):
     return -errno.EINVAL
 
 
+@syscall(57, "fork")
+def sys_fork(k):
+    return _fork(k)
+
+
+@syscall(58, "vfork")
+def sys_vfork(k):
+    """A full copy, like fork (the parent does not wait for the child's exec; the guest cannot
+    tell, as the child of a vfork may only exec or _exit)."""
+    return _fork(k)
+
+
+@syscall(56, "clone", "hex ptr ptr ptr hex")
+def sys_clone(k, flags, stack, parent_tid, child_tid, tls):
+    """Without CLONE_VM this is a fork (the exit signal in the low byte aside); threads are
+    refused."""
+    if flags & (CLONE_VM | CLONE_THREAD) and not flags & CLONE_VFORK:
+        return -errno.ENOSYS
+    if flags & ~(CLONE_VFORK | CLONE_VM | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | 0xFF):
+        return -errno.EINVAL
+    if stack and flags & CLONE_VFORK:
+        return -errno.ENOSYS          # posix_spawn's vfork on a separate stack: not served
+    return _fork(k)
+
+
+def _fork(k) -> int:
+    if len(k.children) >= k.max_processes:
+        return -errno.EAGAIN
+    k.cpu.return_to_user(0)            # the state the child starts from
+    child = k.cpu.fork()
+    if child == 0:
+        k.parent_pid, k.pid = k.pid, os.getpid()
+        k.children = set()
+        k.stop_fd = None               # a child is never saved on its own
+        return 0
+    k.children.add(child)
+    return child
+
+
+@syscall(59, "execve", "path ptr ptr")
+def sys_execve(k, path, argv, envp):
+    return _execve(k, AT_FDCWD, path, argv, envp, 0)
+
+
+@syscall(322, "execveat", "dirfd path ptr ptr hex")
+def sys_execveat(k, dirfd, path, argv, envp, flags):
+    return _execve(k, dirfd, path, argv, envp, flags)
+
+
+def _execve(k, dirfd, path, argv_addr, envp_addr, flags) -> int:
+    guest_path = k.resolve(dirfd, path)
+    argv = _string_array(k, argv_addr)
+    envp = _string_array(k, envp_addr)
+    host_fd = k.namespace.open(guest_path, os.O_RDONLY)
+    try:
+        mode = os.fstat(host_fd).st_mode
+        if not stat.S_ISREG(mode) or not os.access(f"/proc/self/fd/{host_fd}", os.X_OK):
+            raise error(errno.EACCES)
+        k.address_space = k.cpu.exec(f"/proc/self/fd/{host_fd}", argv or [guest_path], envp)
+    finally:
+        os.close(host_fd)
+    k.program = k.namespace.host_path(guest_path)
+    k.files.close_on_exec()
+    k.signals.reset_on_exec()
+    raise ContextReplaced()
+
+
+def _string_array(k, addr: int) -> list[str]:
+    if not addr:
+        return []
+    strings = []
+    while len(strings) < MAX_ARG_STRINGS:
+        pointer = int.from_bytes(k.memory.read(addr + 8 * len(strings), 8), "little")
+        if not pointer:
+            return strings
+        strings.append(os.fsdecode(k.memory.read_cstring(pointer, MAX_ARG_STRLEN)))
+    raise error(errno.E2BIG)
+
+
 @syscall(61, "wait4", "int ptr hex ptr")
-def sys_wait4(k, pid, status, options, rusage):
-    return -errno.ECHILD
+def sys_wait4(k, pid, status_addr, options, rusage):
+    pid = signed32(pid)
+    if options & ~(WNOHANG | WUNTRACED | WCONTINUED | __WALL):
+        return -errno.EINVAL
+    if not k.children or (pid > 0 and pid not in k.children):
+        return -errno.ECHILD
+    child, status = os.waitpid(pid if pid > 0 else -1, options & (WNOHANG | WUNTRACED |
+                                                                 WCONTINUED))
+    if child == 0:
+        return 0
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        k.children.discard(child)
+        k.signals.reported_children.discard(child)
+    if status_addr:
+        k.memory.write(status_addr, struct.pack("<i", status))
+    if rusage:
+        k.memory.write(rusage, bytes(RUSAGE_SIZE))
+    return child
 
 
 @syscall(318, "getrandom", "out size hex")

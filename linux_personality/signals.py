@@ -1,15 +1,24 @@
-"""Signal system calls: dispositions, the blocked mask and the alternate stack are recorded;
-a signal the guest sends itself takes its default action or is ignored. (Running guest
-handlers is not served yet: a signal with a handler installed is left pending.)"""
+"""Signals: dispositions, the blocked mask, pending signals, the alternate stack, the alarm.
+
+A signal is raised by the guest itself (kill, tgkill), by a child process ending (SIGCHLD)
+or by its alarm. One whose action is to be ignored is dropped; one whose default action
+ends the process ends the run (GuestKilled); one with a handler stays pending until a system
+call returns with it unblocked, and is delivered then as Linux does: an rt_sigframe (the
+interrupted registers, the blocked mask and the FPU state) is pushed on the guest's stack and
+the handler entered; rt_sigreturn undoes it. (Faults are not turned into signals yet: a fault
+ends the run as before.)"""
 
 from __future__ import annotations
 
 import errno
+import os
+import select
 import struct
+import time
 from dataclasses import dataclass, field
 
 from .paths import error
-from .stops import GuestKilled
+from .stops import CallInterrupted, ContextReplaced, GuestKilled
 from .table import signed32, syscall
 
 NSIG = 64
@@ -22,6 +31,24 @@ IGNORED_BY_DEFAULT = {SIGCHLD, SIGCONT, SIGURG, SIGWINCH}
 STOPPING = {SIGSTOP, 20, 21, 22}          # SIGTSTP, SIGTTIN, SIGTTOU: one process, no job control
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
 UNBLOCKABLE = (1 << (SIGKILL - 1)) | (1 << (SIGSTOP - 1))
+SIGALRM = 14
+SA_ONSTACK, SA_NODEFER, SA_RESETHAND = 0x08000000, 0x40000000, 0x80000000
+SS_ONSTACK, SS_DISABLE = 1, 2
+STACK_T = struct.Struct("<QiiQ")
+SIGCONTEXT_REGISTERS = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi",
+                        "rbp", "rbx", "rdx", "rax", "rcx", "rsp", "rip", "rflags")
+# struct ucontext (x86-64 kernel layout): flags, link, stack_t, sigcontext (registers,
+# cs gs fs ss, err trapno oldmask cr2, fpstate pointer, 8 reserved), blocked mask.
+UCONTEXT = struct.Struct("<QQ24s18Q4H4QQ64xQ")
+SIGINFO_SIZE = 128
+FRAME_SIZE = 8 + UCONTEXT.size + SIGINFO_SIZE          # pretcode, ucontext, siginfo
+RED_ZONE = 128
+USER_CS, USER_SS = 0x33, 0x2B
+RFLAGS_USER = 0x40DD5                   # CF PF AF ZF SF TF DF OF AC: what a frame may set
+RFLAGS_FIXED_IF = 0x202
+SI_USER, CLD_EXITED, CLD_KILLED = 0, 1, 2
+ITIMER_REAL = 0
+ITIMERVAL = struct.Struct("<qqqq")      # interval (s, us), value (s, us)
 
 
 @dataclass
@@ -29,7 +56,25 @@ class SignalState:
     actions: dict[int, bytes] = field(default_factory=dict)   # signal: struct sigaction
     blocked: int = 0
     pending: int = 0
-    altstack: bytes = bytes(STACK_T_SIZE)
+    altstack: bytes = STACK_T.pack(0, SS_DISABLE, 0, 0)
+    suspended_mask: int | None = None      # the mask to restore after sigsuspend's handler
+    alarm_at: float | None = None          # CLOCK_MONOTONIC deadline of ITIMER_REAL
+    alarm_interval: float = 0.0
+    reported_children: set[int] = field(default_factory=set)   # SIGCHLD raised for these
+
+    def handler(self, sig: int) -> tuple[int, int, int, int]:
+        return SIGACTION.unpack(self.actions.get(sig, bytes(SIGACTION.size)))
+
+    def deliverable(self) -> int:
+        """The lowest pending, unblocked signal, or 0."""
+        ready = self.pending & ~self.blocked
+        return (ready & -ready).bit_length()
+
+    def reset_on_exec(self) -> None:
+        """execve: handled signals go back to their default action; ignored ones stay so."""
+        self.actions = {sig: action for sig, action in self.actions.items()
+                        if SIGACTION.unpack(action)[0] == SIG_IGN}
+        self.altstack = STACK_T.pack(0, SS_DISABLE, 0, 0)
 
 
 def _check_signal(sig: int) -> int:
@@ -89,15 +134,168 @@ def sys_sigaltstack(k, new, old):
 
 
 def send_to_self(k, sig: int) -> None:
-    """What happens when the guest signals itself."""
+    """Raise `sig` in the guest process: dropped, fatal, or left pending for its handler."""
     if sig == 0:
         return
-    handler = SIGACTION.unpack(k.signals.actions.get(sig, bytes(SIGACTION.size)))[0]
+    handler = k.signals.handler(sig)[0]
     if handler == SIG_IGN or (handler == SIG_DFL and sig in IGNORED_BY_DEFAULT | STOPPING):
         return
     if handler == SIG_DFL or sig == SIGKILL:
         raise GuestKilled(sig)
     k.signals.pending |= 1 << (sig - 1)
+
+
+def check_events(k) -> None:
+    """Raise the signals that came due since the last call: an ended child, the alarm."""
+    state = k.signals
+    if state.alarm_at is not None and time.monotonic() >= state.alarm_at:
+        state.alarm_at = time.monotonic() + state.alarm_interval if state.alarm_interval \
+            else None
+        send_to_self(k, SIGALRM)
+    if k.children:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is not None and info.si_pid not in state.reported_children:
+            state.reported_children.add(info.si_pid)
+            send_to_self(k, SIGCHLD)
+
+
+def deliver(k, sig: int, result: int) -> None:
+    """Return from the call with `result`, then enter the handler of `sig` on a new frame."""
+    state = k.signals
+    handler, flags, restorer, mask = state.handler(sig)
+    state.pending &= ~(1 << (sig - 1))
+    k.cpu.return_to_user(result)
+    regs = [k.cpu.read_register(name) for name in SIGCONTEXT_REGISTERS]
+    fpu = k.cpu.read_fpu()
+    sp = regs[SIGCONTEXT_REGISTERS.index("rsp")]
+    ss_sp, ss_flags, _, ss_size = STACK_T.unpack(state.altstack)
+    if flags & SA_ONSTACK and not ss_flags & SS_DISABLE and ss_size \
+            and not ss_sp <= sp < ss_sp + ss_size:
+        sp = ss_sp + ss_size
+    else:
+        sp -= RED_ZONE
+    fpu_addr = (sp - len(fpu)) & ~63
+    frame = ((fpu_addr - FRAME_SIZE) & ~15) - 8
+    old_mask = state.blocked if state.suspended_mask is None else state.suspended_mask
+    ucontext = UCONTEXT.pack(0, 0, state.altstack, *regs, USER_CS, 0, 0, USER_SS, 0, 0,
+                             old_mask, 0, fpu_addr, old_mask)
+    siginfo = struct.pack("<iiii", sig, 0, SI_USER, 0).ljust(SIGINFO_SIZE, b"\0")
+    k.memory.write(fpu_addr, fpu)
+    k.memory.write(frame, struct.pack("<Q", restorer) + ucontext + siginfo)
+    state.suspended_mask = None
+    state.blocked = (old_mask | mask | (0 if flags & SA_NODEFER else 1 << (sig - 1))) \
+        & ~UNBLOCKABLE
+    if flags & SA_RESETHAND:
+        state.actions.pop(sig, None)
+    for name, value in (("rip", handler), ("rsp", frame), ("rdi", sig),
+                        ("rsi", frame + 8 + UCONTEXT.size), ("rdx", frame + 8), ("rax", 0)):
+        k.cpu.write_register(name, value)
+
+
+@syscall(15, "rt_sigreturn")
+def sys_rt_sigreturn(k):
+    """Back from a handler: the frame's registers, mask and FPU state (the pretcode was
+    popped by the handler's `ret`, so RSP points at the ucontext)."""
+    frame = k.cpu.read_register("rsp")
+    fields = UCONTEXT.unpack(k.memory.read(frame, UCONTEXT.size))
+    regs = dict(zip(SIGCONTEXT_REGISTERS, fields[3:21]))
+    fpu_addr, mask = fields[-2], fields[-1]
+    fpu = k.memory.read(fpu_addr, len(k.cpu.read_fpu())) if fpu_addr else None
+    k.cpu.return_to_user(0)
+    regs["rflags"] = (regs["rflags"] & RFLAGS_USER) | RFLAGS_FIXED_IF
+    for name, value in regs.items():
+        k.cpu.write_register(name, value)
+    if fpu is not None:
+        k.cpu.write_fpu(fpu)
+    k.signals.blocked = mask & ~UNBLOCKABLE
+    raise ContextReplaced()
+
+
+def wait_for_signal(k) -> None:
+    """Block until a signal can be delivered (a child ends, the alarm rings), or until the
+    host asks the VM to stop (the call is then re-issued after the save)."""
+    while True:
+        check_events(k)
+        if k.signals.deliverable():
+            return
+        pidfds = [os.pidfd_open(pid) for pid in k.children
+                  if pid not in k.signals.reported_children]
+        try:
+            timeout = None if k.signals.alarm_at is None else \
+                max(0.0, k.signals.alarm_at - time.monotonic())
+            watch = pidfds + ([k.stop_fd] if k.stop_fd is not None else [])
+            if not watch and timeout is None:
+                raise GuestKilled(9)         # nothing can ever wake it: as if killed (deadlock)
+            ready = select.select(watch, [], [], timeout)[0]
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+        if k.stop_fd is not None and k.stop_fd in ready:
+            raise CallInterrupted()
+
+
+@syscall(130, "rt_sigsuspend", "ptr size")
+def sys_rt_sigsuspend(k, mask_addr, size):
+    if size != SIGSET_SIZE:
+        raise error(errno.EINVAL)
+    mask = int.from_bytes(k.memory.read(mask_addr, SIGSET_SIZE), "little")
+    previous = k.signals.blocked
+    k.signals.blocked = mask & ~UNBLOCKABLE
+    try:
+        wait_for_signal(k)
+    except CallInterrupted:
+        k.signals.blocked = previous
+        raise
+    k.signals.suspended_mask = previous
+    return -errno.EINTR
+
+
+@syscall(34, "pause")
+def sys_pause(k):
+    wait_for_signal(k)
+    return -errno.EINTR
+
+
+@syscall(37, "alarm", "int")
+def sys_alarm(k, seconds):
+    state = k.signals
+    left = 0 if state.alarm_at is None else max(1, round(state.alarm_at - time.monotonic()))
+    seconds &= 0xFFFFFFFF
+    state.alarm_at = time.monotonic() + seconds if seconds else None
+    state.alarm_interval = 0.0
+    return left
+
+
+def _itimer_value(state) -> bytes:
+    left = 0.0 if state.alarm_at is None else max(1e-6, state.alarm_at - time.monotonic())
+    interval = state.alarm_interval
+    return ITIMERVAL.pack(int(interval), int(interval % 1 * 1e6), int(left), int(left % 1 * 1e6))
+
+
+@syscall(36, "getitimer", "int ptr")
+def sys_getitimer(k, which, value):
+    if which != ITIMER_REAL:
+        raise error(errno.EINVAL)
+    k.memory.write(value, _itimer_value(k.signals))
+    return 0
+
+
+@syscall(38, "setitimer", "int ptr ptr")
+def sys_setitimer(k, which, new, old):
+    if which != ITIMER_REAL:
+        raise error(errno.EINVAL)
+    state = k.signals
+    previous = _itimer_value(state)
+    if new:
+        i_s, i_us, v_s, v_us = ITIMERVAL.unpack(k.memory.read(new, ITIMERVAL.size))
+        if min(i_s, i_us, v_s, v_us) < 0 or max(i_us, v_us) >= 10**6:
+            raise error(errno.EINVAL)
+        value = v_s + v_us / 1e6
+        state.alarm_at = time.monotonic() + value if value else None
+        state.alarm_interval = i_s + i_us / 1e6
+    if old:
+        k.memory.write(old, previous)
+    return 0
 
 
 @syscall(62, "kill", "int int")
@@ -106,7 +304,12 @@ def sys_kill(k, pid, sig):
     if not 0 <= sig <= NSIG:
         raise error(errno.EINVAL)
     if pid in (0, -1, k.pid, -k.pid):
+        for child in k.children if pid != k.pid else ():
+            os.kill(child, sig)
         send_to_self(k, sig)
+        return 0
+    if abs(pid) in k.children:
+        os.kill(abs(pid), sig)
         return 0
     raise error(errno.ESRCH)
 

@@ -21,3 +21,8 @@ class GuestKilled(Exception):
     def __init__(self, signal: int):
         super().__init__(signal)
         self.signal = signal
+
+
+class ContextReplaced(Exception):
+    """The call set the CPU's whole context itself (execve, rt_sigreturn): there is no result
+    to return."""

@@ -1,5 +1,6 @@
 """Shared fixtures: the KVM probe behind the `kvm` marker, the installed `vmstate` command,
-and the guest programs built from examples/ and tests/guests/."""
+the guest programs built from examples/ and tests/guests/, and the `both_cpus` marker that
+runs a test's guests once on KVM and once on the software CPU."""
 
 from __future__ import annotations
 
@@ -48,8 +49,29 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason=f"KVM unavailable: {_KVM_MISSING}")
     for item in items:
-        if "kvm" in item.keywords:
+        if "kvm" in item.keywords and _cpu_of(item) != "soft":
             item.add_marker(skip)
+
+
+def _cpu_of(item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("cpu") if callspec is not None else None
+
+
+def pytest_generate_tests(metafunc):
+    """A test marked `both_cpus` runs twice: cpu=kvm (a `kvm` test) and cpu=soft."""
+    if metafunc.definition.get_closest_marker("both_cpus"):
+        metafunc.parametrize("cpu", ["kvm", "soft"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def cpu(request, monkeypatch) -> str | None:
+    """The CPU this test's `vmstate` commands run guests on (VMSTATE_CPU, which --cpu reads),
+    for tests marked `both_cpus`; None (the commands' default) for the others."""
+    value = getattr(request, "param", None)
+    if value is not None:
+        monkeypatch.setenv("VMSTATE_CPU", value)
+    return value
 
 
 @pytest.fixture(scope="session")

@@ -62,12 +62,19 @@ class FakeCpu:
         self.memory = memory
         self.registers: dict[str, int] = {"rcx": 0x401000, "r11": 0x202}
         self.returns: list[int] = []
+        self.fpu = bytes(range(256)) * 2          # a recognisable 512-byte FXSAVE area
 
     def read_register(self, name: str) -> int:
         return self.registers.get(name, 0)
 
     def write_register(self, name: str, value: int) -> None:
         self.registers[name] = value
+
+    def read_fpu(self) -> bytes:
+        return self.fpu
+
+    def write_fpu(self, data: bytes) -> None:
+        self.fpu = bytes(data)
 
     def return_to_user(self, result: int) -> None:
         self.registers["rax"] = result & (2**64 - 1)

@@ -100,8 +100,10 @@ def test_truncation_anywhere_is_detected(sample_image):
 def test_bad_magic_and_other_versions(sample_image):
     with pytest.raises(ImageError, match=r"offset 0x0: bad magic b'XMSTATE\\x00'"):
         _open_and_verify(_damaged(sample_image, 0, ord("V") ^ ord("X")))
-    for major, expected in ((3, r"format version 3\.0 is newer than this vmstate"),
-                            (1, r"format version 1\.0 is older than this vmstate \(reads 2\.x")):
+    minor = L.VERSION_MINOR
+    for major, expected in ((3, rf"format version 3\.{minor} is newer than this vmstate"),
+                            (1, rf"format version 1\.{minor} is older than this vmstate "
+                                r"\(reads 2\.x")):
         data = bytearray(sample_image.read_bytes())
         header = list(L.HEADER.unpack_from(data))
         header[1] = major
@@ -128,8 +130,44 @@ def test_file_table_path_outside_root_is_refused(tmp_path):
         path = tmp_path / "escape.sav"
         write_image(str(path), replace(state, vmm=replace(state.vmm, files=files)),
                     memory_views(contents))
-        with pytest.raises(ImageError, match="not a normalized path inside the guest root"):
+        with pytest.raises(ImageError, match="is outside the guest root"):
             _open_and_verify(path)
+
+
+def _with_vmm(state, **changes):
+    return replace(state, vmm=replace(state.vmm, **changes))
+
+
+def _with_space(state, **changes):
+    return _with_vmm(state, address_space=replace(state.vmm.address_space, **changes))
+
+
+def _with_file(state, **changes):
+    return _with_vmm(state, files=(replace(state.vmm.files[1], **changes),))
+
+
+INVALID_STATES = {
+    "MSR 0xc0000082 appears 2 times": lambda s: replace(s, vcpus=(replace(
+        s.vcpus[0], msrs=s.vcpus[0].msrs + ((0xC0000082, 1),)),)),
+    "offset 9223372036854775808 is beyond": lambda s: _with_file(s, offset=1 << 63),
+    "mode 04777 has set-uid": lambda s: _with_file(s, mode=0o4777),
+    "guest fd 2147483647 is out of range": lambda s: _with_file(s, fd=2147483647),
+    "brk 0x18000 is above mmap_low": lambda s: _with_space(s, brk=0x18000),
+    "user_end 0xffffffffffffffff is beyond guest memory": lambda s: _with_space(
+        s, user_end=(1 << 64) - 1),
+    "free range 0x90000+0x1000 is not whole pages inside": lambda s: _with_space(
+        s, free_ranges=((0x90000, 0x1000),)),
+}
+
+
+@pytest.mark.parametrize("expected", INVALID_STATES)
+def test_the_reader_refuses_what_join_refuses(tmp_path, expected):
+    """The image reader runs vmstate.validate.problems, the checks join runs before writing."""
+    state, contents = sample_state()
+    path = tmp_path / "invalid.sav"
+    write_image(str(path), INVALID_STATES[expected](state), memory_views(contents))
+    with pytest.raises(ImageError, match=f"not a valid VM state: .*{re.escape(expected)}"):
+        _open_and_verify(path)
 
 
 @pytest.fixture

@@ -85,6 +85,7 @@ def two_dirs(tmp_path):
     return sender, receiver
 
 
+@pytest.mark.both_cpus
 def test_lab_flow_across_two_processes(vmstate, example, receivers, two_dirs):
     sender_dir, receiver_dir = two_dirs
     receiver = receivers(receiver_dir, "--run", "--once", "--root", sender_dir)
@@ -100,6 +101,7 @@ def test_lab_flow_across_two_processes(vmstate, example, receivers, two_dirs):
     assert sorted(p.name for p in sender_dir.iterdir()) == ["ay_caramba.txt"]   # no image
 
 
+@pytest.mark.both_cpus
 def test_with_files_the_receiver_needs_nothing_from_the_sender(vmstate, example, receivers,
                                                                two_dirs):
     sender_dir, receiver_dir = two_dirs
@@ -448,3 +450,15 @@ def test_file_modes_from_a_peer_lose_set_id_bits(vmstate, example, receivers, tw
     assert received.read_bytes() == content
     mode = stat.S_IMODE(received.stat().st_mode)
     assert mode & 0o7000 == 0 and mode & 0o700 == 0o700       # no set-id bits; umask applies
+
+
+def test_a_carried_file_never_replaces_the_received_image(vmstate, example, receivers, two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    assert vmstate("run", example("lab_app"), cwd=sender_dir).returncode == 0
+    receiver = receivers(receiver_dir, "-o", "ay_caramba.txt", "--once")
+    sent = vmstate("send", "--with-files", "vm_image.sav", f"127.0.0.1:{receiver.port}",
+                   cwd=sender_dir)
+    assert sent.returncode == 125
+    assert "guest file 'ay_caramba.txt' is the output image ay_caramba.txt" in sent.stderr.decode()
+    assert receiver.process.wait(timeout=30) == 125
+    assert sorted(p.name for p in receiver_dir.iterdir()) == []

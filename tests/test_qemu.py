@@ -22,6 +22,8 @@ sys.path.insert(0, str(REPO / "examples"))
 import qemu_vm  # noqa: E402
 
 KERNEL = REPO / "examples" / "qemu_guest" / "kernel.elf"
+KERNEL64, KERNEL64_SYMBOLS = (REPO / "examples" / "qemu_guest" / name
+                              for name in ("kernel64.bin", "kernel64.elf"))
 MEMORY = "128M"
 
 
@@ -46,16 +48,17 @@ def kernel() -> Path:
 
 @pytest.fixture(scope="session")
 def saved(kernel, tmp_path_factory):
-    """Streams saved from running guests, made once: saved(machine, fill=False, memory)."""
+    """Streams saved from running guests, made once: saved(machine, fill=False, memory,
+    bits=32 or 64 for the long-mode guest)."""
     directory = tmp_path_factory.mktemp("qemu-streams")
     cache = {}
 
-    def get(machine: str, fill: bool = False, memory: str = MEMORY) -> Path:
-        key = (machine, fill, memory)
+    def get(machine: str, fill: bool = False, memory: str = MEMORY, bits: int = 32) -> Path:
+        key = (machine, fill, memory, bits)
         if key not in cache:
-            path = directory / f"{machine}-{'fill' if fill else 'idle'}-{memory}.state"
+            path = directory / f"{machine}-{'fill' if fill else 'idle'}-{memory}-{bits}.state"
             qemu_vm.save_running_guest(path, machine, memory, directory / f"{path.stem}.log",
-                                       fill=fill)
+                                       fill=fill, kernel=KERNEL64 if bits == 64 else KERNEL)
             cache[key] = path
         return cache[key]
     return get
@@ -101,6 +104,22 @@ def test_info_shows_machine_vcpu_blocks_and_devices(vmstate, saved):
     assert "pc.ram: 128 MiB" in text and "rip=0x" in text
 
 
+def test_a_stream_reads_into_the_shared_model(saved):
+    from vmstate.formats.registry import detect
+    stream = str(saved("pc"))
+    chosen = detect(stream)
+    assert chosen.name == "qemu-stream"
+    machine = chosen.read(stream)
+    assert machine.machine_type.startswith("pc-i440fx-")
+    vcpu = machine.vcpus[0]
+    assert vcpu.registers["rdi"] == 1 and vcpu.control["cr0"] & 1
+    assert vcpu.segments["cs"].attributes["db"] == 1            # 32-bit code, flat
+    ram = {block.name: block for block in machine.memory}["pc.ram"]
+    assert ram.size == 128 << 20 and ram.placements == ((0, 0, 128 << 20),)
+    nic = next(d for d in machine.devices if d.name.endswith("rtl8139"))
+    assert dict(nic.fields)["phys"] == "525400123456"
+
+
 def test_whole_loop_edits_show_in_the_resumed_guest(vmstate, saved, kernel, tmp_path):
     stream = saved("pc")
     core, xml = split(vmstate, stream, tmp_path)
@@ -129,6 +148,32 @@ def test_whole_loop_edits_show_in_the_resumed_guest(vmstate, saved, kernel, tmp_
     assert all(b - a == 100 for a, b in zip(counters, counters[1:])), counters
 
 
+def test_long_mode_guest_with_paging(vmstate, saved, tmp_path):
+    """A 64-bit guest running in the higher half: the core maps its page tables' virtual
+    addresses, so gdb reads and patches variables by name; the resumed guest shows it."""
+    stream = saved("q35", bits=64)
+    core, xml = split(vmstate, stream, tmp_path)
+    result = vmstate("join", core, xml, "-o", tmp_path / "same.state")
+    assert (tmp_path / "same.state").read_bytes() == stream.read_bytes()
+    gdb = subprocess.run(["gdb", "-q", "-batch", "-nx", "-write", str(KERNEL64_SYMBOLS), str(core),
+                          "-ex", "p &message", "-ex", 'set var message = "sixty-four"',
+                          "-ex", "p/x $rip"], capture_output=True, text=True, timeout=60)
+    assert "0xffffffff80" in gdb.stdout and "<message>" in gdb.stdout, gdb.stdout + gdb.stderr
+    rip = re.search(r'<reg name="rip" value="(0x[0-9a-f]+)"/>', xml.read_text()).group(1)
+    assert f"= {rip}" in gdb.stdout
+    edit_xml(xml, r'<reg name="r15" value="0x1"/>', '<reg name="r15" value="0x7"/>')
+    result = vmstate("join", core, xml, "-o", tmp_path / "new.state", "--app", KERNEL64_SYMBOLS)
+    summary = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "cpu.env.regs[15] (r15): 0x1 -> 0x7" in summary
+    assert re.search(r"memory page pc.ram \+0x\w+ \(guest physical 0x\w+, virtual "
+                     r"0xffffffff80\w+\) changed holding", summary), summary
+    output = qemu_vm.resume(tmp_path / "new.state", "q35", MEMORY, tmp_path / "resumed.log",
+                            seconds=0.3)
+    lines = [line for line in output.splitlines() if line.startswith("tick ")]
+    assert lines and all("step 7 message 'sixty-four'" in line for line in lines), output
+
+
 def test_control_register_edit_recomputes_hflags(vmstate, saved, tmp_path):
     """CR0.TS set in the XML: join updates QEMU's cached hflags (TS is bit 11) and the guest,
     which uses no FPU, runs on in a new QEMU."""
@@ -143,6 +188,17 @@ def test_control_register_edit_recomputes_hflags(vmstate, saved, tmp_path):
     output = qemu_vm.resume(tmp_path / "ts.state", "pc", MEMORY, tmp_path / "ts.log",
                             seconds=0.2)
     assert "tick " in output
+
+
+def test_gdb_reads_variables_and_registers_of_a_32_bit_guest(vmstate, saved, kernel, tmp_path):
+    core, xml = split(vmstate, saved("q35"), tmp_path)
+    rip = re.search(r'<reg name="rip" value="(0x[0-9a-f]+)"/>', xml.read_text()).group(1)
+    gdb = subprocess.run(["gdb", "-q", "-batch", "-nx", str(kernel), str(core), "-ex", "p/x $eip",
+                          "-ex", "p message", "-ex", "p/x nic_mac"],
+                         capture_output=True, text=True, timeout=60)
+    assert f"= {rip}" in gdb.stdout, gdb.stdout + gdb.stderr
+    assert '"hello from the guest"' in gdb.stdout
+    assert "{0x52, 0x54, 0x0, 0x12, 0x34, 0x56}" in gdb.stdout
 
 
 def test_gdb_command_splits_a_stream(vmstate, saved, kernel, tmp_path):
@@ -223,6 +279,20 @@ def test_parts_of_different_vms_are_refused(vmstate, saved, tmp_path):
     refused(vmstate("join", pc_core, pc_xml, "-o", pc_core), "same file as the core")
     assert not out.exists()
     assert pc_core.stat().st_size > 128 << 20     # not overwritten
+
+
+@pytest.mark.parametrize("pattern, words", [
+    (r'\s*<device kind="full" id="\d+" name="serial"[^>]*>.*?</device>', ["missing", "reset"]),
+    (r'\s*<run block="pc.ram" first="0x1" count="\d+" kind="zero"/>', ["pc.ram", "in no run"]),
+])
+def test_sections_or_pages_left_out_are_refused(vmstate, saved, tmp_path, pattern, words):
+    core, xml = split(vmstate, saved("pc"), tmp_path)
+    text = xml.read_text()
+    edited, count = re.subn(pattern, "", text, count=1, flags=re.S)
+    assert count == 1
+    xml.write_text(edited)
+    refused(vmstate("join", core, xml, "-o", tmp_path / "new.state"), *words)
+    assert not (tmp_path / "new.state").exists()
 
 
 def test_stream_without_description_is_refused(vmstate, pc_stream, tmp_path):

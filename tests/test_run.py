@@ -5,7 +5,7 @@ import re
 import pytest
 from elftools.elf.elffile import ELFFile
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.both_cpus]
 
 
 def test_hello_prints_float_tls_malloc_and_args(vmstate, example):

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from helpers import one_line_error
-from vmstate.errors import EXIT_CANNOT_RUN, EXIT_NO_KVM, EXIT_NOT_FOUND
+from vmstate.errors import EXIT_CANNOT_RUN, EXIT_ERROR, EXIT_NO_KVM, EXIT_NOT_FOUND, EXIT_USAGE
 
 pytestmark = pytest.mark.kvm
 
@@ -59,6 +59,7 @@ def test_missing_program(vmstate, tmp_path):
     assert "no such file" in one_line_error(result)
 
 
+@pytest.mark.both_cpus
 def test_program_larger_than_memory(vmstate, guest):
     result = vmstate("run", "--memory", "16M", guest("big_bss"))
     assert result.returncode == EXIT_CANNOT_RUN
@@ -67,9 +68,48 @@ def test_program_larger_than_memory(vmstate, guest):
 
 def test_bad_memory_size(vmstate, example):
     result = vmstate("run", "--memory", "lots", example("hello"))
+    assert result.returncode == EXIT_USAGE
     assert "bad size 'lots'" in one_line_error(result)
 
 
+@pytest.mark.parametrize("args, message", [
+    (("run", "--memory", "abc", "PROGRAM"), "--memory: bad size 'abc'"),
+    (("run", "--memory", "100G", "PROGRAM"), "--memory must be between 8 MiB and 64 GiB"),
+    (("run", "--memory", "9" * 5000, "PROGRAM"), "--memory: bad size '99999"),
+    (("run", "--migrate-to", "4040", "PROGRAM"), "--migrate-to: bad address '4040'"),
+    (("run", "--connect-timeout", "-1", "PROGRAM"), "--connect-timeout -1.0: must be from 0"),
+    (("send", "vm_image.sav", "nohostport"), "bad address 'nohostport' (expected HOST:PORT)"),
+    (("send", "vm_image.sav", ":99999"), "bad port 99999 in ':99999' (1 to 65535)"),
+    (("receive", "-o", "x.sav", "--max-size", "zz"), "--max-size: bad size 'zz'"),
+    (("receive", "-o", "x.sav", "--min-rate", "0"), "--min-rate: bad size '0': must be positive"),
+    (("receive", "-o", "x.sav", "--port", "99999"), "--port 99999: must be from 0 to 65535"),
+    (("receive", "-o", "x.sav", "--max-senders", "0"), "--max-senders 0: must be from 1 to 64"),
+    (("info", "--instructions", "-5", "vm_image.sav"), "--instructions -5: must be from 0"),
+])
+def test_bad_option_values_are_a_bad_command_line(vmstate, example, args, message):
+    """Exit status 2 and one line, before anything runs; a huge value is quoted in part."""
+    result = vmstate(*(example("hello") if a == "PROGRAM" else a for a in args))
+    assert result.returncode == EXIT_USAGE
+    line = one_line_error(result)
+    assert message in line and len(line) < 200, line
+
+
+def test_a_huge_path_is_quoted_in_part_and_the_reason_kept(vmstate):
+    result = vmstate("info", "x" * 5000)
+    line = one_line_error(result)
+    assert len(line) < 500 and line.endswith(": cannot open: File name too long"), line
+
+
+def test_a_device_that_is_not_kvm(vmstate, example):
+    result = vmstate("run", "--cpu", "kvm", example("hello"),
+                     env={"VMSTATE_KVM_DEVICE": "/dev/null"})
+    assert result.returncode == EXIT_NO_KVM
+    assert one_line_error(result) == ("vmstate: KVM is not available: /dev/null is not a KVM "
+                                      "device (KVM_GET_API_VERSION: Inappropriate ioctl for "
+                                      "device)")
+
+
+@pytest.mark.both_cpus
 def test_guest_cannot_escape_root(vmstate, guest, tmp_path):
     """The root is the guest's /: `..` at the top stays there and an absolute symlink
     resolves inside it, so none of these reaches the host's /etc/passwd (which exists)."""
@@ -85,6 +125,7 @@ def test_guest_cannot_escape_root(vmstate, guest, tmp_path):
         "escape_link: No such file or directory", "inside.txt: OPENED"]
 
 
+@pytest.mark.both_cpus
 def test_wild_pointers_get_efault_and_the_guest_goes_on(vmstate, guest):
     result = vmstate("run", guest("wild_pointer"), input=b"")
     assert result.returncode == 0, result.stderr
@@ -93,6 +134,7 @@ def test_wild_pointers_get_efault_and_the_guest_goes_on(vmstate, guest):
         "writev(wild iovec) = -14", "still alive"]
 
 
+@pytest.mark.both_cpus
 def test_null_dereference_is_reported_not_hung(vmstate, guest):
     result = vmstate("run", guest("null_deref"), timeout=30)
     assert result.returncode == 128 + 11
@@ -104,9 +146,26 @@ def test_null_dereference_is_reported_not_hung(vmstate, guest):
 
 
 def test_missing_kvm_device(vmstate, example, tmp_path):
-    result = vmstate("run", example("hello"), env={"VMSTATE_KVM_DEVICE": str(tmp_path / "kvm")})
+    result = vmstate("run", "--cpu", "kvm", example("hello"),
+                     env={"VMSTATE_KVM_DEVICE": str(tmp_path / "kvm")})
     assert result.returncode == EXIT_NO_KVM
     assert "KVM is not available" in one_line_error(result)
+
+
+def test_without_kvm_auto_runs_on_the_software_cpu_and_says_so_once(vmstate, example, tmp_path):
+    result = vmstate("run", "--cpu", "auto", example("hello"), "one",
+                     env={"VMSTATE_KVM_DEVICE": str(tmp_path / "kvm")})
+    assert result.returncode == 0, result.stderr
+    assert b"arg 1: one" in result.stdout
+    assert result.stderr.decode().splitlines() == [
+        f"vmstate: KVM is not available: {tmp_path / 'kvm'} does not exist (is the kvm module "
+        "loaded?); running the guest on the software CPU (unicorn)"]
+
+
+def test_max_instructions_is_refused_on_kvm(vmstate, example):
+    result = vmstate("run", "--cpu", "kvm", "--max-instructions", "100", example("hello"))
+    assert result.returncode == EXIT_ERROR
+    assert "--max-instructions needs the software CPU" in one_line_error(result)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
@@ -115,11 +174,12 @@ def test_kvm_without_permission(vmstate_cmd, example, tmp_path):
     os.chmod(tmp_path, 0o777)
     result = subprocess.run(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", vmstate_cmd, "run",
-         example("hello")], capture_output=True, cwd=tmp_path)
+         "--cpu", "kvm", example("hello")], capture_output=True, cwd=tmp_path)
     assert result.returncode == EXIT_NO_KVM
     assert "no permission to open /dev/kvm" in one_line_error(result)
 
 
+@pytest.mark.both_cpus
 def test_unusual_calls_get_linux_answers_and_the_vm_survives(vmstate, guest, tmp_path):
     result = vmstate("run", guest("odd_calls"), input=b"")
     assert result.returncode == 0, result.stderr

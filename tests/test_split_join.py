@@ -4,6 +4,7 @@ checked by readers other than ours (pyelftools, LIEF, readelf)."""
 import os
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def test_gdb_sees_the_application(lab_split, example):
     assert '"Bye Bye !!!\\n"' in result.stdout and '"Hello World !!!\\n"' in result.stdout
 
 
+@pytest.mark.both_cpus
 def test_lab_loop_gdb_patch_and_xml_file_edit_both_take_effect(vmstate, lab_split, example):
     patched = gdb_batch(example("lab_app"), lab_split / "vm.core",
                         'set var *(char (*)[13]) bye = "Ciao Ciao!!\\n"', write=True)
@@ -69,6 +71,7 @@ def test_lab_loop_gdb_patch_and_xml_file_edit_both_take_effect(vmstate, lab_spli
     assert (lab_split / "ay_caramba.txt").read_bytes() == b"Hello World !!!\n"
 
 
+@pytest.mark.both_cpus
 def test_register_edit_is_seen_by_the_program(vmstate, example, tmp_path):
     assert vmstate("run", example("sse_keeper")).returncode == 0
     assert vmstate("split", "vm_image.sav").returncode == 0
@@ -79,6 +82,7 @@ def test_register_edit_is_seen_by_the_program(vmstate, example, tmp_path):
     assert b"save returned 42" in restored.stdout, restored.stderr
 
 
+@pytest.mark.both_cpus
 def test_variable_patched_in_gdb_is_seen_after_restore(vmstate, example, tmp_path):
     assert vmstate("run", example("sse_keeper")).returncode == 0
     assert vmstate("split", "vm_image.sav").returncode == 0
@@ -174,6 +178,15 @@ def test_a_directory_or_fifo_is_not_a_core(vmstate, lab_split, make):
     opened = vmstate("gdb", "vm.core", "--", "-batch")
     assert opened.returncode == 125
     assert "vm.core: not a regular file" in one_line_error(opened)
+
+
+def test_program_header_offset_near_2_64(vmstate, lab_split):
+    core = lab_split / "vm.core"
+    with open(core, "r+b") as f:
+        f.seek(32)                                     # e_phoff
+        f.write(struct.pack("<Q", (1 << 64) - 64))
+    message = _refused(vmstate, lab_split)
+    assert "program header table runs past the end of the file" in message
 
 
 def test_truncated_core(vmstate, lab_split):

@@ -5,32 +5,48 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from strategies import LAYOUTS, layout_state, memory_views, sample_state, vm_states
+from strategies import LAYOUTS, layout_state, memory_views, restorable_sample_state, vm_states
 from vmstate import x86
 from vmstate.core import DIRECT_MAP_BASE, Core
 from vmstate.image.reader import Image
 from vmstate.state import PAGE_SIZE
 from vmstate.image.writer import write_image
 from vmstate.join import join
+from vmstate.state import AddressSpace
+from vmstate.validate import USER_START
 from vmstate.split import split
 
 
-def runnable(state):
-    """The generated state, changed just enough to pass join's checks."""
-    vcpus = []
-    for vcpu in state.vcpus:
-        s = vcpu.sregs
-        sregs = replace(s, cr0=s.cr0 | x86.CR0_PE | x86.CR0_PG,
-                        cr4=(s.cr4 | x86.CR4_PAE) & ~x86.CR4_LA57,
-                        efer=s.efer | x86.EFER_LME | x86.EFER_LMA)
-        xsave = vcpu.xsave.ljust(576, b"\0") if vcpu.xsave else b""
-        vcpus.append(replace(vcpu, sregs=sregs, xsave=xsave + bytes(-len(xsave) % 4),
-                             regs=replace(vcpu.regs, rip=vcpu.regs.rip & 0x7FFF_FFFF_FFFF)))
+MACHINE_MEMORY = 4 << 20          # the smallest memory this VMM restores
+
+
+def runnable(state, contents):
+    """The generated state and memory, changed just enough to pass join's checks (what
+    restore accepts): one vCPU in long mode, one region of 4 MiB at guest physical 0, the
+    address space moved above USER_START."""
+    vcpu = state.vcpus[0]
+    s = vcpu.sregs
+    sregs = replace(s, cr0=s.cr0 | x86.CR0_PE | x86.CR0_PG,
+                    cr4=(s.cr4 | x86.CR4_PAE) & ~x86.CR4_LA57,
+                    efer=s.efer | x86.EFER_LME | x86.EFER_LMA)
+    vcpu = replace(vcpu, id=0, sregs=sregs,
+                   regs=replace(vcpu.regs, rip=vcpu.regs.rip & 0x7FFF_FFFF_FFFF))
     pending = state.vmm.pending
     if pending is not None:
         pending = replace(pending, rip=pending.rip & 0x7FFF_FFFF_FFFF)
-        vcpus[0] = replace(vcpus[0], regs=replace(vcpus[0].regs, rip=pending.rip, rax=pending.nr))
-    return replace(state, vcpus=tuple(vcpus), vmm=replace(state.vmm, pending=pending))
+        vcpu = replace(vcpu, regs=replace(vcpu.regs, rip=pending.rip, rax=pending.nr))
+    region = replace(state.memory[0], guest_phys_addr=0, size=MACHINE_MEMORY)
+    a = state.vmm.address_space
+    if USER_START + a.user_end <= MACHINE_MEMORY:
+        space = AddressSpace(*(USER_START + value for value in (
+            a.user_start, a.user_end, a.brk_start, a.brk, a.mmap_low, a.mmap_top)),
+            free_ranges=tuple((USER_START + start, length) for start, length in a.free_ranges))
+    else:                   # laid out over a second region this VMM does not have
+        space = AddressSpace(USER_START, MACHINE_MEMORY, USER_START, USER_START,
+                             MACHINE_MEMORY, MACHINE_MEMORY)
+    vmm = replace(state.vmm, pending=pending, address_space=space)
+    return (replace(state, vcpus=(vcpu,), memory=(region,), vmm=vmm),
+            [contents[0].ljust(MACHINE_MEMORY, b"\0")])
 
 
 def round_trip(tmp_path, state, contents):
@@ -51,12 +67,11 @@ def round_trip(tmp_path, state, contents):
 @given(generated=vm_states())
 def test_join_of_split_is_byte_identical(tmp_path, generated):
     state, contents = generated
-    round_trip(tmp_path, runnable(state), contents)
+    round_trip(tmp_path, *runnable(state, contents))
 
 
 def test_sample_state_round_trip(tmp_path):
-    state, contents = sample_state()
-    round_trip(tmp_path, runnable(state), contents)
+    round_trip(tmp_path, *restorable_sample_state())
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -64,7 +79,6 @@ def test_round_trip_and_one_patched_page_on_every_layout(tmp_path, layout):
     """Fragmented memory (thousands of runs) splits and joins byte for byte, and a byte
     patched in the core is reported as exactly its page, and lands in the new image."""
     state, contents = layout_state(layout)
-    state = runnable(state)
     round_trip(tmp_path, state, contents)
     first, count = state.memory[0].present[len(state.memory[0].present) // 2]
     page = first + count - 1

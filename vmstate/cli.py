@@ -10,10 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_ERROR, EXIT_SIGNAL_BASE, FileMissingError, VmstateError, describe_error
+from .errors import (
+    EXIT_ERROR, EXIT_SIGNAL_BASE, FileMissingError, UsageError, VmstateError, describe_error,
+    shorten, shorten_message)
 from .units import parse_size
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_show_locals=False,
                   help="Save, inspect, edit and migrate the state of small KVM virtual machines.")
 
@@ -31,6 +33,33 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+# -- option values: a bad one is a bad command line (exit status 2), said in one line ---------
+
+def _size(option: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except VmstateError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
+def _in_range(option: str, value, low, high):
+    if not low <= value <= high:        # NaN fails too
+        raise UsageError(f"{option} {shorten(str(value))}: must be from {low} to {high}")
+    return value
+
+
+def _address(option: str, text: str) -> tuple[str, int]:
+    from .migration.protocol import parse_address
+    try:
+        return parse_address(text)
+    except VmstateError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
+MAX_INSTRUCTIONS = 10_000
+MAX_PORT = 65535
+
+
 RootOption = Annotated[Path, typer.Option(help="Directory the guest's file paths resolve in.")]
 TraceOption = Annotated[bool, typer.Option(help="Print each guest system call on stderr.")]
 ImageOption = Annotated[Path, typer.Option("--image", help="Where a SAVE writes the image.")]
@@ -43,11 +72,24 @@ WithFilesOption = Annotated[bool, typer.Option(
     help="Carry the contents of the guest's open files along (for hosts that share nothing).")]
 ConnectTimeoutOption = Annotated[float, typer.Option(
     help="Seconds to keep retrying the connection, once a second.")]
+CpuOption = Annotated[str, typer.Option(
+    "--cpu", metavar="kvm|soft|auto", envvar="VMSTATE_CPU", help="What runs the guest: KVM, the "
+    "software CPU (unicorn, no /dev/kvm needed), or KVM when it can create a VM and the "
+    "software CPU otherwise.")]
+MaxInstructionsOption = Annotated[Optional[int], typer.Option(
+    metavar="N", help="Stop the guest after exactly N instructions and save it (software CPU "
+    "only).")]
 ControlOption = Annotated[Optional[Path], typer.Option(
     metavar="PATH", help="Serve a control socket there (JSON lines; see `vmstate ctl`).")]
 SliceOption = Annotated[Optional[int], typer.Option(
     "--slice-ms", help="Time slice of each vCPU in milliseconds (vm_exec_slice_ms; "
     "default 10).")]
+LiveOption = Annotated[bool, typer.Option(
+    help="With --migrate-to: migrate live (pre-copy); the guest runs on while its memory is "
+    "sent, and stays here if the migration fails.")]
+MaxDowntimeOption = Annotated[float, typer.Option(
+    metavar="MS", help="Live migration: stop the guest for the last pages once they can go "
+    "in this many milliseconds.")]
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -63,6 +105,8 @@ def run(
     migrate_to: MigrateOption = None,
     with_files: WithFilesOption = False,
     connect_timeout: ConnectTimeoutOption = 30.0,
+    live: LiveOption = False,
+    max_downtime: MaxDowntimeOption = 50.0,
     cwd: Annotated[str, typer.Option(help="The guest's starting directory (a path inside "
                                      "--root, which is the guest's /).")] = "/",
     hostname: Annotated[str, typer.Option(help="The guest's host name (uname).")] = "vmstate",
@@ -70,6 +114,8 @@ def run(
         help="Largest size a guest write may make a file (e.g. 100M); past it, EFBIG.")] = None,
     max_fds: Annotated[int, typer.Option(help="Most descriptors the guest may have open.")]
     = 1024,
+    cpu: CpuOption = "auto",
+    max_instructions: MaxInstructionsOption = None,
     control: ControlOption = None,
 ):
     """Run PROGRAM in a new KVM virtual machine; its exit status becomes vmstate's.
@@ -77,28 +123,43 @@ def run(
     The guest asks for a SAVE with syscall(400): the VM is written to --image and vmstate
     exits 0. Example: vmstate run --trace examples/hello one two
     """
-    from kvm_backend.session import SaveOptions, run_program
+    from kvm_backend.session import check_memory_size, run_program
 
     from .atomic import refuse_clobbering
+    memory_size = check_memory_size(_size("--memory", memory))
+    _check_save_options(migrate_to, connect_timeout)
     refuse_clobbering({"--image": str(image)}, {"the program": str(program)})
-    save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
-                       connect_timeout)
+    save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
+                         connect_timeout, live, max_downtime)
     from linux_personality.options import GuestOptions
-    if not 3 <= max_fds <= 1 << 20:
-        _fail(f"--max-fds {max_fds}: must be between 3 and {1 << 20}", EXIT_ERROR)
+    from vmstate.validate import MAX_GUEST_FDS
+    _in_range("--max-fds", max_fds, 3, MAX_GUEST_FDS)
     if len(hostname.encode()) > 64:
-        _fail("--hostname: at most 64 bytes", EXIT_ERROR)
+        raise UsageError("--hostname: at most 64 bytes")
     options = GuestOptions(cwd=cwd, hostname=hostname, max_fds=max_fds, max_file_size=(
-        parse_size(max_file_size) if max_file_size is not None else None))
+        _size("--max-file-size", max_file_size) if max_file_size is not None else None))
     argv = [str(program), *(args or [])]
     if control is not None:
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(program=str(program), argv=tuple(argv), root=str(root),
-                                  memory=parse_size(memory), image=str(image))], VmEntry())[0]
+                                  memory=memory_size, image=str(image))], VmEntry())[0]
         _finish(_hosted_alone(entry, control, save, trace, options))
-    outcome = run_program(str(program), argv, parse_size(memory), str(root), save,
-                          trace=sys.stderr if trace else None, options=options)
+    outcome = run_program(str(program), argv, memory_size, str(root), save,
+                          trace=sys.stderr if trace else None, options=options,
+                          cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
+
+
+def _save_options(image: Path, save_on_signal: bool, save_on_interrupt: bool,
+                  migrate_to: str | None, with_files: bool, connect_timeout: float, live: bool,
+                  max_downtime: float):
+    from kvm_backend.session import SaveOptions
+    if live and migrate_to is None:
+        raise UsageError("--live needs --migrate-to HOST:PORT")
+    if not 0 < max_downtime <= 60_000:
+        raise UsageError(f"--max-downtime {max_downtime:g}: must be between 0 and 60000 ms")
+    return SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
+                       connect_timeout, live, max_downtime / 1000)
 
 
 @app.command()
@@ -112,21 +173,27 @@ def restore(
     migrate_to: MigrateOption = None,
     with_files: WithFilesOption = False,
     connect_timeout: ConnectTimeoutOption = 30.0,
+    cpu: CpuOption = "auto",
+    max_instructions: MaxInstructionsOption = None,
     control: ControlOption = None,
+    live: LiveOption = False,
+    max_downtime: MaxDowntimeOption = 50.0,
 ):
     """Create a blank VM from IMAGE and resume the guest exactly where it stopped.
 
     Example: vmstate restore vm_image.sav
     """
-    from kvm_backend.session import SaveOptions, restore_image
-    save = SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
-                       connect_timeout)
+    from kvm_backend.session import restore_image
+    _check_save_options(migrate_to, connect_timeout)
+    save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
+                         connect_timeout, live, max_downtime)
     if control is not None:
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(snapshot=str(image_file), root=str(root), image=str(image))],
                          VmEntry())[0]
         _finish(_hosted_alone(entry, control, save, trace))
-    outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None)
+    outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None,
+                            cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
 
 
@@ -224,6 +291,7 @@ def info(
     Checks every checksum first (memory included). Works without KVM.
     Example: vmstate info --json vm_image.sav
     """
+    _in_range("--instructions", instructions, 0, MAX_INSTRUCTIONS)
     from .formats.registry import detect
     print(detect(str(image_file)).info(str(image_file), json_output, instructions))
 
@@ -243,10 +311,10 @@ def send(
 
     Example: vmstate send vm_image.sav otherhost:4040
     """
-    from .migration.protocol import parse_address
     from .migration.send import send_image
-    message = send_image(str(image_file), parse_address(address), with_files, str(root),
-                         connect_timeout)
+    target = _address("HOST:PORT", address)
+    _in_range("--connect-timeout", connect_timeout, 0, 1e9)
+    message = send_image(str(image_file), target, with_files, str(root), connect_timeout)
     print(f"vmstate: sent {image_file} to {address}: {message}", file=sys.stderr)
 
 
@@ -262,10 +330,11 @@ def receive(
     max_size: Annotated[str, typer.Option(help="Refuse images larger than this.")] = "64G",
     min_rate: Annotated[str, typer.Option(help="Drop a sender slower than this many bytes a "
                                           "second (after a 3 s start).")] = "1M",
-    max_senders: Annotated[int, typer.Option(min=1, max=64, help="Senders served at once with "
-                                             "-o (the others wait); --run serves one.")] = 4,
+    max_senders: Annotated[int, typer.Option(help="Senders served at once with -o, 1 to 64 "
+                                             "(the others wait); --run serves one.")] = 4,
     trace: TraceOption = False,
     image: ImageOption = Path(DEFAULT_IMAGE),
+    cpu: CpuOption = "auto",
 ):
     """Wait for VMs sent by `vmstate run --migrate-to`, `restore --migrate-to` or `send`;
     verify each, then run it (--run) or store it (-o IMAGE). A bad stream is logged in one
@@ -275,13 +344,16 @@ def receive(
     """
     if run == (output is not None):
         _fail("receive needs exactly one of --run or -o IMAGE", 2)
-    size_limit, rate = parse_size(max_size), parse_size(min_rate)
+    _in_range("--port", port, 0, MAX_PORT)
+    _in_range("--max-senders", max_senders, 1, 64)
+    size_limit, rate = _size("--max-size", max_size), _size("--min-rate", min_rate)
     if not root.is_dir():
         _fail(f"--root {root}: not a directory", EXIT_ERROR)
     if run:
         from kvm_backend.session import SaveOptions, receive_and_run
         outcome = receive_and_run((bind, port), str(root), size_limit, rate, once,
-                                  SaveOptions(str(image)), trace=sys.stderr if trace else None)
+                                  SaveOptions(str(image)), trace=sys.stderr if trace else None,
+                                  cpu=cpu)
         if once:
             if outcome is None:
                 raise typer.Exit(EXIT_ERROR)
@@ -369,6 +441,12 @@ def gdb(
     run_gdb(str(target), str(app_program) if app_program else None, extra)
 
 
+def _check_save_options(migrate_to: str | None, connect_timeout: float) -> None:
+    if migrate_to is not None:
+        _address("--migrate-to", migrate_to)
+    _in_range("--connect-timeout", connect_timeout, 0, 1e9)
+
+
 def _read_input(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -389,10 +467,12 @@ def _finish(outcome) -> None:
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):      # an ASCII locale must not end in a traceback
+        stream.reconfigure(errors="backslashreplace")
     try:
         app()
     except VmstateError as e:
-        print(f"vmstate: {e}", file=sys.stderr)
+        print(f"vmstate: {shorten_message(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("vmstate: interrupted", file=sys.stderr)
@@ -401,11 +481,11 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_ERROR)
     except OSError as e:     # I/O outside the formats' own checks: disk full, permissions
-        print(f"vmstate: {describe_error(e)}", file=sys.stderr)
+        print(f"vmstate: {shorten_message(describe_error(e))}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except Exception as e:  # a bug in vmstate: one line, the traceback only on request
         if os.environ.get("VMSTATE_DEBUG"):
             raise
-        print(f"vmstate: internal error: {type(e).__name__}: {e} (set VMSTATE_DEBUG=1 for "
-              "a traceback)", file=sys.stderr)
+        print(f"vmstate: {shorten_message(f'internal error: {type(e).__name__}: {e}')} (set "
+              "VMSTATE_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(EXIT_ERROR)

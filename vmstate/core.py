@@ -28,6 +28,7 @@ from .fd import FdOwner, open_to_read
 from .image.reader import Image, ImageMetadata
 from .image.writer import RegionMemory, pwrite_all, write_runs
 from .paging import Mapping, PageTables
+from .process import FileMapping, auxiliary_vector, guest_memory, program_mappings
 from .progress import progress_bar
 from .state import PAGE_SIZE, VcpuState, VmState
 
@@ -37,7 +38,7 @@ NT_VMSTATE_IMAGE = 0x564D5354     # "VMST": BFD reads small note types as Linux 
 IMAGE_NOTE = struct.Struct("<II")      # note format version, reserved; image metadata follows
 IMAGE_NOTE_VERSION = 1
 DIRECT_MAP_BASE = 0xFFFF_8880_0000_0000
-SIGSTOP = 19
+SIGSTOP, SI_USER = 19, 0
 PID_BASE = 1
 
 
@@ -97,7 +98,59 @@ def _xsave_size(vcpu: VcpuState, xcr0: int) -> int:
     return size
 
 
-def _notes(image: ImageMetadata) -> bytes:
+def _siginfo() -> bytes:
+    """The signal the process stopped with, as NT_PRSTATUS says: SIGSTOP, sent by the user."""
+    return elf.SIGINFO.pack(SIGSTOP, 0, SI_USER)
+
+
+def _file_note(state: VmState, mappings: list[FileMapping]) -> bytes:
+    """NT_FILE: the program's file-backed mappings, so tools find (and match) the executable."""
+    name = os.fsencode(state.vmm.program) + b"\0"
+    return (elf.FILE_NOTE_HEADER.pack(len(mappings), PAGE_SIZE)
+            + b"".join(elf.FILE_NOTE_ENTRY.pack(m.start, m.end, m.page_offset)
+                       for m in mappings)
+            + name * len(mappings))
+
+
+@dataclass(frozen=True)
+class Process:
+    """What the guest's memory says about the process: the auxiliary vector the loader built
+    (None if the initial stack was not found) and the program's file mappings."""
+    auxv: bytes | None
+    files: list[FileMapping]
+
+
+def find_process(image: Image) -> Process:
+    memory = guest_memory(image.state, image.read_phys)
+    auxv = auxiliary_vector(image.state, memory) if memory else None
+    return Process(auxv, program_mappings(auxv, memory) if auxv else [])
+
+
+def _process_notes(state: VmState, process: Process) -> list[bytes]:
+    """NT_SIGINFO, NT_AUXV and NT_FILE, as a Linux process core has them after NT_PRPSINFO;
+    the last two only when found in guest memory."""
+    notes = [elf.note(b"CORE", elf.NT_SIGINFO, _siginfo())]
+    if process.auxv is not None:
+        notes.append(elf.note(b"CORE", elf.NT_AUXV, process.auxv))
+    if process.files:
+        notes.append(elf.note(b"CORE", elf.NT_FILE, _file_note(state, process.files)))
+    return notes
+
+
+def _split_at_files(mappings: list[Mapping], files: list[FileMapping]) -> list[Mapping]:
+    """Mappings cut where the program's file mappings start and end, so that, as in a Linux
+    core, a segment begins where the program's ELF header is (tools look for it there)."""
+    cuts = sorted({f.start for f in files} | {f.end for f in files})
+    out = []
+    for m in mappings:
+        inside = [c for c in cuts if m.virtual < c < m.virtual + m.size]
+        for start, end in zip([m.virtual, *inside], [*inside, m.virtual + m.size]):
+            out.append(Mapping(start, m.physical + start - m.virtual, end - start, m.writable,
+                               m.user, m.executable))
+    return out
+
+
+def _notes(image: ImageMetadata, process: Process) -> bytes:
     state = image.state
     parts = []
     first = state.vcpus[0].id
@@ -107,6 +160,7 @@ def _notes(image: ImageMetadata) -> bytes:
         parts.append(elf.note(b"CORE", elf.NT_PRSTATUS, _prstatus(vcpu, orig_rax)))
         if vcpu.id == first:
             parts.append(elf.note(b"CORE", elf.NT_PRPSINFO, _prpsinfo(state)))
+            parts += _process_notes(state, process)
         parts.append(elf.note(b"CORE", elf.NT_FPREGSET,
                               vcpu.xsave[:xsave.LEGACY_SIZE].ljust(xsave.LEGACY_SIZE, b"\0")))
         parts.append(elf.note(b"LINUX", elf.NT_X86_XSTATE, _xstate(vcpu)))
@@ -149,8 +203,9 @@ class CoreLayout:
 
 def plan_core(image: Image) -> CoreLayout:
     state = image.state
-    notes = _notes(image)
-    mappings = guest_mappings(image, image.read_phys)
+    process = find_process(image)
+    notes = _notes(image, process)
+    mappings = _split_at_files(guest_mappings(image, image.read_phys), process.files)
     phnum = 1 + len(mappings) + len(state.memory)
     if phnum > elf.MAX_PHNUM:
         raise VmstateError(f"the guest's page tables have {len(mappings)} separate mappings, "
@@ -223,7 +278,9 @@ class Core(FdOwner):
         return CoreError(message, f"{self.path}: offset {offset:#x}")
 
     def _pread(self, offset: int, length: int, what: str) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        """Bytes the header says are there; an offset or length past the file (up to 2^64,
+        beyond what pread takes) is a truncated core."""
+        data = os.pread(self.fd, length, offset) if offset + length <= self.file_size else b""
         if len(data) != length:
             raise self._error(f"{what} runs past the end of the file ({self.file_size} bytes): "
                               "truncated core", offset)

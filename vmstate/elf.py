@@ -1,4 +1,5 @@
-"""ELF64 structures for x86-64 core files, each declared once (see schemas/core-format.md)."""
+"""ELF64 structures for x86-64 core files and the executables the VMM loads, each declared
+once (see schemas/core-format.md)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import struct
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_SYSV = 2, 1, 1, 0
-ET_CORE, EM_X86_64 = 4, 62
-PT_LOAD, PT_NOTE = 1, 4
+ET_REL, ET_EXEC, ET_DYN, ET_CORE, EM_X86_64 = 1, 2, 3, 4, 62
+PT_LOAD, PT_INTERP, PT_NOTE, PT_PHDR = 1, 3, 4, 6
+ET_NAMES = {0: "ET_NONE", ET_REL: "ET_REL", ET_EXEC: "ET_EXEC", ET_DYN: "ET_DYN",
+            ET_CORE: "ET_CORE"}
+EM_NAMES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 22: "EM_S390",
+            40: "EM_ARM", 62: "EM_X86_64", 183: "EM_AARCH64", 243: "EM_RISCV"}
 PF_X, PF_W, PF_R = 1, 2, 4
-NT_PRSTATUS, NT_FPREGSET, NT_PRPSINFO, NT_X86_XSTATE = 1, 2, 3, 0x202
+NT_PRSTATUS, NT_FPREGSET, NT_PRPSINFO, NT_AUXV, NT_X86_XSTATE = 1, 2, 3, 6, 0x202
+NT_SIGINFO, NT_FILE = 0x53494749, 0x46494C45        # "SIGI", "FILE"
 
 # e_ident, e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize,
 # e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
@@ -29,9 +35,16 @@ PRSTATUS_REGISTERS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r
 # struct elf_prpsinfo: state, sname, zomb, nice, flag, uid, gid, pid, ppid, pgrp, sid,
 # fname[16], psargs[80]
 PRPSINFO = struct.Struct("<bcbb4xQIIiiii16s80s")
+# siginfo_t: si_signo, si_errno, si_code, and the rest of its 128 bytes.
+SIGINFO = struct.Struct("<iii116x")
+# NT_FILE: count, page size; then count x (start, end, file offset in pages); then count
+# NUL-terminated file names.
+FILE_NOTE_HEADER = struct.Struct("<QQ")
+FILE_NOTE_ENTRY = struct.Struct("<QQQ")
 XSAVE_XCR0_OFFSET = 464                 # where Linux (and gdb) keep XCR0 in an XSTATE note
 
 assert EHDR.size == 64 and PHDR.size == 56 and PRSTATUS.size == 336 and PRPSINFO.size == 136
+assert SIGINFO.size == 128
 
 
 def note(name: bytes, kind: int, desc: bytes) -> bytes:

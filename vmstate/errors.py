@@ -58,3 +58,23 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
     return f"{type(error).__name__}: {error}"
+
+
+SHORT_VALUE = 40
+
+
+def shorten(text: str, limit: int = SHORT_VALUE) -> str:
+    """A value to quote in a message: at most `limit` characters of it, and its length if cut."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+MAX_MESSAGE = 400
+
+
+def shorten_message(text: str, limit: int = MAX_MESSAGE) -> str:
+    """A message whose quoted value is huge: its beginning and its end (where the reason is),
+    with what was left out counted."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return f"{text[:limit - tail]} ...[{len(text) - limit} characters]... {text[-tail:]}"

@@ -4,12 +4,12 @@ schemas/hardware-state.rng is the normative definition and schemas/hardware-stat
 description. The document carries a VmState losslessly, except guest memory, whose bytes live
 in the ELF core: `from_xml(to_xml(state, provenance))` gives back the same state and provenance.
 
-    <vmstate-hardware version="1.0">
+    <vmstate-hardware version="2.0">
       <provenance image-digest="0x..." image-file="..." core-file="..."/>
       <vcpu id="0"> registers, segments, descriptor tables, control, msrs, fpu + xsave-rest,
                     xcrs, events, mp-state, debug-registers, cpuid </vcpu>      (one per vCPU)
-      <memory> <region ...> present runs, page-digests </region> </memory>
-      <vmm> program + args, files, address-space, pending-call </vmm>
+      <memory> <region ...> present-pages bitmap, page-digests </region> </memory>
+      <vmm> program + args, files, address-space, pending-call, os </vmm>
       <extra-section .../>                                                     (zero or more)
     </vmstate-hardware>
 
@@ -32,15 +32,17 @@ from pathlib import Path
 from lxml import etree
 
 from vmstate import xsave
-from vmstate.errors import FormatError
+from vmstate.errors import FormatError, shorten
+from vmstate.pages import bits_from_runs, bytemap_from_bits, runs_from_bytemap
 from vmstate.state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_REGISTERS, VCPU_EVENT_FIELDS, AddressSpace,
-    CpuidEntry, DebugRegisters, DescriptorTable, ExtraSection, MemoryRegion, OpenFile,
-    PendingCall, Registers, Segment, SpecialRegisters, VcpuEvents, VcpuState, VmmState, VmState)
+    PAGE_SIZE, CpuidEntry, DebugRegisters, Descriptor, DescriptorTable, ExtraSection, GuestOs,
+    MemoryRegion, OpenFile, PendingCall, Pipe, Registers, Segment, SignalAction,
+    SpecialRegisters, VcpuEvents, VcpuState, VmmState, VmState)
 from vmstate.x86 import msr_name
 
-SCHEMA_VERSION = "1.0"
-SCHEMA_MAJOR = 1
+SCHEMA_VERSION = "2.0"
+SCHEMA_MAJOR = 2
 SCHEMA_FILE = "hardware-state.rng"
 ROOT = "vmstate-hardware"
 BASE64_LINE = 76
@@ -98,8 +100,8 @@ class Number:
         except ValueError:      # only a decimal too long for int() gets past the schema
             value = -1
         if not 0 <= value < 1 << self.bits:
-            raise _Invalid(element, f"<{element.tag}> {attribute}={text!r} does not fit in "
-                                    f"{self.bits} bits")
+            raise _Invalid(element, f"<{element.tag}> {attribute}={shorten(text)!r} does not "
+                                    f"fit in {self.bits} bits")
         return value
 
 
@@ -128,6 +130,11 @@ ADDRESS_SPACE_FIELDS = dict.fromkeys(
 PENDING_CALL_FIELDS = {"nr": DEC64, "rip": HEX64}
 EXTRA_FIELDS = {"type": HEX16, "instance": DEC32, "flags": HEX16}
 FD_POSITION_FIELDS = {"mode": OCT32, "offset": DEC64}
+OS_FIELDS = {"uid": DEC32, "gid": DEC32, "blocked": HEX64, "pending": HEX64, "alarm_ns": DEC64,
+             "alarm_interval_ns": DEC64}
+ALTSTACK_ATTRIBUTES = ("altstack-sp", "altstack-flags", "altstack-size")
+SIGNAL_ACTION_FIELDS = {"signal": DEC32, "handler": HEX64, "flags": HEX64, "restorer": HEX64,
+                        "mask": HEX64}
 DIGEST_SIZE = 8
 
 
@@ -301,13 +308,13 @@ def _write_memory(root, regions: tuple[MemoryRegion, ...],
     for index, (region, digests) in enumerate(zip(regions, page_digests, strict=True)):
         element = _child(memory, "region", index=str(index))
         _set_numbers(element, region, REGION_FIELDS)
-        for first, count in region.present:
-            _child(element, "present", **{"first-page": str(first), "pages": str(count)})
+        _set_base64(_child(element, "present-pages"),
+                    bits_from_runs(region.present, region.size // PAGE_SIZE))
         _set_base64(_child(element, "page-digests", algorithm="xxh3-64"), digests)
 
 
 def _write_vmm(root, vmm: VmmState) -> None:
-    element = _child(root, "vmm")
+    element = _child(root, "vmm", **({"saved-by": vmm.saved_by} if vmm.saved_by else {}))
     program = _child(element, "program")
     _set_string(program, "path", vmm.program)
     for arg in vmm.argv:
@@ -324,6 +331,31 @@ def _write_vmm(root, vmm: VmmState) -> None:
         _set_numbers(call, vmm.pending, PENDING_CALL_FIELDS)
         for arg in vmm.pending.args:
             _child(call, "arg", value=HEX64.format(arg))
+    if vmm.os is not None:
+        _write_os(element, vmm.os)
+
+
+def _write_os(vmm_element, g: GuestOs) -> None:
+    element = _child(vmm_element, "os")
+    _set_string(element, "cwd", g.cwd)
+    element.set("umask", OCT32.format(g.umask))
+    _set_string(element, "hostname", g.hostname)
+    _set_numbers(element, g, OS_FIELDS)
+    for name, value in zip(ALTSTACK_ATTRIBUTES, g.altstack):
+        element.set(name, HEX64.format(value))
+    for d in g.descriptors:
+        child = _child(element, "descriptor", fd=str(d.fd), description=str(d.description),
+                       cloexec=str(int(d.cloexec)))
+        if d.pipe >= 0:
+            child.set("pipe", str(d.pipe))
+        if d.pipe >= 0 or d.flags:
+            child.set("flags", HEX32.format(d.flags))
+    for pipe in g.pipes:
+        _set_base64(_child(element, "pipe", id=str(pipe.id)), pipe.buffered)
+    for action in g.actions:
+        _set_numbers(_child(element, "signal-action"), action, SIGNAL_ACTION_FIELDS)
+    for resource, soft, hard in g.limits:
+        _child(element, "limit", resource=str(resource), soft=str(soft), hard=str(hard))
 
 
 def _write_fd(files, entry: OpenFile) -> None:
@@ -379,10 +411,13 @@ def parse_xml(data: bytes, source: str):
 def _check_version(root) -> None:
     """Refuse a newer major version before the schema reports it as a mere mismatch."""
     version = root.get("version", "")
-    major = version.partition(".")[0]
-    if root.tag == ROOT and major.isdigit() and int(major) > SCHEMA_MAJOR:
-        raise _Invalid(root, f"format version {version} is newer than this vmstate reads "
-                             f"({SCHEMA_VERSION}); use a newer vmstate")
+    major = version.partition(".")[0].lstrip("0") or "0"
+    if root.tag == ROOT and major.isdigit() and (len(major) > 3 or int(major) > SCHEMA_MAJOR):
+        raise _Invalid(root, f"format version {shorten(version)} is newer than this vmstate "
+                             f"reads ({SCHEMA_VERSION}); use a newer vmstate")
+    if root.tag == ROOT and major.isdigit() and int(major) < SCHEMA_MAJOR:
+        raise _Invalid(root, f"format version {shorten(version)} is older than this vmstate "
+                             f"reads ({SCHEMA_VERSION}); split the image again with this vmstate")
 
 
 def _validate(root, source: str) -> None:
@@ -498,12 +533,25 @@ def _read_memory(memory) -> tuple[tuple[MemoryRegion, ...], tuple[bytes, ...]]:
         if DEC32.parse(element, "index") != position:
             raise _Invalid(element, f"region index {element.get('index')} is out of order "
                                     f"(expected {position})")
-        present = tuple((DEC64.parse(run, "first-page"), DEC64.parse(run, "pages"))
-                        for run in element.findall("present"))
-        region = MemoryRegion(**_get_numbers(element, REGION_FIELDS), present=present)
+        numbers = _get_numbers(element, REGION_FIELDS)
+        present = _read_present_pages(element.find("present-pages"),
+                                      numbers["size"] // PAGE_SIZE)
+        region = MemoryRegion(**numbers, present=present)
         regions.append(region)
         page_digests.append(_read_page_digests(element, region))
     return tuple(regions), tuple(page_digests)
+
+
+def _read_present_pages(element, pages: int):
+    """The present-page bitmap (bit i of byte i // 8 = page i) as runs."""
+    bitmap = _get_base64(element)
+    if len(bitmap) != (pages + 7) // 8:
+        raise _Invalid(element, f"<present-pages> holds {len(bitmap)} bytes, expected "
+                                f"{(pages + 7) // 8} (one bit for each of the region's {pages} "
+                                "pages)")
+    if pages % 8 and bitmap[-1] >> pages % 8:
+        raise _Invalid(element, f"<present-pages> marks pages past the region's {pages} pages")
+    return runs_from_bytemap(bytemap_from_bits(bitmap, pages))
 
 
 def _read_page_digests(region_element, region: MemoryRegion) -> bytes:
@@ -532,7 +580,29 @@ def _read_vmm(element) -> VmmState:
         address_space=address_space,
         pending=None if pending is None else PendingCall(
             **_get_numbers(pending, PENDING_CALL_FIELDS),
-            args=tuple(HEX64.parse(arg, "value") for arg in pending.findall("arg"))))
+            args=tuple(HEX64.parse(arg, "value") for arg in pending.findall("arg"))),
+        os=None if element.find("os") is None else _read_os(element.find("os")),
+        saved_by=element.get("saved-by", ""))
+
+
+def _read_os(element) -> GuestOs:
+    descriptors = tuple(
+        Descriptor(fd=DEC31.parse(d, "fd"), description=DEC31.parse(d, "description"),
+                   cloexec=d.get("cloexec") == "1",
+                   pipe=DEC31.parse(d, "pipe") if d.get("pipe") is not None else -1,
+                   flags=HEX32.parse(d, "flags") if d.get("flags") is not None else 0)
+        for d in _unique(element.findall("descriptor"), "fd", DEC31))
+    return GuestOs(
+        cwd=_get_string(element, "cwd"), umask=OCT32.parse(element, "umask"),
+        hostname=_get_string(element, "hostname"), **_get_numbers(element, OS_FIELDS),
+        altstack=tuple(HEX64.parse(element, name) for name in ALTSTACK_ATTRIBUTES),
+        descriptors=descriptors,
+        pipes=tuple(Pipe(DEC31.parse(p, "id"), _get_base64(p))
+                    for p in _unique(element.findall("pipe"), "id", DEC31)),
+        actions=tuple(SignalAction(**_get_numbers(a, SIGNAL_ACTION_FIELDS))
+                      for a in element.findall("signal-action")),
+        limits=tuple((DEC32.parse(limit, "resource"), DEC64.parse(limit, "soft"),
+                      DEC64.parse(limit, "hard")) for limit in element.findall("limit")))
 
 
 def _read_fd(element) -> OpenFile:

@@ -10,7 +10,8 @@ from .image.reader import Image
 from .linux import open_flag_names
 from .paging import PageTables
 from .syscall_names import SYSCALL_NAMES
-from .state import GP_REGISTERS, PAGE_SIZE, SEGMENT_REGISTERS, VcpuState
+from .state import GP_REGISTERS, PAGE_SIZE, SEGMENT_REGISTERS, VCPU_EVENT_FIELDS, VcpuState
+from .text import escape, from_json_text, json_text
 from .units import format_size
 
 RFLAGS_NAMES = [(0, "CF"), (2, "PF"), (4, "AF"), (6, "ZF"), (7, "SF"), (8, "TF"), (9, "IF"),
@@ -33,21 +34,34 @@ def bit_names(value: int, table) -> list[str]:
     return [name for bit, name in table if value >> bit & 1]
 
 
+SAVED_BY_NAMES = {"kvm": "KVM (kvm)", "soft": "the software CPU (soft)"}
+
 def describe(image: Image, instructions: int = 8) -> dict:
     """Everything `info` shows, as JSON-ready data (addresses and registers as 0x hex)."""
     state = image.state
+    space = state.vmm.address_space
     return {
-        "image": {"path": image.path, "format": f"{image.version[0]}.{image.version[1]}",
-                  "file_size": image.file_size, "sections": len(image.sections)},
-        "program": {"path": state.vmm.program, "argv": list(state.vmm.argv)},
+        "image": {**json_text("path", image.path),
+                  "format": f"{image.version[0]}.{image.version[1]}",
+                  "file_size": image.file_size, "sections": len(image.sections),
+                  "digest": f"{image.digest():#018x}"},
+        "program": {**json_text("path", state.vmm.program),
+                    "argv": [json_text("value", arg) for arg in state.vmm.argv]},
+        "saved_by": state.vmm.saved_by or None,
         "vcpus": [describe_vcpu(image, vcpu, instructions) for vcpu in state.vcpus],
         "memory": [{"guest_phys_addr": hexa(r.guest_phys_addr), "size": r.size,
                     "pages": r.page_count, "present_pages": r.present_pages,
-                    "present_bytes": r.present_pages * PAGE_SIZE, "extents": len(r.present)}
+                    "present_bytes": r.present_pages * PAGE_SIZE, "extents": len(r.present),
+                    "present_runs": [{"first_page": first, "pages": count}
+                                     for first, count in r.present]}
                    for r in state.memory],
-        "address_space": {name: hexa(getattr(state.vmm.address_space, name)) for name in
-                          ("user_start", "user_end", "brk_start", "brk", "mmap_low", "mmap_top")},
-        "files": [{"fd": f.fd, "kind": f.kind, "path": f.path, "flags": hexa(f.flags),
+        "address_space": {**{name: hexa(getattr(space, name)) for name in
+                             ("user_start", "user_end", "brk_start", "brk", "mmap_low",
+                              "mmap_top")},
+                          "free_ranges": [{"start": hexa(start), "length": hexa(length)}
+                                          for start, length in space.free_ranges]},
+        "files": [{"fd": f.fd, "kind": f.kind, **json_text("path", f.path),
+                   "flags": hexa(f.flags),
                    "flag_names": open_flag_names(f.flags), "mode": f"0{f.mode:o}", "offset": f.offset}
                   for f in state.vmm.files],
         "pending_call": None if state.vmm.pending is None else {
@@ -57,6 +71,23 @@ def describe(image: Image, instructions: int = 8) -> dict:
             "rip": hexa(state.vmm.pending.rip)},
         "extra_sections": [{"type": hexa(x.type), "instance": x.instance, "size": len(x.data)}
                            for x in state.extra],
+        "os": None if state.vmm.os is None else _describe_os(state.vmm.os),
+    }
+
+
+def _describe_os(g) -> dict:
+    return {
+        **json_text("cwd", g.cwd), "umask": f"0{g.umask:03o}", **json_text("hostname", g.hostname),
+        "uid": g.uid, "gid": g.gid,
+        "descriptors": [{"fd": d.fd, "description": d.description, "cloexec": d.cloexec,
+                         "pipe": None if d.pipe < 0 else d.pipe, "flags": hexa(d.flags)}
+                        for d in g.descriptors],
+        "pipes": [{"id": p.id, "buffered_bytes": len(p.buffered)} for p in g.pipes],
+        "signal_actions": [{"signal": a.signal, "handler": hexa(a.handler),
+                            "flags": hexa(a.flags), "mask": hexa(a.mask)} for a in g.actions],
+        "blocked": hexa(g.blocked), "pending": hexa(g.pending),
+        "alarm_ns": g.alarm_ns, "alarm_interval_ns": g.alarm_interval_ns,
+        "limits": [{"resource": r, "soft": s, "hard": h} for r, s, h in g.limits],
     }
 
 
@@ -81,14 +112,22 @@ def describe_vcpu(image: Image, vcpu: VcpuState, instructions: int) -> dict:
                     "apic_base": hexa(s.apic_base)},
         "msrs": [{"name": x86.msr_name(index), "index": hexa(index), "value": hexa(value)}
                  for index, value in vcpu.msrs],
-        "fpu": {"fcw": hexa(fpu.fcw), "fsw": hexa(fpu.fsw), "mxcsr": hexa(fpu.mxcsr),
+        "fpu": {"fcw": hexa(fpu.fcw), "fsw": hexa(fpu.fsw), "ftw": hexa(fpu.ftw),
+                "fop": hexa(fpu.fop), "fip": hexa(fpu.fip), "fdp": hexa(fpu.fdp),
+                "mxcsr": hexa(fpu.mxcsr), "mxcsr_mask": hexa(fpu.mxcsr_mask),
+                "st": {f"st{i}": "0x" + v[::-1].hex() for i, v in enumerate(fpu.st)},
                 "xmm": {f"xmm{i}": "0x" + v[::-1].hex() for i, v in enumerate(fpu.xmm)
                         if any(v)},
                 "xsave_bytes": len(vcpu.xsave)},
         "xcrs": {f"xcr{i}": hexa(v) for i, v in vcpu.xcrs},
         "mp_state": vcpu.mp_state,
-        "debug": {"dr6": hexa(vcpu.debugregs.dr6), "dr7": hexa(vcpu.debugregs.dr7)},
+        "events": {name: getattr(vcpu.events, name) for name in VCPU_EVENT_FIELDS},
+        "debug": {name: hexa(getattr(vcpu.debugregs, name))
+                  for name in ("db0", "db1", "db2", "db3", "dr6", "dr7", "flags")},
         "cpuid_entries": len(vcpu.cpuid),
+        "cpuid": [{name: hexa(getattr(entry, name)) for name in
+                   ("function", "index", "flags", "eax", "ebx", "ecx", "edx")}
+                  for entry in vcpu.cpuid],
         "next_instructions": _disassemble(image, vcpu, instructions),
     }
 
@@ -117,9 +156,12 @@ def render_text(info: dict, verified: str) -> str:
     """The human-readable view of `describe`'s data."""
     image, lines = info["image"], []
     add = lines.append
-    add(f"VM image {image['path']} (format {image['format']}, {format_size(image['file_size'])}"
-        f" apparent size, {image['sections']} sections): {verified}")
-    add(f"Program   {' '.join(info['program']['argv']) or '(unknown)'}")
+    add(f"VM image {escape(from_json_text(image, 'path'))} (format {image['format']}, "
+        f"{format_size(image['file_size'])} apparent size, {image['sections']} sections): {verified}")
+    argv = [escape(from_json_text(arg, "value")) for arg in info["program"]["argv"]]
+    add(f"Program   {' '.join(argv) or '(unknown)'}")
+    if info["saved_by"]:
+        add(f"Saved by  {SAVED_BY_NAMES.get(info['saved_by'], info['saved_by'])}")
     for i, region in enumerate(info["memory"]):
         add(f"Memory    region {i}: guest physical {region['guest_phys_addr']}, "
             f"{format_size(region['size'])}, {region['present_pages']} of {region['pages']} pages "
@@ -132,12 +174,14 @@ def render_text(info: dict, verified: str) -> str:
     add("")
     add("Open files")
     for f in info["files"]:
-        where = f["path"] if f["kind"] == "file" else f"({f['kind']})"
+        where = escape(from_json_text(f, "path")) if f["kind"] == "file" else f"({f['kind']})"
         add(f"  fd {f['fd']:<3} {where}  {f['flag_names']}  mode {f['mode']}  offset {f['offset']}")
     pending = info["pending_call"]
     add("Pending call   " + ("none" if pending is None else
                              f"{pending['name']}({', '.join(pending['args'])}) at rip "
                              f"{pending['rip']}, re-issued on resume"))
+    if info["os"] is not None:
+        lines += _render_os(info["os"])
     for extra in info["extra_sections"]:
         add(f"Unknown section type {extra['type']} ({extra['size']} bytes), carried through")
     return "\n".join(lines)
@@ -178,4 +222,27 @@ def render_vcpu(vcpu: dict, with_msrs: bool = True) -> list[str]:
             lines.append(f"    (cannot read: {insn['error']})")
         else:
             lines.append(f"    {insn['address']}:  {insn['bytes']:<22} {insn['text']}")
+    return lines
+
+
+def _render_os(g: dict) -> list[str]:
+    cwd, hostname = escape(from_json_text(g, "cwd")), escape(from_json_text(g, "hostname"))
+    lines = [f"Guest OS       cwd /{cwd.lstrip('.')}  umask {g['umask']}  hostname "
+             f"{hostname}  uid {g['uid']} gid {g['gid']}"]
+    shared = [d for d in g["descriptors"] if d["description"] != d["fd"]]
+    for d in shared:
+        lines.append(f"  fd {d['fd']} shares the open-file description of fd {d['description']}")
+    cloexec = [str(d["fd"]) for d in g["descriptors"] if d["cloexec"]]
+    if cloexec:
+        lines.append(f"  close-on-exec fds {', '.join(cloexec)}")
+    for pipe in g["pipes"]:
+        ends = ", ".join(f"fd {d['fd']}" for d in g["descriptors"] if d["pipe"] == pipe["id"])
+        lines.append(f"  pipe {pipe['id']} ({ends}): {pipe['buffered_bytes']} bytes buffered")
+    for action in g["signal_actions"]:
+        lines.append(f"  signal {action['signal']}: handler {action['handler']} flags "
+                     f"{action['flags']} mask {action['mask']}")
+    lines.append(f"  signals blocked {g['blocked']}  pending {g['pending']}"
+                 + (f"  alarm in {g['alarm_ns'] / 1e9:.3f} s" if g["alarm_ns"] else ""))
+    for limit in g["limits"]:
+        lines.append(f"  limit {limit['resource']}: soft {limit['soft']} hard {limit['hard']}")
     return lines

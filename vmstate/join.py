@@ -15,7 +15,7 @@ import xxhash
 
 from . import xsave
 from .core import DIRECT_MAP_BASE, Core, Segment, guest_mappings
-from .errors import FormatError, VmstateError
+from .errors import FormatError, VmstateError, shorten
 from .hwxml import HardwareDocument, XmlError, from_xml, parse_xml
 from .chunks import chunk_checksums, chunk_pages
 from .image.reader import ImageMetadata
@@ -24,7 +24,7 @@ from .mapping import close_mapping, prefetch_runs
 from .pages import merge_runs
 from .sparse import nonzero_pages_outside
 from .state import PAGE_SIZE, MemoryRegion, VmState
-from .validate import problems
+from .validate import restore_problems
 from .x86 import msr_name
 
 
@@ -124,12 +124,18 @@ def _check_layout(document: HardwareDocument, source: ImageMetadata, xml_path: s
 
 
 def _check_problems(state: VmState, xml_path: str, xml_data: bytes) -> None:
-    found = problems(state)
+    """Refuse what restore would refuse, naming the element and the value."""
+    found = restore_problems(state)
     if found:
+        problem = found[0]
         tree = parse_xml(xml_data, xml_path)
-        hits = tree.xpath(found[0].xpath.replace("/vmstate-hardware", "/*", 1))
-        line = hits[0].sourceline if hits else tree.sourceline
-        raise XmlError(f"{xml_path}:{line}: {found[0].message}")
+        hits = tree.xpath(problem.xpath.replace("/vmstate-hardware", "/*", 1))
+        element = hits[0] if hits else tree
+        value = element.get(problem.attribute) if problem.attribute else None
+        named = f' name="{shorten(element.get("name"))}"' if element.get("name") else ""
+        shown = f"<{element.tag}{named} {problem.attribute}=\"{shorten(value)}\">" \
+            if value is not None else f"<{element.tag}{named}>"
+        raise XmlError(f"{xml_path}:{element.sourceline}: {shown}: {problem.message}")
 
 
 class _Joined:
@@ -257,7 +263,27 @@ def diff_states(old: VmState, new: VmState) -> list[tuple[str, str, str]]:
     changes += _diff_dataclass("address space ", old.vmm.address_space, new.vmm.address_space)
     if old.vmm.pending != new.vmm.pending:
         changes.append(("pending call", str(old.vmm.pending), str(new.vmm.pending)))
+    changes += _diff_os(old.vmm.os, new.vmm.os)
     return changes
+
+
+def _diff_os(old, new) -> list[tuple[str, str, str]]:
+    """The guest OS state: scalar fields one by one, each list as a whole."""
+    if old == new:
+        return []
+    if old is None or new is None:
+        return [("guest os", "absent" if old is None else "present",
+                 "absent" if new is None else "present")]
+    out = []
+    for f in fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if isinstance(a, tuple) and f.name != "altstack":
+            out.append((f"guest os {f.name}", f"{len(a)} entries", f"{len(b)} entries, edited"))
+        else:
+            out.append((f"guest os {f.name}", _value(a), _value(b)))
+    return out
 
 
 def _value(v) -> str:

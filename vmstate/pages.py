@@ -6,13 +6,17 @@ from __future__ import annotations
 
 Runs = tuple[tuple[int, int], ...]
 
-# Byte value -> the 8 bytes (0 or 1) of its bits, least significant first (KVM's bit order).
-_BITS_TO_BYTES = [bytes((value >> bit) & 1 for bit in range(8)) for value in range(256)]
+# For each bit position: byte value -> that bit (0 or 1), for bytes.translate.
+_BIT_OF_BYTE = [bytes((value >> bit) & 1 for value in range(256)) for bit in range(8)]
 
 
 def bytemap_from_bits(bitmap: bytes, page_count: int) -> bytes:
-    """KVM's dirty bitmap (bit i of little-endian u64 words = page i) as a byte map."""
-    return b"".join(map(_BITS_TO_BYTES.__getitem__, bitmap))[:page_count]
+    """KVM's dirty bitmap (bit i of little-endian u64 words = page i) as a byte map: one
+    translate and one strided copy per bit position (page 8k + b is bit b of byte k)."""
+    bytemap = bytearray(len(bitmap) * 8)
+    for bit, table in enumerate(_BIT_OF_BYTE):
+        bytemap[bit::8] = bytes(bitmap).translate(table)
+    return bytes(bytemap[:page_count])
 
 
 def bits_from_runs(runs: Runs, page_count: int) -> bytes:

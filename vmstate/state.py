@@ -217,6 +217,53 @@ class AddressSpace:
 
 
 @dataclass(frozen=True)
+class Descriptor:
+    """What a guest fd holds beyond its file table entry. Fds with the same `description`
+    share one open-file description (offset, status flags), as after dup. A pipe end is not
+    in the file table: `pipe` names the pipe and `flags` its access mode and O_NONBLOCK."""
+    fd: int
+    description: int
+    cloexec: bool = False
+    pipe: int = -1
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class Pipe:
+    id: int
+    buffered: bytes = b""      # written, not yet read
+
+
+@dataclass(frozen=True)
+class SignalAction:
+    """A struct sigaction the guest installed (handler and restorer are guest addresses)."""
+    signal: int
+    handler: int
+    flags: int = 0
+    restorer: int = 0
+    mask: int = 0
+
+
+@dataclass(frozen=True)
+class GuestOs:
+    """The Linux personality's state of the guest process, beyond its files and memory."""
+    cwd: str = "."                         # relative to the guest root, normal form
+    umask: int = 0o022
+    hostname: str = "vmstate"
+    uid: int = 0
+    gid: int = 0
+    descriptors: tuple[Descriptor, ...] = ()
+    pipes: tuple[Pipe, ...] = ()
+    actions: tuple[SignalAction, ...] = ()
+    blocked: int = 0                       # signal masks, bit n-1 for signal n
+    pending: int = 0
+    altstack: tuple[int, int, int] = (0, 2, 0)     # ss_sp, ss_flags (2: SS_DISABLE), ss_size
+    alarm_ns: int = 0                      # time left on the alarm (ITIMER_REAL), 0: none
+    alarm_interval_ns: int = 0
+    limits: tuple[tuple[int, int, int], ...] = ()   # resource, soft, hard set by the guest
+
+
+@dataclass(frozen=True)
 class VmmState:
     """Device and bookkeeping state kept by the VMM rather than by KVM."""
     program: str = ""
@@ -224,6 +271,8 @@ class VmmState:
     files: tuple[OpenFile, ...] = ()
     address_space: AddressSpace = AddressSpace()
     pending: PendingCall | None = None
+    os: GuestOs | None = None          # None: an image from before the vmm-os section
+    saved_by: str = ""          # the CPU that ran the guest when it was saved: "kvm" or "soft"
 
 
 @dataclass(frozen=True)

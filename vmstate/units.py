@@ -1,6 +1,6 @@
 """Human-friendly sizes: "64M", "1G", "4096" (binary multiples)."""
 
-from .errors import VmstateError
+from .errors import VmstateError, shorten
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -11,9 +11,9 @@ def parse_size(text: str) -> int:
     try:
         value = int(number, 0) * _SUFFIXES[suffix]
     except (ValueError, KeyError):
-        raise VmstateError(f"bad size {text!r} (examples: 64M, 1G, 268435456)") from None
+        raise VmstateError(f"bad size {shorten(text)!r} (examples: 64M, 1G, 268435456)") from None
     if value <= 0:
-        raise VmstateError(f"bad size {text!r}: must be positive")
+        raise VmstateError(f"bad size {shorten(text)!r}: must be positive")
     return value
 
 

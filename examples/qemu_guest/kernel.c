@@ -1,8 +1,9 @@
-/* A tiny guest kernel for QEMU (multiboot, 32-bit, no paging) used by vmstate's QEMU loop.
+/* A tiny guest kernel for QEMU (multiboot) used by vmstate's QEMU loop: kernel.elf runs in
+ * 32-bit protected mode without paging, kernel64.bin in long mode with paging (higher half).
  * It finds an emulated RTL8139 or e1000 NIC by PCI configuration reads, remembers its MAC
  * address, then forever prints a line on COM1 with a counter, a message and both the MAC it
  * remembered (guest memory: patch it with gdb) and the MAC the device reports now (device
- * state: edit it in hw.xml). The counter grows by the value in EDI (a vCPU register).
+ * state: edit it in hw.xml). The counter grows by the value in EDI (R15 in 64-bit mode).
  * With `-append fill` it first writes every page of RAM above 2 MiB (for benchmarks). */
 #include <stdint.h>
 
@@ -10,7 +11,11 @@
 #define PCI_ADDRESS 0xcf8
 #define PCI_DATA 0xcfc
 
+#ifdef __x86_64__
+register uint64_t step asm("r15");     /* set by boot64.S; -ffixed-r15 keeps it ours */
+#else
 register uint32_t step asm("edi");     /* set by boot.S; -ffixed-edi keeps it ours */
+#endif
 
 volatile uint32_t delay_loops = 30000000;
 volatile uint32_t counter;
@@ -86,7 +91,7 @@ static void device_mac(uint8_t *mac)
 		for (int i = 0; i < 6; i++)
 			mac[i] = inb(nic_io + i);
 	} else if (nic_mmio) {
-		volatile uint32_t *ra = (volatile uint32_t *)(nic_mmio + 0x5400);
+		volatile uint32_t *ra = (volatile uint32_t *)(uintptr_t)(nic_mmio + 0x5400);
 		uint32_t low = ra[0], high = ra[1];
 		for (int i = 0; i < 4; i++)
 			mac[i] = low >> (8 * i);
@@ -142,7 +147,7 @@ static void fill_memory(uint32_t top)
 {
 	for (uint32_t address = 2 << 20; address + 4096 <= top; address += 4096)
 		for (uint32_t offset = 0; offset < 4096; offset += 512)
-			*(volatile uint32_t *)(address + offset) = address ^ offset ^ 0x5a5a5a5a;
+			*(volatile uint32_t *)(uintptr_t)(address + offset) = address ^ offset ^ 0x5a5a5a5a;
 	puts("filled ");
 	put_dec((top >> 20) - 2);
 	puts(" MiB\n");
@@ -155,7 +160,7 @@ void kernel_init(const struct multiboot_info *info)
 	puts("vmstate qemu guest booted\n");
 	find_nic();
 	device_mac(nic_mac);
-	if ((info->flags & 0x5) == 0x5 && has_word((const char *)info->cmdline, "fill"))
+	if ((info->flags & 0x5) == 0x5 && has_word((const char *)(uintptr_t)info->cmdline, "fill"))
 		fill_memory((info->mem_upper + 1024) << 10);
 }
 
@@ -167,7 +172,7 @@ void tick(void)
 	puts("tick ");
 	put_dec(counter);
 	puts(" step ");
-	put_dec(step);
+	put_dec((uint32_t)step);
 	puts(" message '");
 	puts(message);
 	puts("' mac ");

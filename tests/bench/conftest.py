@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from benchlib import warm_up_memory
@@ -5,4 +7,4 @@ from benchlib import warm_up_memory
 
 @pytest.fixture(scope="session", autouse=True)
 def warm_memory():
-    warm_up_memory()
+    warm_up_memory(int(os.environ.get("VMSTATE_BENCH_WARM_GIB", "14")))

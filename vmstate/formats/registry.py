@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import FileMissingError, FormatError
+from ..errors import FormatError
 from ..fd import open_to_read
 
 PROBE_BYTES = 16
@@ -43,9 +43,7 @@ def probe(head: bytes) -> Format | None:
 
 def detect(path: str) -> Format:
     """The format of the file at `path`, by its magic; refused in one line if none fits."""
-    if not os.path.lexists(path):
-        raise FileMissingError(f"{path}: no such file")
-    with os.fdopen(open_to_read(path, "saved VM", FormatError), "rb") as f:
+    with os.fdopen(open_to_read(path, "image file", FormatError), "rb") as f:
         head = f.read(PROBE_BYTES)
     found = probe(head)
     if found is not None:

@@ -276,7 +276,23 @@ def encode_vmm(vmm: VmmState) -> list[tuple[int, bytes]]:
                 (L.VMM_ADDRESS_SPACE, encode_address_space(vmm.address_space))]
     if vmm.pending is not None:
         sections.append((L.VMM_PENDING_CALL, encode_pending(vmm.pending)))
+    if vmm.os is not None:
+        from .os_codec import encode_os
+        sections.append((L.VMM_OS, encode_os(vmm.os)))
+    if vmm.saved_by:
+        sections.append((L.VMM_SAVED_BY, encode_saved_by(vmm.saved_by)))
     return sections
+
+
+def encode_saved_by(cpu: str) -> bytes:
+    return _string(cpu.encode())
+
+
+def decode_saved_by(data: bytes) -> str:
+    r = PayloadReader(data)
+    cpu = r.take_bytes(r.take(L.STRING)[0]).decode("ascii", "replace")
+    r.end()
+    return cpu
 
 
 assert [f.name for f in fields(Segment)] == list(SEGMENT_FIELDS)

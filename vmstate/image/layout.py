@@ -1,4 +1,4 @@
-"""Binary layout of vmstate image files, format 2.0. The normative description with the same
+"""Binary layout of vmstate image files, format 2.1. The normative description with the same
 tables is schemas/image-format.md; every structure is declared here once and used everywhere.
 
     +--------------------+ 0
@@ -17,7 +17,7 @@ import struct
 from ..state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT
 
 MAGIC = b"VMSTATE\0"
-VERSION_MAJOR, VERSION_MINOR = 2, 0
+VERSION_MAJOR, VERSION_MINOR = 2, 1
 PAGE = 4096
 ALIGN = 8
 
@@ -35,6 +35,9 @@ VCPU_XCRS, VCPU_EVENTS, VCPU_MP_STATE, VCPU_DEBUGREGS, VCPU_CPUID = (
     0x0014, 0x0015, 0x0016, 0x0017, 0x0018)
 MEMORY_REGION = 0x0020
 VMM_PROGRAM, VMM_FILES, VMM_ADDRESS_SPACE, VMM_PENDING_CALL = 0x0030, 0x0031, 0x0032, 0x0033
+VMM_OS = 0x0034
+VMM_SAVED_BY = 0x0035                           # 2.1, optional: a 2.0 reader skips it
+OPTIONAL_TYPES = frozenset({VMM_SAVED_BY})      # written with SECTION_OPTIONAL
 
 SECTION_NAMES = {
     VCPU_REGS: "vcpu-regs", VCPU_SREGS: "vcpu-sregs", VCPU_MSRS: "vcpu-msrs",
@@ -42,6 +45,8 @@ SECTION_NAMES = {
     VCPU_MP_STATE: "vcpu-mp-state", VCPU_DEBUGREGS: "vcpu-debugregs", VCPU_CPUID: "vcpu-cpuid",
     MEMORY_REGION: "memory-region", VMM_PROGRAM: "vmm-program", VMM_FILES: "vmm-files",
     VMM_ADDRESS_SPACE: "vmm-address-space", VMM_PENDING_CALL: "vmm-pending-call",
+    VMM_OS: "vmm-os",
+    VMM_SAVED_BY: "vmm-saved-by",
 }
 
 REGS = struct.Struct("<18Q")                    # rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags
@@ -64,6 +69,12 @@ STRING = struct.Struct("<I4x")                  # byte length; the bytes follow,
 ADDRESS_SPACE = struct.Struct("<6QI4x")         # user_start user_end brk_start brk mmap_low mmap_top free_count
 FREE_RANGE = struct.Struct("<QQ")               # start, length
 PENDING_CALL = struct.Struct("<Q6QQ")           # nr, args[6], rip of the syscall instruction
+# vmm-os: header, then strings cwd and hostname, then four counted lists
+OS_HEADER = struct.Struct("<III4xQQQIxxxxQQQ")  # umask uid gid, blocked pending, ss_sp ss_flags ss_size, alarm_ns interval_ns
+DESCRIPTOR = struct.Struct("<iiiIB7x")          # fd description pipe flags cloexec
+PIPE = struct.Struct("<iI")                     # id, buffered length (the bytes follow, padded to 8)
+SIGNAL_ACTION = struct.Struct("<I4xQQQQ")       # signal handler flags restorer mask
+LIMIT = struct.Struct("<I4xQQ")                 # resource soft hard
 
 assert HEADER.size == 64 and SECTION_ENTRY.size == 32 and SEGMENT.size == 24
 assert DTABLE.size == 16 and EVENTS.size == 64 and REGION.size == 32

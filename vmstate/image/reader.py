@@ -18,9 +18,10 @@ from ..fd import FdOwner, open_to_read
 from ..chunks import chunk_pages, first_bad_chunk
 from ..mapping import close_mapping, prefetch_runs
 from ..sparse import nonzero_pages_outside
-from ..validate import MAX_XCRS, is_inside_root
-from ..state import FD_FILE, PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
+from ..validate import problems
+from ..state import PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
 from . import codec
+from .os_codec import decode_os
 from . import layout as L
 
 MAX_SECTIONS = 1 << 16
@@ -196,9 +197,13 @@ class ImageMetadata:
                     raise ValueError("unknown mandatory section: written by a newer vmstate?")
             except ValueError as e:
                 raise self._error(f"{entry.describe()}: {e}", entry.offset) from None
-        return VmState(vcpus=self._assemble_vcpus(vcpu_parts),
-                       memory=self._assemble_regions(regions),
-                       vmm=self._assemble_vmm(vmm), extra=tuple(extra))
+        state = VmState(vcpus=self._assemble_vcpus(vcpu_parts),
+                        memory=self._assemble_regions(regions),
+                        vmm=self._assemble_vmm(vmm), extra=tuple(extra))
+        found = problems(state)          # the checks join applies before it writes
+        if found:
+            raise ImageError(f"not a valid VM state: {found[0].message}", self.path)
+        return state
 
     @staticmethod
     def _once(parts: dict, field: str, value) -> None:
@@ -215,11 +220,7 @@ class ImageMetadata:
                        if codec.VCPU_DECODERS[t][0] not in parts[vcpu_id]]
             if missing:
                 raise self._error(f"vCPU {vcpu_id} lacks {', '.join(missing)}", 0)
-            vcpu = VcpuState(id=vcpu_id, **parts[vcpu_id])
-            if len(vcpu.xcrs) > MAX_XCRS:
-                raise self._error(f"vCPU {vcpu_id} has {len(vcpu.xcrs)} XCRs (at most "
-                                  f"{MAX_XCRS})", 0)
-            vcpus.append(vcpu)
+            vcpus.append(VcpuState(id=vcpu_id, **parts[vcpu_id]))
         return tuple(vcpus)
 
     def _decode_region(self, data: bytes) -> tuple[MemoryRegion, RegionData]:
@@ -255,15 +256,7 @@ class ImageMetadata:
 
     def _assemble_vmm(self, parts: dict) -> VmmState:
         program, argv = parts.pop("program", ("", ()))
-        vmm = VmmState(program=program, argv=argv, **parts)
-        fds = [f.fd for f in vmm.files]
-        if len(set(fds)) != len(fds) or any(fd < 0 for fd in fds):
-            raise self._error(f"file table: guest fds {fds} are not distinct and >= 0", 0)
-        for f in vmm.files:
-            if f.kind == FD_FILE and not is_inside_root(f.path):
-                raise self._error(f"file table: guest fd {f.fd} path {f.path!r} is not a "
-                                  "normalized path inside the guest root", 0)
-        return vmm
+        return VmmState(program=program, argv=argv, **parts)
 
 
 
@@ -346,4 +339,6 @@ VMM_DECODERS = {
     L.VMM_FILES: ("files", codec.decode_files),
     L.VMM_ADDRESS_SPACE: ("address_space", codec.decode_address_space),
     L.VMM_PENDING_CALL: ("pending", codec.decode_pending),
+    L.VMM_OS: ("os", decode_os),
+    L.VMM_SAVED_BY: ("saved_by", codec.decode_saved_by),
 }

@@ -66,7 +66,8 @@ def plan_image(state: VmState, region_views: list[memoryview],
         sections += [(kind, 0, vcpu.id, payload) for kind, payload in codec.encode_vcpu(vcpu)]
     region_at = len(sections)
     sections += [(L.MEMORY_REGION, 0, i, None) for i in range(len(state.memory))]
-    sections += [(kind, 0, 0, payload) for kind, payload in codec.encode_vmm(state.vmm)]
+    sections += [(kind, L.SECTION_OPTIONAL if kind in L.OPTIONAL_TYPES else 0, 0, payload)
+                 for kind, payload in codec.encode_vmm(state.vmm)]
     sections += [(x.type, x.flags, x.instance, x.data) for x in state.extra]
 
     for i, region in enumerate(state.memory):

@@ -8,6 +8,12 @@
       FRAME FILE  (with --with-files)              ->
       FRAME END   (metadata digest, byte count)    ->
                                                <-  REPLY (0: verified and stored or started)
+
+Version 3.0 (live migration, receive --run only) keeps HELLO, REPLY and the frame header; the
+header's offset field holds XXH3-64 of the frame's payload, and the frames are LAYOUT, rounds
+of PAGES (a page may come again), STATE (vCPU and VMM state as image metadata without
+memory), FILE, END (with a digest of the final memory).
+live_send.py and live_receive.py speak it.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from __future__ import annotations
 import socket
 import struct
 
-from ..errors import VmstateError
+from ..errors import VmstateError, shorten
 
 MAGIC = b"VMSTMIG\0"
 VERSION_MAJOR, VERSION_MINOR = 2, 0
+LIVE_VERSION = (3, 0)                     # live migration (pre-copy)
 HELLO = struct.Struct("<8sHHHHIQI")       # magic, min major, min minor, max major, max minor,
                                           # flags, image size (bytes of the image file), reserved
 FLAG_WITH_FILES = 0x1
@@ -28,6 +35,12 @@ FILE_HEADER = struct.Struct("<IIQQ")      # path length, mode, content length, X
 END = struct.Struct("<QQ")                # XXH3-64 of the image metadata, image bytes sent
 
 FRAME_IMAGE, FRAME_FILE, FRAME_END, FRAME_MEMORY = 1, 2, 3, 4
+FRAME_LAYOUT, FRAME_PAGES, FRAME_STATE = 5, 6, 7           # protocol 3.0
+LAYOUT_REGION = struct.Struct("<QQ")      # 3.0 LAYOUT payload, per region: guest physical, size
+PAGE_NUMBER = struct.Struct("<Q")         # 3.0 PAGES payload: page numbers, then the pages
+LIVE_END = struct.Struct("<QQQ")          # 3.0 END: frames before it, their payload bytes,
+                                          # XXH3-64 of the page digest table
+MAX_PAGES_FRAME = 16384                   # pages in one 3.0 PAGES frame (64 MiB)
 STATUS_OK, STATUS_REFUSED, STATUS_FAILED = 0, 1, 2
 MAX_FILE_FRAME = 1 << 30
 MAX_REPLY = 4096
@@ -114,11 +127,13 @@ def recv_reply(sock: socket.socket) -> tuple[int, str]:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
+    host, colon, port = text.rpartition(":")
     try:
-        number = int(port)
+        number = int(port) if colon and port.isdigit() else -1
     except ValueError:
-        raise VmstateError(f"bad address {text!r} (expected HOST:PORT)") from None
+        number = -1
+    if number < 0:
+        raise VmstateError(f"bad address {shorten(text)!r} (expected HOST:PORT)")
     if not 0 < number < 65536:
-        raise VmstateError(f"bad port {number} in {text!r}")
+        raise VmstateError(f"bad port {shorten(port)} in {shorten(text)!r} (1 to 65535)")
     return host.strip("[]"), number

@@ -33,7 +33,6 @@ from . import protocol as P
 HELLO_TIMEOUT = 3.0          # seconds from the connection to a complete hello
 START_GRACE = 3.0            # seconds of slack before the stream must keep up with --min-rate
 DEFAULT_MIN_RATE = 1 << 20   # bytes per second
-DEFAULT_SENDERS = 4          # senders served at once; the others wait in the listen backlog
 BACKLOG = 64
 REPLY_TIMEOUT = 5.0          # a reply is small: a peer that does not take it is dropped
 DRAIN_TIME = 30              # after our own failure, read (and drop) what the sender still sends
@@ -58,16 +57,23 @@ class PacedSocket:
         return self.start + START_GRACE + through / self.min_rate
 
     def recv_into(self, view, nbytes: int = 0) -> int:
+        return self._paced(self.sock.recv_into, view, nbytes)
+
+    def recvmsg_into(self, buffers) -> tuple:
+        """Scattered reads (memory straight into guest pages) count and are paced too."""
+        return self._paced(self.sock.recvmsg_into, buffers)
+
+    def _paced(self, receive, *args):
         remaining = self.deadline(self.received + 1) - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError
             self.sock.settimeout(remaining)
-            n = self.sock.recv_into(view, nbytes)
+            result = receive(*args)
         except TimeoutError:
             raise P.ProtocolError(self._too_slow()) from None
-        self.received += n
-        return n
+        self.received += result if isinstance(result, int) else result[0]
+        return result
 
     def _too_slow(self) -> str:
         elapsed = time.monotonic() - self.start
@@ -116,11 +122,18 @@ class Received:
         return self.image_bytes + self.file_bytes
 
 
-def receive_vm(sock: socket.socket, sink: MemorySink, root_fd: int, max_size: int) -> Received:
-    """One VM from one sender; raises VmstateError naming what was wrong."""
-    image_size, with_files = _hello(sock, max_size)
+def receive_vm(sock: socket.socket, sink: MemorySink, root_fd: int, max_size: int,
+               live: bool = False) -> Received:
+    """One VM from one sender; raises VmstateError naming what was wrong. With `live` (the
+    sink can also take memory before the state: live_receive.LiveMemorySink), a live
+    migration (protocol 3.0) is accepted too."""
+    image_size, with_files, version = _hello(sock, max_size, live)
     received = None
     try:
+        if version == P.LIVE_VERSION:
+            from .live_receive import receive_live
+            received = receive_live(sock, sink, root_fd, image_size, with_files, max_size)
+            return received
         received = _receive_metadata(sock, sink, image_size)
         _receive_frames(sock, received, root_fd, with_files, max_size)
         received.sink.verify()
@@ -132,20 +145,27 @@ def receive_vm(sock: socket.socket, sink: MemorySink, root_fd: int, max_size: in
         raise
 
 
-def _hello(sock: socket.socket, max_size: int) -> tuple[int, bool]:
+def _hello(sock: socket.socket, max_size: int, live: bool) -> tuple[int, bool, tuple[int, int]]:
+    """Check the hello and accept it: (announced size, files follow, the version chosen)."""
     magic, lo_major, lo_minor, hi_major, hi_minor, flags, image_size, reserved = P.HELLO.unpack(
         P.recv_exact(sock, P.HELLO.size, "the hello"))
     if magic != P.MAGIC:
         _refuse(sock, f"bad magic {magic!r} (expected {P.MAGIC!r}): not a vmstate sender")
-    if not (lo_major, lo_minor) <= (P.VERSION_MAJOR, P.VERSION_MINOR) <= (hi_major, hi_minor):
+    ours = ([P.LIVE_VERSION] if live else []) + [(P.VERSION_MAJOR, P.VERSION_MINOR)]
+    version = next((v for v in ours if (lo_major, lo_minor) <= v <= (hi_major, hi_minor)), None)
+    if version is None:
+        spoken = " and ".join(f"{major}.{minor}" for major, minor in reversed(ours))
+        hint = "" if live or (hi_major, hi_minor) < P.LIVE_VERSION else \
+            " (a live migration needs vmstate receive --run)"
         _refuse(sock, f"the sender speaks protocol {lo_major}.{lo_minor}-{hi_major}.{hi_minor}, "
-                      f"this receiver {P.VERSION_MAJOR}.{P.VERSION_MINOR}")
+                      f"this receiver {spoken}{hint}")
     if flags & ~P.FLAG_WITH_FILES or reserved:
         _refuse(sock, f"unknown flags {flags:#x} or reserved bits {reserved:#x} in the hello")
     if image_size > max_size:
-        _refuse(sock, f"image of {image_size} bytes is larger than --max-size ({max_size})")
-    P.send_reply(sock, P.STATUS_OK, f"protocol {P.VERSION_MAJOR}.{P.VERSION_MINOR}")
-    return image_size, bool(flags & P.FLAG_WITH_FILES)
+        what = "guest memory" if version == P.LIVE_VERSION else "image"
+        _refuse(sock, f"{what} of {image_size} bytes is larger than --max-size ({max_size})")
+    P.send_reply(sock, P.STATUS_OK, f"protocol {version[0]}.{version[1]}")
+    return image_size, bool(flags & P.FLAG_WITH_FILES), version
 
 
 def _refuse(sock: socket.socket, reason: str):
@@ -261,8 +281,9 @@ class PresentStream:
         return pieces
 
 
-def _receive_file(sock: socket.socket, received: Received, root_fd: int, length: int) -> None:
-    """One guest file into a nameless new file in its directory (named by commit_files)."""
+def _receive_file(sock: socket.socket, received: Received, root_fd: int, length: int) -> int:
+    """One guest file into a nameless new file in its directory (named by commit_files);
+    returns its content's checksum (checked)."""
     path_length, mode, size, digest = P.FILE_HEADER.unpack(
         P.recv_exact(sock, P.FILE_HEADER.size, "a file header"))
     if path_length > MAX_PATH or P.FILE_HEADER.size + path_length + size != length \
@@ -292,6 +313,7 @@ def _receive_file(sock: socket.socket, received: Received, root_fd: int, length:
         written += len(view)
     if hasher.intdigest() != digest:
         raise P.ProtocolError(f"file {path!r} does not match its checksum: corrupted in transit")
+    return digest
 
 
 def commit_files(received: Received) -> None:
@@ -387,9 +409,8 @@ class Connection:
         try:
             P.send_reply(self.sock, P.STATUS_FAILED, reason)
             self.sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + DRAIN_TIME
-            while drain and time.monotonic() < deadline and self.sock.recv_into(
-                    bytearray(P.CHUNK)):
+            deadline, dropped = time.monotonic() + DRAIN_TIME, bytearray(P.CHUNK if drain else 0)
+            while drain and time.monotonic() < deadline and self.sock.recv_into(dropped):
                 pass
         except (OSError, P.ProtocolError):
             pass
@@ -446,8 +467,28 @@ def _serve_one(sock: socket.socket, peer, handle: Callable[[Connection], None], 
                 print(f"vmstate: receive: rejected VM from {connection.peer}: {reason}",
                       file=log, flush=True)
                 if not isinstance(e, Refused):
-                    connection.fail(reason, drain=not isinstance(e, (P.ProtocolError, FormatError)))
+                    judged_bad = isinstance(e, (P.ProtocolError, FormatError))
+                    connection.fail(reason, drain=not judged_bad)
             return True
+
+
+def _place(dir_fd: int, name: str) -> tuple:
+    """Where a name in a directory lands: the file it names if there is one, else the name."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=True)
+        return st.st_dev, st.st_ino
+    except OSError:
+        directory = os.fstat(dir_fd)
+        return directory.st_dev, directory.st_ino, name
+
+
+def _refuse_files_over_the_image(sink: ImageFileSink, received: Received) -> None:
+    """A guest file the sender carried must not be named over the image just received."""
+    image = _place(sink.file.dir_fd, os.path.basename(sink.output))
+    for received_file in received.files:
+        if _place(received_file.pending.dir_fd, os.path.basename(received_file.path)) == image:
+            raise P.ProtocolError(f"guest file {received_file.path!r} is the output image "
+                                  f"{sink.output}: an output never replaces another")
 
 
 def store_received(connection: Connection, root: str, output: str, max_size: int,
@@ -459,6 +500,7 @@ def store_received(connection: Connection, root: str, output: str, max_size: int
         received = receive_vm(connection.sock, sink, root_fd, max_size)
         print(f"Received {received.total_bytes} bytes", file=log, flush=True)
         try:
+            _refuse_files_over_the_image(sink, received)
             where = sink.keep()
             commit_files(received)
         except BaseException:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from linux_personality.paths import builtin_device
+
 from ..image.reader import checksum
 from ..image.writer import ImagePlan
 from ..progress import progress_bar
@@ -43,8 +45,8 @@ def guest_files(state: VmState, root: str) -> list[GuestFile]:
     try:
         seen = set()
         for f in state.vmm.files:
-            if f.kind != FD_FILE or f.path in seen:
-                continue
+            if f.kind != FD_FILE or f.path in seen or builtin_device("/" + f.path):
+                continue                  # /dev/null & co. are built into every VMM
             seen.add(f.path)
             fd = open_beneath(root_fd, f.path, os.O_RDONLY | os.O_NONBLOCK)
             if stat.S_ISREG(os.fstat(fd).st_mode):
@@ -155,13 +157,24 @@ def _early_reply(sock: socket.socket) -> str | None:
 
 
 def _send_file(sock: socket.socket, f: GuestFile) -> None:
+    header, size, digest = file_header(f)
+    sock.sendall(P.FRAME.pack(P.FRAME_FILE, 0, 0, 0, len(header) + size) + header)
+    send_file_content(sock, f, size)
+
+
+def file_header(f: GuestFile) -> tuple[bytes, int, int]:
+    """A FILE frame's payload up to the content (FILE header and path), the content's size
+    and its XXH3-64 (the file is read once to hash it)."""
     size = os.fstat(f.host_fd).st_size
     digest = xxhash.xxh3_64()
     for position in range(0, size, P.CHUNK):
         digest.update(os.pread(f.host_fd, P.CHUNK, position))
     path = os.fsencode(f.path)
-    header = P.FILE_HEADER.pack(len(path), f.mode, size, digest.intdigest()) + path
-    sock.sendall(P.FRAME.pack(P.FRAME_FILE, 0, 0, 0, len(header) + size) + header)
+    return P.FILE_HEADER.pack(len(path), f.mode, size, digest.intdigest()) + path, size, \
+        digest.intdigest()
+
+
+def send_file_content(sock: socket.socket, f: GuestFile, size: int) -> None:
     with os.fdopen(os.dup(f.host_fd), "rb") as content:     # sendfile(2), in the kernel
         if sock.sendfile(content, 0, size) != size:
             raise MigrationFailed(f"{f.path} shrank while it was being sent")
@@ -173,7 +186,8 @@ def send_image(path: str, address: tuple[str, int], with_files: bool, root: str,
     from ..image.reader import Image
     from ..image.writer import plan_image
     with Image(path) as image:
-        image.verify_memory()
+        image.verify_memory()           # so its chunk checksums are those of these bytes
         plan = plan_image(image.state,
-                          [image.region_view(i) for i in range(len(image.state.memory))])
+                          [image.region_view(i) for i in range(len(image.state.memory))],
+                          [data.chunk_hashes for data in image.region_data])
         return send_to(address, connect_timeout, plan, image.state, with_files, root)

@@ -26,14 +26,17 @@ from .. import elf, x86
 from ..atomic import atomic_output
 from ..errors import FormatError, VmstateError
 from ..fd import open_to_read
+from ..image.writer import pwrite_all
 from ..paging import Mapping, PageTables
 from . import cpu, layout
 from .description import encode_group
+from .directio import DirectWriter
 from .machine import placements
 from .stream import QemuStream
 
 EM_386 = 3
-UNPLACED_BASE = 0x8000_0000_0000_0000
+UNPLACED_BASE = 0x8000_0000_0000_0000     # up to CANONICAL_HIGH: no guest virtual address
+CANONICAL_HIGH = 0xFFFF_8000_0000_0000
 NOTE_NAME = b"VMSTATE-QEMU"
 NT_VMSTATE_QEMU = 0x564D5351             # "VMSQ"
 # version, reserved, stream digest, machine type length, block count, device section count;
@@ -71,6 +74,24 @@ class CorePlan:
     blocks: list[CoreBlock]
     file_size: int
     segments: int
+
+
+# i386 struct elf_prstatus (for EM_386 cores, as gdb reads them): siginfo, cursig, sigpend,
+# sighold, pid, ppid, pgrp, sid, four timevals, 17 registers, fpvalid.
+PRSTATUS_I386 = struct.Struct("<iiih2xIIiiii32x17Ii")
+PRSTATUS_I386_REGISTERS = ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rax", "ds", "es", "fs",
+                           "gs", "orig_rax", "rip", "cs", "rflags", "rsp", "ss")
+assert PRSTATUS_I386.size == 144
+
+
+def _prstatus_i386(view: cpu.VcpuView) -> bytes:
+    v = view.values
+    values = {**{name: v["registers", name, "value"] & 0xFFFFFFFF for name in cpu.REGISTER_NAMES},
+              **{name: v["segment", name, "selector"] for name in cpu.SEGMENT_ORDER},
+              "orig_rax": 0xFFFFFFFF}
+    pid = 1 + view.id
+    return PRSTATUS_I386.pack(0, 0, 0, 0, 0, 0, pid, 0, pid, pid,
+                              *(values[name] for name in PRSTATUS_I386_REGISTERS), 0)
 
 
 def _prstatus(view: cpu.VcpuView) -> bytes:
@@ -150,15 +171,16 @@ def plan_core(stream: QemuStream, views: list[cpu.VcpuView], digest: int,
         file_offset = _physical_offset(stream, blocks, m.physical)
         if file_offset is not None:
             placed.append((file_offset, m.virtual, m.physical, m.size))
+    machine = elf.EM_X86_64 if views and long_mode(views[0]) else EM_386
+    prstatus = _prstatus if machine == elf.EM_X86_64 else _prstatus_i386
     notes = b"".join(
-        [elf.note(b"CORE", elf.NT_PRSTATUS, _prstatus(view)) for view in views]
+        [elf.note(b"CORE", elf.NT_PRSTATUS, prstatus(view)) for view in views]
         + [elf.note(QEMU_NOTE_NAME, 0, _qemu_cpu_state(view)) for view in views]
         + [elf.note(NOTE_NAME, NT_VMSTATE_QEMU, _block_note(stream, digest, blocks))])
     phnum = 1 + len(placed)
     notes_offset = elf.EHDR.size + elf.PHDR.size * phnum
     if blocks and notes_offset + len(notes) > blocks[0].offset:
         raise VmstateError("internal: core notes outgrew their room")
-    machine = elf.EM_X86_64 if views and long_mode(views[0]) else EM_386
     ident = elf.ELF_MAGIC + bytes([elf.ELFCLASS64, elf.ELFDATA2LSB, elf.EV_CURRENT,
                                    elf.ELFOSABI_SYSV]) + bytes(8)
     header = elf.EHDR.pack(ident, elf.ET_CORE, machine, elf.EV_CURRENT, 0, elf.EHDR.size, 0, 0,
@@ -207,17 +229,20 @@ def guest_mappings(stream: QemuStream, view: cpu.VcpuView, read_phys) -> list[Ma
 
 # -- writing (split) -------------------------------------------------------------------------
 
-def fill_core(core: mmap.mmap, stream: QemuStream, blocks: list[CoreBlock]) -> None:
-    """Copy every PAGE record's bytes (and non-zero fills) to its block in `core`."""
-    target = np.frombuffer(core, dtype=np.uint8)
-    for section in stream.sections:
-        for run in section.runs:
-            if run.zero and not run.fill:
-                continue
-            start = blocks[run.block].offset + run.first_page * layout.PAGE_SIZE
-            pages = target[start:start + run.count * layout.PAGE_SIZE].reshape(
-                run.count, layout.PAGE_SIZE)
-            pages[:] = run.fill if run.zero else stream.page_payloads(run)
+def write_blocks(fd: int, stream: QemuStream, blocks: list[CoreBlock], digest_page) -> None:
+    """Every PAGE record's bytes to its block's place in the core, gathered from the mapped
+    stream in bulk, and non-zero fills; ZERO pages stay holes. `digest_page(view)` sees each
+    stored page once, in stream order."""
+    with DirectWriter(fd) as out:
+        for section in stream.sections:
+            for run in section.runs:
+                start = blocks[run.block].offset + run.first_page * layout.PAGE_SIZE
+                if not run.zero:
+                    out.write_pages_at(stream.page_payloads(run), start, digest_page)
+                elif run.fill:
+                    fill = np.broadcast_to(np.uint8(run.fill), (run.count, layout.PAGE_SIZE))
+                    out.write_pages_at(fill, start)
+        out.drain()
 
 
 # -- reading (join) --------------------------------------------------------------------------
@@ -232,7 +257,7 @@ class QemuCore:
             size = os.fstat(fd).st_size
             if size < elf.EHDR.size:
                 raise self._error("too short for an ELF header: not a core", 0)
-            self.data = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            self.data = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ)
         finally:
             os.close(fd)
         try:
@@ -252,17 +277,28 @@ class QemuCore:
         if phoff + phnum * elf.PHDR.size > len(self.data):
             raise self._error("program headers run past the end of the file: truncated core",
                               phoff)
+        self.loads = []                       # (p_vaddr, p_paddr, size) of guest-visible PT_LOADs
+        note = None
         for i in range(phnum):
-            p_type, _, offset, _, _, filesz, _, _ = elf.PHDR.unpack_from(self.data,
-                                                                       phoff + i * elf.PHDR.size)
-            if p_type != elf.PT_NOTE:
+            p_type, _, offset, vaddr, paddr, filesz, _, _ = \
+                elf.PHDR.unpack_from(self.data, phoff + i * elf.PHDR.size)
+            if p_type == elf.PT_LOAD and not UNPLACED_BASE <= vaddr < CANONICAL_HIGH:
+                self.loads.append((vaddr, paddr, filesz))
+            if p_type != elf.PT_NOTE or note is not None:
                 continue
             if offset + filesz > len(self.data):
                 raise self._error("the note segment runs past the end of the file", offset)
             for name, kind, desc in elf.iter_notes(self.data[offset:offset + filesz]):
                 if name == NOTE_NAME and kind == NT_VMSTATE_QEMU:
-                    return self._note(desc, offset)
-        raise self._error("no VMSTATE-QEMU note: not a core split from a QEMU stream", 0)
+                    note = (desc, offset)
+        if note is None:
+            raise self._error("no VMSTATE-QEMU note: not a core split from a QEMU stream", 0)
+        return self._note(*note)
+
+    def virtual_addresses(self, physical: int) -> list[int]:
+        """Every p_vaddr through which the core shows guest physical address `physical`."""
+        return sorted({vaddr + physical - paddr for vaddr, paddr, size in self.loads
+                       if paddr <= physical < paddr + size})
 
     def _note(self, desc: bytes, where: int):
         """Sets machine, devices (section id -> original body); returns (digest, blocks)."""
@@ -302,7 +338,10 @@ class QemuCore:
         return np.frombuffer(self.data, dtype=np.uint8, count=block.size, offset=block.offset)
 
     def close(self) -> None:
-        self.data.close()
+        try:
+            self.data.close()
+        except BufferError:     # arrays still borrow it (an error is on its way up): the
+            pass                # mapping goes when they do
 
     def __enter__(self):
         return self
@@ -311,17 +350,12 @@ class QemuCore:
         self.close()
 
 
-def write_core_file(path: str, plan: CorePlan, stream: QemuStream, after_fill):
-    """Write the core atomically; `after_fill(core_bytes)` runs on the filled mapping before
-    the core gets its name, and its result is returned."""
+def write_core_file(path: str, plan: CorePlan, stream: QemuStream, digest_page) -> None:
+    """Write the core atomically: it gets its name only once complete."""
     try:
         with atomic_output(path) as f:
             f.truncate(plan.file_size)
-            f.write(plan.header)
-            f.flush()
-            with mmap.mmap(f.fileno(), plan.file_size) as core:
-                fill_core(core, stream, plan.blocks)
-                result = after_fill(core)
-            return result
+            pwrite_all(f.fileno(), plan.header, 0)
+            write_blocks(f.fileno(), stream, plan.blocks, digest_page)
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None

@@ -19,10 +19,11 @@ from ..atomic import atomic_output
 from ..errors import VmstateError
 from . import cpu, layout
 from .core import QemuCore
+from .directio import DirectWriter
 from .description import Decoder, DescriptionError, Leaf, leaves
 from .machine import placements
 from .statexml import StateDocument, format_leaf, from_xml
-from .stream import QemuStream, write_stream
+from .stream import QemuStream, changed_pages, write_stream
 
 
 class JoinError(VmstateError):
@@ -32,7 +33,8 @@ class JoinError(VmstateError):
 @dataclass
 class JoinResult:
     field_changes: list[tuple[str, str, str]] = field(default_factory=list)
-    page_changes: list[tuple[str, int, int | None]] = field(default_factory=list)  # block, offset, gpa
+    # block, offset in it, guest physical address (or None), virtual addresses in the core
+    page_changes: list[tuple[str, int, int | None, list[int]]] = field(default_factory=list)
 
 
 def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | None,
@@ -42,16 +44,21 @@ def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | No
     stream = document.stream
     with QemuCore(core_path) as core:
         _check_matches(core, document, core_path, xml_path)
+        _check_complete(core, stream, xml_path)
         memory = [core.block_memory(block.name) for block in stream.blocks]
         try:
             result = JoinResult()
             _device_changes(core, document, result)
             _page_changes(stream, memory, document.provenance.page_digests, result)
+            result.page_changes = [(block, offset, physical,
+                                    core.virtual_addresses(physical) if physical is not None
+                                    else []) for block, offset, physical, _ in result.page_changes]
             summary = render_summary(result, stream.machine, symbols)
             if output is not None:
                 try:
-                    with atomic_output(output) as f:
-                        write_stream(f, stream, memory)
+                    with atomic_output(output) as f, DirectWriter(f.fileno()) as out:
+                        write_stream(out, stream, memory)
+                        out.finish()
                 except OSError as e:
                     raise JoinError(f"cannot write {output}: {e.strerror}") from None
         finally:
@@ -77,6 +84,30 @@ def _check_matches(core: QemuCore, document: StateDocument, core_path: str, xml_
     if core.digest != document.provenance.stream_digest:
         raise JoinError(f"{core_path} was split from another stream than {xml_path} (stream "
                         f"digest {core.digest:#x}, the XML's {document.provenance.stream_digest:#x})")
+
+
+def _check_complete(core: QemuCore, stream: QemuStream, xml_path: str) -> None:
+    """Every device section of the stream, in its order, and every page of every block in
+    exactly one run: QEMU silently keeps a device's reset state, or a page's, when its
+    section or record is missing."""
+    ids = [section.section_id for section in stream.device_sections()]
+    if ids != list(core.devices):
+        missing = [i for i in core.devices if i not in ids]
+        what = f"sections with ids {missing} are missing" if missing else \
+            "device sections were added or reordered"
+        raise JoinError(f"{xml_path}: {what} (the stream had ids {list(core.devices)}); QEMU "
+                        "would reset a device whose section is missing")
+    covered = [np.zeros(block.pages, dtype=np.uint8) for block in stream.blocks]
+    for section in stream.sections:
+        for run in section.runs:
+            covered[run.block][run.first_page:run.first_page + run.count] += 1
+    for block, counts in zip(stream.blocks, covered):
+        wrong = np.flatnonzero(counts != 1)
+        if len(wrong):
+            page = int(wrong[0])
+            state = "in no run" if counts[page] == 0 else "in more than one run"
+            raise JoinError(f"{xml_path}: page {page:#x} of RAM block {block.name!r} is {state} "
+                            f"({len(wrong)} such pages); every page must be sent once")
 
 
 def _device_changes(core: QemuCore, document: StateDocument, result: JoinResult) -> None:
@@ -168,9 +199,7 @@ def _page_changes(stream: QemuStream, memory, digests: bytes, result: JoinResult
                                       (run.first_page + run.count) * layout.PAGE_SIZE]
             if run.zero:
                 grid = pages.reshape(run.count, layout.PAGE_SIZE)
-                changed = np.flatnonzero((grid.view(np.uint64) != 0).any(axis=1)) \
-                    if run.fill == 0 else np.flatnonzero((grid != run.fill).any(axis=1))
-                for index in changed.tolist():
+                for index in np.flatnonzero(changed_pages(grid, run.fill)).tolist():
                     _record_page(stream, run.block, run.first_page + index, result)
                 continue
             if position + run.count > len(expected):
@@ -192,16 +221,22 @@ def _record_page(stream: QemuStream, block: int, page: int, result: JoinResult) 
     for part in placements(stream.machine, stream.blocks[block]):
         if part.offset <= offset < part.offset + part.length:
             physical = part.address + offset - part.offset
-    result.page_changes.append((stream.blocks[block].name, offset, physical))
+    result.page_changes.append((stream.blocks[block].name, offset, physical, []))
 
 
 def render_summary(result: JoinResult, machine: str, symbols=None) -> str:
     lines = [f"  {what}: {old} -> {new}" for what, old, new in result.field_changes]
-    for block, offset, physical in result.page_changes:
-        where = f"{block} +{offset:#x}" + (f" (guest physical {physical:#x})"
-                                            if physical is not None else "")
-        names = symbols.in_range(physical, physical + layout.PAGE_SIZE) \
-            if symbols and physical is not None else []
+    for block, offset, physical, virtuals in result.page_changes:
+        where = f"{block} +{offset:#x}" + (f" (guest physical {physical:#x}" if physical
+                                            is not None else "")
+        shown_virtual = [v for v in virtuals if v != physical][:2]
+        if shown_virtual:
+            where += ", virtual " + ", ".join(f"{v:#x}" for v in shown_virtual)
+        where += ")" if physical is not None else ""
+        names = []
+        for address in virtuals if symbols else []:
+            names += [n for n in symbols.in_range(address, address + layout.PAGE_SIZE)
+                      if n not in names]
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         lines.append(f"  memory page {where} changed" + (f" holding {shown}" if shown else ""))
     if not lines:

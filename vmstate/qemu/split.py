@@ -6,7 +6,6 @@ import bisect
 import os
 import struct
 
-import numpy as np
 import xxhash
 
 from ..atomic import atomic_output
@@ -47,21 +46,6 @@ def vcpu_views(stream: QemuStream) -> list[cpu.VcpuView]:
     if not views:
         raise StreamError("no cpu section: not an x86 machine stream", stream.path)
     return views
-
-
-def page_digests(stream: QemuStream, memory: list[np.ndarray]) -> bytes:
-    """XXH3-64 of each page of the PAGE runs (block i's bytes in memory[i]), in stream order,
-    packed little-endian: what join compares the core against."""
-    values = []
-    for section in stream.sections:
-        for run in section.runs:
-            if run.zero:
-                continue
-            view = memoryview(memory[run.block])
-            for page in range(run.first_page, run.first_page + run.count):
-                start = page * layout.PAGE_SIZE
-                values.append(xxhash.xxh3_64_intdigest(view[start:start + layout.PAGE_SIZE]))
-    return struct.pack(f"<{len(values)}Q", *values)
 
 
 class StreamMemory:
@@ -107,13 +91,11 @@ def split_stream(path: str, core_path: str, xml_path: str) -> str:
         mappings = guest_mappings(stream, views[0], StreamMemory(stream).read_phys)
         plan = plan_core(stream, views, digest, mappings)
 
-        def digests_of(core) -> bytes:
-            data = np.frombuffer(core, dtype=np.uint8)
-            return page_digests(stream, [data[b.offset:b.offset + b.size] for b in plan.blocks])
-
-        digests = write_core_file(core_path, plan, stream, digests_of)
+        digests: list[int] = []
+        write_core_file(core_path, plan, stream,
+                        lambda page: digests.append(xxhash.xxh3_64_intdigest(page)))
         provenance = Provenance(digest, os.path.basename(path), os.path.basename(core_path),
-                                digests)
+                                struct.pack(f"<{len(digests)}Q", *digests))
         document = to_xml(stream, provenance, views)
         with atomic_output(xml_path) as f:
             f.write(document)

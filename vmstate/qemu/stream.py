@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import FormatError
+from ..fd import open_to_read
 from . import layout
 from .description import Decoder, DescriptionError, Group, encode_group
 
@@ -81,10 +82,6 @@ class QemuStream:
     description: bytes            # the JSON exactly as it was in the stream
     data: mmap.mmap | bytes | None = None
 
-    @property
-    def ram_size(self) -> int:
-        return sum(block.size for block in self.blocks)
-
     def device_sections(self) -> list[Section]:
         return [s for s in self.sections if s.device is not None]
 
@@ -112,14 +109,11 @@ class QemuStream:
 
 def open_stream(path: str) -> QemuStream:
     """Map and parse the stream at `path` (refused with a one-line StreamError if bad)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        from ..errors import FileMissingError
-        raise FileMissingError(f"{path}: no such file") from None
+    fd = open_to_read(path, "QEMU stream", StreamError)
     try:
         size = os.fstat(fd).st_size
-        data = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
+        data = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ) \
+            if size else b""
     finally:
         os.close(fd)
     try:
@@ -362,13 +356,14 @@ class _Reader:
 
 # -- writing ------------------------------------------------------------------------------------
 
-WRITE_CHUNK_PAGES = 8192               # 32 MiB of page records per write
+WRITE_CHUNK_PAGES = 8192               # page records prepared at a time
 
 
 def write_stream(out, stream: QemuStream, memory: list[np.ndarray]) -> None:
-    """Write `stream` to the binary file `out`, the pages of block i from `memory[i]` (a flat
-    uint8 array of the block's size). A ZERO record whose page is no longer all its fill byte
-    becomes a PAGE record."""
+    """Write `stream` through `out` (a directio.DirectWriter, or anything with its `write`
+    and `write_records`), the pages of block i from `memory[i]` (a flat uint8 array of the
+    block's size). A ZERO record whose page is no longer all its fill byte becomes a PAGE
+    record."""
     out.write(layout.HEADER.pack(layout.MAGIC, layout.VERSION))
     machine = stream.machine.encode("latin-1")
     out.write(bytes([layout.CONFIGURATION]) + layout.U32.pack(len(machine)) + machine)
@@ -413,7 +408,7 @@ def _write_run(out, blocks: list[RamBlock], run: PageRun, block_memory: np.ndarr
     if not run.zero:
         _write_records(out, blocks, run, pages)
         return
-    changed = (pages != run.fill).any(axis=1)
+    changed = changed_pages(pages, run.fill)
     if not changed.any():
         _write_records(out, blocks, run, None)
         return
@@ -426,8 +421,17 @@ def _write_run(out, blocks: list[RamBlock], run: PageRun, block_memory: np.ndarr
         _write_records(out, blocks, piece, None if piece.zero else pages[begin:end])
 
 
+def changed_pages(pages: np.ndarray, fill: int) -> np.ndarray:
+    """Per page of a (count, 4096) array: does it hold anything but `fill`? (For fill 0, no
+    page-sized temporaries.)"""
+    if fill == 0:
+        return pages.view(np.uint64).max(axis=1) != 0
+    return np.array([(chunk != fill).any() for chunk in pages], dtype=bool)
+
+
 def _write_records(out, blocks: list[RamBlock], run: PageRun, pages: np.ndarray | None) -> None:
-    """The records of a run: a named run is one record per page, each naming the block."""
+    """The records of a run: a named run is one record per page, each naming the block; the
+    pages of PAGE records go from `pages` (the core's mapping) to the file by writev."""
     kind = layout.RAM_ZERO if run.zero else layout.RAM_PAGE
     if run.named:
         name = blocks[run.block].name.encode("latin-1")
@@ -437,12 +441,14 @@ def _write_records(out, blocks: list[RamBlock], run: PageRun, pages: np.ndarray 
             out.write(header + bytes([len(name)]) + name + body)
         return
     flags = np.uint64(kind | layout.RAM_CONTINUE)
-    payload = 1 if run.zero else layout.PAGE_SIZE
     for begin in range(0, run.count, WRITE_CHUNK_PAGES):
         n = min(WRITE_CHUNK_PAGES, run.count - begin)
         numbers = np.arange(run.first_page + begin, run.first_page + begin + n, dtype=np.uint64)
-        records = np.empty((n, layout.U64.size + payload), dtype=np.uint8)
-        records[:, :8] = ((numbers << np.uint64(12)) | flags).astype(">u8").view(np.uint8) \
-            .reshape(n, 8)
-        records[:, 8:] = run.fill if run.zero else pages[begin:begin + n]
-        out.write(records)
+        headers = ((numbers << np.uint64(12)) | flags).astype(">u8").view(np.uint8).reshape(n, 8)
+        if run.zero:
+            records = np.empty((n, layout.ZERO_RECORD), dtype=np.uint8)
+            records[:, :8] = headers
+            records[:, 8] = run.fill
+            out.write(records)
+            continue
+        out.write_records(headers, pages[begin:begin + n])

@@ -1,0 +1,107 @@
+"""Live migration from the VMM's side: the guest keeps running in the main thread while a
+sender thread streams its memory (vmstate/migration/live_send.py); for the last pages the
+sender asks the run loop to pause the vCPU, and the run loop hands it the final state. If
+anything fails, the guest carries on here as if nothing had happened."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+
+import numpy as np
+
+from vmstate.errors import describe_error
+from vmstate.migration.live_send import LiveOptions, migrate_live
+from vmstate.migration.send import connect
+from vmstate.state import VmState
+
+from .vm import LiveSave, VirtualMachine, timing_mark
+
+
+def live_migrate_to(address: tuple[str, int], connect_timeout: float, with_files: bool,
+                    root: str, options: LiveOptions, log=sys.stderr) -> LiveSave:
+    def begin(vm: VirtualMachine) -> Migration:
+        return Migration(vm, address, connect_timeout, with_files, root, options, log)
+    return LiveSave(begin)
+
+
+class Migration:
+    """One live migration: the sender thread, and the hand-over with the run loop."""
+
+    def __init__(self, vm: VirtualMachine, address: tuple[str, int], connect_timeout: float,
+                 with_files: bool, root: str, options: LiveOptions, log):
+        self.vm, self.address, self.log = vm, address, log
+        self.view = vm.memory.view
+        self.stopped_at = 0.0
+        self.wants_pause = threading.Event()
+        self.finished = threading.Event()
+        self._state: VmState | None = None
+        self._paused = threading.Event()
+        self._result: str | None = None
+        self._socket: socket.socket | None = None
+        self._cancelled = False
+        timing_mark("live-start")
+        print(f"vmstate: live migration to {address[0]}:{address[1]} begins; the guest runs "
+              "on", file=log, flush=True)
+        self._thread = threading.Thread(
+            target=self._send, args=(connect_timeout, with_files, root, options),
+            daemon=True, name="live-migration")
+        self._thread.start()
+
+    # -- the sender thread ---------------------------------------------------------------------
+
+    def _send(self, connect_timeout: float, with_files: bool, root: str,
+              options: LiveOptions) -> None:
+        try:
+            self._socket = connect(self.address, connect_timeout, self.log)
+            message = migrate_live(self._socket, self, with_files, root, options, self.log)
+            self._result = f"migrated live to {self.address[0]}:{self.address[1]}: {message}"
+        except (Exception, KeyboardInterrupt) as e:
+            if not self._cancelled:
+                print(f"vmstate: live migration to {self.address[0]}:{self.address[1]} failed "
+                      f"({describe_error(e)}); the VM carries on here", file=self.log,
+                      flush=True)
+        finally:
+            self.vm.stop_tracking()
+            if self._socket is not None:
+                self._socket.close()
+            self.finished.set()
+            self._paused.set()           # a pause that never came no longer waits
+
+    # LiveSource, called from the sender thread
+    def start_tracking(self) -> np.ndarray:
+        return self.vm.start_tracking()
+
+    def take_dirty(self) -> np.ndarray:
+        return self.vm.take_dirty()
+
+    def pause(self) -> VmState:
+        self.wants_pause.set()
+        self.vm.stop.request("live migration: the last pages")
+        self._paused.wait()
+        if self._state is None:
+            raise ConnectionAbortedError("the guest ended before the last pages")
+        return self._state
+
+    # -- the run loop's side -------------------------------------------------------------------
+
+    def hand_over(self, state: VmState, stopped_at: float) -> str | None:
+        self.stopped_at = stopped_at
+        self._state = state
+        self._paused.set()
+        self._thread.join()
+        return self._result
+
+    def abandon(self, why: str) -> None:
+        self._cancelled = not self.finished.is_set()
+        if self._cancelled:
+            print(f"vmstate: live migration to {self.address[0]}:{self.address[1]} abandoned: "
+                  f"{why}", file=self.log, flush=True)
+        if self._socket is not None:
+            try:
+                self._socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._paused.set()
+        self._thread.join()

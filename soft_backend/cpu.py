@@ -1,0 +1,116 @@
+"""The personality's Cpu (linux_personality.cpu) over unicorn, inside the `syscall` hook.
+
+The registers a call needs are read in one batch when the hook starts and the ones changed are
+written back in one batch when it ends (each single register access through the binding costs
+microseconds). Unicorn does what `syscall` does only partly: the hook sets RCX and R11 itself,
+and unicorn adds 2 to RIP after the hook returns, even to a RIP the hook wrote — so a RIP is
+written 2 below where the guest is to resume.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from unicorn import Uc, UcError
+from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
+
+from vmstate import x86
+
+SYSCALL_LENGTH = 2
+SYSRET_RFLAGS_MASK = 0x3C7FD7       # the RFLAGS bits sysretq takes from R11 (RF and VM cleared)
+MASK64 = (1 << 64) - 1
+REGISTER_IDS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12",
+    "r13", "r14", "r15", "rip", "rflags", "fs_base", "gs_base")}
+PREFETCH = ("rax", "rdi", "rsi", "rdx", "r10", "r8", "r9", "rip", "rflags")
+WRITTEN_BACK = ("rax", "rcx", "r11", "rflags")     # what every call changes
+
+
+class RegisterBatch:
+    """A fixed list of 64-bit registers read or written in one uc_reg_{read,write}_batch call,
+    with the ctypes arrays built once (the binding's batch helpers rebuild them each time)."""
+
+    def __init__(self, uc: Uc, names: tuple[str, ...]):
+        self.handle = uc._uch
+        self.count = len(names)
+        self.ids = (ctypes.c_int * self.count)(*(REGISTER_IDS[name] for name in names))
+        self.values = (ctypes.c_uint64 * self.count)()
+        base = ctypes.addressof(self.values)
+        self.pointers = (ctypes.c_void_p * self.count)(*(base + 8 * i for i in range(self.count)))
+
+    def read(self) -> list[int]:
+        status = uclib.uc_reg_read_batch(self.handle, self.ids, self.pointers, self.count)
+        if status:
+            raise UcError(status)
+        return self.values[:]
+
+    def write(self, values) -> None:
+        self.values[:] = values
+        status = uclib.uc_reg_write_batch(self.handle, self.ids, self.pointers, self.count)
+        if status:
+            raise UcError(status)
+
+
+class SoftCpu:
+    def __init__(self, uc: Uc, memory):
+        self.uc = uc
+        self.memory = memory
+        self._values: dict[str, int] = {}
+        self._dirty: dict[str, int] = {}
+        self._syscall_rip = 0
+        self._entry: list[int] = []
+        self._prefetch = RegisterBatch(uc, PREFETCH)
+        self._write_back = RegisterBatch(uc, WRITTEN_BACK)
+
+    def enter_call(self) -> None:
+        """The guest just executed `syscall`: RCX = the next instruction, R11 = RFLAGS."""
+        self._entry = self._prefetch.read()
+        self._values = dict(zip(PREFETCH, self._entry))
+        self._syscall_rip = self._values["rip"]
+        self._dirty = {}
+        self.write_register("rcx", self._values["rip"] + SYSCALL_LENGTH)
+        self.write_register("r11", self._values["rflags"])
+
+    def leave_call(self) -> None:
+        """Write back what the call changed. RIP only if the guest is not to go on after its
+        `syscall` (unicorn moves RIP on by 2 after the hook, also past a RIP written here);
+        writing it makes unicorn leave its translated block."""
+        values, dirty = self._values, self._dirty
+        self._write_back.write([values[name] for name in WRITTEN_BACK])
+        after_syscall = self._syscall_rip + SYSCALL_LENGTH
+        resume = dirty.pop("rip", after_syscall)
+        if resume != after_syscall:
+            self.uc.reg_write(X.UC_X86_REG_RIP, (resume - SYSCALL_LENGTH) & MASK64)
+        for name in dirty.keys() - WRITTEN_BACK:
+            self.uc.reg_write(REGISTER_IDS[name], dirty[name])
+        self._dirty = {}
+
+    def read_register(self, name: str) -> int:
+        try:
+            return self._values[name]
+        except KeyError:
+            value = self._values[name] = self.uc.reg_read(REGISTER_IDS[name])
+            return value
+
+    def call_at_entry(self) -> tuple[int, tuple[int, ...]]:
+        """The number and arguments of the call, as the guest made it."""
+        return self._entry[0], tuple(self._entry[1:7])
+
+    def write_register(self, name: str, value: int) -> None:
+        self._values[name] = self._dirty[name] = value & MASK64
+
+    def return_to_user(self, result: int) -> None:
+        """As `sysretq`: RAX = result, RIP = RCX, RFLAGS from R11 (the guest never left
+        ring 3 here, so CS and SS are unchanged)."""
+        self.write_register("rax", result)
+        self.write_register("rip", self.read_register("rcx"))
+        self.write_register("rflags",
+                            (self.read_register("r11") & SYSRET_RFLAGS_MASK) | x86.RFLAGS_FIXED)
+
+    def rewind_to_syscall(self) -> int:
+        """Put the guest back on its `syscall` instruction (to re-issue the call when it
+        resumes); returns that address."""
+        rip = self.read_register("rcx") - SYSCALL_LENGTH
+        self.write_register("rip", rip)
+        return rip

@@ -1,0 +1,327 @@
+"""One virtual machine on the software CPU: unicorn over the VMM's guest memory (the same
+mapping KVM would use, zero-copy), the guest in ring 3 under its own page tables, and the run
+loop that serves its system calls until it exits, faults, is saved, or has run a given number
+of instructions.
+
+It offers what kvm_backend.vm.VirtualMachine offers to the session code (boot/restore, run,
+capture, the personality's state, `stop`), so images, saves and migrations are the same.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import signal
+from dataclasses import replace
+from typing import Callable
+
+from unicorn import (
+    UC_ARCH_X86, UC_ERR_INSN_INVALID, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc,
+    UcError)
+from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
+
+from kvm_backend.boot import boot_vcpu_state, load_guest
+from kvm_backend.loader import inspect_program
+from kvm_backend.memory import GuestMemory
+from kvm_backend.stop import KICK_INTERVAL, StopRequest
+from kvm_backend.vm import (
+    Exited, Faulted, Outcome, SaveHandler, Saved, describe_fault, timing_mark)
+from linux_personality import (
+    CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
+from linux_personality import snapshot
+from linux_personality.address_space import UserAddressSpace
+from linux_personality.fdtable import FileTable
+from linux_personality.identity import Identity
+from linux_personality.options import GuestOptions
+from linux_personality.signals import SignalState
+from vmstate import x86
+from vmstate.pages import bytemap_from_runs, runs_from_bytemap, union
+from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
+
+from . import unicorn_state
+from .cpu import SoftCpu
+from .faults import page_fault
+from .written import written_pages
+
+APIC_BASE = 0xFEE00900          # what KVM gives a fresh vCPU 0 (enabled, bootstrap processor)
+NO_STOP_ADDRESS = (1 << 64) - 1
+EFER_NXE = 1 << 11
+SYSCALL_INSTRUCTION = b"\x0f\x05"
+
+
+SYSCALL_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+
+
+def add_syscall_hook(uc: Uc, callback) -> ctypes._CFuncPtr:
+    """Hook `syscall` with `callback(handle, user_data)` through the C API; returns the ctypes
+    function, which must be kept alive as long as the hook."""
+    function = SYSCALL_HOOK(callback)
+    handle = ctypes.c_size_t()
+    status = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_INSN, function, None,
+                               1, 0, ctypes.c_int(X.UC_X86_INS_SYSCALL))
+    if status:
+        raise UcError(status)
+    return function
+
+
+class SoftStop(StopRequest):
+    """StopRequest for unicorn: the kick is uc.emu_stop() (from any thread)."""
+
+    def __init__(self, uc: Uc):
+        super().__init__(run_page=None)
+        self.uc = uc
+
+    def _kick(self) -> None:
+        while not self._stopped.wait(KICK_INTERVAL):
+            try:
+                self.uc.emu_stop()
+            except UcError:
+                pass
+
+
+class SoftMachine:
+    def __init__(self, memory: GuestMemory):
+        """Takes ownership of `memory`."""
+        self.memory = memory
+        try:
+            self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+            self.uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.host_address)
+            unicorn_state.map_scratch(self.uc)
+        except BaseException:
+            memory.close()
+            raise
+        self.template = None                  # the VcpuState for what unicorn does not hold
+        self.files: FileTable | None = None
+        self.address_space: UserAddressSpace | None = None
+        self.program, self.argv = "", ()
+        self.identity = Identity()
+        self.signals = SignalState()
+        self.max_file_size: int | None = None
+        self.refused_msrs: list[int] = []
+        self.stop = SoftStop(self.uc)
+        self.cpu = SoftCpu(self.uc, memory)
+        self._present: bytes | None = None           # pages known present so far
+        self._image_present: tuple = ()
+        self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        self._indexed: set[int] = set()
+        self._hook_error: BaseException | None = None
+
+    def close(self) -> None:
+        if self.files is not None:
+            self.files.close_all()
+        self.stop.close()
+        self.uc = None
+        self.memory.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- creation ------------------------------------------------------------------------------
+
+    @classmethod
+    def boot(cls, program_path: str, argv: list[str], memory_size: int, root: str,
+             options: GuestOptions = GuestOptions()) -> SoftMachine:
+        """A machine about to run `program_path`'s first instruction, in ring 3."""
+        program = inspect_program(program_path)
+        vm = cls(GuestMemory(memory_size))
+        try:
+            rsp = load_guest(vm, program, argv, root, options)
+            cpuid = unicorn_state.unicorn_cpuid(vm.uc)
+            vm._start(boot_vcpu_state(program, rsp, APIC_BASE, cpuid))
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    @classmethod
+    def restore(cls, state: VmState, memory: GuestMemory, root: str) -> SoftMachine:
+        """As VirtualMachine.restore: `memory` already holds the guest's memory."""
+        region = state.memory[0]
+        vm = cls(memory)
+        try:
+            vm._image_present = region.present      # as a byte map only when saving
+            aspace = state.vmm.address_space
+            vm.address_space = UserAddressSpace(aspace, memory)
+            memory.set_user_range(aspace.user_start, aspace.user_end)
+            vm.program, vm.argv = state.vmm.program, state.vmm.argv
+            vm._start(state.vcpus[0])
+            vm.files, vm.identity, vm.signals = snapshot.restore(root, state.vmm.files,
+                                                                 state.vmm.os)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    def _start(self, vcpu) -> None:
+        self.template = vcpu
+        for entry in vcpu.cpuid:
+            self._cpuid[entry.function, entry.index if entry.flags & 1 else 0] = (
+                entry.eax, entry.ebx, entry.ecx, entry.edx)
+            if entry.flags & 1:
+                self._indexed.add(entry.function)
+        unicorn_state.enter(self.uc, vcpu)
+        self._syscall_hook = add_syscall_hook(self.uc, self._on_syscall_checked)
+        if self._cpuid:
+            self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, aux1=X.UC_X86_INS_CPUID)
+        self.uc.hook_add(UC_HOOK_INTR, self._on_exception)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, trace=None, save: SaveHandler | None = None,
+            gate: Callable[[], None] | None = None,
+            max_instructions: int | None = None) -> Outcome:
+        """Run until the guest exits, faults, is saved through `save`, or (with
+        `max_instructions`) has run exactly that many instructions, then saved."""
+        self._personality = Personality(
+            self.cpu, self.files, self.address_space, program=self.program, trace=trace,
+            stop_fd=self.stop.cancel_fd, save_enabled=save is not None,
+            max_file_size=self.max_file_size, identity=self.identity, signals=self.signals)
+        self._gate, self._save_handler = gate, save
+        self._stopped_by: Outcome | tuple | None = None
+        self._exception: int | None = None
+        timing_mark("first-kvm-run")
+        try:
+            return self._run(save, max_instructions)
+        finally:
+            self.stop.stopped()
+
+    def _run(self, save: SaveHandler | None, max_instructions: int | None) -> Outcome:
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        self._hook_error = None
+        try:
+            self.uc.emu_start(rip, NO_STOP_ADDRESS, count=max_instructions or 0)
+            if self._hook_error is not None:
+                raise self._hook_error
+        except UcError as e:
+            self._pass_gate()
+            vector = 6 if e.errno == UC_ERR_INSN_INVALID else None
+            return self._fault(vector)
+        self._pass_gate()
+        stopped = self._stopped_by
+        if isinstance(stopped, (Exited, Faulted)):
+            return stopped
+        if isinstance(stopped, tuple):                   # ("save", pending call or None)
+            return self._save(save, stopped[1])
+        if self._exception is not None:
+            return self._fault(self._exception)
+        if self.stop.requested.is_set():
+            if save is not None:
+                return self._save(save, None)
+            return Faulted(f"the VM was stopped: {self.stop.reason}", x86.SIGSEGV)
+        if max_instructions and save is not None:
+            return self._save(save, None)
+        return self._fault(None)
+
+    def _pass_gate(self) -> None:
+        if self._gate is not None:
+            gate, self._gate = self._gate, None
+            gate()
+            timing_mark("gate-passed")
+
+    def _on_syscall_checked(self, _handle, _user_data) -> None:
+        """The hook unicorn calls (straight through ctypes: the binding's wrapping costs
+        microseconds a call). An error is kept for run() to raise: none may cross C code."""
+        try:
+            self._on_syscall()
+        except BaseException as e:
+            if self._hook_error is None:
+                self._hook_error = e
+            self.uc.emu_stop()
+
+    def _on_syscall(self) -> None:
+        if self._gate is not None:
+            self._pass_gate()
+        cpu = self.cpu
+        cpu.enter_call()
+        try:
+            self._personality.serve()
+        except GuestExit as e:
+            self._stop_with(Exited(e.status))
+        except GuestKilled as e:
+            name = signal.Signals(e.signal).name if e.signal in signal.valid_signals() \
+                else f"signal {e.signal}"
+            self._stop_with(Faulted(f"guest killed by {name}", e.signal))
+        except SaveRequested:
+            cpu.return_to_user(0)             # after the restore, syscall(400) returns 0
+            self._stop_with(("save", None))
+        except CallInterrupted:
+            nr, args = cpu.call_at_entry()
+            pending = None
+            if self.memory.read(cpu.read_register("rcx") - 2, 2) == SYSCALL_INSTRUCTION:
+                cpu.write_register("rax", nr)
+                pending = PendingCall(nr, args, cpu.rewind_to_syscall())
+            else:
+                cpu.return_to_user(-errno.EINTR)
+            self._stop_with(("save", pending))
+        finally:
+            cpu.leave_call()
+
+    def _stop_with(self, outcome) -> None:
+        self._stopped_by = outcome
+        self.uc.emu_stop()
+
+    def _on_cpuid(self, uc: Uc, _) -> int:
+        """Answer CPUID from the machine's table (the image's), as KVM would."""
+        function, index = uc.reg_read_batch([X.UC_X86_REG_RAX, X.UC_X86_REG_RCX])
+        function &= 0xFFFFFFFF
+        key = (function, index & 0xFFFFFFFF if function in self._indexed else 0)
+        values = self._cpuid.get(key, (0, 0, 0, 0))
+        uc.reg_write_batch(list(zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX,
+                                     X.UC_X86_REG_RDX), values)))
+        return 1
+
+    def _on_exception(self, uc: Uc, vector: int, _) -> None:
+        if self._exception is None:
+            self._exception = vector
+        uc.emu_stop()
+
+    def _fault(self, vector: int | None) -> Faulted:
+        """Report as KVM would. Unicorn may report a page fault as vector 8, or stop with no
+        reason: both are decoded from the instruction and the page tables."""
+        regs = dict(zip(("rip", "rsp", "cr3"), self.uc.reg_read_batch(
+            [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_CR3])))
+        if vector in (None, 8, 14):
+            found = page_fault(self.memory.read_phys, self._read_register, regs["cr3"],
+                               regs["rip"], bool(self.template.sregs.efer & EFER_NXE))
+            if found is not None:
+                return describe_fault(14, found[1], regs["rip"], regs["rsp"], True, found[0])
+            if vector is None:
+                return Faulted(f"guest stopped at rip {regs['rip']:#x} for no reason the "
+                               "software CPU gave", x86.SIGSEGV)
+        error_code = 0
+        return describe_fault(vector, error_code, regs["rip"], regs["rsp"], True, 0)
+
+    def _read_register(self, name: str) -> int:
+        return self.uc.reg_read(getattr(X, f"UC_X86_REG_{name.upper()}"))
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def _save(self, save: SaveHandler, pending: PendingCall | None) -> Saved:
+        timing_mark("save-start")
+        self.stop.stopped()
+        where = save(self.capture(pending), [self.memory.view])
+        timing_mark("save-done")
+        return Saved(where)
+
+    def capture(self, pending: PendingCall | None = None) -> VmState:
+        vcpu = unicorn_state.capture(self.uc, self.template)
+        files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
+        vmm = VmmState(program=self.program, argv=self.argv, files=files,
+                       address_space=self.address_space.state, pending=pending, os=guest_os,
+                       saved_by="soft")
+        region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
+        return VmState(vcpus=(replace(vcpu, id=0),), memory=(region,), vmm=vmm)
+
+    def present_pages(self) -> bytes:
+        """Pages ever written: by the guest or the VMM (found as pages private to this
+        process), or present in the image this machine was restored from."""
+        if self._present is None:
+            self._present = bytes(bytemap_from_runs(self._image_present,
+                                                    self.memory.size // PAGE_SIZE))
+        written = written_pages(self.memory.view, self.memory.host_address)
+        self._present = union(union(self._present, written), bytes(self.memory.take_written()))
+        return self._present

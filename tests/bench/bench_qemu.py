@@ -1,0 +1,58 @@
+"""split and join of a QEMU 7.2 stream of a 1 GiB guest whose RAM is all written, as whole
+commands, against copying the same stream in the same run: `cp`, and `cp` plus fsync (split
+and join fsync their outputs before renaming them into place). Runs are interleaved so that
+load from other processes falls on all of them alike. Run with `make bench`."""
+
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchlib import report
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "examples"))
+import qemu_vm  # noqa: E402
+
+RUNS = 5
+
+
+def seconds(command, cwd) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
+def test_split_and_join_of_a_1g_all_written_guest(vmstate_cmd, tmp_path):
+    subprocess.run(["make", "-s", "-C", str(REPO / "examples" / "qemu_guest")], check=True)
+    qemu_vm.save_running_guest(tmp_path / "vm.state", "pc", "1G", tmp_path / "serial.log",
+                               fill=True)
+    size = (tmp_path / "vm.state").stat().st_size
+    cp, cp_sync, split, join = [], [], [], []
+    for _ in range(RUNS):
+        cp.append(seconds(["sh", "-c", "cp vm.state copy.new && mv copy.new copy.state"],
+                          tmp_path))
+        cp_sync.append(seconds(["sh", "-c", "cp vm.state copy.new && sync copy.new && "
+                                "mv copy.new copy.state"], tmp_path))
+        split.append(seconds([vmstate_cmd, "split", "vm.state"], tmp_path))
+        join.append(seconds([vmstate_cmd, "join", "vm.core", "hw.xml", "-o", "new.state"],
+                            tmp_path))
+    same = (tmp_path / "new.state").read_bytes() == (tmp_path / "vm.state").read_bytes()
+    cp, cp_sync, split, join = (statistics.median(x) for x in (cp, cp_sync, split, join))
+    gib = size / (1 << 30)
+    report(f"QEMU pc stream, 1 GiB guest, all RAM written ({size / 1e9:.2f} GB; medians of "
+           f"{RUNS}, whole commands)", [
+        ("vmstate split", f"{split * 1e3:.0f} ms, {gib / split:.2f} GiB/s"),
+        ("vmstate join", f"{join * 1e3:.0f} ms, {gib / join:.2f} GiB/s"),
+        ("baseline: cp of the stream", f"{cp * 1e3:.0f} ms, {gib / cp:.2f} GiB/s"),
+        ("baseline: cp + sync of the copy", f"{cp_sync * 1e3:.0f} ms"),
+        ("split time / cp time", f"{split / cp:.2f}"),
+        ("join time / cp time", f"{join / cp:.2f}"),
+        ("split time / (cp + sync) time", f"{split / cp_sync:.2f}"),
+        ("join time / (cp + sync) time", f"{join / cp_sync:.2f}"),
+        ("join(split(stream)) == stream", "yes" if same else "NO")])

@@ -1,0 +1,121 @@
+"""The software CPU (unicorn) beside KVM and native, in the same run: restore to the first
+guest instruction (in-process, at several memory sizes), a served system call, and three
+CPU-bound loops (integer chain, memory-heavy sieve, x87/SSE mix). Run with `make bench`."""
+
+import statistics
+import time
+
+import pytest
+
+from benchlib import median_seconds, report
+
+pytestmark = pytest.mark.kvm
+CALLS = 20000
+SOFT_CALLS = 200000
+SIZES = ("64M", "1G", "4G")
+LOOPS = (("integer chain, 100M steps", ["int", "100"]),
+         ("sieve over 16 MiB (memory-heavy)", ["sieve", "16", "1"]),
+         ("x87 + SSE mix, 10M steps", ["float", "10"]))
+
+
+def _in_process_restore(path: str, cpu: str) -> tuple[float, float, float]:
+    """Seconds to open the image, to build the machine over it, and to run its first
+    instruction (soft) or be ready to enter KVM_RUN (kvm)."""
+    from kvm_backend.memory import GuestMemory
+    from kvm_backend.vm import VirtualMachine, check_restorable, open_kvm
+    from soft_backend.vm import NO_STOP_ADDRESS, SoftMachine
+    from unicorn import x86_const as X
+    from vmstate.image.reader import Image
+    kvm = open_kvm() if cpu == "kvm" else None
+    start = time.perf_counter()
+    image = Image(path)
+    opened = time.perf_counter()
+    check_restorable(image.state)
+    memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
+                         image_offset=image.region_data[0].data_offset)
+    vm = (SoftMachine.restore(image.state, memory, "/tmp") if cpu == "soft" else
+          VirtualMachine.restore(kvm, image.state, memory, "/tmp"))
+    built = time.perf_counter()
+    if cpu == "soft":
+        vm.uc.emu_start(vm.uc.reg_read(X.UC_X86_REG_RIP), NO_STOP_ADDRESS, count=1)
+    ran = time.perf_counter()
+    vm.close()
+    image.close()
+    return opened - start, built - opened, ran - built
+
+
+def _median_phases(path: str, cpu: str, runs: int = 11) -> list[float]:
+    samples = [_in_process_restore(path, cpu) for _ in range(runs + 1)][1:]   # after a warm-up
+    totals = sorted(range(runs), key=lambda i: sum(samples[i]))
+    return list(samples[totals[runs // 2]])
+
+
+def test_restore_to_first_instruction(vmstate_cmd, example, tmp_path):
+    import subprocess
+    rows = []
+    for size in SIZES:
+        image = tmp_path / f"{size}.sav"
+        subprocess.run([vmstate_cmd, "run", "--cpu", "kvm", "--memory", size, "--image",
+                        str(image), example("fill_memory"), "16"], check=True,
+                       capture_output=True, cwd=tmp_path)
+        for cpu in ("soft", "kvm"):
+            opened, built, ran = _median_phases(str(image), cpu)
+            rows.append((f"{size} image on {cpu}", f"{(opened + built + ran) * 1e3:6.2f} ms  "
+                         f"(open image {opened * 1e3:.2f}, machine {built * 1e3:.2f}, first "
+                         f"instruction {ran * 1e3:.2f})"))
+    native = median_seconds([example("hello")], runs=11)
+    rows.append(("native: ./hello as a whole process (baseline)", f"{native * 1e3:6.2f} ms"))
+    report("restore to the first guest instruction, in-process, median of 11 (16 MiB touched)",
+           rows)
+
+
+def _soft_run_seconds(program: str, calls: int) -> float:
+    """In-process: boot the software CPU and run the getpid loop to its exit."""
+    import os
+
+    from linux_personality.options import GuestOptions
+    from soft_backend.vm import SoftMachine
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved_stdout = os.dup(1)
+    os.dup2(devnull, 1)                       # the guest's one line of output
+    try:
+        with SoftMachine.boot(program, [program, str(calls)], 64 << 20, "/tmp",
+                              GuestOptions()) as vm:
+            start = time.perf_counter()
+            vm.run()
+            return time.perf_counter() - start
+    finally:
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+        os.close(devnull)
+
+
+def test_served_system_call(vmstate_cmd, guest):
+    program = guest("syscall_loop")
+    soft = (statistics.median(_soft_run_seconds(program, SOFT_CALLS) for _ in range(3))
+            - statistics.median(_soft_run_seconds(program, 0) for _ in range(3))) / SOFT_CALLS
+    command = [vmstate_cmd, "run", "--cpu", "kvm", program]
+    kvm = (median_seconds(command + [str(CALLS)], runs=5)
+           - median_seconds(command + ["0"], runs=5)) / CALLS
+    native = (median_seconds([program, str(CALLS * 50)], runs=5)
+              - median_seconds([program, "0"], runs=5)) / (CALLS * 50)
+    report("a served system call (getpid): time for N calls less time for 0, per call", [
+        (f"software CPU, in-process, {SOFT_CALLS} calls, median of 3", f"{soft * 1e6:.1f} us"),
+        (f"KVM, whole process, {CALLS} calls, median of 5", f"{kvm * 1e6:.1f} us"),
+        ("native on the host (baseline)", f"{native * 1e6:.3f} us"),
+        ("software CPU / KVM", f"{soft / kvm:.2f}x")])
+
+
+def test_cpu_bound_loops(vmstate_cmd, guest):
+    program = guest("loops")
+    rows = []
+    for label, args in LOOPS:
+        native = median_seconds([program, *args], runs=3)
+        kvm = median_seconds([vmstate_cmd, "run", "--cpu", "kvm", program, *args], runs=3)
+        soft = median_seconds([vmstate_cmd, "run", "--cpu", "soft", "--memory", "128M",
+                               program, *args], runs=3)
+        rows.append((label, f"native {native:.3f} s, KVM {kvm:.3f} s, soft {soft:.3f} s "
+                     f"(soft/native {soft / native:.1f}x, soft/KVM {soft / kvm:.1f}x)"))
+    report("CPU-bound guests, whole process, median of 3", rows)
+
+

@@ -1,0 +1,27 @@
+"""Everyday busybox-static commands behave in the VM exactly as on Linux: same stdout, exit
+status and directory tree left behind (see tests/conformance.py; `python -m
+tests.conformance` prints the pass rate)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conformance import CASES, MUST_DIFFER, compare, native_available, run_native, run_vm
+
+pytestmark = pytest.mark.kvm
+
+_MISSING = native_available()
+
+
+@pytest.mark.skipif(_MISSING is not None, reason=f"cannot run natively: {_MISSING}")
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_command_behaves_like_linux(case, tmp_path, vmstate_cmd):
+    native = run_native(case, tmp_path / "native")
+    vm = run_vm(case, tmp_path / "vm", vmstate_cmd)
+    problems = compare(native, vm)
+    if case.name in MUST_DIFFER:
+        assert [p.split()[0] for p in problems if not p.startswith("vm stderr")] == ["stdout"], \
+            problems
+        assert native.status == vm.status
+    else:
+        assert problems == [], problems
