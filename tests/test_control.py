@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from helpers import one_line_error
 from test_migration import Receiver
 
 pytestmark = pytest.mark.kvm
@@ -227,3 +228,12 @@ def test_a_guest_blocked_in_a_read_does_not_hold_up_the_control_socket(vmstate_c
         if run.poll() is None:
             run.kill()
             run.communicate()
+
+
+@pytest.mark.parametrize("options", [["--cpu", "soft"], ["--max-instructions", "1000"]])
+def test_control_with_the_software_cpu_is_refused(vmstate, guest, options):
+    result = vmstate("run", "--control", "vmm.sock", *options, guest("ticker"), "1", "1", "0")
+    assert result.returncode == 2
+    assert one_line_error(result) == ("vmstate: --control serves VMs on KVM only: the software "
+                                      "CPU (--cpu soft, --max-instructions) has no control "
+                                      "socket yet")
