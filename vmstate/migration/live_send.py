@@ -33,7 +33,8 @@ from .send import (
 
 MAX_ROUNDS = 30
 STALL_ROUNDS = 4             # rounds in a row without a smaller dirty set: stop and copy
-FIXED_DOWNTIME = 0.015       # seconds the final stop costs besides sending pages (measured)
+FIXED_DOWNTIME = 0.015       # seconds the final stop costs besides its pages (as seen here)
+RATE_MARGIN = 2              # the last pages go with the vCPU stopped: assume half the rate
 FRAME_PAGES = 1024           # pages per frame: small, so the receiver is never a frame behind
 
 
@@ -125,8 +126,8 @@ class PageSender:
         if status != P.STATUS_OK:
             raise MigrationFailed(f"the receiver rejected the VM: {message}")
 
-    def send_frame(self, kind: int, payload: bytes, check: int | None = None) -> None:
-        digest = xxhash.xxh3_64_intdigest(payload) if check is None else check
+    def send_frame(self, kind: int, payload: bytes) -> None:
+        digest = xxhash.xxh3_64_intdigest(payload)
         P.send_buffers(self.sock, [memoryview(P.FRAME.pack(kind, 0, 0, digest, len(payload))),
                                    memoryview(payload)])
         self.count(len(payload))
@@ -177,7 +178,7 @@ def _precopy(source: LiveSource, pages: PageSender, options: LiveOptions,
         dirty = source.take_dirty()
         left = int(np.count_nonzero(dirty))
         rate = _rate(report)
-        if left * PAGE_SIZE / rate + FIXED_DOWNTIME <= options.max_downtime:
+        if RATE_MARGIN * left * PAGE_SIZE / rate + FIXED_DOWNTIME <= options.max_downtime:
             return dirty
         stalled = stalled + 1 if smallest is not None and left >= smallest else 0
         smallest = left if smallest is None else min(smallest, left)
