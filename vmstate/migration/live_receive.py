@@ -75,6 +75,7 @@ def receive_live(sock: socket.socket, sink: LiveMemorySink, root_fd: int, memory
                  with_files: bool, max_size: int) -> Received:
     """LAYOUT, rounds of PAGES, STATE, FILEs, END; raises VmstateError naming what was wrong.
     The caller discards the sink (and files) on failure."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # SYNC answers go at once
     frames = FrameReader(sock)
     kind, check, length = frames.header()
     if kind != P.FRAME_LAYOUT:

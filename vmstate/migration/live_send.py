@@ -15,6 +15,7 @@ frame's check covers exactly the bytes it carries even while the guest writes on
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -143,7 +144,8 @@ def migrate_live(sock, source: LiveSource, with_files: bool, root: str, options:
     they are at the final stop); returns the receiver's confirmation (the guest then runs
     there). Raises MigrationFailed (the source VM may carry on)."""
     size = len(source.view)
-    try:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # the last small frames must
+    try:                                                          # not wait for delayed ACKs
         _hello(sock, size, with_files)
         pages = PageSender(sock, source.view, size // PAGE_SIZE)
         pages.send_frame(P.FRAME_LAYOUT, P.LAYOUT_REGION.pack(0, size))
