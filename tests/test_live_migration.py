@@ -189,6 +189,21 @@ def test_receiver_killed_mid_way_leaves_the_guest_running_here(vmstate_cmd, coun
     assert list(receiver_dir.iterdir()) == []
 
 
+def test_a_guest_that_ends_first_ends_the_migration(vmstate_cmd, counter, receivers, two_dirs):
+    """The guest exits on the source while round 0 is still going: its exit status is
+    vmstate's, the migration is abandoned, the receiver keeps nothing."""
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir)
+    sent = run_live(vmstate_cmd, sender_dir, f"127.0.0.1:{receiver.port}", "--memory", "1G",
+                    counter, SAVE_AT + 2, SAVE_AT, 0, 768, 0)
+    assert sent.returncode == 0, sent.stderr
+    assert "abandoned: the guest ended on this host first" in sent.stderr.decode()
+    assert sequence(sent.stdout.decode()) == list(range(SAVE_AT + 2))
+    receiver.read_log_until("rejected VM from 127.0.0.1")
+    assert receiver.process.wait(timeout=60) == 125
+    assert list(receiver_dir.iterdir()) == []
+
+
 def test_unreachable_receiver_leaves_the_guest_running_here(vmstate_cmd, counter, two_dirs):
     sender_dir, _ = two_dirs
     sent = run_live(vmstate_cmd, sender_dir, f"127.0.0.1:{free_port()}", counter, 600, SAVE_AT,

@@ -75,6 +75,7 @@ def receive_live(sock: socket.socket, sink: LiveMemorySink, root_fd: int, memory
                  with_files: bool, max_size: int) -> Received:
     """LAYOUT, rounds of PAGES, STATE, FILEs, END; raises VmstateError naming what was wrong.
     The caller discards the sink (and files) on failure."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # SYNC answers go at once
     frames = FrameReader(sock)
     kind, check, length = frames.header()
     if kind != P.FRAME_LAYOUT:
@@ -94,6 +95,9 @@ def receive_live(sock: socket.socket, sink: LiveMemorySink, root_fd: int, memory
         kind, check, length = frames.header()
         if kind == P.FRAME_PAGES and received is None:
             pages.receive(check, length)
+        elif kind == P.FRAME_SYNC and received is None:
+            frames.payload(kind, check, length, 0)
+            P.send_reply(sock, P.STATUS_OK, "synced")
         elif kind == P.FRAME_STATE and received is None:
             metadata = ImageMetadata("the final state", _reader(
                 frames.payload(kind, check, length, MAX_METADATA)), None)

@@ -35,7 +35,7 @@ FILE_HEADER = struct.Struct("<IIQQ")      # path length, mode, content length, X
 END = struct.Struct("<QQ")                # XXH3-64 of the image metadata, image bytes sent
 
 FRAME_IMAGE, FRAME_FILE, FRAME_END, FRAME_MEMORY = 1, 2, 3, 4
-FRAME_LAYOUT, FRAME_PAGES, FRAME_STATE = 5, 6, 7           # protocol 3.0
+FRAME_LAYOUT, FRAME_PAGES, FRAME_STATE, FRAME_SYNC = 5, 6, 7, 8     # protocol 3.0
 LAYOUT_REGION = struct.Struct("<QQ")      # 3.0 LAYOUT payload, per region: guest physical, size
 PAGE_NUMBER = struct.Struct("<Q")         # 3.0 PAGES payload: page numbers, then the pages
 LIVE_END = struct.Struct("<QQQ")          # 3.0 END: frames before it, their payload bytes,
