@@ -18,7 +18,7 @@ import numpy as np
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
 from vmstate.pages import bytemap_from_runs, runs_from_bytemap
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
+from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
 
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
@@ -410,9 +410,13 @@ class VirtualMachine:
         if not isinstance(exit, InterruptedExit):
             raise RestoreError(f"the vCPU did not stop for the save ({exit})")
 
+    def capture_vcpu(self) -> VcpuState:
+        """vCPU 0's state alone (stopped, no exit pending)."""
+        return vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
+
     def capture(self, pending: PendingCall | None = None) -> VmState:
         """The whole VM state. The vCPU must be stopped with no exit pending."""
-        vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
+        vcpu = self.capture_vcpu()
         files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
         vmm = VmmState(program=self.program, argv=self.argv, files=files,
                        address_space=self.address_space.state, pending=pending, os=guest_os,
