@@ -30,9 +30,8 @@ from vmstate.image.reader import Image
 from vmstate.state import FD_STDERR, FD_STDIN, FD_STDOUT
 from vmstate.vmm_config import VmEntry
 
-from .kvm import Kvm
 from .session import (
-    KvmBackend, SaveOptions, check_memory_size, describe, restored_vm, save_to_file)
+    SaveOptions, check_memory_size, choose_backend, describe, restored_vm, save_to_file)
 from .tagged_output import TaggedOutput
 from .vm import Exited, Faulted, Outcome, Saved, VirtualMachine, timing_mark
 
@@ -123,9 +122,13 @@ class CommandError(Exception):
 
 
 class Host:
-    def __init__(self, kvm: Kvm, slice_ms: int, tag_output: bool, log=sys.stderr):
-        self.kvm = kvm
+    def __init__(self, backend, slice_ms: int, tag_output: bool, log=sys.stderr,
+                 slice_instructions: int | None = None):
+        """`backend`: session.KvmBackend or the software CPU's (which alone can end a slice
+        after `slice_instructions`)."""
+        self.backend = backend
         self.slice_s = slice_ms / 1000
+        self.slice_instructions = slice_instructions
         self.tag_output = tag_output
         self.log = log
         self.vms: list[HostedVm] = []
@@ -144,14 +147,13 @@ class Host:
         if entry.snapshot is not None:
             image = Image(entry.snapshot)
             try:
-                vm, gate = restored_vm(KvmBackend(self.kvm), image, entry.root)
+                vm, gate = restored_vm(self.backend, image, entry.root)
             except BaseException:
                 image.close()
                 raise
         else:
-            from .boot import boot
-            vm = boot(self.kvm, entry.program, list(entry.argv), check_memory_size(entry.memory),
-                      entry.root, options)
+            vm = self.backend.boot(entry.program, list(entry.argv),
+                                   check_memory_size(entry.memory), entry.root, options)
         vm.name = entry.name
         hosted = HostedVm(entry, vm, save, image)
         if self.tag_output:
@@ -207,10 +209,10 @@ class Host:
     def _tick(self, signum, frame) -> None:
         current = self._current
         if current is not None:
-            current.vm.vcpu.run_page.immediate_exit = 1
+            current.vm.end_slice()
 
     def _run_slice(self, hosted: HostedVm) -> None:
-        hosted.vm.vcpu.run_page.immediate_exit = 0
+        hosted.vm.begin_slice(self.slice_s, self.slice_instructions)
         self._current = hosted
         signal.setitimer(signal.ITIMER_REAL, self.slice_s, self.slice_s)
         start = time.perf_counter_ns()
@@ -292,13 +294,14 @@ class Host:
 
 def run_hosted(entries: list[VmEntry], slice_ms: int, control: str | None = None, *,
                options: GuestOptions = GuestOptions(), save: SaveOptions | None = None,
-               trace=None) -> Host:
+               trace=None, cpu: str = "auto", slice_instructions: int | None = None) -> Host:
     """Start every VM, serve the control socket if asked, and run them all to their end.
     `save` (with its signals) is for a single VM (run/restore); with several VMs each one
     saves to its own image and output lines are tagged with the VMs' names."""
     from .control import ControlServer
-    from .vm import open_kvm
-    host = Host(open_kvm(), slice_ms, tag_output=len(entries) > 1)
+    backend = choose_backend(cpu, slice_instructions, "vm_exec_slice_in_instructions")
+    host = Host(backend, slice_ms, tag_output=len(entries) > 1,
+                slice_instructions=slice_instructions)
     server = None
     try:
         for entry in entries:

@@ -214,6 +214,13 @@ class VirtualMachine:
         self._running = _Running(syscalls, save, gate, paracalls or ParaCalls(self))
         timing_mark("first-kvm-run")
 
+    def begin_slice(self, seconds: float, instructions: int | None) -> None:
+        """A multi-VM host's slice begins (it ends it with end_slice, from SIGALRM)."""
+        self.vcpu.run_page.immediate_exit = 0
+
+    def end_slice(self) -> None:
+        self.vcpu.run_page.immediate_exit = 1
+
     def run_slice(self) -> Outcome | None:
         """Run the vCPU until the guest ends (its Outcome) or KVM_RUN is interrupted by a
         signal with no stop requested (None: a time slice ended; call again to go on)."""

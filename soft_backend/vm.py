@@ -113,6 +113,8 @@ class SoftMachine:
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self._indexed: set[int] = set()
         self._hook_error: BaseException | None = None
+        self._budget: int | None = None           # run's max_instructions
+        self._slice: tuple[int, int | None] = (0, None)    # host slice: microseconds, count
 
     def close(self) -> None:
         if self.files is not None:
@@ -186,6 +188,20 @@ class SoftMachine:
         """Run until the guest exits, faults, is saved through `save`, or (with
         `max_instructions`) has run exactly that many instructions, then saved. `paracalls`
         serves syscalls 401-403 (default: kvm_backend.paracalls.ParaCalls)."""
+        self.start(trace, save, gate, paracalls)
+        self._budget = max_instructions
+        try:
+            while (outcome := self.run_slice()) is None:
+                pass
+        finally:
+            self.stop.stopped()
+        if self.forked_child:
+            _end_child_process(outcome)
+        return outcome
+
+    def start(self, trace=None, save: SaveHandler | None = None,
+              gate: Callable[[], None] | None = None, paracalls=None) -> None:
+        """Make the machine ready for run_slice (run does this itself)."""
         if isinstance(save, LiveSave):
             raise UsageError("live migration (--live) needs KVM's dirty-page log; the software "
                              "CPU migrates cold (leave out --live)")
@@ -197,29 +213,33 @@ class SoftMachine:
         self._gate, self._save_handler = gate, save
         self._paracalls = paracalls or ParaCalls(self)
         timing_mark("first-kvm-run")
+
+    # A multi-VM host's slices (kvm_backend.host): unicorn ends them itself, after a number of
+    # instructions or a time (its `timeout`); end_slice also works from a signal handler.
+
+    def begin_slice(self, seconds: float, instructions: int | None) -> None:
+        self._slice = (int(seconds * 1e6), instructions)
+
+    def end_slice(self) -> None:
         try:
-            outcome = self._run(save, max_instructions)
-        finally:
-            self.stop.stopped()
-        if self.forked_child:
-            _end_child_process(outcome)
-        return outcome
+            self.uc.emu_stop()
+        except UcError:
+            pass
 
-    def _run(self, save: SaveHandler | None, max_instructions: int | None) -> Outcome:
-        while True:
-            outcome = self._run_once(save, max_instructions)
-            if outcome is not None:
-                return outcome
-            max_instructions = None       # a refused save ended the slice: the count is lost
-
-    def _run_once(self, save: SaveHandler | None, max_instructions: int | None
-                  ) -> Outcome | None:
+    def run_slice(self) -> Outcome | None:
+        """Run until the guest ends (its Outcome), or None when a slice ended: the host's
+        (time or instructions), or a save was refused. With an instruction budget (run's
+        max_instructions), its end saves the guest."""
+        save = self._save_handler
+        timeout_us, slice_instructions = self._slice
+        count = self._budget or slice_instructions or 0
         self._stopped_by: Outcome | tuple | None = None
         self._exception: int | None = None
         self._hook_error = None
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         try:
-            self.uc.emu_start(rip, NO_STOP_ADDRESS, count=max_instructions or 0)
+            self.uc.emu_start(rip, NO_STOP_ADDRESS, timeout=0 if count else timeout_us,
+                              count=count)
             if self._hook_error is not None:
                 raise self._hook_error
         except UcError as e:
@@ -238,10 +258,16 @@ class SoftMachine:
             if save is None:
                 return Faulted(f"the VM was stopped: {self.stop.reason}", x86.SIGSEGV)
             if self._refuse_save():
+                self._budget = None           # the slice ended early: the count is lost
                 return None
             return self._save(save, None)
-        if max_instructions and save is not None:
-            return self._save(save, None)
+        if self._budget:
+            return self._save(save, None) if save is not None else None
+        fault = self._decoded_fault()
+        if fault is not None:                 # unicorn may end on a fault without a word
+            return fault
+        if count or timeout_us:
+            return None
         return self._fault(None)
 
     def _pass_gate(self) -> None:
@@ -336,6 +362,14 @@ class SoftMachine:
             self._exception = vector
         uc.emu_stop()
 
+    def _decoded_fault(self) -> Faulted | None:
+        """The page fault the instruction at RIP would take, if it would take one."""
+        rip, rsp, cr3 = self.uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_RSP,
+                                                X.UC_X86_REG_CR3])
+        found = page_fault(self.memory.read_phys, self._read_register, cr3, rip,
+                           bool(self.template.sregs.efer & EFER_NXE))
+        return None if found is None else describe_fault(14, found[1], rip, rsp, True, found[0])
+
     def _fault(self, vector: int | None) -> Faulted:
         """Report as KVM would. Unicorn may report a page fault as vector 8, or stop with no
         reason: both are decoded from the instruction and the page tables."""
@@ -363,6 +397,13 @@ class SoftMachine:
         where = save(self.capture(pending), [self.memory.view])
         timing_mark("save-done")
         return Saved(where)
+
+    def pause(self) -> None:
+        """Between slices (the host's control commands): nothing pending to complete here."""
+
+    def save_now(self, save: SaveHandler) -> Saved:
+        """Save the machine between slices through `save`; it ends."""
+        return self._save(save, pending=None)
 
     def return_to_user(self, result: int) -> None:
         """Finish the system call under way with `result` (para-calls)."""

@@ -143,7 +143,7 @@ def run(
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(program=str(program), argv=tuple(argv), root=str(root),
                                   memory=memory_size, image=str(image))], VmEntry())[0]
-        _finish(_hosted_alone(entry, control, save, trace, options))
+        _finish(_hosted_alone(entry, control, save, trace, options, cpu))
     outcome = run_program(str(program), argv, memory_size, str(root), save,
                           trace=sys.stderr if trace else None, options=options,
                           cpu=cpu, max_instructions=max_instructions)
@@ -191,19 +191,19 @@ def restore(
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(snapshot=str(image_file), root=str(root), image=str(image))],
                          VmEntry())[0]
-        _finish(_hosted_alone(entry, control, save, trace))
+        _finish(_hosted_alone(entry, control, save, trace, cpu=cpu))
     outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None,
                             cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
 
 
-def _hosted_alone(entry, control: Path, save, trace: bool, options=None):
+def _hosted_alone(entry, control: Path, save, trace: bool, options=None, cpu: str = "auto"):
     """run/restore --control: the one VM on a host that serves the control socket."""
     from kvm_backend.host import run_hosted
     from linux_personality.options import GuestOptions
     from .vmm_config import DEFAULT_SLICE_MS
     host = run_hosted([entry], DEFAULT_SLICE_MS, str(control), options=options or GuestOptions(),
-                      save=save, trace=sys.stderr if trace else None)
+                      save=save, trace=sys.stderr if trace else None, cpu=cpu)
     return host.vms[0].outcome
 
 
@@ -224,6 +224,7 @@ def host_command(
     root: Annotated[Optional[Path], typer.Option(
         help="Root directory of every VM (overrides the file).")] = None,
     control: ControlOption = None,
+    cpu: CpuOption = "auto",
 ):
     """Run several VMs in one VMM, round-robin in time slices on one thread; exit when all
     have ended, with the largest of their exit statuses (a fault counts 128 + signal).
@@ -234,10 +235,10 @@ def host_command(
     """
     from .vmm_config import HostConfig, VmEntry, complete, load, parse_memory
     settings = load(str(config)) if config is not None else HostConfig()
-    if settings.slice_instructions is not None:
+    if settings.slice_instructions is not None and cpu == "kvm":
         _fail(f"{config}: vm_exec_slice_in_instructions: the KVM backend cannot end a slice "
               "after a number of instructions (the guest runs on the hardware, which counts "
-              "none for us); use vm_exec_slice_ms", 2)
+              "none for us); use vm_exec_slice_ms, or the software CPU (--cpu soft)", 2)
     entries = list(settings.vms)
     entries += [VmEntry.for_program(command, "-v") for command in vm or []]
     entries += [VmEntry(snapshot=str(path), where="-s") for path in snapshot or []]
@@ -255,7 +256,8 @@ def host_command(
     from .vmm_config import parse_slice_ms
     slice_value = settings.slice_ms if slice_ms is None else parse_slice_ms(str(slice_ms))
     control_path = str(control) if control is not None else settings.control
-    host = run_hosted(entries, slice_value, control_path)
+    host = run_hosted(entries, slice_value, control_path, cpu=cpu,
+                      slice_instructions=settings.slice_instructions)
     print(host.summary(), file=sys.stderr)
     raise typer.Exit(host.exit_status())
 
