@@ -6,7 +6,8 @@ request is one line {"execute": COMMAND, "arguments": {...}} and gets one reply 
 gets an error reply and the connection stays open. Commands are served by the host's main
 thread between time slices (host.py). Only the socket's owner may connect: the socket file is
 mode 0600 and each peer's uid (SO_PEERCRED) must be ours, else it gets one error line and is
-disconnected. The protocol is specified in schemas/control-protocol.md.
+disconnected. The commands are in host_commands.py; the protocol is specified in
+schemas/control-protocol.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 
 from vmstate.errors import UsageError
 
-from .host import Host, Request
+from .host import Host, Request, quiet_thread
 
 MAX_LINE = 1 << 16
 MAX_CLIENTS = 64         # replies under way that close() waits for
@@ -54,6 +55,7 @@ class ControlServer:
         self.sock.close()
 
     def _accept(self) -> None:
+        quiet_thread()
         while not self._closed:
             try:
                 conn, _ = self.sock.accept()
@@ -63,6 +65,7 @@ class ControlServer:
                              name="control-client").start()
 
     def _serve(self, conn: socket.socket) -> None:
+        quiet_thread()
         with conn, conn.makefile("rwb", buffering=0) as stream:
             _pid, uid, _gid = PEERCRED.unpack(
                 conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))

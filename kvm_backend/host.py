@@ -7,9 +7,11 @@ each slice: its handler sets the running vCPU's `immediate_exit` when it lands i
 and the signal itself interrupts a KVM_RUN under way. (A tick landing in the few bytecodes
 between that check and the ioctl is caught by the next tick: such a slice lasts two.)
 
-Between slices the VMM serves control commands (control.py). A guest blocked in a system
-call (a read that waits, a sleep) holds the thread until the call returns: the other VMs
-wait. A VM that ends (exit, fault, save, migration) ends alone; the host returns when all
+Between slices the VMM serves control commands (control.py). A guest blocked in a read
+(read, readv on a pipe, FIFO or terminal) is woken at its slice's end through its StopRequest's
+pipe; the call is rewound and re-issued when the VM runs again, so it holds no one up. Other
+blocking calls (a sleep, poll or select with a timeout, which would restart their time) hold
+the thread until they return: the other VMs wait. A VM that ends (exit, fault, save, migration) ends alone; the host returns when all
 have ended, or on `quit`.
 """
 
@@ -25,19 +27,27 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from linux_personality.options import GuestOptions
-from vmstate.errors import UsageError, VmstateError, describe_error
+from vmstate.errors import EXIT_SIGNAL_BASE, VmstateError, describe_error
 from vmstate.image.reader import Image
 from vmstate.state import FD_STDERR, FD_STDIN, FD_STDOUT
 from vmstate.vmm_config import VmEntry
 
-from .session import (
-    SaveOptions, check_memory_size, choose_backend, describe, restored_vm, save_to_file)
+from .session import SaveOptions, check_memory_size, choose_backend, describe, restored_vm
 from .tagged_output import TaggedOutput
 from .vm import Exited, Faulted, Outcome, Saved, VirtualMachine, timing_mark
 
 SLICE_SIGNAL = signal.SIGALRM
 EXIT_QUIT = 137                 # a VM ended by `quit` is reported as killed (128 + SIGKILL)
 EXIT_VMM_FAILED = 125
+# Blocking calls a slice end interrupts: the guest re-issues them and loses nothing (a sleep
+# or a poll with a timeout would start its time again, so those run to their end).
+REISSUED_READS = frozenset({0, 19})            # read, readv
+
+
+def quiet_thread() -> None:
+    """Call first in a helper thread: the slice timer's SIGALRM must reach the main thread
+    (a process-directed signal may go to any thread that does not block it)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SLICE_SIGNAL})
 
 
 @dataclass(frozen=True)
@@ -51,8 +61,8 @@ class Stopped:
 class HostedVm:
     entry: VmEntry
     vm: VirtualMachine
-    save: SaveOptions
     image: Image | None = None                      # a restored VM's image, open while it runs
+    verified: Callable[[], None] | None = None      # waits for that image's memory check
     outputs: list[TaggedOutput] = field(default_factory=list)
     stdin_fd: int | None = None
     running: bool = True                            # False: stopped by the control socket
@@ -69,6 +79,11 @@ class HostedVm:
         return self.outcome is not None
 
     def release(self) -> None:
+        if self.verified is not None:
+            try:
+                self.verified()          # the check reads the image: let it finish first
+            except Exception:
+                pass                     # a VM that never ran: its image's fault is moot
         self.vm.close()
         for output in self.outputs:
             output.close()
@@ -84,7 +99,7 @@ class HostedVm:
             case Exited(status=status):
                 return status
             case Faulted(signal=sig):
-                return 128 + sig
+                return EXIT_SIGNAL_BASE + sig
             case Stopped(status=status):
                 return status
         return 0
@@ -155,7 +170,7 @@ class Host:
             vm = self.backend.boot(entry.program, list(entry.argv),
                                    check_memory_size(entry.memory), entry.root, options)
         vm.name = entry.name
-        hosted = HostedVm(entry, vm, save, image)
+        hosted = HostedVm(entry, vm, image, gate)
         if self.tag_output:
             self._tag(hosted)
         vm.start(trace=trace, save=save.handler(entry.root), gate=gate,
@@ -210,9 +225,17 @@ class Host:
         current = self._current
         if current is not None:
             current.vm.end_slice()
+            if current.vm.serving in REISSUED_READS and self._others_waiting():
+                current.vm.stop.interrupt_call()
+
+    def _others_waiting(self) -> bool:
+        """Another VM could run, or a control request waits."""
+        return not self.requests.empty() or sum(1 for h in self.vms if h.running
+                                                and not h.ended) > 1
 
     def _run_slice(self, hosted: HostedVm) -> None:
         hosted.vm.begin_slice(self.slice_s, self.slice_instructions)
+        hosted.vm.stop.clear_interrupted_call()
         self._current = hosted
         signal.setitimer(signal.ITIMER_REAL, self.slice_s, self.slice_s)
         start = time.perf_counter_ns()
@@ -225,11 +248,12 @@ class Host:
             hosted.run_ns += time.perf_counter_ns() - start
             hosted.slices += 1
         if outcome is not None:
-            self._end(hosted, outcome)
+            self.end(hosted, outcome)
         elif not self._runnable():
             signal.setitimer(signal.ITIMER_REAL, 0)
 
-    def _end(self, hosted: HostedVm, outcome) -> None:
+    def end(self, hosted: HostedVm, outcome) -> None:
+        """The VM has ended with `outcome`: report it and release it."""
         hosted.outcome = outcome
         hosted.vm.stop.stopped()
         if len(self.vms) > 1:
@@ -258,7 +282,18 @@ class Host:
                 reply = {"error": {"class": "GenericError", "desc": describe_error(e)}}
             request.reply.put(reply)
 
+    def refuse_requests(self) -> None:
+        """Answer the requests that came too late (every VM had ended)."""
+        while True:
+            try:
+                request = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            request.reply.put({"error": {"class": "GenericError",
+                                         "desc": "every VM has ended"}})
+
     def _execute(self, request: Request):
+        from .host_commands import COMMANDS
         handler = COMMANDS.get(request.command)
         if handler is None:
             raise CommandError(f"unknown command {request.command!r} (known: "
@@ -316,99 +351,10 @@ def run_hosted(entries: list[VmEntry], slice_ms: int, control: str | None = None
         if control is not None:
             server = ControlServer(control, host)
         host.run()
+        host.quitting = True
+        host.refuse_requests()
     finally:
         if server is not None:
             server.close()
         host.close()
     return host
-
-
-def _argument(arguments: dict, name: str) -> str:
-    value = arguments.get(name)
-    if not isinstance(value, str) or not value:
-        raise CommandError(f"argument {name!r} (a string) is needed")
-    return value
-
-
-def _query_vms(host: Host, arguments: dict) -> list[dict]:
-    return [{"name": h.name, "state": h.state_name(), "description": h.describe(),
-             "program": h.vm.program, "argv": list(h.vm.argv), "root": h.entry.root,
-             "snapshot": h.entry.snapshot, "exit_status": h.status() if h.ended else None,
-             "slices": h.slices, "run_seconds": round(h.run_ns / 1e9, 6)} for h in host.vms]
-
-
-def _stop(host: Host, arguments: dict) -> dict:
-    host.find(arguments).running = False
-    return {}
-
-
-def _cont(host: Host, arguments: dict) -> dict:
-    host.find(arguments).running = True
-    return {}
-
-
-def _dump_state(host: Host, arguments: dict) -> dict:
-    hosted = host.find(arguments)
-    hosted.vm.pause()
-    from .paracalls import ParaCalls
-    return {"text": ParaCalls(hosted.vm).dump_text(settle=False)}
-
-
-def _snapshot(host: Host, arguments: dict) -> dict:
-    hosted, path = host.find(arguments), _argument(arguments, "path")
-    _refuse_over_program(hosted, path)
-    hosted.vm.pause()
-    from vmstate.image.writer import write_image
-    write_image(path, hosted.vm.capture(), [hosted.vm.memory.view])
-    return {"path": path}
-
-
-def _save(host: Host, arguments: dict) -> dict:
-    hosted = host.find(arguments)
-    path = arguments.get("path") or hosted.entry.image
-    if not isinstance(path, str):
-        raise CommandError("argument 'path' must be a string")
-    _refuse_over_program(hosted, path)
-    hosted.vm.pause()
-    outcome = hosted.vm.save_now(save_to_file(path))
-    host._end(hosted, outcome)
-    return {"path": path, "description": outcome.where}
-
-
-def _migrate(host: Host, arguments: dict) -> dict:
-    hosted, address = host.find(arguments), _argument(arguments, "address")
-    from vmstate.migration.protocol import parse_address
-    target = parse_address(address)
-    hosted.vm.pause()
-    from vmstate.image.writer import plan_image
-    from vmstate.migration.send import send_to
-    state = hosted.vm.capture()
-    message = send_to(target, float(arguments.get("connect_timeout", 5)),
-                      plan_image(state, [hosted.vm.memory.view]), state,
-                      bool(arguments.get("with_files", False)), hosted.entry.root)
-    host._end(hosted, Saved(f"migrated to {address}: {message}"))
-    return {"description": message}
-
-
-def _quit(host: Host, arguments: dict) -> dict:
-    host.quitting = True
-    for hosted in host.vms:
-        if not hosted.ended:
-            host._end(hosted, Stopped("ended by quit", EXIT_QUIT))
-    return {}
-
-
-def _refuse_over_program(hosted: HostedVm, path: str) -> None:
-    from vmstate.atomic import refuse_clobbering
-    inputs = {"the program": hosted.vm.program}
-    if hosted.entry.snapshot:
-        inputs = {}       # saving over the image a VM was restored from is how it is saved again
-    try:
-        refuse_clobbering({"path": path}, inputs)
-    except UsageError as e:
-        raise CommandError(str(e)) from None
-
-
-COMMANDS: dict[str, Callable[[Host, dict], object]] = {
-    "query-vms": _query_vms, "stop": _stop, "cont": _cont, "dump-state": _dump_state,
-    "snapshot": _snapshot, "save": _save, "migrate": _migrate, "quit": _quit}

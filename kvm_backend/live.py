@@ -16,7 +16,7 @@ from vmstate.migration.live_send import LiveOptions, migrate_live
 from vmstate.migration.send import connect
 from vmstate.state import VmState
 
-from .vm import LiveSave, VirtualMachine
+from .vm import LiveSave, VirtualMachine, timing_mark
 
 
 def live_migrate_to(address: tuple[str, int], connect_timeout: float, with_files: bool,
@@ -41,6 +41,7 @@ class Migration:
         self._result: str | None = None
         self._socket: socket.socket | None = None
         self._cancelled = False
+        timing_mark("live-start")
         print(f"vmstate: live migration to {address[0]}:{address[1]} begins; the guest runs "
               "on", file=log, flush=True)
         self._thread = threading.Thread(

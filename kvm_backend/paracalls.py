@@ -26,6 +26,8 @@ from .vm import Outcome, Saved, VirtualMachine
 PARACALL_DUMP_PROCESSOR_STATE = 401
 PARACALL_SNAPSHOT = 402
 PARACALL_MIGRATE = 403
+NAMES = {PARACALL_DUMP_PROCESSOR_STATE: "vmstate_dump_processor_state",
+         PARACALL_SNAPSHOT: "vmstate_snapshot", PARACALL_MIGRATE: "vmstate_migrate"}
 RESTORED = 1                      # what SNAPSHOT and MIGRATE return in the VM's copy
 DUMP_INSTRUCTIONS = 6
 ADDRESS_MAX = 512
@@ -44,8 +46,9 @@ class ParaCalls:
     def serves(self, nr: int) -> bool:
         return nr in self._handlers
 
-    def serve(self, nr: int, args: tuple[int, ...]) -> Outcome | None:
-        """Serve the para-call the vCPU stopped on; an Outcome if the VM ends (migrated)."""
+    def serve(self, nr: int, args: tuple[int, ...], trace=None) -> Outcome | None:
+        """Serve the para-call the vCPU stopped on; an Outcome if the VM ends (migrated).
+        `trace` (a text stream) gets a line like --trace's."""
         try:
             result = self._handlers[nr](args[0])
         except GuestFault:
@@ -56,10 +59,22 @@ class ParaCalls:
             print(f"vmstate: [{self.vm.name}] para-call {nr} failed: {e}", file=self.log,
                   flush=True)
             result = -_errno_of(e, errno.EOPNOTSUPP)
+        if trace is not None:
+            shown = "" if nr == PARACALL_DUMP_PROCESSOR_STATE else self._string_argument(args[0])
+            print(f"{NAMES[nr]}({shown}) = " + (str(result) if isinstance(result, int)
+                                                 else "(the VM has left)"), file=trace, flush=True)
         if isinstance(result, int):
             self.vm.return_to_user(result)
             return None
         return result
+
+    def _string_argument(self, addr: int) -> str:
+        """How --trace shows a string argument: quoted, or its address if unreadable."""
+        try:
+            return '"' + self.vm.memory.read_cstring(addr, ADDRESS_MAX).decode(
+                errors="backslashreplace") + '"'
+        except GuestFault:
+            return f"{addr:#x}"
 
     # -- 401 ------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
-from vmstate.errors import KvmNotAvailableError, UsageError, VmstateError
+from vmstate.errors import KvmNotAvailableError, UsageError
 from vmstate.state import VmState
 from vmstate.units import format_size
 
@@ -107,14 +107,14 @@ def choose_backend(cpu: str = "auto", max_instructions: int | None = None,
     CPU counts instructions, so "auto" with `max_instructions` (named `counted_by` in
     messages) takes it."""
     if cpu not in CPU_CHOICES:
-        raise VmstateError(f"--cpu {cpu}: must be one of {', '.join(CPU_CHOICES)}")
+        raise UsageError(f"--cpu {cpu}: must be one of {', '.join(CPU_CHOICES)}")
     if max_instructions is not None:
         if max_instructions <= 0:
-            raise VmstateError(f"{counted_by} {max_instructions}: must be positive")
+            raise UsageError(f"{counted_by} {max_instructions}: must be positive")
         if cpu == "kvm":
-            raise VmstateError(f"{counted_by} needs the software CPU (--cpu soft): KVM runs "
-                               "the guest on the real CPU, which cannot stop it after an "
-                               "exact number of instructions")
+            raise UsageError(f"{counted_by} needs the software CPU (--cpu soft): KVM runs the "
+                             "guest on the real CPU, which cannot stop it after an exact "
+                             "number of instructions")
         cpu = "soft"
     if cpu != "soft":
         try:

@@ -29,6 +29,7 @@ class StopRequest:
         self._lock = threading.Lock()         # a request and a reset do not interleave
         self._main = threading.main_thread().ident
         self.cancel_fd, self._cancel_w = os.pipe()
+        os.set_blocking(self.cancel_fd, False)          # drained by clear_interrupted_call
         signal.signal(KICK_SIGNAL, lambda *_: None)    # interrupts KVM_RUN, nothing more
 
     def request(self, reason: str) -> None:
@@ -41,6 +42,22 @@ class StopRequest:
             os.write(self._cancel_w, b"x")
             self._kicker = threading.Thread(target=self._kick, daemon=True, name="vcpu-kick")
             self._kicker.start()
+
+    def interrupt_call(self) -> None:
+        """Wake the blocking call the guest is in (CallInterrupted) without asking the VM to
+        stop: the run loop rewinds the call, which the guest re-issues when it runs again (a
+        host ends a time slice this way)."""
+        os.write(self._cancel_w, b"i")
+
+    def clear_interrupted_call(self) -> None:
+        """Before the guest runs again: forget interrupt_call's wake-ups (never a stop's)."""
+        try:
+            while os.read(self.cancel_fd, 64):
+                pass
+        except BlockingIOError:
+            pass
+        if self.requested.is_set():          # a request that came meanwhile keeps its wake-up
+            os.write(self._cancel_w, b"x")
 
     def _kick(self) -> None:
         while not self._stopped.wait(KICK_INTERVAL):

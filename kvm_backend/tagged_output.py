@@ -5,6 +5,7 @@ as `[name] line` (a last line without a newline is copied when the pipe closes).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 CHUNK = 1 << 16
@@ -19,6 +20,7 @@ class TaggedOutput:
         self._thread.start()
 
     def _copy(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})   # the host's slice timer
         pending = b""
         while chunk := os.read(self.read_fd, CHUNK):
             *lines, pending = (pending + chunk).split(b"\n")

@@ -141,6 +141,7 @@ class VirtualMachine:
         self._written_lock = threading.Lock()
         self.migration: LiveMigration | None = None
         self._running: _Running | None = None
+        self.serving: int | None = None       # the system call being served, if any
 
     def close(self) -> None:
         if self.files is not None:
@@ -261,7 +262,8 @@ class VirtualMachine:
         nr, args = regs.rax, (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
         save = running.save
         if running.paracalls.serves(nr):
-            return running.paracalls.serve(nr, args)
+            return running.paracalls.serve(nr, args, running.syscalls.trace)
+        self.serving = nr
         try:
             running.syscalls.serve()
         except GuestExit as e:
@@ -285,9 +287,14 @@ class VirtualMachine:
             except GuestFault:            # not a syscall instruction the guest can re-issue:
                 self.return_to_user(-errno.EINTR)      # the call fails as interrupted
                 pending = None
+            if not self.stop.requested.is_set():       # a time slice ended (stop.interrupt_call)
+                self.vcpu.run_page.immediate_exit = 1  # the next KVM_RUN takes the registers
+                return None                            # and returns: run_slice gives None
             if self._refuse_save(running.syscalls):
                 return None                   # the guest re-issues the call
             return self._on_stop(save, pending)
+        finally:
+            self.serving = None
         return None
 
     def return_to_user(self, result: int) -> None:

@@ -52,6 +52,7 @@ APIC_BASE = 0xFEE00900          # what KVM gives a fresh vCPU 0 (enabled, bootst
 NO_STOP_ADDRESS = (1 << 64) - 1
 EFER_NXE = 1 << 11
 CR4_OSXSAVE, CPUID1_ECX_OSXSAVE = 1 << 18, 1 << 27
+SLICE_ENDED = ("slice ended",)          # a blocking call was woken to end a host's slice
 SYSCALL_INSTRUCTION = b"\x0f\x05"
 
 
@@ -108,6 +109,7 @@ class SoftMachine:
         self.cpu = SoftCpu(self)
         self.name = "vm"                      # tags its para-call output
         self.forked_child = False             # this VMM process runs a guest's fork child
+        self.serving: int | None = None       # the system call being served, if any
         self._present: bytes | None = None           # pages known present so far
         self._image_present: tuple = ()
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
@@ -250,6 +252,8 @@ class SoftMachine:
         stopped = self._stopped_by
         if isinstance(stopped, (Exited, Faulted, Saved)):
             return stopped
+        if stopped is SLICE_ENDED:
+            return None
         if isinstance(stopped, tuple):                   # ("save", pending call or None)
             return self._save(save, stopped[1])
         if self._exception is not None:
@@ -299,10 +303,11 @@ class SoftMachine:
     def _serve(self, cpu: SoftCpu) -> None:
         nr, args = cpu.call_at_entry()
         if self._paracalls.serves(nr):
-            outcome = self._paracalls.serve(nr, args)
+            outcome = self._paracalls.serve(nr, args, self._personality.trace)
             if outcome is not None:
                 self._stop_with(outcome)
             return
+        self.serving = nr
         try:
             self._personality.serve()
         except GuestExit as e:
@@ -324,9 +329,14 @@ class SoftMachine:
                 pending = PendingCall(nr, args, cpu.rewind_to_syscall())
             else:
                 cpu.return_to_user(-errno.EINTR)
+            if not self.stop.requested.is_set():   # a host's slice ended (stop.interrupt_call)
+                self._stop_with(SLICE_ENDED)
+                return
             if self._refuse_save():
                 return                        # the guest re-issues the call
             self._stop_with(("save", pending))
+        finally:
+            self.serving = None
 
     def _refuse_save(self) -> bool:
         """A guest with child processes is not saved (a save holds one process), as on KVM."""
@@ -458,5 +468,5 @@ class SoftMachine:
             self._present = bytes(bytemap_from_runs(self._image_present,
                                                     self.memory.size // PAGE_SIZE))
         written = written_pages(self.memory.view, self.memory.host_address)
-        self._present = union(union(self._present, written), self.memory.take_written())
+        self._present = union(union(self._present, written), bytes(self.memory.take_written()))
         return self._present

@@ -205,3 +205,25 @@ def test_run_and_restore_with_a_control_socket(started, vmstate, guest, tmp_path
     client.close()
     out, err = restore.communicate(timeout=60)
     assert restore.returncode == 137 and err.decode().strip() == "vmstate: ended by quit", err
+
+
+def test_a_guest_blocked_in_a_read_does_not_hold_up_the_control_socket(vmstate_cmd, example,
+                                                                       tmp_path):
+    run = subprocess.Popen([vmstate_cmd, "run", "--control", "vmm.sock", example("echo_lines")],
+                           cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    try:
+        wait_for(tmp_path / "vmm.sock", run)
+        client = Client(tmp_path / "vmm.sock")
+        time.sleep(0.3)                                  # it waits for its first line by now
+        assert states(client) == {"echo_lines": "running"}
+        assert "[echo_lines] processor state" in client.ok("dump-state")["text"]
+        client.close()
+        out, err = run.communicate(b"first\nsecond\n", timeout=60)   # no input was lost
+        assert run.returncode == 0, err
+        assert out.decode().splitlines() == ["line 1: first (5 bytes)",
+                                             "line 2: second (6 bytes)", "2 lines read"]
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()

@@ -4,6 +4,10 @@ and the configuration file (good and bad lines, command-line overrides)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
+
 import pytest
 
 from helpers import one_line_error
@@ -167,3 +171,45 @@ def test_slices_counted_in_instructions_are_refused_on_kvm(vmstate, tmp_path):
 
 def test_host_without_vms_is_refused(vmstate):
     assert one_line_error(vmstate("host")).startswith("vmstate: host needs at least one VM")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--slice-ms", "0", "-v", "x"], "vmstate: --slice-ms: 0 ms is not between 1 and 60000"),
+    (["--memory", "1K", "-v", "x"], "vmstate: --memory: memory 1K is not between 8 MiB"),
+    (["-v", "'unclosed"], "vmstate: -v: \"'unclosed\": No closing quotation")])
+def test_bad_host_options_refused_in_one_line(vmstate, args, message):
+    result = vmstate("host", *args)
+    assert result.returncode == 2
+    assert one_line_error(result).startswith(message)
+
+
+@pytest.mark.kvm
+def test_a_vm_that_cannot_start_is_named(vmstate, guest):
+    result = vmstate("host", "-v", f"{guest('ticker')} 1 1 0", "-v", "no/such/program")
+    assert result.returncode == 127
+    assert one_line_error(result).startswith("vmstate: VM program (-v): ")
+
+
+@pytest.mark.kvm
+def test_a_vm_blocked_in_a_read_does_not_hold_up_the_others(vmstate_cmd, guest, tmp_path):
+    os.mkfifo(tmp_path / "wait.fifo")
+    host = subprocess.Popen([vmstate_cmd, "host", "-v", f"{guest('read_once')} wait.fifo",
+                             "-v", f"{guest('ticker')} 5 20 0"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(30, host.kill)          # a VMM held up fails, not hangs
+    watchdog.start()
+    try:
+        first = host.stderr.readline().decode()     # the ticker ends while the reader waits
+        assert first == "vmstate: [ticker] exit status 0\n", first
+        with open(tmp_path / "wait.fifo", "wb") as fifo:
+            fifo.write(b"news")
+        out, err = host.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if host.poll() is None:
+            host.kill()
+            host.communicate()
+    assert host.returncode == 0, err
+    lines = tagged(out)
+    assert [text for tag, text in lines if tag == "ticker"] == [f"tick {i}" for i in range(5)]
+    assert ("read_once", "read 4: news") in lines

@@ -93,6 +93,27 @@ def test_live_migration_over_loopback_continues_the_sequence(vmstate_cmd, counte
                                                                  list(range(left + 1)))
 
 
+def test_live_migration_on_sigusr1(vmstate_cmd, counter, receivers, two_dirs):
+    """--save-on-signal: SIGUSR1 starts the live migration (the guest never asks for SAVE)."""
+    import signal
+    from types import SimpleNamespace
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir)
+    sender = subprocess.Popen([vmstate_cmd, "run", "--with-files", "--live", "--save-on-signal",
+                               "--migrate-to", f"127.0.0.1:{receiver.port}", "--memory", "256M",
+                               counter, str(STEPS), "-1", "16", "64"], cwd=sender_dir,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (sender_dir / "sequence.txt").exists() or \
+            len((sender_dir / "sequence.txt").read_text().splitlines()) < 200:
+        assert time.monotonic() < deadline and sender.poll() is None, "the guest did not start"
+        time.sleep(0.02)
+    sender.send_signal(signal.SIGUSR1)
+    out, err = sender.communicate(timeout=180)
+    check_continued(SimpleNamespace(stdout=out, stderr=err, returncode=sender.returncode),
+                    receiver, receiver_dir)
+
+
 @pytest.fixture
 def namespaces():
     """Two network namespaces with random names, joined by a veth pair."""
@@ -195,32 +216,41 @@ def _frame(kind, payload, flags=0, check=None):
     return P.FRAME.pack(kind, flags, 0, check, len(payload)) + payload
 
 
-def _pages(numbers, data, flags=P.FLAG_ROUND_END, check=None):
+def _pages(numbers, data, check=None):
     payload = b"".join(P.PAGE_NUMBER.pack(n) for n in numbers) + data
-    return _frame(P.FRAME_PAGES, payload, flags, check)
+    return _frame(P.FRAME_PAGES, payload, check=check)
 
 
 def _live_stream(vmstate, example, directory):
     """A saved lab VM as an honest live sender would send it: hello, layout, one round of
-    pages, state, end; with the pieces to break."""
+    pages, state (without memory), end (with the memory's digest); the pieces to break."""
+    from dataclasses import replace
+
+    import numpy as np
+
     from vmstate.image.reader import Image
+    from vmstate.image.writer import plan_image
+    from vmstate.migration.page_digests import PageDigests
     assert vmstate("run", example("lab_app"), cwd=directory).returncode == 0
     with Image(str(directory / "vm_image.sav")) as image:
-        metadata = image.metadata()
+        full_metadata = image.metadata()
+        metadata = plan_image(replace(image.state, memory=()), []).metadata
         region = image.state.memory[0]
         view = image.region_view(0)
         numbers = [page for first, count in region.present for page in range(first,
                                                                              first + count)]
         data = b"".join(bytes(view[n * 4096:(n + 1) * 4096]) for n in numbers)
         size = region.size
+    digests = PageDigests(size // 4096)
+    digests.update(np.array(numbers), np.frombuffer(data, np.uint8).reshape(-1, 4096))
     hello = P.HELLO.pack(P.MAGIC, *P.LIVE_VERSION, *P.LIVE_VERSION, 0, size, 0)
     layout = _frame(P.FRAME_LAYOUT, P.LAYOUT_REGION.pack(0, size))
-    return hello, layout, numbers, data, metadata
+    return hello, layout, numbers, data, metadata, full_metadata, digests.digest()
 
 
-def _end(*frames):
+def _end(digest, *frames):
     payload_bytes = sum(P.FRAME.unpack_from(f)[4] for f in frames)
-    return _frame(P.FRAME_END, P.LIVE_END.pack(len(frames), payload_bytes))
+    return _frame(P.FRAME_END, P.LIVE_END.pack(len(frames), payload_bytes, digest))
 
 
 def _send_raw(port, hello, *frames):
@@ -240,11 +270,13 @@ def _send_raw(port, hello, *frames):
 
 @pytest.mark.parametrize("case", ["honest", "corrupted page", "page outside memory",
                                   "pages not ascending", "page missing", "stale page",
-                                  "pages before layout", "end miscounts", "no state"])
+                                  "pages before layout", "end miscounts", "no state",
+                                  "state with memory", "flags set"])
 def test_hostile_live_stream_is_refused_and_nothing_runs(vmstate, example, receivers, two_dirs,
                                                          case):
     sender_dir, receiver_dir = two_dirs
-    hello, layout, numbers, data, metadata = _live_stream(vmstate, example, sender_dir)
+    hello, layout, numbers, data, metadata, full_metadata, digest = _live_stream(
+        vmstate, example, sender_dir)
     receiver = receivers(sender_dir, "--run", "--once", "--root", sender_dir)
     pages = _pages(numbers, data)
     state = _frame(P.FRAME_STATE, metadata)
@@ -262,22 +294,26 @@ def test_hostile_live_stream_is_refused_and_nothing_runs(vmstate, example, recei
         "stale page": [layout, _pages(numbers, bytes(flipped)), state],   # consistent frame
         "pages before layout": [pages, layout, state],
         "no state": [layout, pages],
+        "state with memory": [layout, pages, _frame(P.FRAME_STATE, full_metadata)],
+        "flags set": [layout, _frame(P.FRAME_PAGES, pages[P.FRAME.size:], flags=1), state],
     }
     frames = broken.get(case, [layout, pages, state])
-    end = _end(*frames)
+    end = _end(digest, *frames)
     if case == "end miscounts":
-        end = _frame(P.FRAME_END, P.LIVE_END.pack(len(frames) + 1, 0))
+        end = _frame(P.FRAME_END, P.LIVE_END.pack(len(frames) + 1, 0, digest))
     status, message = _send_raw(receiver.port, hello, *frames, end)
     expected = {
         "honest": "VM verified and started",
         "corrupted page": "fails its check: corrupted in transit",
         "page outside memory": "page numbers outside guest memory or not ascending",
         "pages not ascending": "page numbers outside guest memory or not ascending",
-        "page missing": "present pages are not the pages received",
+        "page missing": "differs from the sender's final memory",
         "stale page": "differs from the sender's final memory",
         "pages before layout": "the first frame must be the memory layout",
         "end miscounts": "the end frame counts",
         "no state": "unexpected frame of type 3",
+        "state with memory": "the final state describes memory",
+        "flags set": "non-zero flags",
     }[case]
     assert expected in message, message
     assert receiver.process.wait(timeout=60) == (0 if case == "honest" else 125)
@@ -291,9 +327,26 @@ def test_hostile_live_stream_is_refused_and_nothing_runs(vmstate, example, recei
 
 def test_an_image_receiver_refuses_a_live_sender_clearly(vmstate, example, receivers, two_dirs):
     sender_dir, receiver_dir = two_dirs
-    hello, *_ = _live_stream(vmstate, example, sender_dir)
+    hello = _live_stream(vmstate, example, sender_dir)[0]
     receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
     status, message = _send_raw(receiver.port, hello)
     assert status == P.STATUS_REFUSED
     assert message == ("the sender speaks protocol 3.0-3.0, this receiver 2.0 (a live "
                        "migration needs vmstate receive --run)")
+
+
+def test_the_receivers_pace_counts_scattered_reads():
+    """Memory received straight into guest pages (recvmsg_into) counts towards --min-rate's
+    pace: a 1 GiB guest sent in more than 3 s was refused as "too slow" when it did not."""
+    import socket
+
+    from vmstate.migration.receive import PacedSocket
+    a, b = socket.socketpair()
+    with a, b:
+        paced = PacedSocket(b, 1 << 20)
+        a.sendall(b"x" * 10000)
+        buffers = [memoryview(bytearray(4000)), memoryview(bytearray(6000))]
+        received = 0
+        while received < 10000:
+            received += paced.recvmsg_into(buffers)[0]
+        assert paced.received == 10000

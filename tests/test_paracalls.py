@@ -20,6 +20,10 @@ def test_dump_and_snapshot_then_restore_the_snapshot(vmstate, guest, tmp_path):
         "dump=0", f"bad-snapshot={-errno.ENOENT}", f"fault-snapshot={-errno.EFAULT}",
         "snapshot=0", "original goes on, marker Original"]
     dump = [line for line in err.splitlines() if line.startswith("[paracalls] ")]
+    traced = vmstate("run", "--trace", guest("paracalls")).stderr.decode().splitlines()
+    assert "vmstate_dump_processor_state() = 0" in traced
+    assert f"vmstate_snapshot({0x10:#x}) = {-errno.EFAULT}" in traced
+    assert "vmstate_snapshot(\"snap.sav\") = 0" in traced
     text = "\n".join(dump)
     for expected in ("processor state of VM paracalls", "rax 0x0000000000000000", "rip 0x",
                      "rflags 0x", "IF]", "cs  selector 0x33",

@@ -66,8 +66,7 @@ def test_wrong_magic_and_newer_version(vmstate, lab_image):
     header[1] = 7
     lab_image.write_bytes(L.HEADER.pack(*header) + original[L.HEADER.size:])
     message = one_line_error(vmstate("info", "vm_image.sav"))
-    assert f"format version 7.{L.VERSION_MINOR} is newer than this vmstate (reads 2.x only)" \
-        in message
+    assert f"format version 7.{header[2]} is newer than this vmstate (reads 2.x only)" in message
 
 
 def test_not_an_image_and_missing_image(vmstate, example, tmp_path):

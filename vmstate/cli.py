@@ -233,45 +233,21 @@ def host_command(
     their output lines are tagged [NAME] and their stdin is /dev/null; a SAVE writes
     NAME.sav. Example: vmstate host -v "examples/hello a b" -v examples/lab_app -s saved.sav
     """
-    from .vmm_config import HostConfig, VmEntry, complete, load, parse_memory
-    settings = load(str(config)) if config is not None else HostConfig()
-    if settings.slice_instructions is not None and cpu == "kvm":
-        _fail(f"{config}: vm_exec_slice_in_instructions: the KVM backend cannot end a slice "
-              "after a number of instructions (the guest runs on the hardware, which counts "
-              "none for us); use vm_exec_slice_ms, or the software CPU (--cpu soft)", 2)
-    entries = list(settings.vms)
-    entries += [VmEntry.for_program(command, "-v") for command in vm or []]
-    entries += [VmEntry(snapshot=str(path), where="-s") for path in snapshot or []]
-    if not entries:
-        _fail("host needs at least one VM: -v PROGRAM, -s IMAGE or --config FILE", 2)
-    overrides = {}
-    if memory is not None:
-        overrides["memory"] = parse_memory(memory)
-    if root is not None:
-        overrides["root"] = str(root)
-    from dataclasses import replace
-    entries = complete([replace(e, **overrides) for e in entries], settings.defaults)
-    _refuse_shared_images(entries)
     from kvm_backend.host import run_hosted
-    from .vmm_config import parse_slice_ms
-    slice_value = settings.slice_ms if slice_ms is None else parse_slice_ms(str(slice_ms))
-    control_path = str(control) if control is not None else settings.control
-    host = run_hosted(entries, slice_value, control_path, cpu=cpu,
+
+    from .vmm_config import HostConfig, complete, load, refuse_shared_images, with_command_line
+    settings = with_command_line(
+        load(str(config)) if config is not None else HostConfig(), vm or [],
+        [str(path) for path in snapshot or []], slice_ms=slice_ms, memory=memory,
+        root=None if root is None else str(root), control=None if control is None else str(control))
+    if not settings.vms:
+        _fail("host needs at least one VM: -v PROGRAM, -s IMAGE or --config FILE", 2)
+    entries = complete(list(settings.vms), settings.defaults)
+    refuse_shared_images(entries)
+    host = run_hosted(entries, settings.slice_ms, settings.control, cpu=cpu,
                       slice_instructions=settings.slice_instructions)
     print(host.summary(), file=sys.stderr)
     raise typer.Exit(host.exit_status())
-
-
-def _refuse_shared_images(entries) -> None:
-    """No two VMs save to one image, and none over a program or another VM's snapshot (a VM
-    may save over the image it was restored from, as `restore` does)."""
-    from .atomic import refuse_clobbering
-    programs = {f"the program of {e.name}": e.program for e in entries if e.program}
-    refuse_clobbering({f"the image of {e.name}": e.image for e in entries}, programs)
-    for entry in entries:
-        others = {f"the snapshot of {e.name}": e.snapshot for e in entries
-                  if e.snapshot and e is not entry}
-        refuse_clobbering({f"the image of {entry.name}": entry.image}, others)
 
 
 @app.command()

@@ -77,8 +77,8 @@ def describe(image: Image, instructions: int = 8) -> dict:
 
 def _describe_os(g) -> dict:
     return {
-        "cwd": g.cwd, "umask": f"0{g.umask:03o}", "hostname": g.hostname, "uid": g.uid,
-        "gid": g.gid,
+        **json_text("cwd", g.cwd), "umask": f"0{g.umask:03o}", **json_text("hostname", g.hostname),
+        "uid": g.uid, "gid": g.gid,
         "descriptors": [{"fd": d.fd, "description": d.description, "cloexec": d.cloexec,
                          "pipe": None if d.pipe < 0 else d.pipe, "flags": hexa(d.flags)}
                         for d in g.descriptors],
@@ -226,8 +226,9 @@ def render_vcpu(vcpu: dict, with_msrs: bool = True) -> list[str]:
 
 
 def _render_os(g: dict) -> list[str]:
-    lines = [f"Guest OS       cwd /{g['cwd'].lstrip('.')}  umask {g['umask']}  hostname "
-             f"{g['hostname']}  uid {g['uid']} gid {g['gid']}"]
+    cwd, hostname = escape(from_json_text(g, "cwd")), escape(from_json_text(g, "hostname"))
+    lines = [f"Guest OS       cwd /{cwd.lstrip('.')}  umask {g['umask']}  hostname "
+             f"{hostname}  uid {g['uid']} gid {g['gid']}"]
     shared = [d for d in g["descriptors"] if d["description"] != d["fd"]]
     for d in shared:
         lines.append(f"  fd {d['fd']} shares the open-file description of fd {d['description']}")

@@ -140,7 +140,7 @@ def _address_space_problems(state: VmState) -> list[Problem]:
         if low > high:
             found.append(Problem(SPACE, f"address space: {low_name} {low:#x} is above "
                                  f"{high_name} {high:#x}", low_name.replace("_", "-")))
-    if a.user_end > memory_end:
+    if state.memory and a.user_end > memory_end:    # no regions: memory comes apart (live)
         found.append(Problem(SPACE, f"address space: user_end {a.user_end:#x} is beyond guest "
                              f"memory (which ends at {memory_end:#x})", "user-end"))
     previous_end = a.mmap_low

@@ -164,6 +164,43 @@ def load(path: str) -> HostConfig:
     return parse(text, path)
 
 
+def with_command_line(config: HostConfig, programs: list[str], snapshots: list[str], *,
+                      slice_ms: int | None = None, memory: str | None = None,
+                      root: str | None = None, control: str | None = None) -> HostConfig:
+    """The file's settings with the command line's on top: its VMs (-v, -s) added after the
+    file's, its options replacing the file's (--memory and --root for every VM)."""
+    vms = [*config.vms, *(VmEntry.for_program(command, "-v") for command in programs),
+           *(VmEntry(snapshot=path, where="-s") for path in snapshots)]
+    overrides = {}
+    if memory is not None:
+        overrides["memory"] = _option("--memory", parse_memory, memory)
+    if root is not None:
+        overrides["root"] = root
+    return replace(config, vms=tuple(replace(vm, **overrides) for vm in vms),
+                   slice_ms=config.slice_ms if slice_ms is None else
+                   _option("--slice-ms", parse_slice_ms, str(slice_ms)),
+                   control=config.control if control is None else control)
+
+
+def _option(option: str, parse_value, text: str):
+    try:
+        return parse_value(text)
+    except VmstateError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
+def refuse_shared_images(entries: list[VmEntry]) -> None:
+    """No two VMs save to one image, and none over a program or another VM's snapshot (a VM
+    may save over the image it was restored from, as `restore` does)."""
+    from .atomic import refuse_clobbering
+    programs = {f"the program of {e.name}": e.program for e in entries if e.program}
+    refuse_clobbering({f"the image of {e.name}": e.image for e in entries}, programs)
+    for entry in entries:
+        others = {f"the snapshot of {e.name}": e.snapshot for e in entries
+                  if e.snapshot and e is not entry}
+        refuse_clobbering({f"the image of {entry.name}": entry.image}, others)
+
+
 def complete(entries: list[VmEntry], defaults: VmEntry) -> list[VmEntry]:
     """Fill each VM's unset fields from `defaults`, then the built-in defaults; give each a
     unique name (the file name, then -2, -3 ...)."""

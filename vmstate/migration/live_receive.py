@@ -1,23 +1,25 @@
 """Live migration, the receiving side (protocol 3.0): pages land in the new VM's memory as
 they come, a page may come many times (the last copy wins), and the VM is kept only if the
-final state's chunk checksums match the memory that arrived. The stream is hostile: every
-frame is checked against its own XXH3-64 before it touches guest memory, page numbers against
-the announced layout, and the total against a bound on resends."""
+digest of the memory that landed (page_digests.py, read back from where it landed) is the
+sender's digest of its final memory. The stream is hostile: every frame is checked against its
+own XXH3-64 before it touches guest memory, page numbers against the announced layout, and
+the total against a bound on resends."""
 
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
 import xxhash
 
 from ..image.reader import ImageMetadata
-from ..pages import bytemap_from_runs
-from ..state import PAGE_SIZE
+from ..pages import runs_from_bytemap
+from ..state import PAGE_SIZE, MemoryRegion
 from . import protocol as P
-from .chunk_digests import ChunkDigests
-from .page_copy import few_runs, scatter
+from .page_copy import few_runs, runs, scatter
+from .page_digests import PageDigests
 from .receive import MAX_METADATA, Received, _receive_file
 
 MAX_RESEND = 32              # PAGES bytes are bounded by this many times the guest's memory
@@ -31,7 +33,8 @@ class LiveMemorySink(Protocol):
     def prepare_layout(self, regions: list[tuple[int, int]]) -> None:
         """Allocate memory for (guest physical address, size) regions, or refuse them."""
     def check(self, metadata: ImageMetadata) -> None:
-        """Refuse a final state this VMM cannot run over the memory prepared."""
+        """Refuse a final state this VMM cannot run over the memory prepared (its memory
+        region is the layout's, with the pages received present)."""
     def discard(self) -> None: ...
 
 
@@ -43,13 +46,12 @@ class FrameReader:
         self.sock = sock
         self.frames = self.payload_bytes = 0
 
-    def header(self) -> tuple[int, int, int, int]:
+    def header(self) -> tuple[int, int, int]:
         kind, flags, reserved, check, length = P.FRAME.unpack(
             P.recv_exact(self.sock, P.FRAME.size, "a frame header"))
-        if reserved or flags & ~(P.FLAG_ROUND_END if kind == P.FRAME_PAGES else 0):
-            raise P.ProtocolError(f"frame of type {kind} with unknown flags {flags:#x} or a "
-                                  "non-zero reserved field")
-        return kind, flags, check, length
+        if flags or reserved:
+            raise P.ProtocolError(f"frame of type {kind} with non-zero flags or reserved field")
+        return kind, check, length
 
     def payload(self, kind: int, check: int, length: int, limit: int) -> bytes:
         if length > limit:
@@ -74,7 +76,7 @@ def receive_live(sock: socket.socket, sink: LiveMemorySink, root_fd: int, memory
     """LAYOUT, rounds of PAGES, STATE, FILEs, END; raises VmstateError naming what was wrong.
     The caller discards the sink (and files) on failure."""
     frames = FrameReader(sock)
-    kind, _, check, length = frames.header()
+    kind, check, length = frames.header()
     if kind != P.FRAME_LAYOUT:
         raise P.ProtocolError(f"the first frame must be the memory layout (got type {kind})")
     layout = frames.payload(kind, check, length, 64 * P.LAYOUT_REGION.size)
@@ -86,17 +88,19 @@ def receive_live(sock: socket.socket, sink: LiveMemorySink, root_fd: int, memory
         raise P.ProtocolError(f"a layout of {len(layout)} bytes that does not describe the "
                               f"{memory_size} bytes of memory announced")
     sink.prepare_layout(regions)
-    pages = LivePages(sock, sink.view, frames)
+    pages = LivePages(sock, sink.view, frames, regions[0][0])
     received = None
     while True:
-        kind, flags, check, length = frames.header()
+        kind, check, length = frames.header()
         if kind == P.FRAME_PAGES and received is None:
-            pages.receive(flags, check, length)
+            pages.receive(check, length)
         elif kind == P.FRAME_STATE and received is None:
             metadata = ImageMetadata("the final state", _reader(
                 frames.payload(kind, check, length, MAX_METADATA)), None)
+            if metadata.state.memory:
+                raise P.ProtocolError("the final state describes memory (it came as pages)")
+            metadata.state = replace(metadata.state, memory=(pages.region(),))
             sink.check(metadata)
-            pages.check_final(metadata)
             received = Received(metadata, sink, image_bytes=frames.payload_bytes)
         elif kind == P.FRAME_FILE and received is not None and with_files:
             if memory_size + received.file_bytes + length > max_size:
@@ -105,11 +109,15 @@ def receive_live(sock: socket.socket, sink: LiveMemorySink, root_fd: int, memory
             frames.counted(length)
             received.file_bytes += length
         elif kind == P.FRAME_END and received is not None:
-            done, sent = P.LIVE_END.unpack(frames.payload(kind, check, length, P.LIVE_END.size))
+            done, sent, digest = P.LIVE_END.unpack(
+                frames.payload(kind, check, length, P.LIVE_END.size))
             if (done, sent) != (frames.frames - 1, frames.payload_bytes - P.LIVE_END.size):
                 raise P.ProtocolError(f"the end frame counts {done} frames and {sent} bytes; "
                                       f"{frames.frames - 1} and "
                                       f"{frames.payload_bytes - P.LIVE_END.size} came")
+            if digest != pages.digests.digest():
+                raise P.ProtocolError("guest memory differs from the sender's final memory "
+                                      "(page digests)")
             return received
         else:
             raise P.ProtocolError(f"unexpected frame of type {kind} ({length} bytes) here")
@@ -121,19 +129,21 @@ def _reader(data: bytes):
 
 class LivePages:
     """PAGES frames into guest memory: page numbers checked, the pages received into a
-    staging buffer, checked with the numbers against the frame's hash, then scattered."""
+    staging buffer and checked with the numbers against the frame's hash, then scattered to
+    their places, where their digests are taken."""
 
-    def __init__(self, sock: socket.socket, view: memoryview, frames: FrameReader):
-        self.sock, self.frames = sock, frames
+    def __init__(self, sock: socket.socket, view: memoryview, frames: FrameReader,
+                 guest_phys_addr: int):
+        self.sock, self.frames, self.guest_phys_addr = sock, frames, guest_phys_addr
         page_count = len(view) // PAGE_SIZE
         self.memory = np.frombuffer(view, np.uint8, page_count * PAGE_SIZE).reshape(
             page_count, PAGE_SIZE)
-        self.digests = ChunkDigests(view, page_count)
+        self.digests = PageDigests(page_count)
         self.staging = np.empty((P.MAX_PAGES_FRAME, PAGE_SIZE), np.uint8)
         self.limit = MAX_RESEND * len(view)
         self.received = 0
 
-    def receive(self, flags: int, check: int, length: int) -> None:
+    def receive(self, check: int, length: int) -> None:
         count, extra = divmod(length, PAGE_ENTRY)
         if extra or count > P.MAX_PAGES_FRAME:
             raise P.ProtocolError(f"a pages frame of {length} bytes is not whole entries of "
@@ -154,20 +164,18 @@ class LivePages:
         self.frames.counted(length)
         index = numbers.astype(np.intp)
         scatter(self.memory, index, data)
-        self.digests.mark(index)
-        if flags & P.FLAG_ROUND_END or few_runs(index):   # scattered pages: once a round
-            self.digests.refresh()
+        self._take_digests(index)
 
-    def check_final(self, metadata: ImageMetadata) -> None:
-        """The final state describes the memory that arrived: the same pages present, and
-        the same chunk checksums (the sender's over its final memory, ours over ours)."""
-        (region,) = metadata.state.memory
-        if bytes(bytemap_from_runs(region.present, len(self.memory))) != \
-                self.digests.present.tobytes():
-            raise P.ProtocolError("the final state's present pages are not the pages received")
-        self.digests.refresh()
-        for chunk, (ours, theirs) in enumerate(zip(self.digests.hashes,
-                                                   metadata.region_data[0].chunk_hashes)):
-            if ours != theirs:
-                raise P.ProtocolError(f"guest memory {chunk << 20:#x} differs from the "
-                                      "sender's final memory (chunk checksum)")
+    def _take_digests(self, index: np.ndarray) -> None:
+        """Digests of the pages where they landed (so a misplaced page shows)."""
+        if not few_runs(index):
+            self.digests.update(index, self.memory[index])
+            return
+        for _, first, count in runs(index) if len(index) else ():
+            self.digests.update(np.arange(first, first + count),
+                                self.memory[first:first + count])
+
+    def region(self) -> MemoryRegion:
+        """The memory received, as the final state's memory region."""
+        return MemoryRegion(self.guest_phys_addr, self.memory.nbytes,
+                            runs_from_bytemap(self.digests.present))

@@ -4,8 +4,9 @@ Round 0 sends every present page; each later round sends the pages written durin
 previous one (the source's dirty set: KVM's log and the VMM's own writes). When the pages left
 can be sent within `max_downtime` at the rate the link has shown, or after `max_rounds`, or
 when the dirty set stops shrinking (the guest writes faster than the link), the source pauses
-the vCPU; the last dirty pages, the guest's files and the final state (image metadata, whose
-chunk checksums cover the final memory) go, and the receiver resumes the guest. The number of
+the vCPU; the last dirty pages, the final vCPU and VMM state (an image's metadata without
+memory), the guest's files and END (with a digest of the final memory, page_digests.py) go,
+and the receiver resumes the guest. The number of
 rounds is bounded, so the migration always ends; a guest that outruns the link pays with a
 longer final stop-and-copy, whose downtime is reported.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -25,7 +26,7 @@ import xxhash
 from ..image.writer import plan_image
 from ..state import PAGE_SIZE, VmState
 from . import protocol as P
-from .chunk_digests import ChunkDigests
+from .page_digests import PageDigests
 from .page_copy import gather
 from .send import (
     MigrationFailed, _early_reply, close_files, file_header, guest_files, send_file_content)
@@ -33,6 +34,7 @@ from .send import (
 MAX_ROUNDS = 30
 STALL_ROUNDS = 4             # rounds in a row without a smaller dirty set: stop and copy
 FIXED_DOWNTIME = 0.015       # seconds the final stop costs besides sending pages (measured)
+FRAME_PAGES = 1024           # pages per frame: small, so the receiver is never a frame behind
 
 
 @dataclass(frozen=True)
@@ -93,25 +95,24 @@ class PageSender:
 
     def __init__(self, sock, view: memoryview, page_count: int):
         self.sock = sock
+        self.digests = PageDigests(page_count)
         self.memory = np.frombuffer(view, np.uint8, page_count * PAGE_SIZE).reshape(
             page_count, PAGE_SIZE)
-        self.staging = np.empty((P.MAX_PAGES_FRAME, PAGE_SIZE), np.uint8)
+        self.staging = np.empty((FRAME_PAGES, PAGE_SIZE), np.uint8)
         self.frames = self.payload_bytes = 0
 
     def send(self, pages: np.ndarray) -> None:
-        """One round: `pages` (sorted page numbers) in frames, the last flagged ROUND_END."""
-        count = len(pages)
-        for start in range(0, max(count, 1), P.MAX_PAGES_FRAME):
-            chunk = pages[start:start + P.MAX_PAGES_FRAME]
-            last = start + P.MAX_PAGES_FRAME >= count
+        """One round: `pages` (sorted page numbers) in frames (one, empty, if none)."""
+        for start in range(0, max(len(pages), 1), FRAME_PAGES):
+            chunk = pages[start:start + FRAME_PAGES]
             data = self.staging[:len(chunk)]
             gather(self.memory, chunk, data)
+            self.digests.update(chunk, data)
             numbers = chunk.astype("<u8").tobytes()
             hasher = xxhash.xxh3_64(numbers)
             hasher.update(data)
             length = len(numbers) + data.nbytes
-            header = P.FRAME.pack(P.FRAME_PAGES, P.FLAG_ROUND_END if last else 0, 0,
-                                  hasher.intdigest(), length)
+            header = P.FRAME.pack(P.FRAME_PAGES, 0, 0, hasher.intdigest(), length)
             P.send_buffers(self.sock, [memoryview(header), memoryview(numbers),
                                        memoryview(data.reshape(-1))])
             self.count(length)
@@ -136,12 +137,10 @@ def migrate_live(sock, source: LiveSource, with_files: bool, root: str, options:
     try:
         _hello(sock, size, with_files)
         pages = PageSender(sock, source.view, size // PAGE_SIZE)
-        digests = ChunkDigests(source.view, size // PAGE_SIZE)
         pages.send_frame(P.FRAME_LAYOUT, P.LAYOUT_REGION.pack(0, size))
         report = LiveReport()
-        dirty = _precopy(source, pages, digests, options, report)
-        return _stop_and_copy(sock, source, pages, digests, dirty, with_files, root, report,
-                              log)
+        dirty = _precopy(source, pages, options, report)
+        return _stop_and_copy(sock, source, pages, dirty, with_files, root, report, log)
     except OSError as e:
         raise MigrationFailed(_early_reply(sock) or f"connection lost: {e.strerror or e}") \
             from None
@@ -155,8 +154,8 @@ def _hello(sock, size: int, with_files: bool) -> None:
         raise MigrationFailed(f"the receiver refused the VM: {message}")
 
 
-def _precopy(source: LiveSource, pages: PageSender, digests: ChunkDigests,
-             options: LiveOptions, report: LiveReport) -> np.ndarray:
+def _precopy(source: LiveSource, pages: PageSender, options: LiveOptions,
+             report: LiveReport) -> np.ndarray:
     """Rounds while the guest runs; returns the dirty pages not sent yet (a byte map)."""
     dirty = source.start_tracking()
     smallest, stalled = None, 0
@@ -164,8 +163,6 @@ def _precopy(source: LiveSource, pages: PageSender, digests: ChunkDigests,
         numbers = np.flatnonzero(dirty)
         started = time.monotonic()
         pages.send(numbers)
-        digests.mark(numbers)
-        digests.refresh()
         seconds = time.monotonic() - started
         report.rounds.append(Round(len(numbers), seconds))
         dirty = source.take_dirty()
@@ -187,18 +184,14 @@ def _rate(report: LiveReport) -> float:
     return max(pages * PAGE_SIZE / seconds, 1.0) if seconds > 0.001 else 1e9
 
 
-def _stop_and_copy(sock, source: LiveSource, pages: PageSender, digests: ChunkDigests,
-                   dirty: np.ndarray, with_files: bool, root: str, report: LiveReport,
-                   log) -> str:
+def _stop_and_copy(sock, source: LiveSource, pages: PageSender, dirty: np.ndarray,
+                   with_files: bool, root: str, report: LiveReport, log) -> str:
     state = source.pause()
     report.downtime_start = source.stopped_at
     final = np.flatnonzero(dirty | source.take_dirty())
     report.final_pages = len(final)
     pages.send(final)
-    digests.mark(final)
-    digests.refresh()
-    plan = plan_image(state, [source.view], known_hashes=[digests.hashes])
-    pages.send_frame(P.FRAME_STATE, plan.metadata)
+    pages.send_frame(P.FRAME_STATE, plan_image(replace(state, memory=()), []).metadata)
     files = guest_files(state, root) if with_files else []
     try:
         for f in files:
@@ -208,7 +201,8 @@ def _stop_and_copy(sock, source: LiveSource, pages: PageSender, digests: ChunkDi
             pages.count(len(header) + size)
     finally:
         close_files(files)
-    pages.send_frame(P.FRAME_END, P.LIVE_END.pack(pages.frames, pages.payload_bytes))
+    pages.send_frame(P.FRAME_END, P.LIVE_END.pack(pages.frames, pages.payload_bytes,
+                                                  pages.digests.digest()))
     report.sent_bytes = pages.payload_bytes
     try:
         status, message = P.recv_reply(sock)
@@ -217,7 +211,7 @@ def _stop_and_copy(sock, source: LiveSource, pages: PageSender, digests: ChunkDi
     if status != P.STATUS_OK:
         raise MigrationFailed(f"the receiver rejected the VM: {message}")
     downtime = time.monotonic() - report.downtime_start
-    present = int(np.count_nonzero(digests.present)) * PAGE_SIZE
+    present = int(np.count_nonzero(pages.digests.present)) * PAGE_SIZE
     for line in report.lines(present, downtime):
         print(line, file=log, flush=True)
     return message

@@ -11,7 +11,8 @@
 
 Version 3.0 (live migration, receive --run only) keeps HELLO, REPLY and the frame header; the
 header's offset field holds XXH3-64 of the frame's payload, and the frames are LAYOUT, rounds
-of PAGES (a page may come again), STATE (the image metadata of the final state), FILE, END.
+of PAGES (a page may come again), STATE (vCPU and VMM state as image metadata without
+memory), FILE, END (with a digest of the final memory).
 live_send.py and live_receive.py speak it.
 """
 
@@ -37,8 +38,8 @@ FRAME_IMAGE, FRAME_FILE, FRAME_END, FRAME_MEMORY = 1, 2, 3, 4
 FRAME_LAYOUT, FRAME_PAGES, FRAME_STATE = 5, 6, 7           # protocol 3.0
 LAYOUT_REGION = struct.Struct("<QQ")      # 3.0 LAYOUT payload, per region: guest physical, size
 PAGE_NUMBER = struct.Struct("<Q")         # 3.0 PAGES payload: page numbers, then the pages
-LIVE_END = struct.Struct("<QQ")           # 3.0 END payload: frames before END, their payload bytes
-FLAG_ROUND_END = 0x1                      # 3.0 PAGES flag: the last frame of a round
+LIVE_END = struct.Struct("<QQQ")          # 3.0 END: frames before it, their payload bytes,
+                                          # XXH3-64 of the page digest table
 MAX_PAGES_FRAME = 16384                   # pages in one 3.0 PAGES frame (64 MiB)
 STATUS_OK, STATUS_REFUSED, STATUS_FAILED = 0, 1, 2
 MAX_FILE_FRAME = 1 << 30

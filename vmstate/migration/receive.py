@@ -57,16 +57,23 @@ class PacedSocket:
         return self.start + START_GRACE + through / self.min_rate
 
     def recv_into(self, view, nbytes: int = 0) -> int:
+        return self._paced(self.sock.recv_into, view, nbytes)
+
+    def recvmsg_into(self, buffers) -> tuple:
+        """Scattered reads (memory straight into guest pages) count and are paced too."""
+        return self._paced(self.sock.recvmsg_into, buffers)
+
+    def _paced(self, receive, *args):
         remaining = self.deadline(self.received + 1) - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError
             self.sock.settimeout(remaining)
-            n = self.sock.recv_into(view, nbytes)
+            result = receive(*args)
         except TimeoutError:
             raise P.ProtocolError(self._too_slow()) from None
-        self.received += n
-        return n
+        self.received += result if isinstance(result, int) else result[0]
+        return result
 
     def _too_slow(self) -> str:
         elapsed = time.monotonic() - self.start

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from linux_personality.paths import builtin_device
+
 from ..image.reader import checksum
 from ..image.writer import ImagePlan
 from ..progress import progress_bar
@@ -43,8 +45,8 @@ def guest_files(state: VmState, root: str) -> list[GuestFile]:
     try:
         seen = set()
         for f in state.vmm.files:
-            if f.kind != FD_FILE or f.path in seen:
-                continue
+            if f.kind != FD_FILE or f.path in seen or builtin_device("/" + f.path):
+                continue                  # /dev/null & co. are built into every VMM
             seen.add(f.path)
             fd = open_beneath(root_fd, f.path, os.O_RDONLY | os.O_NONBLOCK)
             if stat.S_ISREG(os.fstat(fd).st_mode):

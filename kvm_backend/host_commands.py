@@ -1,0 +1,104 @@
+"""The control commands a Host serves between time slices (the requests of control.py;
+the protocol is specified in schemas/control-protocol.md). Each takes the host and the
+request's arguments and returns the reply's value, or raises CommandError."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from vmstate.errors import UsageError
+
+from .host import EXIT_QUIT, CommandError, Host, HostedVm, Stopped
+from .session import save_to_file
+from .vm import Saved
+
+
+def _argument(arguments: dict, name: str) -> str:
+    value = arguments.get(name)
+    if not isinstance(value, str) or not value:
+        raise CommandError(f"argument {name!r} (a string) is needed")
+    return value
+
+
+def _query_vms(host: Host, arguments: dict) -> list[dict]:
+    return [{"name": h.name, "state": h.state_name(), "description": h.describe(),
+             "program": h.vm.program, "argv": list(h.vm.argv), "root": h.entry.root,
+             "snapshot": h.entry.snapshot, "exit_status": h.status() if h.ended else None,
+             "slices": h.slices, "run_seconds": round(h.run_ns / 1e9, 6)} for h in host.vms]
+
+
+def _stop(host: Host, arguments: dict) -> dict:
+    host.find(arguments).running = False
+    return {}
+
+
+def _cont(host: Host, arguments: dict) -> dict:
+    host.find(arguments).running = True
+    return {}
+
+
+def _dump_state(host: Host, arguments: dict) -> dict:
+    hosted = host.find(arguments)
+    hosted.vm.pause()
+    from .paracalls import ParaCalls
+    return {"text": ParaCalls(hosted.vm).dump_text(settle=False)}
+
+
+def _snapshot(host: Host, arguments: dict) -> dict:
+    hosted, path = host.find(arguments), _argument(arguments, "path")
+    _refuse_over_program(hosted, path)
+    hosted.vm.pause()
+    from vmstate.image.writer import write_image
+    write_image(path, hosted.vm.capture(), [hosted.vm.memory.view])
+    return {"path": path}
+
+
+def _save(host: Host, arguments: dict) -> dict:
+    hosted = host.find(arguments)
+    path = arguments.get("path") or hosted.entry.image
+    if not isinstance(path, str):
+        raise CommandError("argument 'path' must be a string")
+    _refuse_over_program(hosted, path)
+    hosted.vm.pause()
+    outcome = hosted.vm.save_now(save_to_file(path))
+    host.end(hosted, outcome)
+    return {"path": path, "description": outcome.where}
+
+
+def _migrate(host: Host, arguments: dict) -> dict:
+    hosted, address = host.find(arguments), _argument(arguments, "address")
+    from vmstate.migration.protocol import parse_address
+    target = parse_address(address)
+    hosted.vm.pause()
+    from vmstate.image.writer import plan_image
+    from vmstate.migration.send import send_to
+    state = hosted.vm.capture()
+    message = send_to(target, float(arguments.get("connect_timeout", 5)),
+                      plan_image(state, [hosted.vm.memory.view]), state,
+                      bool(arguments.get("with_files", False)), hosted.entry.root)
+    host.end(hosted, Saved(f"migrated to {address}: {message}"))
+    return {"description": message}
+
+
+def _quit(host: Host, arguments: dict) -> dict:
+    host.quitting = True
+    for hosted in host.vms:
+        if not hosted.ended:
+            host.end(hosted, Stopped("ended by quit", EXIT_QUIT))
+    return {}
+
+
+def _refuse_over_program(hosted: HostedVm, path: str) -> None:
+    from vmstate.atomic import refuse_clobbering
+    inputs = {"the program": hosted.vm.program}
+    if hosted.entry.snapshot:
+        inputs = {}       # saving over the image a VM was restored from is how it is saved again
+    try:
+        refuse_clobbering({"path": path}, inputs)
+    except UsageError as e:
+        raise CommandError(str(e)) from None
+
+
+COMMANDS: dict[str, Callable[[Host, dict], object]] = {
+    "query-vms": _query_vms, "stop": _stop, "cont": _cont, "dump-state": _dump_state,
+    "snapshot": _snapshot, "save": _save, "migrate": _migrate, "quit": _quit}
