@@ -63,6 +63,21 @@ def _become_child(vm, state) -> None:
 def exec_program(vm, host_path: str, argv: list[str], envp: list[str]) -> UserAddressSpace:
     """Replace the guest's program. OSError(ENOEXEC) if it cannot be loaded (the old program
     is untouched then)."""
+    space, regs = load_new_program(vm, host_path, argv, envp)
+    run = vm.vcpu.run_page
+    vcpu_state.regs_to_kvm(regs, run.s.regs)
+    run.s.sregs.fs.base = run.s.sregs.gs.base = 0
+    cs, ss = machine.user_return_segments(vm.star)
+    vcpu_state.segment_to_kvm(cs, run.s.sregs.cs)
+    vcpu_state.segment_to_kvm(ss, run.s.sregs.ss)
+    run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+    flush_tlb(vm)                 # the page tables were rewritten (no mprotect is left)
+    return space
+
+
+def load_new_program(vm, host_path: str, argv: list[str], envp: list[str]):
+    """The CPU-independent part of execve (shared with the software CPU): the new program in
+    a fresh address space of `vm`'s memory; returns it and the registers to start it with."""
     try:
         program = inspect_program(host_path)
     except ProgramError:
@@ -78,15 +93,6 @@ def exec_program(vm, host_path: str, argv: list[str], envp: list[str]) -> UserAd
         memory.write_phys(addr, data)
     load_program(program, memory, space.state.mmap_top)
     rsp = build_stack(memory, program, argv, space.stack_top, envp)
-    run = vm.vcpu.run_page
-    regs = machine.boot_registers(program.entry, rsp)
-    vcpu_state.regs_to_kvm(regs, run.s.regs)
-    run.s.sregs.fs.base = run.s.sregs.gs.base = 0
-    cs, ss = machine.user_return_segments(vm.star)
-    vcpu_state.segment_to_kvm(cs, run.s.sregs.cs)
-    vcpu_state.segment_to_kvm(ss, run.s.sregs.ss)
-    run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
-    flush_tlb(vm)
     vm.address_space = space
     vm.program, vm.argv = host_path, tuple(argv)
-    return space
+    return space, machine.boot_registers(program.entry, rsp)

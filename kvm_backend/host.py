@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from linux_personality.options import GuestOptions
-from vmstate.errors import EXIT_SIGNAL_BASE, UsageError, VmstateError, describe_error
+from vmstate.errors import EXIT_SIGNAL_BASE, VmstateError, describe_error
 from vmstate.image.reader import Image
 from vmstate.state import FD_STDERR, FD_STDIN, FD_STDOUT
 from vmstate.vmm_config import VmEntry
 
-from .kvm import Kvm
-from .session import KvmBackend, SaveOptions, check_memory_size, describe, restored_vm
+from .session import SaveOptions, check_memory_size, choose_backend, describe, restored_vm
 from .tagged_output import TaggedOutput
 from .vm import Exited, Faulted, Outcome, Saved, VirtualMachine, timing_mark
 
@@ -138,9 +137,13 @@ class CommandError(Exception):
 
 
 class Host:
-    def __init__(self, kvm: Kvm, slice_ms: int, tag_output: bool, log=sys.stderr):
-        self.kvm = kvm
+    def __init__(self, backend, slice_ms: int, tag_output: bool, log=sys.stderr,
+                 slice_instructions: int | None = None):
+        """`backend`: session.KvmBackend or the software CPU's (which alone can end a slice
+        after `slice_instructions`)."""
+        self.backend = backend
         self.slice_s = slice_ms / 1000
+        self.slice_instructions = slice_instructions
         self.tag_output = tag_output
         self.log = log
         self.vms: list[HostedVm] = []
@@ -159,14 +162,13 @@ class Host:
         if entry.snapshot is not None:
             image = Image(entry.snapshot)
             try:
-                vm, gate = restored_vm(KvmBackend(self.kvm), image, entry.root)
+                vm, gate = restored_vm(self.backend, image, entry.root)
             except BaseException:
                 image.close()
                 raise
         else:
-            from .boot import boot
-            vm = boot(self.kvm, entry.program, list(entry.argv), check_memory_size(entry.memory),
-                      entry.root, options)
+            vm = self.backend.boot(entry.program, list(entry.argv),
+                                   check_memory_size(entry.memory), entry.root, options)
         vm.name = entry.name
         hosted = HostedVm(entry, vm, image, gate)
         if self.tag_output:
@@ -222,7 +224,7 @@ class Host:
     def _tick(self, signum, frame) -> None:
         current = self._current
         if current is not None:
-            current.vm.vcpu.run_page.immediate_exit = 1
+            current.vm.end_slice()
             if current.vm.serving in REISSUED_READS and self._others_waiting():
                 current.vm.stop.interrupt_call()
 
@@ -232,7 +234,7 @@ class Host:
                                                 and not h.ended) > 1
 
     def _run_slice(self, hosted: HostedVm) -> None:
-        hosted.vm.vcpu.run_page.immediate_exit = 0
+        hosted.vm.begin_slice(self.slice_s, self.slice_instructions)
         hosted.vm.stop.clear_interrupted_call()
         self._current = hosted
         signal.setitimer(signal.ITIMER_REAL, self.slice_s, self.slice_s)
@@ -327,17 +329,14 @@ class Host:
 
 def run_hosted(entries: list[VmEntry], slice_ms: int, control: str | None = None, *,
                options: GuestOptions = GuestOptions(), save: SaveOptions | None = None,
-               trace=None, slice_instructions: int | None = None) -> Host:
+               trace=None, cpu: str = "auto", slice_instructions: int | None = None) -> Host:
     """Start every VM, serve the control socket if asked, and run them all to their end.
     `save` (with its signals) is for a single VM (run/restore); with several VMs each one
     saves to its own image and output lines are tagged with the VMs' names."""
     from .control import ControlServer
-    if slice_instructions is not None:
-        raise UsageError("vm_exec_slice_in_instructions: the KVM backend cannot end a slice "
-                         "after a number of instructions (the hardware runs the guest and "
-                         "counts none for the VMM); use vm_exec_slice_ms")
-    from .vm import open_kvm
-    host = Host(open_kvm(), slice_ms, tag_output=len(entries) > 1)
+    backend = choose_backend(cpu, slice_instructions, "vm_exec_slice_in_instructions")
+    host = Host(backend, slice_ms, tag_output=len(entries) > 1,
+                slice_instructions=slice_instructions)
     server = None
     try:
         for entry in entries:

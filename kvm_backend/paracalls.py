@@ -21,7 +21,6 @@ import sys
 from vmstate.errors import VmstateError
 from linux_personality.cpu import GuestFault
 
-from . import vcpu_state
 from .vm import Outcome, Saved, VirtualMachine
 
 PARACALL_DUMP_PROCESSOR_STATE = 401
@@ -92,7 +91,7 @@ class ParaCalls:
         vm = self.vm
         if settle:
             vm.settle(0)
-        state = vcpu_state.capture(vm.kvm, vm.vcpu, 0, vcpu_state.msr_indices(vm.kvm, vm.vcpu))
+        state = vm.capture_vcpu()
         lines = [f"processor state of VM {vm.name} (program {vm.program})"]
         lines += info.render_vcpu(info.describe_vcpu(vm.memory, state, DUMP_INSTRUCTIONS),
                                   with_msrs=False)

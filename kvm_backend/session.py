@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
-from vmstate.errors import KvmNotAvailableError, UsageError, VmstateError
+from vmstate.errors import KvmNotAvailableError, UsageError
 from vmstate.state import VmState
 from vmstate.units import format_size
 
@@ -100,19 +100,21 @@ class KvmBackend:
         return {"paracalls": save.paracalls(vm)}
 
 
-def choose_backend(cpu: str = "auto", max_instructions: int | None = None):
+def choose_backend(cpu: str = "auto", max_instructions: int | None = None,
+                   counted_by: str = "--max-instructions"):
     """The CPU that runs the guest: KVM, the software CPU (unicorn), or for "auto" KVM if it
     can create a VM and the software CPU otherwise (said once on stderr). Only the software
-    CPU counts instructions, so "auto" with `max_instructions` takes it."""
+    CPU counts instructions, so "auto" with `max_instructions` (named `counted_by` in
+    messages) takes it."""
     if cpu not in CPU_CHOICES:
-        raise VmstateError(f"--cpu {cpu}: must be one of {', '.join(CPU_CHOICES)}")
+        raise UsageError(f"--cpu {cpu}: must be one of {', '.join(CPU_CHOICES)}")
     if max_instructions is not None:
         if max_instructions <= 0:
-            raise VmstateError(f"--max-instructions {max_instructions}: must be positive")
+            raise UsageError(f"{counted_by} {max_instructions}: must be positive")
         if cpu == "kvm":
-            raise VmstateError("--max-instructions needs the software CPU (--cpu soft): KVM "
-                               "runs the guest on the real CPU, which cannot stop it after an "
-                               "exact number of instructions")
+            raise UsageError(f"{counted_by} needs the software CPU (--cpu soft): KVM runs the "
+                             "guest on the real CPU, which cannot stop it after an exact "
+                             "number of instructions")
         cpu = "soft"
     if cpu != "soft":
         try:

@@ -20,7 +20,7 @@ import numpy as np
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
 from vmstate.pages import bytemap_from_runs, runs_from_bytemap
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
+from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
 
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
@@ -218,6 +218,13 @@ class VirtualMachine:
                                identity=self.identity, signals=self.signals)
         self._running = _Running(syscalls, save, gate, paracalls or ParaCalls(self))
         timing_mark("first-kvm-run")
+
+    def begin_slice(self, seconds: float, instructions: int | None) -> None:
+        """A multi-VM host's slice begins (it ends it with end_slice, from SIGALRM)."""
+        self.vcpu.run_page.immediate_exit = 0
+
+    def end_slice(self) -> None:
+        self.vcpu.run_page.immediate_exit = 1
 
     def run_slice(self) -> Outcome | None:
         """Run the vCPU until the guest ends (its Outcome) or KVM_RUN is interrupted by a
@@ -457,9 +464,13 @@ class VirtualMachine:
         if not isinstance(exit, InterruptedExit):
             raise RestoreError(f"the vCPU did not stop for the save ({exit})")
 
+    def capture_vcpu(self) -> VcpuState:
+        """vCPU 0's state alone (stopped, no exit pending)."""
+        return vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
+
     def capture(self, pending: PendingCall | None = None) -> VmState:
         """The whole VM state. The vCPU must be stopped with no exit pending."""
-        vcpu = vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
+        vcpu = self.capture_vcpu()
         files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
         vmm = VmmState(program=self.program, argv=self.argv, files=files,
                        address_space=self.address_space.state, pending=pending, os=guest_os,

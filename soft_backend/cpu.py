@@ -53,9 +53,11 @@ class RegisterBatch:
 
 
 class SoftCpu:
-    def __init__(self, uc: Uc, memory):
-        self.uc = uc
-        self.memory = memory
+    def __init__(self, machine):
+        self.machine = machine
+        self.uc = uc = machine.uc
+        self.memory = machine.memory
+        self._in_call = False
         self._values: dict[str, int] = {}
         self._dirty: dict[str, int] = {}
         self._syscall_rip = 0
@@ -65,6 +67,7 @@ class SoftCpu:
 
     def enter_call(self) -> None:
         """The guest just executed `syscall`: RCX = the next instruction, R11 = RFLAGS."""
+        self._in_call = True
         self._entry = self._prefetch.read()
         self._values = dict(zip(PREFETCH, self._entry))
         self._syscall_rip = self._values["rip"]
@@ -76,6 +79,7 @@ class SoftCpu:
         """Write back what the call changed. RIP only if the guest is not to go on after its
         `syscall` (unicorn moves RIP on by 2 after the hook, also past a RIP written here);
         writing it makes unicorn leave its translated block."""
+        self._in_call = False
         values, dirty = self._values, self._dirty
         self._write_back.write([values[name] for name in WRITTEN_BACK])
         after_syscall = self._syscall_rip + SYSCALL_LENGTH
@@ -107,6 +111,35 @@ class SoftCpu:
         self.write_register("rip", self.read_register("rcx"))
         self.write_register("rflags",
                             (self.read_register("r11") & SYSRET_RFLAGS_MASK) | x86.RFLAGS_FIXED)
+
+    def resume_registers(self) -> dict[str, int] | None:
+        """Inside a call: the general registers as the guest will resume (what a capture
+        must see; unicorn's own RIP is still on the `syscall`). None outside a call."""
+        if not self._in_call:
+            return None
+        values = dict(self._values)
+        values["rip"] = self._dirty.get("rip", self._syscall_rip + SYSCALL_LENGTH)
+        return values
+
+    def read_fpu(self) -> bytes:
+        from .unicorn_state import xsave_area
+        return xsave_area(self.uc, self.machine.template.xsave)
+
+    def write_fpu(self, data: bytes) -> None:
+        from .unicorn_state import write_legacy_fpu
+        write_legacy_fpu(self.uc, data)
+
+    def fork(self) -> int:
+        return self.machine.fork()
+
+    def exec(self, host_path: str, argv: list[str], envp: list[str]):
+        space, regs = self.machine.exec(host_path, argv, envp)
+        for name in REGISTER_IDS:
+            if name not in ("fs_base", "gs_base"):
+                self.write_register(name, getattr(regs, name))
+        self.write_register("fs_base", 0)
+        self.write_register("gs_base", 0)
+        return space
 
     def rewind_to_syscall(self) -> int:
         """Put the guest back on its `syscall` instruction (to re-issue the call when it

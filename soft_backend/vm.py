@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import signal
+import sys
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Callable
 
 from unicorn import (
@@ -26,18 +29,19 @@ from kvm_backend.loader import inspect_program
 from kvm_backend.memory import GuestMemory
 from kvm_backend.stop import KICK_INTERVAL, StopRequest
 from kvm_backend.vm import (
-    Exited, Faulted, Outcome, SaveHandler, Saved, describe_fault, timing_mark)
+    Exited, Faulted, LiveSave, Outcome, SaveHandler, Saved, _end_child_process,
+    describe_fault, timing_mark)
 from linux_personality import (
-    CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
-from linux_personality import snapshot
+    CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested, snapshot)
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.fdtable import FileTable
 from linux_personality.identity import Identity
 from linux_personality.options import GuestOptions
 from linux_personality.signals import SignalState
 from vmstate import x86
+from vmstate.errors import UsageError
 from vmstate.pages import bytemap_from_runs, runs_from_bytemap, union
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VmmState, VmState
+from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
 
 from . import unicorn_state
 from .cpu import SoftCpu
@@ -47,6 +51,8 @@ from .written import written_pages
 APIC_BASE = 0xFEE00900          # what KVM gives a fresh vCPU 0 (enabled, bootstrap processor)
 NO_STOP_ADDRESS = (1 << 64) - 1
 EFER_NXE = 1 << 11
+CR4_OSXSAVE, CPUID1_ECX_OSXSAVE = 1 << 18, 1 << 27
+SLICE_ENDED = ("slice ended",)          # a blocking call was woken to end a host's slice
 SYSCALL_INSTRUCTION = b"\x0f\x05"
 
 
@@ -69,7 +75,7 @@ class SoftStop(StopRequest):
     """StopRequest for unicorn: the kick is uc.emu_stop() (from any thread)."""
 
     def __init__(self, uc: Uc):
-        super().__init__(run_page=None)
+        super().__init__(run_page=SimpleNamespace(immediate_exit=0))    # KVM's, unused here
         self.uc = uc
 
     def _kick(self) -> None:
@@ -100,12 +106,17 @@ class SoftMachine:
         self.max_file_size: int | None = None
         self.refused_msrs: list[int] = []
         self.stop = SoftStop(self.uc)
-        self.cpu = SoftCpu(self.uc, memory)
+        self.cpu = SoftCpu(self)
+        self.name = "vm"                      # tags its para-call output
+        self.forked_child = False             # this VMM process runs a guest's fork child
+        self.serving: int | None = None       # the system call being served, if any
         self._present: bytes | None = None           # pages known present so far
         self._image_present: tuple = ()
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self._indexed: set[int] = set()
         self._hook_error: BaseException | None = None
+        self._budget: int | None = None           # run's max_instructions
+        self._slice: tuple[int, int | None] = (0, None)    # host slice: microseconds, count
 
     def close(self) -> None:
         if self.files is not None:
@@ -148,6 +159,7 @@ class SoftMachine:
             vm.address_space = UserAddressSpace(aspace, memory)
             memory.set_user_range(aspace.user_start, aspace.user_end)
             vm.program, vm.argv = state.vmm.program, state.vmm.argv
+            vm.name = os.path.basename(vm.program) or "vm"
             vm._start(state.vcpus[0])
             vm.files, vm.identity, vm.signals = snapshot.restore(root, state.vmm.files,
                                                                  state.vmm.os)
@@ -158,6 +170,7 @@ class SoftMachine:
 
     def _start(self, vcpu) -> None:
         self.template = vcpu
+        self._osxsave = bool(vcpu.sregs.cr4 & CR4_OSXSAVE)    # ring 3 cannot change CR4
         for entry in vcpu.cpuid:
             self._cpuid[entry.function, entry.index if entry.flags & 1 else 0] = (
                 entry.eax, entry.ebx, entry.ecx, entry.edx)
@@ -172,28 +185,63 @@ class SoftMachine:
     # -- running -------------------------------------------------------------------------------
 
     def run(self, trace=None, save: SaveHandler | None = None,
-            gate: Callable[[], None] | None = None,
+            gate: Callable[[], None] | None = None, paracalls=None,
             max_instructions: int | None = None) -> Outcome:
         """Run until the guest exits, faults, is saved through `save`, or (with
-        `max_instructions`) has run exactly that many instructions, then saved."""
+        `max_instructions`) has run exactly that many instructions, then saved. `paracalls`
+        serves syscalls 401-403 (default: kvm_backend.paracalls.ParaCalls)."""
+        self.start(trace, save, gate, paracalls)
+        self._budget = max_instructions
+        try:
+            while (outcome := self.run_slice()) is None:
+                pass
+        finally:
+            self.stop.stopped()
+        if self.forked_child:
+            _end_child_process(outcome)
+        return outcome
+
+    def start(self, trace=None, save: SaveHandler | None = None,
+              gate: Callable[[], None] | None = None, paracalls=None) -> None:
+        """Make the machine ready for run_slice (run does this itself)."""
+        if isinstance(save, LiveSave):
+            raise UsageError("live migration (--live) needs KVM's dirty-page log; the software "
+                             "CPU migrates cold (leave out --live)")
+        from kvm_backend.paracalls import ParaCalls
         self._personality = Personality(
             self.cpu, self.files, self.address_space, program=self.program, trace=trace,
             stop_fd=self.stop.cancel_fd, save_enabled=save is not None,
             max_file_size=self.max_file_size, identity=self.identity, signals=self.signals)
         self._gate, self._save_handler = gate, save
+        self._paracalls = paracalls or ParaCalls(self)
+        timing_mark("first-kvm-run")
+
+    # A multi-VM host's slices (kvm_backend.host): unicorn ends them itself, after a number of
+    # instructions or a time (its `timeout`); end_slice also works from a signal handler.
+
+    def begin_slice(self, seconds: float, instructions: int | None) -> None:
+        self._slice = (int(seconds * 1e6), instructions)
+
+    def end_slice(self) -> None:
+        try:
+            self.uc.emu_stop()
+        except UcError:
+            pass
+
+    def run_slice(self) -> Outcome | None:
+        """Run until the guest ends (its Outcome), or None when a slice ended: the host's
+        (time or instructions), or a save was refused. With an instruction budget (run's
+        max_instructions), its end saves the guest."""
+        save = self._save_handler
+        timeout_us, slice_instructions = self._slice
+        count = self._budget or slice_instructions or 0
         self._stopped_by: Outcome | tuple | None = None
         self._exception: int | None = None
-        timing_mark("first-kvm-run")
-        try:
-            return self._run(save, max_instructions)
-        finally:
-            self.stop.stopped()
-
-    def _run(self, save: SaveHandler | None, max_instructions: int | None) -> Outcome:
-        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         self._hook_error = None
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         try:
-            self.uc.emu_start(rip, NO_STOP_ADDRESS, count=max_instructions or 0)
+            self.uc.emu_start(rip, NO_STOP_ADDRESS, timeout=0 if count else timeout_us,
+                              count=count)
             if self._hook_error is not None:
                 raise self._hook_error
         except UcError as e:
@@ -202,18 +250,28 @@ class SoftMachine:
             return self._fault(vector)
         self._pass_gate()
         stopped = self._stopped_by
-        if isinstance(stopped, (Exited, Faulted)):
+        if isinstance(stopped, (Exited, Faulted, Saved)):
             return stopped
+        if stopped is SLICE_ENDED:
+            return None
         if isinstance(stopped, tuple):                   # ("save", pending call or None)
             return self._save(save, stopped[1])
         if self._exception is not None:
             return self._fault(self._exception)
         if self.stop.requested.is_set():
-            if save is not None:
-                return self._save(save, None)
-            return Faulted(f"the VM was stopped: {self.stop.reason}", x86.SIGSEGV)
-        if max_instructions and save is not None:
+            if save is None:
+                return Faulted(f"the VM was stopped: {self.stop.reason}", x86.SIGSEGV)
+            if self._refuse_save():
+                self._budget = None           # the slice ended early: the count is lost
+                return None
             return self._save(save, None)
+        if self._budget:
+            return self._save(save, None) if save is not None else None
+        fault = self._decoded_fault()
+        if fault is not None:                 # unicorn may end on a fault without a word
+            return fault
+        if count or timeout_us:
+            return None
         return self._fault(None)
 
     def _pass_gate(self) -> None:
@@ -238,6 +296,19 @@ class SoftMachine:
         cpu = self.cpu
         cpu.enter_call()
         try:
+            self._serve(cpu)
+        finally:
+            cpu.leave_call()
+
+    def _serve(self, cpu: SoftCpu) -> None:
+        nr, args = cpu.call_at_entry()
+        if self._paracalls.serves(nr):
+            outcome = self._paracalls.serve(nr, args, self._personality.trace)
+            if outcome is not None:
+                self._stop_with(outcome)
+            return
+        self.serving = nr
+        try:
             self._personality.serve()
         except GuestExit as e:
             self._stop_with(Exited(e.status))
@@ -246,19 +317,37 @@ class SoftMachine:
                 else f"signal {e.signal}"
             self._stop_with(Faulted(f"guest killed by {name}", e.signal))
         except SaveRequested:
+            if self._refuse_save():
+                cpu.return_to_user(-errno.EBUSY)
+                return
             cpu.return_to_user(0)             # after the restore, syscall(400) returns 0
             self._stop_with(("save", None))
         except CallInterrupted:
-            nr, args = cpu.call_at_entry()
             pending = None
             if self.memory.read(cpu.read_register("rcx") - 2, 2) == SYSCALL_INSTRUCTION:
                 cpu.write_register("rax", nr)
                 pending = PendingCall(nr, args, cpu.rewind_to_syscall())
             else:
                 cpu.return_to_user(-errno.EINTR)
+            if not self.stop.requested.is_set():   # a host's slice ended (stop.interrupt_call)
+                self._stop_with(SLICE_ENDED)
+                return
+            if self._refuse_save():
+                return                        # the guest re-issues the call
             self._stop_with(("save", pending))
         finally:
-            cpu.leave_call()
+            self.serving = None
+
+    def _refuse_save(self) -> bool:
+        """A guest with child processes is not saved (a save holds one process), as on KVM."""
+        children = self._personality.children
+        if not children:
+            return False
+        pids = ", ".join(str(pid) for pid in sorted(children))
+        print(f"vmstate: save refused: the guest has child processes ({pids}); an image holds "
+              "one process", file=sys.stderr, flush=True)
+        self.stop.reset()
+        return True
 
     def _stop_with(self, outcome) -> None:
         self._stopped_by = outcome
@@ -270,6 +359,10 @@ class SoftMachine:
         function &= 0xFFFFFFFF
         key = (function, index & 0xFFFFFFFF if function in self._indexed else 0)
         values = self._cpuid.get(key, (0, 0, 0, 0))
+        if function == 1:                 # OSXSAVE mirrors CR4.OSXSAVE, as on a real CPU
+            eax, ebx, ecx, edx = values
+            ecx = ecx & ~CPUID1_ECX_OSXSAVE | (CPUID1_ECX_OSXSAVE if self._osxsave else 0)
+            values = (eax, ebx, ecx, edx)
         uc.reg_write_batch(list(zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX,
                                      X.UC_X86_REG_RDX), values)))
         return 1
@@ -278,6 +371,14 @@ class SoftMachine:
         if self._exception is None:
             self._exception = vector
         uc.emu_stop()
+
+    def _decoded_fault(self) -> Faulted | None:
+        """The page fault the instruction at RIP would take, if it would take one."""
+        rip, rsp, cr3 = self.uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_RSP,
+                                                X.UC_X86_REG_CR3])
+        found = page_fault(self.memory.read_phys, self._read_register, cr3, rip,
+                           bool(self.template.sregs.efer & EFER_NXE))
+        return None if found is None else describe_fault(14, found[1], rip, rsp, True, found[0])
 
     def _fault(self, vector: int | None) -> Faulted:
         """Report as KVM would. Unicorn may report a page fault as vector 8, or stop with no
@@ -307,18 +408,64 @@ class SoftMachine:
         timing_mark("save-done")
         return Saved(where)
 
+    def pause(self) -> None:
+        """Between slices (the host's control commands): nothing pending to complete here."""
+
+    def save_now(self, save: SaveHandler) -> Saved:
+        """Save the machine between slices through `save`; it ends."""
+        return self._save(save, pending=None)
+
+    def return_to_user(self, result: int) -> None:
+        """Finish the system call under way with `result` (para-calls)."""
+        self.cpu.return_to_user(result)
+
+    def settle(self, result: int) -> None:
+        """As VirtualMachine.settle: the call under way returns `result`, and capture() sees
+        the guest as it resumes."""
+        self.cpu.return_to_user(result)
+
+    def capture_vcpu(self) -> VcpuState:
+        """vCPU 0's state alone; inside a system call, as the guest will resume."""
+        return unicorn_state.capture(self.uc, self.template, self.cpu.resume_registers())
+
     def capture(self, pending: PendingCall | None = None) -> VmState:
-        vcpu = unicorn_state.capture(self.uc, self.template)
         files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
         vmm = VmmState(program=self.program, argv=self.argv, files=files,
                        address_space=self.address_space.state, pending=pending, os=guest_os,
                        saved_by="soft")
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
-        return VmState(vcpus=(replace(vcpu, id=0),), memory=(region,), vmm=vmm)
+        return VmState(vcpus=(replace(self.capture_vcpu(), id=0),), memory=(region,), vmm=vmm)
+
+    # -- a guest's fork and execve -------------------------------------------------------------
+
+    def fork(self) -> int:
+        """The VMM process forks (guest memory copied on write, host fds shared, unicorn
+        and all); the child VMM runs the copy and exits with it, as on KVM."""
+        self.present_pages()          # pages shared with the copy are no longer "exclusive"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            return pid
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGUSR1, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+        self.stop = SoftStop(self.uc)         # the parent's threads did not come along
+        self._personality.stop_fd = self.stop.cancel_fd
+        self.forked_child = True
+        return 0
+
+    def exec(self, host_path: str, argv: list[str], envp: list[str]) -> UserAddressSpace:
+        from kvm_backend.guest_process import load_new_program
+        space, regs = load_new_program(self, host_path, argv, envp)
+        self.uc.ctl_flush_tb()                # the code unicorn translated is gone
+        cr3 = self.uc.reg_read(X.UC_X86_REG_CR3)  # and the page tables were rewritten: a CR3
+        self.uc.reg_write(X.UC_X86_REG_CR3, cr3)  # write drops what the TLB cached of them
+        return space, regs
 
     def present_pages(self) -> bytes:
         """Pages ever written: by the guest or the VMM (found as pages private to this
-        process), or present in the image this machine was restored from."""
+        process, and the VMM's own writes), or present in the image restored from."""
         if self._present is None:
             self._present = bytes(bytemap_from_runs(self._image_present,
                                                     self.memory.size // PAGE_SIZE))

@@ -290,10 +290,11 @@ def run_native(case: Case, root: Path) -> Result:
     return _run([*native_command(root), case.program, *case.argv], case.stdin, root)
 
 
-def run_vm(case: Case, root: Path, vmstate: str) -> Result:
+def run_vm(case: Case, root: Path, vmstate: str, cpu: str = "auto") -> Result:
     make_root(root)
-    return _run([vmstate, "run", "--root", str(root), "--hostname", socket.gethostname(),
-                 str(root / case.program.lstrip("/")), *case.argv], case.stdin, root)
+    return _run([vmstate, "run", "--cpu", cpu, "--root", str(root), "--hostname",
+                 socket.gethostname(), str(root / case.program.lstrip("/")), *case.argv],
+                case.stdin, root)
 
 
 def native_available() -> str | None:

@@ -8,15 +8,15 @@ import pytest
 
 from tests.conformance import CASES, MUST_DIFFER, compare, native_available, run_native, run_vm
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.both_cpus]
 
 _MISSING = native_available()
 
 
 @pytest.mark.skipif(_MISSING is not None, reason=f"cannot run natively: {_MISSING}")
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_command_behaves_like_linux(case, tmp_path, vmstate_cmd):
+def test_command_behaves_like_linux(case, tmp_path, vmstate_cmd, cpu):
     native = run_native(case, tmp_path / "native")
-    vm = run_vm(case, tmp_path / "vm", vmstate_cmd)
+    vm = run_vm(case, tmp_path / "vm", vmstate_cmd, cpu)
     problems = compare(native, vm, stdout_may_differ=case.name in MUST_DIFFER)
     assert problems == [], problems

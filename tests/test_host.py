@@ -163,7 +163,7 @@ def test_bad_config_refused_in_one_line(vmstate, tmp_path):
 def test_slices_counted_in_instructions_are_refused_on_kvm(vmstate, tmp_path):
     (tmp_path / "vmm.conf").write_text("vm_exec_slice_in_instructions = 100000\n"
                                        "vm_binary = x\n")
-    result = vmstate("host", "--config", "vmm.conf")
+    result = vmstate("host", "--cpu", "kvm", "--config", "vmm.conf")
     assert result.returncode == 2
     line = one_line_error(result)
     assert "vm_exec_slice_in_instructions" in line and "cannot" in line and "KVM" in line

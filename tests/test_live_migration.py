@@ -75,10 +75,13 @@ def two_dirs(tmp_path):
     return sender, receiver
 
 
+@pytest.mark.parametrize("receiver_cpu", ["kvm", "soft"])
 def test_live_migration_over_loopback_continues_the_sequence(vmstate_cmd, counter, receivers,
-                                                             two_dirs):
+                                                             two_dirs, receiver_cpu):
+    """A KVM sender; the receiver runs the guest on KVM, or on the software CPU."""
     sender_dir, receiver_dir = two_dirs
-    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir)
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir,
+                         "--cpu", receiver_cpu)
     sent = run_live(vmstate_cmd, sender_dir, f"127.0.0.1:{receiver.port}", "--memory", "256M",
                     counter, STEPS, SAVE_AT, 16, 64)
     err = check_continued(sent, receiver, receiver_dir)

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from helpers import one_line_error
-from vmstate.errors import EXIT_CANNOT_RUN, EXIT_ERROR, EXIT_NO_KVM, EXIT_NOT_FOUND, EXIT_USAGE
+from vmstate.errors import EXIT_CANNOT_RUN, EXIT_NO_KVM, EXIT_NOT_FOUND, EXIT_USAGE
 
 pytestmark = pytest.mark.kvm
 
@@ -164,7 +164,7 @@ def test_without_kvm_auto_runs_on_the_software_cpu_and_says_so_once(vmstate, exa
 
 def test_max_instructions_is_refused_on_kvm(vmstate, example):
     result = vmstate("run", "--cpu", "kvm", "--max-instructions", "100", example("hello"))
-    assert result.returncode == EXIT_ERROR
+    assert result.returncode == 2
     assert "--max-instructions needs the software CPU" in one_line_error(result)
 
 

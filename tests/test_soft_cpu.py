@@ -158,3 +158,31 @@ def test_faults_are_reported_as_on_kvm(vmstate, guest, fault):
     assert results["kvm"].stderr.decode().startswith("vmstate: guest fault: ")
     assert (results["soft"].returncode, results["soft"].stdout, results["soft"].stderr) == \
         (results["kvm"].returncode, results["kvm"].stdout, results["kvm"].stderr)
+
+
+def test_a_host_slices_software_vms_by_instruction_count(vmstate, guest, tmp_path):
+    """vm_exec_slice_in_instructions on the software CPU: two VMs interleave in slices of
+    exactly that many instructions and keep their exit statuses (the default CPU is chosen
+    as the software one, since only it counts)."""
+    from test_host import switches, tagged
+    (tmp_path / "vmm.conf").write_text(
+        "vm_exec_slice_in_instructions = 200000\n"
+        f"vm_binary = {guest('ticker')} 6 1 3\n"
+        f"vm_binary = {guest('ticker')} 6 1 4\n")
+    ran = vmstate("host", "--config", "vmm.conf")
+    assert ran.returncode == 4, ran.stderr
+    lines = tagged(ran.stdout)
+    for name in ("ticker", "ticker-2"):
+        assert [text for tag, text in lines if tag == name] == [f"tick {i}" for i in range(6)]
+    assert switches([tag for tag, _ in lines]) >= 3, lines
+
+
+@pytest.mark.kvm
+def test_instruction_slices_are_refused_on_kvm_through_the_host_code_too(vmstate, guest,
+                                                                          tmp_path):
+    from helpers import one_line_error
+    (tmp_path / "vmm.conf").write_text("vm_exec_slice_in_instructions = 1000\n"
+                                       f"vm_binary = {guest('ticker')} 1 1 0\n")
+    result = vmstate("host", "--cpu", "kvm", "--config", "vmm.conf")
+    assert result.returncode == 2
+    assert "--cpu soft" in one_line_error(result)

@@ -143,7 +143,7 @@ def run(
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(program=str(program), argv=tuple(argv), root=str(root),
                                   memory=memory_size, image=str(image))], VmEntry())[0]
-        _finish(_hosted_alone(entry, control, save, trace, cpu, max_instructions, options))
+        _finish(_hosted_alone(entry, control, save, trace, options, cpu))
     outcome = run_program(str(program), argv, memory_size, str(root), save,
                           trace=sys.stderr if trace else None, options=options,
                           cpu=cpu, max_instructions=max_instructions)
@@ -191,23 +191,19 @@ def restore(
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(snapshot=str(image_file), root=str(root), image=str(image))],
                          VmEntry())[0]
-        _finish(_hosted_alone(entry, control, save, trace, cpu, max_instructions))
+        _finish(_hosted_alone(entry, control, save, trace, cpu=cpu))
     outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None,
                             cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
 
 
-def _hosted_alone(entry, control: Path, save, trace: bool, cpu: str,
-                  max_instructions: int | None, options=None):
-    """run/restore --control: the one VM on a KVM host that serves the control socket."""
-    if cpu == "soft" or max_instructions is not None:
-        raise UsageError("--control serves VMs on KVM only: the software CPU (--cpu soft, "
-                         "--max-instructions) has no control socket yet")
+def _hosted_alone(entry, control: Path, save, trace: bool, options=None, cpu: str = "auto"):
+    """run/restore --control: the one VM on a host that serves the control socket."""
     from kvm_backend.host import run_hosted
     from linux_personality.options import GuestOptions
     from .vmm_config import DEFAULT_SLICE_MS
     host = run_hosted([entry], DEFAULT_SLICE_MS, str(control), options=options or GuestOptions(),
-                      save=save, trace=sys.stderr if trace else None)
+                      save=save, trace=sys.stderr if trace else None, cpu=cpu)
     return host.vms[0].outcome
 
 
@@ -228,6 +224,7 @@ def host_command(
     root: Annotated[Optional[Path], typer.Option(
         help="Root directory of every VM (overrides the file).")] = None,
     control: ControlOption = None,
+    cpu: CpuOption = "auto",
 ):
     """Run several VMs in one VMM, round-robin in time slices on one thread; exit when all
     have ended, with the largest of their exit statuses (a fault counts 128 + signal).
@@ -247,7 +244,7 @@ def host_command(
         _fail("host needs at least one VM: -v PROGRAM, -s IMAGE or --config FILE", 2)
     entries = complete(list(settings.vms), settings.defaults)
     refuse_shared_images(entries)
-    host = run_hosted(entries, settings.slice_ms, settings.control,
+    host = run_hosted(entries, settings.slice_ms, settings.control, cpu=cpu,
                       slice_instructions=settings.slice_instructions)
     print(host.summary(), file=sys.stderr)
     raise typer.Exit(host.exit_status())

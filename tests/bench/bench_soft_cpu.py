@@ -119,3 +119,24 @@ def test_cpu_bound_loops(vmstate_cmd, guest):
     report("CPU-bound guests, whole process, median of 3", rows)
 
 
+
+
+def test_busybox_conformance_suite(vmstate_cmd, tmp_path):
+    """The whole busybox conformance suite (tests/conformance.py), one pass each: natively,
+    on KVM and on the software CPU, with how many cases gave Linux's results."""
+    from tests.conformance import CASES, compare, native_available, run_native, run_vm
+    if native_available() is not None:
+        pytest.skip(native_available())
+    rows, native = [], {}
+    start = time.perf_counter()
+    for i, case in enumerate(CASES):
+        native[case.name] = run_native(case, tmp_path / f"native-{i}")
+    rows.append(("native", f"{time.perf_counter() - start:.1f} s"))
+    for cpu in ("kvm", "soft"):
+        start, same = time.perf_counter(), 0
+        for i, case in enumerate(CASES):
+            same += not compare(native[case.name], run_vm(case, tmp_path / f"{cpu}-{i}",
+                                                          vmstate_cmd, cpu))
+        rows.append((cpu, f"{time.perf_counter() - start:.1f} s ({same}/{len(CASES)} cases "
+                          "exactly as native)"))
+    report(f"busybox conformance suite, {len(CASES)} commands, whole processes", rows)
