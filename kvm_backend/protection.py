@@ -9,6 +9,7 @@ what it cached of the old tables (flush_tlb)."""
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 from vmstate.paging import PTE_P, PTE_PS, PTE_RW, PTE_US
 from vmstate.state import PAGE_SIZE
@@ -22,12 +23,13 @@ USER_RW = PTE_P | PTE_RW | PTE_US
 FLUSH_SLOT, FLUSH_GPA = 1, machine.MAX_MEMORY + (1 << 30)   # far from memory and the doorbell
 
 
-def protect(vm, addr: int, length: int, prot: int) -> bool:
-    """Give [addr, addr+length) (page aligned, in user memory) the protection `prot`. False
-    if the page-table pool is exhausted (the range is then left as it was)."""
+def protect(memory, addr: int, length: int, prot: int, flush: Callable[[], None]) -> bool:
+    """Give [addr, addr+length) (page aligned, in user memory) the protection `prot`, then
+    call `flush` (the CPU's way to forget cached translations) if a page table changed. False
+    if the page-table pool is exhausted (the range is then left as it was). Either CPU's
+    guest memory: the tables are the guest's own."""
     wanted = 0 if not prot & (PROT_READ | PROT_WRITE | PROT_EXEC) else \
         PTE_P | PTE_US | (PTE_RW if prot & PROT_WRITE else 0)
-    memory = vm.memory
     changed = False
     page = addr
     while page < addr + length:
@@ -39,7 +41,7 @@ def protect(vm, addr: int, length: int, prot: int) -> bool:
             if wanted == USER_RW:
                 page = end
                 continue                      # already mapped read-write as a whole
-            table = _take_pool_page(vm)
+            table = _take_pool_page(memory)
             if table is None:
                 return False
             memory.write_phys(table, struct.pack("<512Q", *(
@@ -53,13 +55,13 @@ def protect(vm, addr: int, length: int, prot: int) -> bool:
         changed = True
         page = end
     if changed:
-        flush_tlb(vm)
+        flush()
     return True
 
 
-def _take_pool_page(vm) -> int | None:
+def _take_pool_page(memory) -> int | None:
     """A pool page no page directory entry uses yet."""
-    pds = vm.memory.read_phys(machine.PD_ADDR, 8 * (vm.memory.size // machine.LARGE_PAGE))
+    pds = memory.read_phys(machine.PD_ADDR, 8 * (memory.size // machine.LARGE_PAGE))
     used = {e & ~0xFFF for (e,) in struct.iter_unpack("<Q", pds) if e & PTE_P and not e & PTE_PS}
     for page in range(PT_POOL_START, PT_POOL_END, PAGE_SIZE):
         if page not in used:

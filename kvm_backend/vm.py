@@ -367,7 +367,7 @@ class VirtualMachine:
         except Exception:
             return Faulted(f"guest halted in ring 0 at rip {run.s.regs.rip:#x}", x86.SIGSEGV)
         vector, error_code, rip, cs, _, rsp, _ = frame
-        guard = self.address_space.guard_page if self.address_space else -1
+        guard = self.address_space.guard_page if self.address_space else None
         return describe_fault(vector, error_code, rip, rsp, cs & 3 == 3, run.s.sregs.cr2, guard)
 
     # -- saving --------------------------------------------------------------------------------
@@ -516,7 +516,7 @@ class VirtualMachine:
 
 
 def describe_fault(vector: int, error_code: int, rip: int, rsp: int, in_user: bool,
-                   address: int, guard_page: int = -1) -> Faulted:
+                   address: int, guard_page: int | None = None) -> Faulted:
     """The report and signal for a guest exception, the same whichever CPU ran the guest
     (`address` is the faulting address of a page fault, `guard_page` the page below the
     stack, whose faults are a stack overflow)."""
@@ -527,7 +527,7 @@ def describe_fault(vector: int, error_code: int, rip: int, rsp: int, in_user: bo
         access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16
                                                  else "read")
         cause = "protection violation" if error_code & 1 else "page not present"
-        if guard_page <= address < guard_page + PAGE_SIZE:
+        if guard_page is not None and guard_page <= address < guard_page + PAGE_SIZE:
             cause = "the guard page below the stack: a stack overflow"
         report += f", {access} of address {address:#x} ({cause})"
     elif x86.has_error_code(vector):
@@ -579,8 +579,8 @@ class KvmCpu:
         return self.vm.vcpu.run_page      # a fork child has a vCPU of its own
 
     def protect(self, addr: int, length: int, prot: int) -> bool:
-        from .protection import protect
-        return protect(self.vm, addr, length, prot)
+        from .protection import flush_tlb, protect
+        return protect(self.vm.memory, addr, length, prot, lambda: flush_tlb(self.vm))
 
     def read_fpu(self) -> bytes:
         return self.vm.vcpu.get_xsave(self.vm.xsave_size())

@@ -121,6 +121,10 @@ class SoftCpu:
         values["rip"] = self._dirty.get("rip", self._syscall_rip + SYSCALL_LENGTH)
         return values
 
+    def protect(self, addr: int, length: int, prot: int) -> bool:
+        from kvm_backend.protection import protect
+        return protect(self.memory, addr, length, prot, self.machine.forget_translations)
+
     def read_fpu(self) -> bytes:
         from .unicorn_state import xsave_area
         return xsave_area(self.uc, self.machine.template.xsave)

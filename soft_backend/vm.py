@@ -389,7 +389,8 @@ class SoftMachine:
             found = page_fault(self.memory.read_phys, self._read_register, regs["cr3"],
                                regs["rip"], bool(self.template.sregs.efer & EFER_NXE))
             if found is not None:
-                return describe_fault(14, found[1], regs["rip"], regs["rsp"], True, found[0])
+                return describe_fault(14, found[1], regs["rip"], regs["rsp"], True, found[0],
+                                      self.address_space.guard_page)
             if vector is None:
                 return Faulted(f"guest stopped at rip {regs['rip']:#x} for no reason the "
                                "software CPU gave", x86.SIGSEGV)
@@ -459,9 +460,13 @@ class SoftMachine:
         from kvm_backend.guest_process import load_new_program
         space, regs = load_new_program(self, host_path, argv, envp)
         self.uc.ctl_flush_tb()                # the code unicorn translated is gone
-        cr3 = self.uc.reg_read(X.UC_X86_REG_CR3)  # and the page tables were rewritten: a CR3
-        self.uc.reg_write(X.UC_X86_REG_CR3, cr3)  # write drops what the TLB cached of them
+        self.forget_translations()            # and the page tables were rewritten
         return space, regs
+
+    def forget_translations(self) -> None:
+        """The VMM changed the guest's page tables: writing CR3 (the same value) makes unicorn
+        drop the translations its TLB cached, as on a real CPU."""
+        self.uc.reg_write(X.UC_X86_REG_CR3, self.uc.reg_read(X.UC_X86_REG_CR3))
 
     def present_pages(self) -> bytes:
         """Pages ever written: by the guest or the VMM (found as pages private to this

@@ -230,10 +230,28 @@ def test_a_guest_blocked_in_a_read_does_not_hold_up_the_control_socket(vmstate_c
             run.communicate()
 
 
-@pytest.mark.parametrize("options", [["--cpu", "soft"], ["--max-instructions", "1000"]])
-def test_control_with_the_software_cpu_is_refused(vmstate, guest, options):
-    result = vmstate("run", "--control", "vmm.sock", *options, guest("ticker"), "1", "1", "0")
+def test_control_serves_a_vm_on_the_software_cpu(vmstate_cmd, guest, tmp_path):
+    run = subprocess.Popen([vmstate_cmd, "run", "--cpu", "soft", "--control", "vmm.sock",
+                            guest("ticker"), "100000", "1", "0"], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(tmp_path / "vmm.sock", run)
+        client = Client(tmp_path / "vmm.sock")
+        assert states(client) == {"ticker": "running"}
+        assert "[ticker] processor state" in client.ok("dump-state")["text"]
+        client.ok("quit")
+        client.close()
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 137 and err.decode().strip() == "vmstate: ended by quit", err
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+
+def test_control_with_an_instruction_budget_is_refused(vmstate, guest):
+    result = vmstate("run", "--control", "vmm.sock", "--max-instructions", "1000",
+                     guest("ticker"), "1", "1", "0")
     assert result.returncode == 2
-    assert one_line_error(result) == ("vmstate: --control serves VMs on KVM only: the software "
-                                      "CPU (--cpu soft, --max-instructions) has no control "
-                                      "socket yet")
+    assert one_line_error(result).startswith(
+        "vmstate: --max-instructions cannot be combined with --control")

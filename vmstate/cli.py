@@ -143,7 +143,7 @@ def run(
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(program=str(program), argv=tuple(argv), root=str(root),
                                   memory=memory_size, image=str(image))], VmEntry())[0]
-        _finish(_hosted_alone(entry, control, save, trace, options, cpu))
+        _finish(_hosted_alone(entry, control, save, trace, options, cpu, max_instructions))
     outcome = run_program(str(program), argv, memory_size, str(root), save,
                           trace=sys.stderr if trace else None, options=options,
                           cpu=cpu, max_instructions=max_instructions)
@@ -191,14 +191,19 @@ def restore(
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(snapshot=str(image_file), root=str(root), image=str(image))],
                          VmEntry())[0]
-        _finish(_hosted_alone(entry, control, save, trace, cpu=cpu))
+        _finish(_hosted_alone(entry, control, save, trace, cpu=cpu,
+                              max_instructions=max_instructions))
     outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None,
                             cpu=cpu, max_instructions=max_instructions)
     _finish(outcome)
 
 
-def _hosted_alone(entry, control: Path, save, trace: bool, options=None, cpu: str = "auto"):
+def _hosted_alone(entry, control: Path, save, trace: bool, options=None, cpu: str = "auto",
+                  max_instructions: int | None = None):
     """run/restore --control: the one VM on a host that serves the control socket."""
+    if max_instructions is not None:
+        raise UsageError("--max-instructions cannot be combined with --control: a hosted VM "
+                         "runs in time slices (vm_exec_slice_in_instructions counts them)")
     from kvm_backend.host import run_hosted
     from linux_personality.options import GuestOptions
     from .vmm_config import DEFAULT_SLICE_MS
