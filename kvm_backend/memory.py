@@ -21,11 +21,16 @@ MAP_NORESERVE = 0x4000  # <sys/mman.h>; Python's mmap module does not export it
 
 
 class GuestMemory:
-    def __init__(self, size: int, *, image_fd: int | None = None, image_offset: int = 0):
+    def __init__(self, size: int, *, image_fd: int | None = None, image_offset: int = 0,
+                 huge_pages: bool = True):
+        """Fresh anonymous memory (with transparent huge pages unless `huge_pages` is false:
+        a received VM fills only its present pages, and a huge page would allocate and zero
+        512 pages for each scattered one), or an image's memory mapped copy-on-write."""
         self.size = size
         if image_fd is None:
             self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-            self._map.madvise(mmap.MADV_HUGEPAGE)
+            if huge_pages:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
         else:
             self._map = mmap.mmap(image_fd, size, mmap.MAP_PRIVATE,
                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=image_offset)

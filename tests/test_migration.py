@@ -143,6 +143,18 @@ def test_fragmented_memory_arrives_byte_for_byte(vmstate, receivers, two_dirs, l
     assert (receiver_dir / "got.sav").read_bytes() == (sender_dir / "frag.sav").read_bytes()
 
 
+def test_fragmented_guest_migrates_and_runs(vmstate, example, receivers, two_dirs):
+    """One page in four of 128 MiB: memory frames of thousands of runs, staged and copied
+    into the new guest's memory, which then checks every page."""
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir)
+    sent = vmstate("run", "--memory", "256M", "--migrate-to", f"127.0.0.1:{receiver.port}",
+                   example("fill_memory"), "128", "every4", cwd=sender_dir)
+    assert sent.returncode == 0, sent.stderr
+    assert receiver.process.wait(timeout=60) == 0
+    assert receiver.process.stdout.read() == b"128 MiB intact after restore\n"
+
+
 def test_sender_retries_until_the_receiver_listens(vmstate_cmd, example, two_dirs):
     sender_dir, receiver_dir = two_dirs
     port = free_port()

@@ -35,7 +35,7 @@ import mmap, socket, sys
 size, port = int(sys.argv[1]), int(sys.argv[2])
 data = mmap.mmap(-1, size)
 for offset in range(0, size, 1 << 20):
-    data[offset:offset + (1 << 20)] = b"\\x5a" * (1 << 20)
+    data[offset:offset + (1 << 20)] = b"\\x5a" * min(1 << 20, size - offset)
 view = memoryview(data)
 with socket.create_connection(("127.0.0.1", port)) as sock:
     for offset in range(0, size, 4 << 20):
