@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 
 import pytest
 
-from linux_personality import GuestExit, Personality
+from linux_personality import GuestExit, GuestKilled, Personality
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.fdtable import FileTable
 from tests.fake_cpu import USER_START, FakeCpu, FakeMemory
@@ -182,3 +183,37 @@ def test_descriptor_cap_gives_emfile(tmp_path):
     (tmp_path / "f").write_text("")
     assert [_open(g, "f") for _ in range(3)] == [3, 4, -errno.EMFILE]
     g.files.close_all()
+
+
+def test_a_signal_handler_runs_and_sigreturn_restores_the_context(guest):
+    """kill to itself with a handler installed: the call returns into the handler on an
+    rt_sigframe; rt_sigreturn puts back every register, the mask and the FPU state."""
+    sigaction = USER_START + 0x2000
+    guest.memory.put(sigaction, struct.pack("<QQQQ", 0x401234, 0x04000000, 0x405678, 0))
+    assert guest.call(13, 10, sigaction, 0, 8) == 0            # rt_sigaction(SIGUSR1)
+    stack = USER_START + 0xF0000
+    guest.cpu.registers.update(rsp=stack, rbx=0x1111, r12=0x2222, rflags=0x246)
+    before = dict(guest.cpu.registers)
+    guest.cpu.fpu = bytes(512)
+    guest.call(62, 1, 10)                                      # kill(getpid(), SIGUSR1)
+    regs = guest.cpu.registers
+    assert (regs["rip"], regs["rdi"]) == (0x401234, 10)
+    frame = regs["rsp"]
+    assert frame < stack - 128 and (frame + 8) % 16 == 0
+    assert guest.memory.u64(frame) == 0x405678                 # returns to the restorer
+    assert guest.k.signals.blocked == 1 << 9                   # SIGUSR1 blocked meanwhile
+    guest.cpu.fpu = b"\xff" * 512                              # the handler clobbers the FPU
+    guest.cpu.registers.update(rsp=frame + 8, rbx=0, r12=0)    # `ret` popped the pretcode
+    guest.call(15)                                             # rt_sigreturn
+    for name in ("rbx", "r12", "rsp", "rcx"):
+        assert regs[name] == before[name], name
+    assert regs["rip"] == before["rcx"]       # where the interrupted call returns to
+    assert guest.cpu.fpu == bytes(512)
+    assert guest.k.signals.blocked == 0
+
+
+def test_fatal_and_ignored_signals(guest):
+    assert guest.call(62, 1, 17) == 0                          # SIGCHLD: ignored by default
+    with pytest.raises(GuestKilled) as killed:
+        guest.call(62, 1, 15)                                  # SIGTERM: fatal by default
+    assert killed.value.signal == 15
