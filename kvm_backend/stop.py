@@ -26,6 +26,7 @@ class StopRequest:
         self.reason = ""
         self._stopped = threading.Event()
         self._kicker: threading.Thread | None = None
+        self.watched: frozenset[int] = frozenset()     # the host signals that request a stop
         self._main = threading.main_thread().ident
         self.cancel_fd, self._cancel_w = os.pipe()
         signal.signal(KICK_SIGNAL, lambda *_: None)    # interrupts KVM_RUN, nothing more
@@ -78,6 +79,7 @@ class StopRequest:
         if not signals:
             return
         wanted = {int(s) for s in signals}
+        self.watched = frozenset(wanted)
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         for sig in signals:

@@ -169,12 +169,14 @@ class VirtualMachine:
         syscalls = Personality(KvmCpu(self), self.files, self.address_space,
                                program=self.program, trace=trace, stop_fd=self.stop.cancel_fd,
                                save_enabled=save is not None, max_file_size=self.max_file_size,
-                               identity=self.identity, signals=self.signals)
+                               identity=self.identity, signals=self.signals,
+                               reserved_signals=self.stop.watched)
         timing_mark("first-kvm-run")
         try:
             outcome = self._run_loop(syscalls, save, gate)
         finally:
             self.stop.stopped()
+            syscalls.close()
         if self.forked_child:
             _end_child_process(outcome)
         return outcome
