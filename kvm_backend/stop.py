@@ -27,6 +27,7 @@ class StopRequest:
         self._stopped = threading.Event()
         self._kicker: threading.Thread | None = None
         self._lock = threading.Lock()         # a request and a reset do not interleave
+        self.watched: frozenset[int] = frozenset()     # the host signals that request a stop
         self._main = threading.main_thread().ident
         self.cancel_fd, self._cancel_w = os.pipe()
         os.set_blocking(self.cancel_fd, False)          # drained by clear_interrupted_call
@@ -99,6 +100,7 @@ class StopRequest:
         if not signals:
             return
         wanted = {int(s) for s in signals}
+        self.watched = frozenset(wanted)
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         for sig in signals:

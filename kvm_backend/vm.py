@@ -203,6 +203,7 @@ class VirtualMachine:
             if self.migration is not None:
                 self.migration.abandon("the guest ended on this host first")
                 self.migration = None
+            self._running.syscalls.close()
         if self.forked_child:
             _end_child_process(outcome)
         return outcome
@@ -215,7 +216,8 @@ class VirtualMachine:
         syscalls = Personality(KvmCpu(self), self.files, self.address_space,
                                program=self.program, trace=trace, stop_fd=self.stop.cancel_fd,
                                save_enabled=save is not None, max_file_size=self.max_file_size,
-                               identity=self.identity, signals=self.signals)
+                               identity=self.identity, signals=self.signals,
+                               reserved_signals=self.stop.watched)
         self._running = _Running(syscalls, save, gate, paracalls or ParaCalls(self))
         timing_mark("first-kvm-run")
 

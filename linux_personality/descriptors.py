@@ -144,10 +144,13 @@ def _wait(k, readers: dict[int, list[int]], writers: dict[int, list[int]],
           timeout: float | None) -> tuple[set[int], set[int]]:
     """select() over host fds, woken by a host request to stop the VM (the call is then
     re-issued after the save)."""
-    watch = list(readers) + ([k.stop_fd] if k.stop_fd is not None else [])
+    watch = list(readers) + [k.signal_wake_fd] + ([k.stop_fd] if k.stop_fd is not None else [])
     ready_r, ready_w, _ = select.select(watch, list(writers), [], timeout)
     if k.stop_fd is not None and k.stop_fd in ready_r:
         raise CallInterrupted()
+    if k.signal_wake_fd in ready_r and not ready_w and len(ready_r) == 1:
+        k.drain_signal_wake()
+        raise error(errno.EINTR)          # a handled signal arrived: its handler runs now
     return set(ready_r), set(ready_w)
 
 

@@ -39,7 +39,8 @@ class Personality:
     def __init__(self, cpu: Cpu, files: FileTable, address_space: UserAddressSpace, *,
                  program: str = "", trace=None, stop_fd: int | None = None,
                  save_enabled: bool = False, max_file_size: int | None = None,
-                 identity: Identity | None = None, signals: SignalState | None = None):
+                 identity: Identity | None = None, signals: SignalState | None = None,
+                 reserved_signals=()):
         self.cpu = cpu
         self.program = program
         self.pid, self.parent_pid = GUEST_PID, 0
@@ -48,6 +49,9 @@ class Personality:
         self.signals = signals or SignalState()
         self.max_file_size = max_file_size
         self.children: set[int] = set()          # host pids of forked guest processes
+        self.reserved_signals = frozenset(reserved_signals)   # host signals the VMM uses
+        self.signal_wake_fd, self._signal_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._mirror_handlers()
         self.max_processes = MAX_PROCESSES
         self.memory: GuestMemory = cpu.memory
         self.files = files
@@ -199,3 +203,35 @@ class Personality:
         if entry.kind == FD_PIPE:
             return f"pipe:[{os.fstat(guest_file.host_fd).st_ino}]"
         return os.readlink(f"/proc/self/fd/{guest_file.host_fd}")
+
+    def host_signal(self, sig: int) -> None:
+        """A signal another guest process sent to this one (through its VMM): pending for the
+        guest's handler; a wait in progress wakes up."""
+        self.signals.pending |= 1 << (sig - 1)
+        try:
+            os.write(self._signal_wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def become_child_process(self) -> None:
+        """After a fork, in the child: a wake-up pipe of its own, and the guest's handlers on
+        every signal (the parent's VMM kept some for itself)."""
+        self.close()
+        self.signal_wake_fd, self._signal_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.reserved_signals = frozenset()
+        self._mirror_handlers()
+
+    def _mirror_handlers(self) -> None:
+        for sig in self.signals.actions:
+            signals.mirror_on_host(self, sig)
+
+    def drain_signal_wake(self) -> None:
+        try:
+            while os.read(self.signal_wake_fd, 64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.signal_wake_fd)
+        os.close(self._signal_wake_w)

@@ -10,6 +10,7 @@ import struct
 
 from vmstate import x86
 
+from . import signals
 from .paths import error
 from .stops import GuestExit, ContextReplaced, SaveRequested
 from .table import signed32, syscall
@@ -137,6 +138,7 @@ def _fork(k) -> int:
         k.parent_pid, k.pid = k.pid, os.getpid()
         k.children = set()
         k.stop_fd = None               # a child is never saved on its own
+        k.become_child_process()
         return 0
     k.children.add(child)
     return child
@@ -174,7 +176,10 @@ def _execve(k, dirfd, path, argv_addr, envp_addr, flags) -> int:
         os.close(host_fd)
     k.program = k.namespace.host_path(guest_path)
     k.files.close_on_exec()
+    handled = list(k.signals.actions)
     k.signals.reset_on_exec()
+    for sig in handled:
+        signals.mirror_on_host(k, sig)
     raise ContextReplaced()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import signal
 import struct
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ STOPPING = {SIGSTOP, 20, 21, 22}          # SIGTSTP, SIGTTIN, SIGTTOU: one proce
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
 UNBLOCKABLE = (1 << (SIGKILL - 1)) | (1 << (SIGSTOP - 1))
 SIGALRM, SIGPIPE = 14, 13
+# Never mirrored on the VMM process: faults of the VMM itself, SIGCHLD (children's ends are
+# found with waitid), SIGPIPE (the VMM ignores it; EPIPE raises it in the guest).
+UNFORWARDED = {SIGKILL, SIGSTOP, SIGCHLD, SIGPIPE, 4, 5, 7, 8, 11}
+HOST_SIGRTMIN = signal.SIGRTMIN
 MAX_TREE_DEPTH = 64
 SA_ONSTACK, SA_NODEFER, SA_RESETHAND = 0x08000000, 0x40000000, 0x80000000
 SS_ONSTACK, SS_DISABLE = 1, 2
@@ -100,7 +105,24 @@ def sys_rt_sigaction(k, sig, act, oldact, size):
         k.memory.write(oldact, old)
     if new is not None:
         state.actions[sig] = new
+        mirror_on_host(k, sig)
     return 0
+
+
+def mirror_on_host(k, sig: int) -> None:
+    """Give the VMM process the guest's disposition of `sig`, so that a signal another guest
+    process sends (to this process's VMM) is ignored, fatal, or left pending for the guest's
+    handler, as the guest asked. Signals the VMM itself uses or that host faults raise are
+    left alone."""
+    if sig in UNFORWARDED or sig in k.reserved_signals or sig >= HOST_SIGRTMIN:
+        return
+    handler = k.signals.handler(sig)[0]
+    disposition = {SIG_DFL: signal.SIG_DFL, SIG_IGN: signal.SIG_IGN}.get(
+        handler, lambda signum, _frame: k.host_signal(signum))
+    try:
+        signal.signal(sig, disposition)
+    except ValueError:        # not the main thread (a VM run by the receiver's thread)
+        pass
 
 
 @syscall(14, "rt_sigprocmask", "int ptr ptr size")
@@ -236,15 +258,14 @@ def wait_for_signal(k) -> None:
         try:
             timeout = None if k.signals.alarm_at is None else \
                 max(0.0, k.signals.alarm_at - time.monotonic())
-            watch = pidfds + ([k.stop_fd] if k.stop_fd is not None else [])
-            if not watch and timeout is None:
-                raise GuestKilled(9)         # nothing can ever wake it: as if killed (deadlock)
+            watch = pidfds + [k.signal_wake_fd] + ([k.stop_fd] if k.stop_fd is not None else [])
             ready = select.select(watch, [], [], timeout)[0]
         finally:
             for fd in pidfds:
                 os.close(fd)
         if k.stop_fd is not None and k.stop_fd in ready:
             raise CallInterrupted()
+        k.drain_signal_wake()
 
 
 @syscall(130, "rt_sigsuspend", "ptr size")

@@ -180,6 +180,11 @@ CASES = [
     sh("child-exit-status", "(exit 7); echo $?"),
     sh("timeout", "timeout 1 sleep 3; echo $?"),
     sh("pid-differs", "echo $$"),
+    sh("trap-term-from-child", "trap 'echo got term' TERM; (sleep 0.3; kill $$) & wait; "
+       "echo after $?"),
+    sh("ignored-term-in-child", "(trap '' TERM; sleep 0.5; echo survived) & sleep 0.1; "
+       "kill $!; wait $!; echo status $?"),
+    sh("usr2-from-subshell", "trap 'echo usr2' USR2; (kill -USR2 $$); sleep 0.2; echo end"),
     # more time and identity
     applet("date-epoch", "date", "-u", "-d", "@86400"),
     applet("usleep", "usleep", "100000"),

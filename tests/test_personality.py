@@ -42,6 +42,7 @@ class Guest:
 def guest(tmp_path):
     g = Guest(str(tmp_path))
     yield g
+    g.k.close()
     g.files.close_all()
 
 
