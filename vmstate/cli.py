@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_ERROR, EXIT_SIGNAL_BASE, FileMissingError, VmstateError, describe_error
+from .errors import (
+    EXIT_ERROR, EXIT_SIGNAL_BASE, EXIT_USAGE, FileMissingError, VmstateError, describe_error)
 from .units import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -102,9 +103,10 @@ def _save_options(image: Path, save_on_signal: bool, save_on_interrupt: bool,
                   max_downtime: float):
     from kvm_backend.session import SaveOptions
     if live and migrate_to is None:
-        _fail("--live needs --migrate-to HOST:PORT", EXIT_ERROR)
+        _fail("--live needs --migrate-to HOST:PORT", EXIT_USAGE)
     if not 0 < max_downtime <= 60_000:
-        _fail(f"--max-downtime {max_downtime:g}: must be between 0 and 60000 ms", EXIT_ERROR)
+        _fail(f"--max-downtime {max_downtime:g}: must be more than 0 and at most 60000 ms",
+              EXIT_USAGE)
     return SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
                        connect_timeout, live, max_downtime / 1000)
 
