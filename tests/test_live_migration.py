@@ -114,6 +114,31 @@ def test_live_migration_on_sigusr1(vmstate_cmd, counter, receivers, two_dirs):
                     receiver, receiver_dir)
 
 
+def test_a_restored_vm_migrates_live(vmstate_cmd, vmstate, counter, receivers, two_dirs):
+    """run (saved at step 100) -> restore --live, migrated on SIGUSR1 -> the receiver: one
+    sequence across three processes; round 0 sends the pages present in the image."""
+    import signal
+    from types import SimpleNamespace
+    sender_dir, receiver_dir = two_dirs
+    saved = vmstate("run", "--memory", "256M", counter, STEPS, SAVE_AT, 16, 64, cwd=sender_dir)
+    assert saved.returncode == 0, saved.stderr
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir)
+    restored = subprocess.Popen([vmstate_cmd, "restore", "--with-files", "--live",
+                                 "--save-on-signal", "--migrate-to",
+                                 f"127.0.0.1:{receiver.port}", "vm_image.sav"], cwd=sender_dir,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len((sender_dir / "sequence.txt").read_text().splitlines()) < SAVE_AT + 100:
+        assert time.monotonic() < deadline and restored.poll() is None, "no progress"
+        time.sleep(0.02)
+    restored.send_signal(signal.SIGUSR1)
+    out, err = restored.communicate(timeout=180)
+    round0 = next(line for line in err.decode().splitlines() if line.startswith("live: round 0"))
+    assert float(round0.split()[3]) >= 64            # the image's 64 MiB buffer was present
+    check_continued(SimpleNamespace(stdout=saved.stdout + out, stderr=err,
+                                    returncode=restored.returncode), receiver, receiver_dir)
+
+
 @pytest.fixture
 def namespaces():
     """Two network namespaces with random names, joined by a veth pair."""
@@ -365,3 +390,13 @@ def test_the_receivers_pace_counts_scattered_reads():
         while received < 10000:
             received += paced.recvmsg_into(buffers)[0]
         assert paced.received == 10000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--live"], "vmstate: --live needs --migrate-to HOST:PORT"),
+    (["--live", "--migrate-to", "127.0.0.1:9", "--max-downtime", "0"],
+     "vmstate: --max-downtime 0: must be more than 0 and at most 60000 ms")])
+def test_bad_live_options_are_usage_errors(vmstate, example, args, message):
+    result = vmstate("run", *args, example("hello"))
+    assert result.returncode == 2
+    assert result.stderr.decode() == message + "\n"

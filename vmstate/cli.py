@@ -17,7 +17,7 @@ from .units import parse_size
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_show_locals=False,
-                  help="Save, inspect, edit and migrate the state of small KVM virtual machines.")
+                  help="Save, inspect, edit and migrate the state of virtual machines.")
 
 DEFAULT_MEMORY = "64M"
 DEFAULT_IMAGE = "vm_image.sav"
@@ -157,7 +157,8 @@ def _save_options(image: Path, save_on_signal: bool, save_on_interrupt: bool,
     if live and migrate_to is None:
         raise UsageError("--live needs --migrate-to HOST:PORT")
     if not 0 < max_downtime <= 60_000:
-        raise UsageError(f"--max-downtime {max_downtime:g}: must be between 0 and 60000 ms")
+        raise UsageError(f"--max-downtime {max_downtime:g}: must be more than 0 and at most "
+                         "60000 ms")
     return SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
                        connect_timeout, live, max_downtime / 1000)
 
