@@ -22,9 +22,10 @@ USER_RW = PTE_P | PTE_RW | PTE_US
 FLUSH_SLOT, FLUSH_GPA = 1, machine.MAX_MEMORY + (1 << 30)   # far from memory and the doorbell
 
 
-def protect(vm, addr: int, length: int, prot: int) -> bool:
+def protect(vm, addr: int, length: int, prot: int, flush=None) -> bool:
     """Give [addr, addr+length) (page aligned, in user memory) the protection `prot`. False
-    if the page-table pool is exhausted (the range is then left as it was)."""
+    if the page-table pool is exhausted (the range is then left as it was). `flush(vm)`
+    makes the CPU see the new tables (default: flush_tlb, KVM's)."""
     wanted = 0 if not prot & (PROT_READ | PROT_WRITE | PROT_EXEC) else \
         PTE_P | PTE_US | (PTE_RW if prot & PROT_WRITE else 0)
     memory = vm.memory
@@ -53,7 +54,7 @@ def protect(vm, addr: int, length: int, prot: int) -> bool:
         changed = True
         page = end
     if changed:
-        flush_tlb(vm)
+        (flush or flush_tlb)(vm)
     return True
 
 
