@@ -136,6 +136,18 @@ class SoftCpu:
     def fork(self) -> int:
         return self.machine.fork()
 
+    def enter_fault(self) -> None:
+        """The guest faulted (outside any hook): load its registers for a signal handler."""
+        names = [name for name in REGISTER_IDS if name not in ("fs_base", "gs_base")]
+        self._values = dict(zip(names, self.uc.reg_read_batch([REGISTER_IDS[n] for n in names])))
+        self._dirty = {}
+
+    def leave_fault(self) -> None:
+        """Write back what the handler's entry changed, RIP as it is (no hook adds to it)."""
+        for name, value in self._dirty.items():
+            self.uc.reg_write(REGISTER_IDS[name], value)
+        self._dirty = {}
+
     def exec(self, host_path: str, argv: list[str], envp: list[str]):
         space, regs = self.machine.exec(host_path, argv, envp)
         for name in REGISTER_IDS:

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import signal
+import struct
 import sys
 from dataclasses import replace
 from types import SimpleNamespace
@@ -29,10 +30,10 @@ from kvm_backend.loader import inspect_program
 from kvm_backend.memory import GuestMemory
 from kvm_backend.stop import KICK_INTERVAL, StopRequest
 from kvm_backend.vm import (
-    Exited, Faulted, LiveSave, Outcome, SaveHandler, Saved, _end_child_process,
-    describe_fault, timing_mark)
+    SEGV_ACCERR, SEGV_MAPERR, Exited, Faulted, LiveSave, Outcome, SaveHandler, Saved,
+    _end_child_process, describe_fault, timing_mark)
 from linux_personality import (
-    CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested, snapshot)
+    CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested, signals, snapshot)
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.fdtable import FileTable
 from linux_personality.identity import Identity
@@ -267,9 +268,8 @@ class SoftMachine:
             return self._save(save, None)
         if self._budget:
             return self._save(save, None) if save is not None else None
-        fault = self._decoded_fault()
-        if fault is not None:                 # unicorn may end on a fault without a word
-            return fault
+        if self._takes_page_fault():          # unicorn may end on a fault without a word
+            return self._fault(14)
         if count or timeout_us:
             return None
         return self._fault(None)
@@ -372,30 +372,45 @@ class SoftMachine:
             self._exception = vector
         uc.emu_stop()
 
-    def _decoded_fault(self) -> Faulted | None:
-        """The page fault the instruction at RIP would take, if it would take one."""
+    def _takes_page_fault(self) -> bool:
+        """The instruction at RIP would take a page fault."""
+        rip, cr3 = self.uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_CR3])
+        return page_fault(self.memory.read_phys, self._read_register, cr3, rip,
+                          bool(self.template.sregs.efer & EFER_NXE)) is not None
+
+    def _fault(self, vector: int | None) -> Outcome | None:
+        """Report as KVM would, or (the guest handles the signal) enter its handler and go
+        on (None). Unicorn may report a page fault as vector 8, or stop with no reason:
+        both are decoded from the instruction and the page tables."""
         rip, rsp, cr3 = self.uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_RSP,
                                                 X.UC_X86_REG_CR3])
-        found = page_fault(self.memory.read_phys, self._read_register, cr3, rip,
-                           bool(self.template.sregs.efer & EFER_NXE))
-        return None if found is None else describe_fault(14, found[1], rip, rsp, True, found[0])
-
-    def _fault(self, vector: int | None) -> Faulted:
-        """Report as KVM would. Unicorn may report a page fault as vector 8, or stop with no
-        reason: both are decoded from the instruction and the page tables."""
-        regs = dict(zip(("rip", "rsp", "cr3"), self.uc.reg_read_batch(
-            [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_CR3])))
+        error_code, address = 0, rip
         if vector in (None, 8, 14):
-            found = page_fault(self.memory.read_phys, self._read_register, regs["cr3"],
-                               regs["rip"], bool(self.template.sregs.efer & EFER_NXE))
+            found = page_fault(self.memory.read_phys, self._read_register, cr3, rip,
+                               bool(self.template.sregs.efer & EFER_NXE))
+            if found is None and vector is None:
+                return Faulted(f"guest stopped at rip {rip:#x} for no reason the software "
+                               "CPU gave", x86.SIGSEGV)
             if found is not None:
-                return describe_fault(14, found[1], regs["rip"], regs["rsp"], True, found[0],
-                                      self.address_space.guard_page)
-            if vector is None:
-                return Faulted(f"guest stopped at rip {regs['rip']:#x} for no reason the "
-                               "software CPU gave", x86.SIGSEGV)
-        error_code = 0
-        return describe_fault(vector, error_code, regs["rip"], regs["rsp"], True, 0)
+                vector, (address, error_code) = 14, found
+        guard = self.address_space.guard_page if self.address_space else None
+        fault = describe_fault(vector, error_code, rip, rsp, True, address, guard)
+        if self._deliver_fault(fault, vector, error_code, address):
+            return None
+        return fault
+
+    def _deliver_fault(self, fault: Faulted, vector: int, error_code: int, address: int
+                       ) -> bool:
+        """As VirtualMachine._deliver_fault: a guest with a handler for the fault's signal
+        enters it, with the faulting address in its siginfo (RIP stays on the instruction)."""
+        if not signals.handles_fault(self._personality, fault.signal):
+            return False
+        code = (SEGV_ACCERR if error_code & 1 else SEGV_MAPERR) if vector == 14 else 0
+        self.cpu.enter_fault()
+        signals.enter_handler(self._personality, fault.signal,
+                              struct.pack("<iiiiQ", fault.signal, 0, code, 0, address))
+        self.cpu.leave_fault()
+        return True
 
     def _read_register(self, name: str) -> int:
         return self.uc.reg_read(getattr(X, f"UC_X86_REG_{name.upper()}"))

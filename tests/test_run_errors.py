@@ -195,6 +195,7 @@ def test_unusual_calls_get_linux_answers_and_the_vm_survives(vmstate, guest, tmp
         "after close: fstat = -9"]                              # EBADF: the check can fail
 
 
+@pytest.mark.both_cpus
 def test_stack_overflow_faults_on_the_guard_page(vmstate, guest):
     result = vmstate("run", guest("recurse"), timeout=60)
     assert result.returncode == 128 + 11
@@ -204,6 +205,7 @@ def test_stack_overflow_faults_on_the_guard_page(vmstate, guest):
     assert "the guard page below the stack: a stack overflow" in message
 
 
+@pytest.mark.both_cpus
 def test_a_sigsegv_handler_runs_on_a_guest_fault(vmstate, guest):
     """With a handler installed, a fault is delivered to it (with the faulting address in
     siginfo) and the guest goes on, as on Linux."""
@@ -212,6 +214,7 @@ def test_a_sigsegv_handler_runs_on_a_guest_fault(vmstate, guest):
     assert result.stdout == b"caught signal 11 at address 0x10\n"
 
 
+@pytest.mark.both_cpus
 def test_mprotect_is_enforced(vmstate, guest):
     """Read-only and PROT_NONE pages fault (the guest's SIGSEGV handler sees it), their
     neighbours do not, and read-write again works: the same lines as natively."""
