@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..errors import FormatError
+from ..qemu.prefetch import BackgroundMapping
 from .model import ArchSegment, ArchVcpu, Device, Machine, MemoryBlock
 from .registry import Format
 
@@ -50,13 +52,15 @@ def info(path: str, as_json: bool, instructions: int = 0) -> str:
 
 
 def split(path: str, core: str, xml: str) -> str:
+    mapped = BackgroundMapping(path, "QEMU stream", FormatError)   # before the imports
     from ..qemu.split import split_stream
-    return split_stream(path, core, xml)
+    return split_stream(path, core, xml, mapped)
 
 
 def join(core: str, xml: str, xml_data: bytes, output: str | None, symbols) -> str:
+    mapped = BackgroundMapping(core, "core file", FormatError)     # before the imports
     from ..qemu.join import join_stream
-    return join_stream(core, xml, xml_data, output, symbols)
+    return join_stream(core, xml, xml_data, output, symbols, mapped)
 
 
 FORMAT = Format("qemu-stream", "QEMU 7.2 migration stream", b"QEVM", "qemu-state", read, info,

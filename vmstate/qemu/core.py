@@ -15,8 +15,6 @@ as its own PT_LOAD(s), plus the vCPUs' notes, so gdb and crash-dump tools read i
 
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 from dataclasses import dataclass
 
@@ -25,13 +23,13 @@ import numpy as np
 from .. import elf, x86
 from ..atomic import atomic_output
 from ..errors import FormatError, VmstateError
-from ..fd import open_to_read
 from ..image.writer import pwrite_all
 from ..paging import Mapping, PageTables
 from . import cpu, layout
 from .description import encode_group
 from .directio import DirectWriter
 from .machine import placements
+from .prefetch import BackgroundMapping
 from .stream import QemuStream
 
 EM_386 = 3
@@ -250,16 +248,15 @@ def write_blocks(fd: int, stream: QemuStream, blocks: list[CoreBlock], digest_pa
 class QemuCore:
     """A core written by split from a QEMU stream, mapped read-only: its blocks' bytes."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, mapped: BackgroundMapping | None = None):
         self.path = path
-        fd = open_to_read(path, "core file", QemuCoreError)
-        try:
-            size = os.fstat(fd).st_size
-            if size < elf.EHDR.size:
-                raise self._error("too short for an ELF header: not a core", 0)
-            self.data = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ)
-        finally:
-            os.close(fd)
+        if mapped is None:
+            mapped = BackgroundMapping(path, "core file", QemuCoreError)
+        self.data = mapped.result()
+        if len(self.data) < elf.EHDR.size:
+            if self.data:
+                self.data.close()
+            raise self._error("too short for an ELF header: not a core", 0)
         try:
             self.digest, self.blocks = self._read()
         except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,10 +19,11 @@ import xxhash
 from ..atomic import atomic_output
 from ..errors import VmstateError
 from . import cpu, layout
-from .core import QemuCore
-from .directio import DirectWriter
+from .core import QemuCore, QemuCoreError
 from .description import Decoder, DescriptionError, Leaf, leaves
+from .directio import DirectWriter
 from .machine import placements
+from .prefetch import BackgroundMapping
 from .statexml import StateDocument, format_leaf, from_xml
 from .stream import QemuStream, changed_pages, write_stream
 
@@ -38,32 +40,47 @@ class JoinResult:
 
 
 def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | None,
-                symbols=None) -> str:
-    """Validate, summarise and (unless output is None) write the joined stream."""
+                symbols=None, mapped_core: BackgroundMapping | None = None) -> str:
+    """Validate, summarise and (unless output is None) write the joined stream.
+    `mapped_core`: the core's mapping, if the caller started it (prefetch)."""
+    if mapped_core is None:
+        mapped_core = BackgroundMapping(core_path, "core file", QemuCoreError)
     document = from_xml(xml_data, xml_path)
     stream = document.stream
-    with QemuCore(core_path) as core:
+    with QemuCore(core_path, mapped_core) as core:
         _check_matches(core, document, core_path, xml_path)
         _check_complete(core, stream, xml_path)
         memory = [core.block_memory(block.name) for block in stream.blocks]
         try:
             result = JoinResult()
             _device_changes(core, document, result)
-            _page_changes(stream, memory, document.provenance.page_digests, result)
+            digests = document.provenance.page_digests
+            if output is None:
+                _page_changes(stream, memory, digests, result)
+            else:
+                _write_finding_page_changes(output, stream, memory, digests, result)
             result.page_changes = [(block, offset, physical,
                                     core.virtual_addresses(physical) if physical is not None
                                     else []) for block, offset, physical, _ in result.page_changes]
             summary = render_summary(result, stream.machine, symbols)
-            if output is not None:
-                try:
-                    with atomic_output(output) as f, DirectWriter(f.fileno()) as out:
-                        write_stream(out, stream, memory)
-                        out.finish()
-                except OSError as e:
-                    raise JoinError(f"cannot write {output}: {e.strerror}") from None
         finally:
             memory.clear()          # the arrays borrow the core's mapping
     return summary
+
+
+def _write_finding_page_changes(output: str, stream: QemuStream, memory, digests: bytes,
+                                result: JoinResult) -> None:
+    """Write the joined stream while a thread hashes the pages to find the changed ones (the
+    hashing runs while the writes wait on the disk); an error in either leaves no output."""
+    try:
+        with atomic_output(output) as f, DirectWriter(f.fileno()) as out, \
+                ThreadPoolExecutor(1, thread_name_prefix="page-changes") as pool:
+            changes = pool.submit(_page_changes, stream, memory, digests, result)
+            write_stream(out, stream, memory)
+            out.finish()
+            changes.result()
+    except OSError as e:
+        raise JoinError(f"cannot write {output}: {e.strerror}") from None
 
 
 def _check_matches(core: QemuCore, document: StateDocument, core_path: str, xml_path: str):

@@ -14,6 +14,7 @@ from . import cpu, layout
 from .core import QemuCore, guest_mappings, plan_core, write_core_file
 from .description import encode_group, leaves
 from .machine import placements
+from .prefetch import BackgroundMapping
 from .statexml import Provenance, to_xml
 from .stream import QemuStream, StreamError, open_stream
 
@@ -81,11 +82,13 @@ class StreamMemory:
         return bytes(self.stream.page_payloads(run)[page - run.first_page][within:within + length])
 
 
-def split_stream(path: str, core_path: str, xml_path: str) -> str:
+def split_stream(path: str, core_path: str, xml_path: str,
+                 mapped: BackgroundMapping | None = None) -> str:
+    """`mapped`: the stream's mapping, if the caller started it (prefetch)."""
     for output in (core_path, xml_path):
         if os.path.exists(output) and os.path.samefile(output, path):
             raise VmstateError(f"{output}: is the input stream; choose another output name")
-    with open_stream(path) as stream:
+    with open_stream(path, mapped) as stream:
         views = vcpu_views(stream)
         digest = stream_digest(stream)
         mappings = guest_mappings(stream, views[0], StreamMemory(stream).read_phys)

@@ -17,15 +17,14 @@ from __future__ import annotations
 import itertools
 import json
 import mmap
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import FormatError
-from ..fd import open_to_read
 from . import layout
 from .description import Decoder, DescriptionError, Group, encode_group
+from .prefetch import BackgroundMapping
 
 
 class StreamError(FormatError):
@@ -107,15 +106,12 @@ class QemuStream:
 
 # -- reading ------------------------------------------------------------------------------------
 
-def open_stream(path: str) -> QemuStream:
-    """Map and parse the stream at `path` (refused with a one-line StreamError if bad)."""
-    fd = open_to_read(path, "QEMU stream", StreamError)
-    try:
-        size = os.fstat(fd).st_size
-        data = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ) \
-            if size else b""
-    finally:
-        os.close(fd)
+def open_stream(path: str, mapped: BackgroundMapping | None = None) -> QemuStream:
+    """Map and parse the stream at `path` (refused with a one-line StreamError if bad); its
+    mapping is `mapped`'s where the caller started it early."""
+    if mapped is None:
+        mapped = BackgroundMapping(path, "QEMU stream", StreamError)
+    data = mapped.result()
     try:
         return read_stream(path, data)
     except BaseException:
