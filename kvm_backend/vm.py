@@ -32,7 +32,8 @@ from linux_personality.identity import Identity
 from linux_personality.signals import SignalState
 
 from . import abi, machine, vcpu_state
-from .kvm import HltExit, InterruptedExit, Kvm, KvmUnavailable, MmioExit, ShutdownExit, Vcpu
+from .kvm import (
+    HltExit, InterruptedExit, Kvm, KvmIoctlError, KvmUnavailable, MmioExit, ShutdownExit, Vcpu)
 from .memory import GuestMemory
 from .stop import StopRequest
 
@@ -357,8 +358,11 @@ class VirtualMachine:
         vcpu_state.segment_to_kvm(ss_user, sregs.ss)
         run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
         self.vcpu.set_mp_state(abi.KVM_MP_STATE_RUNNABLE)
-        signals.enter_handler(syscalls, fault.signal,
-                              struct.pack("<iiiiQ", fault.signal, 0, code, 0, address))
+        try:
+            signals.enter_handler(syscalls, fault.signal,
+                                  struct.pack("<iiiiQ", fault.signal, 0, code, 0, address))
+        except GuestKilled:           # no room for the handler's frame: the fault ends the run
+            return False
         return True
 
     def _fault(self) -> Faulted:
@@ -588,7 +592,12 @@ class KvmCpu:
         return self.vm.vcpu.get_xsave(self.vm.xsave_size())
 
     def write_fpu(self, data: bytes) -> None:
-        self.vm.vcpu.set_xsave(data)
+        """GuestKilled(SIGSEGV) if KVM refuses the state (a signal frame the guest corrupted:
+        Linux's rt_sigreturn kills the process then too)."""
+        try:
+            self.vm.vcpu.set_xsave(data)
+        except KvmIoctlError:
+            raise GuestKilled(signal.SIGSEGV) from None
 
     def fork(self) -> int:
         from .guest_process import fork_vm

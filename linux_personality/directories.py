@@ -116,10 +116,16 @@ def sys_link(k, old, new):
 
 @syscall(265, "linkat", "dirfd path dirfd path hex")
 def sys_linkat(k, old_dirfd, old, new_dirfd, new, flags):
-    with k.namespace.at(k.resolve(old_dirfd, old)) as (old_fd, old_name), \
-            k.namespace.at(k.resolve(new_dirfd, new)) as (new_fd, new_name):
-        os.link(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd,
-                follow_symlinks=bool(flags & AT_SYMLINK_FOLLOW))
+    """With AT_SYMLINK_FOLLOW the old path's final symlink is followed inside the root (the
+    host link then goes through /proc/self/fd, which names the resolved file)."""
+    with k.namespace.at(k.resolve(new_dirfd, new)) as (new_fd, new_name):
+        if flags & AT_SYMLINK_FOLLOW:
+            with k.namespace.followed(k.resolve(old_dirfd, old)) as old_path:
+                os.link(old_path, new_name, dst_dir_fd=new_fd, follow_symlinks=True)
+        else:
+            with k.namespace.at(k.resolve(old_dirfd, old)) as (old_fd, old_name):
+                os.link(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd,
+                        follow_symlinks=False)
     return 0
 
 

@@ -16,6 +16,7 @@ from .table import signed32, signed64, syscall
 from .trace import AT_FDCWD
 
 AT_SYMLINK_NOFOLLOW, AT_REMOVEDIR, AT_EACCESS, AT_EMPTY_PATH = 0x100, 0x200, 0x200, 0x1000
+HOST_AT_FDCWD = -100             # the VMM's own cwd: only absolute host paths are passed with it
 MAX_IO = 0x7FFFF000          # Linux caps one read or write at this many bytes
 STATX = struct.Struct("<IIQIIIHxxQQQQ" + "qIi" * 4 + "IIII112x")
 STATX_BASIC_STATS = 0x7FF
@@ -73,8 +74,19 @@ def sys_writev(k, fd, iov, count):
     host_fd = k.host_fd(fd)
     views = k.iovecs(iov, count, writable=False)
     if k.max_file_size is not None:
-        return os.write(host_fd, k.limit_file_size(host_fd, b"".join(views)))
+        views = _first_bytes(views, k.file_size_room(host_fd, sum(len(v) for v in views)))
     return os.writev(host_fd, views)
+
+
+def _first_bytes(views: list[memoryview], count: int) -> list[memoryview]:
+    """The first `count` bytes of the buffers, as views (nothing copied)."""
+    kept = []
+    for view in views:
+        if count <= 0:
+            break
+        kept.append(view[:count])
+        count -= len(kept[-1])
+    return kept
 
 
 @syscall(2, "open", "path oflags mode")
@@ -94,7 +106,9 @@ def sys_openat(k, dirfd, path, flags, mode):
     if guest_path.startswith(PROC_SELF_FD):
         return _reopen_guest_fd(k, guest_path[len(PROC_SELF_FD):], flags)
     if guest_path == PROC_SELF_EXE:
-        return k.files.open_host(k.program, flags)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise error(errno.ETXTBSY)                # a running program is not written
+        return k.files.open_host(k.program_host_path(), flags)
     fifo_fd = _open_fifo(k, guest_path, flags)
     if fifo_fd is not None:
         return k.files.adopt(guest_path, fifo_fd, flags, 0)
@@ -292,7 +306,7 @@ def sys_faccessat2(k, dirfd, path, mode, flags):
         raise error(errno.EINVAL)
     guest_path = k.resolve(dirfd, path)
     if guest_path == PROC_SELF_EXE:
-        return 0 if os.access(k.program, mode) else -errno.EACCES
+        return 0 if os.access(k.program_host_path(), mode) else -errno.EACCES
     host_fd = k.namespace.open(guest_path, os.O_PATH | (
         os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0))
     try:
@@ -331,8 +345,12 @@ def _chown(k, dirfd, path, uid, gid, flags) -> int:
     if flags & AT_EMPTY_PATH and k.path(path) == "":
         os.fchown(k.host_fd(dirfd), uid, gid)
         return 0
-    with k.namespace.at(k.resolve(dirfd, path)) as (dir_fd, name):
-        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=not flags & AT_SYMLINK_NOFOLLOW)
+    if flags & AT_SYMLINK_NOFOLLOW:
+        with k.namespace.at(k.resolve(dirfd, path)) as (dir_fd, name):
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    else:
+        with k.namespace.followed(k.resolve(dirfd, path)) as host_path:
+            os.chown(host_path, uid, gid)
     return 0
 
 
@@ -364,7 +382,10 @@ def sys_utimensat(k, dirfd, path, times, flags):
     if not path:
         result = _libc.utimensat(k.host_fd(dirfd), None, buffer, 0)
     else:
-        with k.namespace.at(k.resolve(dirfd, path)) as (dir_fd, name):
-            result = _libc.utimensat(dir_fd, os.fsencode(name), buffer,
-                                     flags & AT_SYMLINK_NOFOLLOW)
+        if flags & AT_SYMLINK_NOFOLLOW:
+            with k.namespace.at(k.resolve(dirfd, path)) as (dir_fd, name):
+                result = _libc.utimensat(dir_fd, os.fsencode(name), buffer, AT_SYMLINK_NOFOLLOW)
+        else:
+            with k.namespace.followed(k.resolve(dirfd, path)) as host_path:
+                result = _libc.utimensat(HOST_AT_FDCWD, os.fsencode(host_path), buffer, 0)
     return 0 if result == 0 else -ctypes.get_errno()

@@ -42,7 +42,10 @@ class Personality:
                  identity: Identity | None = None, signals: SignalState | None = None,
                  reserved_signals=()):
         self.cpu = cpu
+        self.files = files
+        self.namespace = files.namespace
         self.program = program
+        self.program_fd = self._open_program()
         self.pid, self.parent_pid = GUEST_PID, 0
         self.root_pid, self.root_host_pid = GUEST_PID, os.getpid()   # the first process
         self.identity = identity or Identity()
@@ -54,8 +57,6 @@ class Personality:
         self._mirror_handlers()
         self.max_processes = MAX_PROCESSES
         self.memory: GuestMemory = cpu.memory
-        self.files = files
-        self.namespace = files.namespace
         self.address_space = address_space
         self.trace = trace
         self.stop_fd = stop_fd
@@ -173,27 +174,58 @@ class Personality:
     def limit_file_size(self, host_fd: int, data, offset: int | None = None):
         """`data` cut to what --max-file-size lets a write at `offset` (default: the fd's
         position) put in the file; EFBIG if nothing fits, as with RLIMIT_FSIZE."""
+        return data[:self.file_size_room(host_fd, len(data), offset)]
+
+    def file_size_room(self, host_fd: int, length: int, offset: int | None = None) -> int:
+        """How many of `length` bytes --max-file-size lets a write at `offset` (default: the
+        fd's position) put in the file; EFBIG if none fits, as with RLIMIT_FSIZE."""
         if self.max_file_size is None:
-            return data
+            return length
         mode = os.fstat(host_fd)
         if not stat.S_ISREG(mode.st_mode):
-            return data
+            return length
         if offset is None:
             appending = fcntl.fcntl(host_fd, fcntl.F_GETFL) & os.O_APPEND
             offset = mode.st_size if appending else os.lseek(host_fd, 0, os.SEEK_CUR)
         room = self.max_file_size - offset
-        if room <= 0 and len(data):
+        if room <= 0 and length:
             raise error(errno.EFBIG)
-        return data[:room]
+        return min(max(room, 0), length)
+
+    def _open_program(self) -> int | None:
+        """An O_PATH fd of the program, what /proc/self/exe names for as long as it runs.
+        Taken before the guest runs, and a program under the root is resolved inside it, so
+        a symlink the guest puts in its place cannot lead /proc/self/exe out of the root.
+        None if the program cannot be found (/proc/self/exe is then ENOENT)."""
+        if not self.program:
+            return None
+        host_path = os.path.abspath(self.program)
+        inside = self.namespace.guest_path_of(host_path)
+        try:
+            if inside is not None:
+                return self.namespace.open(inside, os.O_PATH)
+            return os.open(host_path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+    def exec_program(self, host_fd: int, host_path: str) -> None:
+        """After execve: the new program is `host_fd` (resolved inside the root)."""
+        if self.program_fd is not None:
+            os.close(self.program_fd)
+        self.program_fd = os.open(f"/proc/self/fd/{host_fd}", os.O_PATH | os.O_CLOEXEC)
+        self.program = host_path
+
+    def program_host_path(self) -> str:
+        """A host path of the program itself (/proc/self/fd/N of its O_PATH fd)."""
+        if self.program_fd is None:
+            raise OSError(errno.ENOENT, "the program is gone")
+        return f"/proc/self/fd/{self.program_fd}"
 
     def program_guest_path(self) -> str:
         """/proc/self/exe: the program's path in the guest's namespace, if it lies inside the
         root, else its host path."""
-        host_fd = os.open(self.program, os.O_PATH | os.O_CLOEXEC)
-        try:
-            return self.namespace.guest_path(host_fd) or os.path.abspath(self.program)
-        finally:
-            os.close(host_fd)
+        inside = None if self.program_fd is None else self.namespace.guest_path(self.program_fd)
+        return inside or os.path.abspath(self.program)
 
     def fd_guest_path(self, fd: int) -> str:
         guest_file = self.files.get(fd)
@@ -216,7 +248,7 @@ class Personality:
     def become_child_process(self) -> None:
         """After a fork, in the child: a wake-up pipe of its own, and the guest's handlers on
         every signal (the parent's VMM kept some for itself)."""
-        self.close()
+        self._close_wake_pipe()
         self.signal_wake_fd, self._signal_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.reserved_signals = frozenset()
         self._mirror_handlers()
@@ -233,5 +265,11 @@ class Personality:
             pass
 
     def close(self) -> None:
+        self._close_wake_pipe()
+        if self.program_fd is not None:
+            os.close(self.program_fd)
+            self.program_fd = None
+
+    def _close_wake_pipe(self) -> None:
         os.close(self.signal_wake_fd)
         os.close(self._signal_wake_w)

@@ -122,13 +122,30 @@ class Namespace:
 
     def guest_path(self, host_fd: int) -> str | None:
         """The guest path of an open host fd, or None if it lies outside the root."""
-        real = os.readlink(f"/proc/self/fd/{host_fd}")
+        return self.guest_path_of(os.readlink(f"/proc/self/fd/{host_fd}"))
+
+    def guest_path_of(self, real: str) -> str | None:
+        """The guest path of the absolute host path `real` (compared as text, nothing
+        followed), or None if it does not lie under the root."""
         if real == self.root_real:
             return "/"
         prefix = self.root_real.rstrip("/") + "/"
         if real.startswith(prefix) and not real.endswith(" (deleted)"):
             return "/" + real[len(prefix):]
         return None
+
+    @contextlib.contextmanager
+    def followed(self, path: str):
+        """A host path naming what the guest path names, a final symlink followed inside the
+        root: for calls whose host form would follow it from the host's own / (chown,
+        utimensat, linkat). It is /proc/self/fd/N of an O_PATH fd opened with
+        RESOLVE_IN_ROOT, valid inside the block; the host call follows that magic link to the
+        file already resolved. (Without following, `at` is safe: the host does not follow.)"""
+        host_fd = self.open(path, os.O_PATH)
+        try:
+            yield f"/proc/self/fd/{host_fd}"
+        finally:
+            os.close(host_fd)
 
     @contextlib.contextmanager
     def at(self, path: str):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -21,6 +22,9 @@ CLONE_VM, CLONE_VFORK, CLONE_THREAD = 0x100, 0x4000, 0x10000
 CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x200000, 0x1000000
 WNOHANG, WUNTRACED, WCONTINUED, __WALL = 1, 2, 8, 0x40000000
 MAX_ARG_STRINGS, MAX_ARG_STRLEN = 1 << 16, 32 * 4096
+MAX_GUEST_PROCESSES = 256         # processes in one VM's tree at a time (fork: EAGAIN past it)
+PR_SET_CHILD_SUBREAPER = 36
+MAX_ARG_TOTAL = 2 << 20           # argv + envp: a quarter of the default 8 MiB stack limit
 RUSAGE_SIZE = 144
 SHEBANG_MAX = 256
 MAX_INTERPRETERS = 4
@@ -130,8 +134,11 @@ def sys_clone(k, flags, stack, parent_tid, child_tid, tls):
 
 
 def _fork(k) -> int:
-    if len(k.children) >= k.max_processes:
+    if len(k.children) >= k.max_processes \
+            or guest_process_count(k.root_host_pid) >= MAX_GUEST_PROCESSES:
         return -errno.EAGAIN
+    if os.getpid() == k.root_host_pid:
+        _adopt_orphans()
     k.cpu.return_to_user(0)            # the state the child starts from
     child = k.cpu.fork()
     if child == 0:
@@ -142,6 +149,39 @@ def _fork(k) -> int:
         return 0
     k.children.add(child)
     return child
+
+
+def _adopt_orphans() -> None:
+    """Make the first guest process's VMM the subreaper of the guest's processes, so that one
+    whose parent ended stays in its tree (and in guest_process_count)."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise error(ctypes.get_errno())
+
+
+def guest_process_count(root_host_pid: int) -> int:
+    """The live processes (zombies not counted) of one VM's tree: the VMM processes that
+    descend from its first one, read from /proc. A fork costs one scan of /proc; nothing
+    has to be returned when a process dies, however it dies."""
+    parents, zombies = {}, set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue                            # it ended meanwhile
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        if fields[0] == b"Z":
+            zombies.add(pid)
+    count = 0
+    for pid in parents.keys() - zombies:
+        ancestor = pid
+        while ancestor > 1 and ancestor != root_host_pid:
+            ancestor = parents.get(ancestor, 0)
+        count += ancestor == root_host_pid
+    return count
 
 
 @syscall(59, "execve", "path ptr ptr")
@@ -157,7 +197,7 @@ def sys_execveat(k, dirfd, path, argv, envp, flags):
 def _execve(k, dirfd, path, argv_addr, envp_addr, flags) -> int:
     guest_path = k.resolve(dirfd, path)
     argv = _string_array(k, argv_addr)
-    envp = _string_array(k, envp_addr)
+    envp = _string_array(k, envp_addr, MAX_ARG_TOTAL - _strings_size(argv))
     for _ in range(MAX_INTERPRETERS):
         interpreter = _script_interpreter(k, guest_path)
         if interpreter is None:
@@ -172,9 +212,9 @@ def _execve(k, dirfd, path, argv_addr, envp_addr, flags) -> int:
         if not stat.S_ISREG(mode) or not os.access(f"/proc/self/fd/{host_fd}", os.X_OK):
             raise error(errno.EACCES)
         k.address_space = k.cpu.exec(f"/proc/self/fd/{host_fd}", argv or [guest_path], envp)
+        k.exec_program(host_fd, k.namespace.host_path(guest_path))
     finally:
         os.close(host_fd)
-    k.program = k.namespace.host_path(guest_path)
     k.files.close_on_exec()
     handled = list(k.signals.actions)
     k.signals.reset_on_exec()
@@ -200,7 +240,11 @@ def _script_interpreter(k, guest_path: str) -> list[str] | None:
     return [interpreter, argument] if argument else [interpreter]
 
 
-def _string_array(k, addr: int) -> list[str]:
+def _string_array(k, addr: int, room: int = MAX_ARG_TOTAL) -> list[str]:
+    """A NULL-terminated array of strings in guest memory. E2BIG past MAX_ARG_STRINGS
+    strings or `room` bytes in all (pointers and terminating NULs counted, as Linux counts
+    them against its limit of a quarter of the stack), so a guest cannot make the VMM hold
+    more than that."""
     if not addr:
         return []
     strings = []
@@ -208,8 +252,16 @@ def _string_array(k, addr: int) -> list[str]:
         pointer = int.from_bytes(k.memory.read(addr + 8 * len(strings), 8), "little")
         if not pointer:
             return strings
-        strings.append(os.fsdecode(k.memory.read_cstring(pointer, MAX_ARG_STRLEN)))
+        raw = k.memory.read_cstring(pointer, MAX_ARG_STRLEN)
+        room -= len(raw) + 1 + 8
+        if room < 0:
+            break
+        strings.append(os.fsdecode(raw))
     raise error(errno.E2BIG)
+
+
+def _strings_size(strings: list[str]) -> int:
+    return sum(len(os.fsencode(text)) + 1 + 8 for text in strings)
 
 
 @syscall(61, "wait4", "int ptr hex ptr")

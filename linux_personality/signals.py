@@ -19,6 +19,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from .cpu import GuestFault
 from .paths import error
 from .stops import CallInterrupted, ContextReplaced, GuestKilled
 from .table import signed32, syscall
@@ -214,9 +215,12 @@ def enter_handler(k, sig: int, siginfo: bytes) -> None:
     old_mask = state.blocked if state.suspended_mask is None else state.suspended_mask
     ucontext = UCONTEXT.pack(0, 0, state.altstack, *regs, USER_CS, 0, 0, USER_SS, 0, 0,
                              old_mask, 0, fpu_addr, old_mask)
-    k.memory.write(fpu_addr, fpu)
-    k.memory.write(frame, struct.pack("<Q", restorer) + ucontext
-                   + siginfo.ljust(SIGINFO_SIZE, b"\0"))
+    try:
+        k.memory.write(fpu_addr, fpu)
+        k.memory.write(frame, struct.pack("<Q", restorer) + ucontext
+                       + siginfo.ljust(SIGINFO_SIZE, b"\0"))
+    except GuestFault:            # no room for the frame (a bad alternate stack, say): as Linux
+        raise GuestKilled(signal.SIGSEGV) from None     # does, the process dies by SIGSEGV
     state.suspended_mask = None
     state.blocked = (old_mask | mask | (0 if flags & SA_NODEFER else 1 << (sig - 1))) \
         & ~UNBLOCKABLE

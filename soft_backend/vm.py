@@ -407,9 +407,13 @@ class SoftMachine:
             return False
         code = (SEGV_ACCERR if error_code & 1 else SEGV_MAPERR) if vector == 14 else 0
         self.cpu.enter_fault()
-        signals.enter_handler(self._personality, fault.signal,
-                              struct.pack("<iiiiQ", fault.signal, 0, code, 0, address))
-        self.cpu.leave_fault()
+        try:
+            signals.enter_handler(self._personality, fault.signal,
+                                  struct.pack("<iiiiQ", fault.signal, 0, code, 0, address))
+        except GuestKilled:           # no room for the handler's frame: the fault ends the run
+            return False
+        finally:
+            self.cpu.leave_fault()
         return True
 
     def _read_register(self, name: str) -> int:
