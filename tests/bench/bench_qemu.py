@@ -1,8 +1,10 @@
 """split and join of a QEMU 7.2 stream of a 1 GiB guest whose RAM is all written, as whole
-commands, against copying the same stream in the same run: `cp`, and `cp` plus fsync (split
-and join fsync their outputs before renaming them into place). Runs are interleaved so that
-load from other processes falls on all of them alike. Run with `make bench`."""
+commands, against copying the same stream in the same run: `cp`, `cp --sparse=always`, and `cp`
+plus fsync (split and join fsync their outputs before renaming them into place; plain cp leaves
+its copy in the page cache). Runs are interleaved so that load from other processes falls on
+all of them alike; the load average is printed with the figures. Run with `make bench`."""
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -18,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
 import qemu_vm  # noqa: E402
 
-RUNS = 5
+RUNS = 7
 
 
 def seconds(command, cwd) -> float:
@@ -33,26 +35,39 @@ def test_split_and_join_of_a_1g_all_written_guest(vmstate_cmd, tmp_path):
     qemu_vm.save_running_guest(tmp_path / "vm.state", "pc", "1G", tmp_path / "serial.log",
                                fill=True)
     size = (tmp_path / "vm.state").stat().st_size
-    cp, cp_sync, split, join = [], [], [], []
-    for _ in range(RUNS):
-        cp.append(seconds(["sh", "-c", "cp vm.state copy.new && mv copy.new copy.state"],
-                          tmp_path))
-        cp_sync.append(seconds(["sh", "-c", "cp vm.state copy.new && sync copy.new && "
-                                "mv copy.new copy.state"], tmp_path))
-        split.append(seconds([vmstate_cmd, "split", "vm.state"], tmp_path))
-        join.append(seconds([vmstate_cmd, "join", "vm.core", "hw.xml", "-o", "new.state"],
-                            tmp_path))
+    cp, cp_sparse, cp_sync, split, join = [], [], [], [], []
+    # Each round runs these steps, starting one step later than the round before, so that
+    # no command always runs right after the same one. join always follows a split (it reads
+    # the core split has just written around the page cache).
+    steps = [
+        [(cp, ["sh", "-c", "cp vm.state copy.new && mv copy.new copy.state"])],
+        [(cp_sparse, ["sh", "-c", "cp --sparse=always vm.state copy.new && "
+                      "mv copy.new copy.state"])],
+        [(cp_sync, ["sh", "-c", "cp vm.state copy.new && sync copy.new && "
+                    "mv copy.new copy.state"])],
+        [(split, [vmstate_cmd, "split", "vm.state"]),
+         (join, [vmstate_cmd, "join", "vm.core", "hw.xml", "-o", "new.state"])]]
+    for round_ in range(RUNS):
+        for step in steps[round_ % len(steps):] + steps[:round_ % len(steps)]:
+            for times, command in step:
+                times.append(seconds(command, tmp_path))
     same = (tmp_path / "new.state").read_bytes() == (tmp_path / "vm.state").read_bytes()
-    cp, cp_sync, split, join = (statistics.median(x) for x in (cp, cp_sync, split, join))
+    load = os.getloadavg()
+    cp, cp_sparse, cp_sync, split, join = (statistics.median(x) for x in
+                                           (cp, cp_sparse, cp_sync, split, join))
     gib = size / (1 << 30)
     report(f"QEMU pc stream, 1 GiB guest, all RAM written ({size / 1e9:.2f} GB; medians of "
-           f"{RUNS}, whole commands)", [
+           f"{RUNS}, whole commands; load average {load[0]:.1f} {load[1]:.1f} "
+           f"{load[2]:.1f} on {os.cpu_count()} CPUs)", [
         ("vmstate split", f"{split * 1e3:.0f} ms, {gib / split:.2f} GiB/s"),
         ("vmstate join", f"{join * 1e3:.0f} ms, {gib / join:.2f} GiB/s"),
         ("baseline: cp of the stream", f"{cp * 1e3:.0f} ms, {gib / cp:.2f} GiB/s"),
+        ("baseline: cp --sparse=always of the stream", f"{cp_sparse * 1e3:.0f} ms"),
         ("baseline: cp + sync of the copy", f"{cp_sync * 1e3:.0f} ms"),
         ("split time / cp time", f"{split / cp:.2f}"),
         ("join time / cp time", f"{join / cp:.2f}"),
+        ("split time / cp --sparse=always time", f"{split / cp_sparse:.2f}"),
+        ("join time / cp --sparse=always time", f"{join / cp_sparse:.2f}"),
         ("split time / (cp + sync) time", f"{split / cp_sync:.2f}"),
         ("join time / (cp + sync) time", f"{join / cp_sync:.2f}"),
         ("join(split(stream)) == stream", "yes" if same else "NO")])

@@ -227,16 +227,16 @@ def guest_mappings(stream: QemuStream, view: cpu.VcpuView, read_phys) -> list[Ma
 
 # -- writing (split) -------------------------------------------------------------------------
 
-def write_blocks(fd: int, stream: QemuStream, blocks: list[CoreBlock], digest_page) -> None:
+def write_blocks(fd: int, stream: QemuStream, blocks: list[CoreBlock], digest_pages) -> None:
     """Every PAGE record's bytes to its block's place in the core, gathered from the mapped
-    stream in bulk, and non-zero fills; ZERO pages stay holes. `digest_page(view)` sees each
-    stored page once, in stream order."""
+    stream in bulk, and non-zero fills; ZERO pages stay holes. `digest_pages(views)` sees every
+    stored page once, in stream order (in a thread of its own)."""
     with DirectWriter(fd) as out:
         for section in stream.sections:
             for run in section.runs:
                 start = blocks[run.block].offset + run.first_page * layout.PAGE_SIZE
                 if not run.zero:
-                    out.write_pages_at(stream.page_payloads(run), start, digest_page)
+                    out.write_pages_at(stream.page_payloads(run), start, digest_pages)
                 elif run.fill:
                     fill = np.broadcast_to(np.uint8(run.fill), (run.count, layout.PAGE_SIZE))
                     out.write_pages_at(fill, start)
@@ -347,12 +347,12 @@ class QemuCore:
         self.close()
 
 
-def write_core_file(path: str, plan: CorePlan, stream: QemuStream, digest_page) -> None:
+def write_core_file(path: str, plan: CorePlan, stream: QemuStream, digest_pages) -> None:
     """Write the core atomically: it gets its name only once complete."""
     try:
         with atomic_output(path) as f:
             f.truncate(plan.file_size)
             pwrite_all(f.fileno(), plan.header, 0)
-            write_blocks(f.fileno(), stream, plan.blocks, digest_page)
+            write_blocks(f.fileno(), stream, plan.blocks, digest_pages)
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None

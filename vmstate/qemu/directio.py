@@ -21,6 +21,12 @@ BUFFER_BYTES = 32 << 20
 ALIGN = 4096
 
 
+def _page_views(staged: memoryview, size: int):
+    """One view per `size` bytes of `staged`, made as they are consumed."""
+    return map(staged.__getitem__, map(slice, range(0, len(staged), size),
+                                       range(size, len(staged) + size, size)))
+
+
 class DirectWriter:
     """One output file descriptor and its aligned staging buffers. Positional writes of page
     multiples (`write_pages_at`, then `drain`) and a sequential stream of any bytes (`write`,
@@ -36,9 +42,10 @@ class DirectWriter:
             self.direct = False
         self.areas = [mmap.mmap(-1, BUFFER_BYTES) for _ in range(2)]
         self.buffers = [np.frombuffer(area, dtype=np.uint8) for area in self.areas]
-        self.pending = [None, None]
+        self.pending: list[list] = [[], []]       # futures still using each buffer
         self.current = 0
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="direct-write")
+        self.inspector = ThreadPoolExecutor(1, thread_name_prefix="inspect-pages")
         self.position = position      # file offset of the staging buffer's first byte
         self.filled = 0
 
@@ -50,16 +57,26 @@ class DirectWriter:
     def buffer(self) -> np.ndarray:
         return self.buffers[self.current]
 
-    def _submit(self, length: int, offset: int) -> None:
-        """Hand the staging buffer to the writer thread; stage into the other one next."""
-        self.pending[self.current] = self.writer.submit(self._pwrite, self.areas[self.current],
-                                                        length, offset)
+    def _submit(self, length: int, offset: int, inspect=None) -> None:
+        """Hand the staging buffer to the writer thread, and to `inspect(view)` in the
+        inspector thread (if given; it reads the buffer while it is written); stage into the
+        other one next."""
+        area = self.areas[self.current]
+        pending = self.pending[self.current]
+        pending.append(self.writer.submit(self._pwrite, area, length, offset))
+        if inspect is not None:
+            pending.append(self.inspector.submit(self._inspect, inspect, area, length))
         self.current ^= 1
         self._wait(self.current)
 
+    @staticmethod
+    def _inspect(inspect, area: mmap.mmap, length: int) -> None:
+        with memoryview(area) as view:
+            inspect(view[:length])
+
     def _wait(self, index: int) -> None:
-        future, self.pending[index] = self.pending[index], None
-        if future is not None:
+        futures, self.pending[index] = self.pending[index], []
+        for future in futures:
             future.result()
 
     def drain(self) -> None:
@@ -85,21 +102,19 @@ class DirectWriter:
 
     # -- positional: whole pages at page-aligned offsets (the core) --
 
-    def write_pages_at(self, pages: np.ndarray, offset: int, each_page=None) -> None:
-        """Write a (count, 4096) array of pages (any strides) at `offset`; `each_page` sees
-        every page as it is staged."""
-        per_buffer = BUFFER_BYTES // pages.shape[1]
+    def write_pages_at(self, pages: np.ndarray, offset: int, each_pages=None) -> None:
+        """Write a (count, 4096) array of pages (any strides) at `offset`. `each_pages(views)`
+        sees the staged pages (an iterable of one view per page), in order, in the inspector
+        thread: what it does there overlaps with their write and the staging of the next."""
+        size = pages.shape[1]
+        inspect = None if each_pages is None else \
+            (lambda staged: each_pages(_page_views(staged, size)))
+        per_buffer = BUFFER_BYTES // size
         for begin in range(0, len(pages), per_buffer):
             chunk = pages[begin:begin + per_buffer]
             staged = self.buffer[:chunk.size].reshape(chunk.shape)
             staged[:] = chunk
-            if each_page is not None:
-                view = memoryview(self.area)
-                size = chunk.shape[1]
-                for i in range(len(chunk)):
-                    each_page(view[i * size:(i + 1) * size])
-                view.release()
-            self._submit(chunk.size, offset + begin * pages.shape[1])
+            self._submit(chunk.size, offset + begin * size, inspect)
 
     # -- sequential: a stream of records (join's output) --
 
@@ -155,8 +170,9 @@ class DirectWriter:
         return end
 
     def close(self) -> None:
-        """Stops the writer thread (after its last write); restores buffered I/O."""
+        """Stops the threads (after their last work); restores buffered I/O."""
         self.writer.shutdown(wait=True)
+        self.inspector.shutdown(wait=True)
         if self.direct:
             self._buffered()
         self.buffers.clear()

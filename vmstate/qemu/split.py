@@ -96,7 +96,7 @@ def split_stream(path: str, core_path: str, xml_path: str,
 
         digests: list[int] = []
         write_core_file(core_path, plan, stream,
-                        lambda page: digests.append(xxhash.xxh3_64_intdigest(page)))
+                        lambda pages: digests.extend(map(xxhash.xxh3_64_intdigest, pages)))
         provenance = Provenance(digest, os.path.basename(path), os.path.basename(core_path),
                                 struct.pack(f"<{len(digests)}Q", *digests))
         document = to_xml(stream, provenance, views)
