@@ -14,26 +14,16 @@ A few files are built in whatever the root holds: /dev/null, /dev/zero, /dev/ura
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import posixpath
 
+from vmstate.rootfs import RESOLVE_IN_ROOT, openat2
+
 PATH_MAX = 4096
-SYS_openat2 = 437
-RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
 HOST_DEVICES = {"/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"}
 PROC_SELF_FD = "/proc/self/fd/"
 PROC_SELF_EXE = "/proc/self/exe"
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 def error(code: int, path: str = "") -> OSError:
@@ -42,14 +32,7 @@ def error(code: int, path: str = "") -> OSError:
 
 def open_in_root(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
     """openat2(root_fd, path, RESOLVE_IN_ROOT): a host fd (close-on-exec), or OSError."""
-    creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
-    how = _OpenHow(flags | os.O_CLOEXEC, mode if creates else 0,
-                   RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(SYS_openat2, root_fd, os.fsencode(path), ctypes.byref(how),
-                       ctypes.sizeof(how))
-    if fd < 0:
-        raise error(ctypes.get_errno(), path)
-    return fd
+    return openat2(root_fd, path, flags, mode, RESOLVE_IN_ROOT)
 
 
 def builtin_device(path: str) -> str | None:

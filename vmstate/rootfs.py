@@ -11,7 +11,7 @@ import os
 import posixpath
 
 SYS_openat2 = 437
-RESOLVE_NO_MAGICLINKS, RESOLVE_BENEATH = 0x02, 0x08
+RESOLVE_NO_MAGICLINKS, RESOLVE_BENEATH, RESOLVE_IN_ROOT = 0x02, 0x08, 0x10
 MODE_BITS = 0o777     # set-uid, set-gid and sticky bits from a guest or a peer are never applied
 
 
@@ -29,17 +29,27 @@ def open_root(root: str) -> int:
     return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def open_beneath(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
-    """openat2(root_fd, path, RESOLVE_BENEATH): a host fd, or OSError (EACCES on escape)."""
+def openat2(dir_fd: int, path: str, flags: int, mode: int, resolve: int) -> int:
+    """openat2(2) with RESOLVE_NO_MAGICLINKS added: a host fd (close-on-exec), or OSError."""
     creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
     how = _OpenHow(flags | os.O_CLOEXEC, mode if creates else 0,
-                   RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(SYS_openat2, root_fd, os.fsencode(path), ctypes.byref(how),
+                   resolve | RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(SYS_openat2, dir_fd, os.fsencode(path), ctypes.byref(how),
                        ctypes.sizeof(how))
     if fd < 0:
         err = ctypes.get_errno()
-        raise OSError(errno.EACCES if err == errno.EXDEV else err, os.strerror(err), path)
+        raise OSError(err, os.strerror(err), path)
     return fd
+
+
+def open_beneath(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    """openat2(root_fd, path, RESOLVE_BENEATH): a host fd, or OSError (EACCES on escape)."""
+    try:
+        return openat2(root_fd, path, flags, mode, RESOLVE_BENEATH)
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), path) from None
+        raise
 
 
 def normalize_guest_path(path: str) -> str:
