@@ -30,7 +30,8 @@ from . import protocol as P
 from .page_digests import PageDigests
 from .page_copy import gather
 from .send import (
-    MigrationFailed, _early_reply, close_files, file_header, guest_files, send_file_content)
+    MigrationFailed, _early_reply, acknowledgement, close_files, file_header, guest_files,
+    send_file_content)
 
 MAX_ROUNDS = 30
 STALL_ROUNDS = 4             # rounds in a row without a smaller dirty set: stop and copy
@@ -216,12 +217,7 @@ def _stop_and_copy(sock, source: LiveSource, pages: PageSender, dirty: np.ndarra
     pages.send_frame(P.FRAME_END, P.LIVE_END.pack(pages.frames, pages.payload_bytes,
                                                   pages.digests.digest()))
     report.sent_bytes = pages.payload_bytes
-    try:
-        status, message = P.recv_reply(sock)
-    except OSError as e:
-        raise MigrationFailed(f"no answer from the receiver: {e.strerror or e}") from None
-    if status != P.STATUS_OK:
-        raise MigrationFailed(f"the receiver rejected the VM: {message}")
+    message = acknowledgement(sock)
     downtime = time.monotonic() - report.downtime_start
     present = int(np.count_nonzero(pages.digests.present)) * PAGE_SIZE
     for line in report.lines(present, downtime):

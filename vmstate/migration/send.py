@@ -118,6 +118,12 @@ def send_vm(sock: socket.socket, plan: ImagePlan, files: list[GuestFile]) -> str
     except OSError as e:
         raise MigrationFailed(_early_reply(sock) or f"connection lost: {e.strerror or e}") \
             from None
+    return acknowledgement(sock)
+
+
+def acknowledgement(sock: socket.socket) -> str:
+    """The receiver's final word on the VM: its message if it took the VM, else
+    MigrationFailed."""
     try:
         status, message = P.recv_reply(sock)
     except OSError as e:
