@@ -256,6 +256,8 @@ class Host:
         """The VM has ended with `outcome`: report it and release it."""
         hosted.outcome = outcome
         hosted.vm.stop.stopped()
+        if hasattr(hosted.vm, "abandon_migration"):          # a live one still under way
+            hosted.vm.abandon_migration("the guest ended on this host first")
         if len(self.vms) > 1:
             print(f"vmstate: [{hosted.name}] {hosted.describe()}", file=self.log, flush=True)
         hosted.release()

@@ -69,6 +69,8 @@ def _migrate(host: Host, arguments: dict) -> dict:
     hosted, address = host.find(arguments), _argument(arguments, "address")
     from vmstate.migration.protocol import parse_address
     target = parse_address(address)
+    if arguments.get("live"):
+        return _migrate_live(hosted, target, address, arguments)
     hosted.vm.pause()
     from vmstate.image.writer import plan_image
     from vmstate.migration.send import send_to
@@ -78,6 +80,25 @@ def _migrate(host: Host, arguments: dict) -> dict:
                       bool(arguments.get("with_files", False)), hosted.entry.root)
     host.end(hosted, Saved(f"migrated to {address}: {message}"))
     return {"description": message}
+
+
+def _migrate_live(hosted, target, address: str, arguments: dict) -> dict:
+    """Pre-copy while the VM runs on in its slices; the host ends it once it is handed over
+    (or it runs on here if the migration fails, which the VMM's stderr says)."""
+    if not hasattr(hosted.vm, "begin_live_migration"):
+        raise CommandError("a live migration needs KVM's dirty log: this VM runs on the "
+                           "software CPU (migrate it without live=true)")
+    max_downtime = arguments.get("max_downtime_ms", 50)
+    if not isinstance(max_downtime, (int, float)) or not 0 < max_downtime <= 60_000:
+        raise CommandError("argument 'max_downtime_ms' must be a number from 0 to 60000")
+    from vmstate.migration.live_send import LiveOptions
+    from .live import live_migrate_to
+    hosted.vm.begin_live_migration(live_migrate_to(
+        target, float(arguments.get("connect_timeout", 5)),
+        bool(arguments.get("with_files", False)), hosted.entry.root,
+        LiveOptions(max_downtime / 1000)))
+    return {"description": f"live migration to {address} begins; the VM runs on until the "
+                           "receiver has it"}
 
 
 def _quit(host: Host, arguments: dict) -> dict:

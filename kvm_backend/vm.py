@@ -201,9 +201,7 @@ class VirtualMachine:
                 pass
         finally:
             self.stop.stopped()
-            if self.migration is not None:
-                self.migration.abandon("the guest ended on this host first")
-                self.migration = None
+            self.abandon_migration("the guest ended on this host first")
             self._running.syscalls.close()
         if self.forked_child:
             _end_child_process(outcome)
@@ -405,15 +403,27 @@ class VirtualMachine:
         return self._msrs
 
     def _on_stop(self, save, pending: PendingCall | None) -> Outcome | None:
-        """A stop request reached the run loop (a signal, or a live migration's last round);
-        None: the guest carries on (a rewound call is re-issued)."""
+        """A stop request reached the run loop (a signal, or a live migration's last round,
+        whatever started it); None: the guest carries on (a rewound call is re-issued)."""
+        if self.migration is not None and self.migration.wants_pause.is_set():
+            self.stop.reset()             # before the hand-over: a request from now on is kept
+            return self._final_copy(pending)
         if not isinstance(save, LiveSave):
             return self._save(save, pending)
-        self.stop.reset()                 # before looking: a request from now on is kept
-        if self.migration is not None and self.migration.wants_pause.is_set():
-            return self._final_copy(pending)
+        self.stop.reset()
         self._begin_live(save)
         return None
+
+    def begin_live_migration(self, save: LiveSave) -> None:
+        """Start a live migration now, whatever the VM's own save does (the control socket's
+        `migrate live=true`, para-call 403 under --live): the guest runs on; the run loop
+        ends the VM with Saved once the receiver has it, or goes on if the migration fails."""
+        self._begin_live(save)
+
+    def abandon_migration(self, why: str) -> None:
+        if self.migration is not None:
+            self.migration.abandon(why)
+            self.migration = None
 
     def _begin_live(self, save: LiveSave) -> None:
         if self.migration is not None and not self.migration.finished.is_set():

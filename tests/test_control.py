@@ -255,3 +255,46 @@ def test_control_with_an_instruction_budget_is_refused(vmstate, guest):
     assert result.returncode == 2
     assert one_line_error(result).startswith(
         "vmstate: --max-instructions cannot be combined with --control")
+
+
+def test_migrate_live_from_the_control_socket(started, vmstate_cmd, guest, tmp_path):
+    """`migrate live=true`: the VM runs on in its slices while its memory goes, then ends here
+    as migrated; the receiver goes on with the ticks, none lost or repeated."""
+    ticker = guest("ticker")
+    host = started("host", "--control", "vmm.sock", "-v", f"{ticker} 60 20 6",
+                   "-v", f"{ticker} 100000 20 7")
+    client = Client(tmp_path / "vmm.sock")
+    receiver = Receiver(vmstate_cmd, tmp_path, "--run", "--once", "--root", tmp_path)
+    try:
+        time.sleep(0.2)
+        reply = client.ok("migrate", vm="ticker", address=f"127.0.0.1:{receiver.port}",
+                          live=True)
+        assert "live migration" in reply["description"]
+        deadline = time.monotonic() + 60
+        while states(client)["ticker"] != "saved" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert states(client)["ticker"] == "saved"
+        assert states(client)["ticker-2"] == "running"          # the other VM went on
+        assert receiver.process.wait(timeout=60) == 6
+        received = receiver.process.stdout.read().decode().splitlines()
+    finally:
+        receiver.stop()
+    client.ok("quit")
+    client.close()
+    out, err = host.communicate(timeout=60)
+    here = [line.removeprefix("[ticker] ") for line in out.decode().splitlines()
+            if line.startswith("[ticker] ")]
+    assert here + received == [f"tick {i}" for i in range(60)], (here, received)
+    assert b"live migration to 127.0.0.1" in err
+
+
+def test_migrate_live_of_a_software_cpu_vm_is_refused(started, guest, tmp_path):
+    host = started("host", "--cpu", "soft", "--control", "vmm.sock", "-v",
+                   f"{guest('ticker')} 100000 20 7")
+    client = Client(tmp_path / "vmm.sock")
+    error = client.execute("migrate", vm="ticker", address="127.0.0.1:9", live=True)["error"]
+    assert error["desc"].startswith("a live migration needs KVM's dirty log")
+    assert states(client) == {"ticker": "running"}
+    client.ok("quit")
+    client.close()
+    host.communicate(timeout=60)
