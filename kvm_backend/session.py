@@ -33,7 +33,7 @@ class SaveOptions:
     migrate_to: str | None = None    # HOST:PORT: stream the VM there instead of writing it
     with_files: bool = False         # carry the guest's open files' contents along
     connect_timeout: float = 30.0
-    live: bool = False               # with migrate_to: pre-copy while the guest runs
+    live: bool = False               # migrations (migrate_to, para-call 403) pre-copy while the guest runs
     max_downtime: float = 0.050      # seconds, for a live migration's final stop
 
     def handler(self, root: str) -> SaveHandler | LiveSave:
@@ -52,7 +52,11 @@ class SaveOptions:
     def paracalls(self, vm: VirtualMachine):
         """The para-calls (401-403) of `vm`, migrating with these options."""
         from .paracalls import ParaCalls
-        return ParaCalls(vm, self.connect_timeout, self.with_files)
+        live = None
+        if self.live:
+            from vmstate.migration.live_send import LiveOptions
+            live = LiveOptions(self.max_downtime)
+        return ParaCalls(vm, self.connect_timeout, self.with_files, live=live)
 
     @property
     def signals(self) -> list[signal.Signals]:

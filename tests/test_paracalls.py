@@ -69,6 +69,21 @@ def test_migrate_returns_1_on_the_destination(vmstate, vmstate_cmd, guest, tmp_p
         receiver.stop()
 
 
+def test_migrate_under_live_returns_0_and_the_guest_goes_on_at_the_destination(
+        vmstate, vmstate_cmd, guest, tmp_path):
+    receiver = Receiver(vmstate_cmd, tmp_path, "--run", "--once", "--root", tmp_path)
+    try:
+        sent = vmstate("run", "--live", guest("paracalls"), f"127.0.0.1:{receiver.port}")
+        assert sent.returncode == 0, sent.stderr
+        assert f"VM migrated live to 127.0.0.1:{receiver.port}" in sent.stderr.decode()
+        assert receiver.process.wait(timeout=60) == 11
+        here = sent.stdout.decode().splitlines()
+        there = receiver.process.stdout.read().decode().splitlines()
+    finally:
+        receiver.stop()
+    assert here[here.index("migrate=0") + 1:] + there == [f"live tick {i}" for i in range(60)]
+
+
 @pytest.mark.parametrize("address, expected", [
     (lambda: f"127.0.0.1:{free_port()}", -errno.ECONNREFUSED),
     (lambda: "no port here", -errno.EINVAL)])

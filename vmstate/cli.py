@@ -85,8 +85,8 @@ SliceOption = Annotated[Optional[int], typer.Option(
     "--slice-ms", help="Time slice of each vCPU in milliseconds (vm_exec_slice_ms; "
     "default 10).")]
 LiveOption = Annotated[bool, typer.Option(
-    help="With --migrate-to: migrate live (pre-copy); the guest runs on while its memory is "
-    "sent, and stays here if the migration fails.")]
+    help="Migrate live (pre-copy), with --migrate-to and for para-call 403: the guest runs "
+    "on while its memory is sent, and stays here if the migration fails.")]
 MaxDowntimeOption = Annotated[float, typer.Option(
     metavar="MS", help="Live migration: stop the guest for the last pages once they can go "
     "in this many milliseconds.")]
@@ -154,8 +154,6 @@ def _save_options(image: Path, save_on_signal: bool, save_on_interrupt: bool,
                   migrate_to: str | None, with_files: bool, connect_timeout: float, live: bool,
                   max_downtime: float):
     from kvm_backend.session import SaveOptions
-    if live and migrate_to is None:
-        raise UsageError("--live needs --migrate-to HOST:PORT")
     if not 0 < max_downtime <= 60_000:
         raise UsageError(f"--max-downtime {max_downtime:g}: must be more than 0 and at most "
                          "60000 ms")

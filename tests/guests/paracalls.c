@@ -1,6 +1,7 @@
 /* Every para-call with its return values: DUMP_PROCESSOR_STATE, a SNAPSHOT that fails and
  * one that works (the copy restored from it sees 1 and exits 7, the original exits 3), and
- * MIGRATE to argv[1] if given (1 on the destination, which exits 9). */
+ * MIGRATE to argv[1] if given (1 on the destination, which exits 9; under --live 0 here at
+ * once, then 60 ticks that go on at the destination, which exits 11). */
 #include <stdio.h>
 #include <unistd.h>
 #include "../../examples/vmstate_paracalls.h"
@@ -29,6 +30,14 @@ int main(int argc, char **argv)
         say("migrate", migrated);
         if (migrated == VMSTATE_RESTORED)
             return 9;
+        if (migrated == 0) {     /* under --live: it migrates while this goes on */
+            for (int i = 0; i < 60; i++) {
+                printf("live tick %d\n", i);
+                fflush(stdout);
+                usleep(20000);
+            }
+            return 11;
+        }
     }
     printf("original goes on, marker %s\n", marker);
     return 3;
