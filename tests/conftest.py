@@ -5,12 +5,15 @@ runs a test's guests once on KVM and once on the software CPU."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import NETNS_RECEIVER, NETNS_SENDER
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -109,3 +112,32 @@ def vmstate(vmstate_cmd, tmp_path):
                               capture_output=True, cwd=cwd or tmp_path, timeout=timeout,
                               env={**os.environ, **(env or {})})
     return run
+
+
+@pytest.fixture
+def namespaces():
+    """Two hosts: network namespaces with random names, joined by a veth pair; the sender's
+    address is NETNS_SENDER, the receiver's NETNS_RECEIVER."""
+    if os.geteuid() != 0:
+        pytest.skip("creating network namespaces needs root")
+    tag = f"lv{secrets.token_hex(4)}"
+    a, b = f"{tag}a", f"{tag}b"
+    commands = [
+        ["ip", "netns", "add", a], ["ip", "netns", "add", b],
+        ["ip", "link", "add", f"{tag}x", "netns", a, "type", "veth", "peer", "name", f"{tag}y",
+         "netns", b],
+        ["ip", "-n", a, "addr", "add", f"{NETNS_SENDER}/24", "dev", f"{tag}x"],
+        ["ip", "-n", b, "addr", "add", f"{NETNS_RECEIVER}/24", "dev", f"{tag}y"],
+        ["ip", "-n", a, "link", "set", f"{tag}x", "up"],
+        ["ip", "-n", b, "link", "set", f"{tag}y", "up"],
+        ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"]]
+    try:
+        for command in commands:
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                pytest.skip(f"cannot set up network namespaces here: {' '.join(command)}: "
+                            f"{result.stderr.strip()}")
+        yield a, b
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -10,3 +10,6 @@ def one_line_error(result) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith("vmstate: "), stderr
     return lines[0]
+
+
+NETNS_SENDER, NETNS_RECEIVER = "10.231.0.1", "10.231.0.2"   # the `namespaces` fixture's hosts

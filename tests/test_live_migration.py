@@ -4,12 +4,12 @@ the receiver without a gap or a repeat (loopback, and two network namespaces); a
 dirties memory faster than the link still migrates; a receiver killed mid-way leaves the
 guest running on the source; a hostile 3.0 stream is refused and nothing is started."""
 
-import os
-import secrets
 import subprocess
 import time
 
 import pytest
+
+from helpers import NETNS_RECEIVER
 import xxhash
 
 from test_migration import Receiver, free_port
@@ -139,42 +139,14 @@ def test_a_restored_vm_migrates_live(vmstate_cmd, vmstate, counter, receivers, t
                                     returncode=restored.returncode), receiver, receiver_dir)
 
 
-@pytest.fixture
-def namespaces():
-    """Two network namespaces with random names, joined by a veth pair."""
-    if os.geteuid() != 0:
-        pytest.skip("creating network namespaces needs root")
-    tag = f"lv{secrets.token_hex(4)}"
-    a, b = f"{tag}a", f"{tag}b"
-    commands = [
-        ["ip", "netns", "add", a], ["ip", "netns", "add", b],
-        ["ip", "link", "add", f"{tag}x", "netns", a, "type", "veth", "peer", "name", f"{tag}y",
-         "netns", b],
-        ["ip", "-n", a, "addr", "add", "10.232.0.1/24", "dev", f"{tag}x"],
-        ["ip", "-n", b, "addr", "add", "10.232.0.2/24", "dev", f"{tag}y"],
-        ["ip", "-n", a, "link", "set", f"{tag}x", "up"],
-        ["ip", "-n", b, "link", "set", f"{tag}y", "up"],
-        ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"]]
-    try:
-        for command in commands:
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                pytest.skip(f"cannot set up network namespaces here: {' '.join(command)}: "
-                            f"{result.stderr.strip()}")
-        yield a, b
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 def test_live_migration_between_two_network_namespaces(vmstate_cmd, counter, receivers,
                                                        two_dirs, namespaces):
     ns_sender, ns_receiver = namespaces
     sender_dir, receiver_dir = two_dirs
     receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir,
                          netns=ns_receiver)
-    sent = run_live(vmstate_cmd, sender_dir, f"10.232.0.2:{receiver.port}", "--memory", "256M",
-                    counter, STEPS, SAVE_AT, 16, 64, netns=ns_sender)
+    sent = run_live(vmstate_cmd, sender_dir, f"{NETNS_RECEIVER}:{receiver.port}", "--memory",
+                    "256M", counter, STEPS, SAVE_AT, 16, 64, netns=ns_sender)
     check_continued(sent, receiver, receiver_dir)
 
 

@@ -12,6 +12,8 @@ import threading
 import time
 
 import pytest
+
+from helpers import NETNS_RECEIVER
 import xxhash
 
 from vmstate.image import layout as L
@@ -400,32 +402,6 @@ def _kill_when_transferring(receiver, victim, threshold=200 << 20, timeout=90):
 
 # -- two hosts: network namespaces joined by a veth pair ---------------------------------------
 
-@pytest.fixture
-def namespaces():
-    if os.geteuid() != 0:
-        pytest.skip("creating network namespaces needs root")
-    tag = f"vms{os.getpid() % 100000}"
-    a, b = f"{tag}a", f"{tag}b"
-    commands = [
-        ["ip", "netns", "add", a], ["ip", "netns", "add", b],
-        ["ip", "link", "add", f"{tag}x", "netns", a, "type", "veth", "peer", "name", f"{tag}y",
-         "netns", b],
-        ["ip", "-n", a, "addr", "add", "10.231.0.1/24", "dev", f"{tag}x"],
-        ["ip", "-n", b, "addr", "add", "10.231.0.2/24", "dev", f"{tag}y"],
-        ["ip", "-n", a, "link", "set", f"{tag}x", "up"], ["ip", "-n", b, "link", "set", f"{tag}y", "up"],
-        ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"]]
-    for command in commands:
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            for ns in (a, b):
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            pytest.skip(f"cannot set up network namespaces here: {' '.join(command)}: "
-                        f"{result.stderr.strip()}")
-    yield a, b
-    for ns in (a, b):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 def test_lab_flow_between_two_network_namespaces_with_files(vmstate_cmd, example, receivers,
                                                             two_dirs, namespaces):
     ns_sender, ns_receiver = namespaces
@@ -433,7 +409,8 @@ def test_lab_flow_between_two_network_namespaces_with_files(vmstate_cmd, example
     receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir,
                          netns=ns_receiver)
     sent = subprocess.run(["ip", "netns", "exec", ns_sender, vmstate_cmd, "run", "--with-files",
-                           "--migrate-to", f"10.231.0.2:{receiver.port}", example("lab_app")],
+                           "--migrate-to", f"{NETNS_RECEIVER}:{receiver.port}",
+                           example("lab_app")],
                           cwd=sender_dir, capture_output=True, timeout=120)
     assert sent.returncode == 0, sent.stderr
     assert receiver.process.wait(timeout=60) == 0
