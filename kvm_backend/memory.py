@@ -32,7 +32,7 @@ class GuestMemory:
             if huge_pages:
                 self._map.madvise(mmap.MADV_HUGEPAGE)
         else:
-            self._map = mmap.mmap(image_fd, size, mmap.MAP_PRIVATE,
+            self._map = mmap.mmap(image_fd, size, mmap.MAP_PRIVATE | MAP_NORESERVE,
                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=image_offset)
         self._anchor = ctypes.c_char.from_buffer(self._map)
         self.host_address = ctypes.addressof(self._anchor)

@@ -33,7 +33,7 @@ from lxml import etree
 
 from vmstate import xsave
 from vmstate.errors import FormatError, shorten
-from vmstate.pages import bits_from_runs, bytemap_from_bits, runs_from_bytemap
+from vmstate.pages import bits_from_runs, runs_from_bits
 from vmstate.state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_REGISTERS, VCPU_EVENT_FIELDS, AddressSpace,
     PAGE_SIZE, CpuidEntry, DebugRegisters, Descriptor, DescriptorTable, ExtraSection, GuestOs,
@@ -551,7 +551,7 @@ def _read_present_pages(element, pages: int):
                                 "pages)")
     if pages % 8 and bitmap[-1] >> pages % 8:
         raise _Invalid(element, f"<present-pages> marks pages past the region's {pages} pages")
-    return runs_from_bytemap(bytemap_from_bits(bitmap, pages))
+    return runs_from_bits(bitmap, pages)
 
 
 def _read_page_digests(region_element, region: MemoryRegion) -> bytes:

@@ -4,7 +4,10 @@ Python-level work is per run, never per page."""
 
 from __future__ import annotations
 
+import itertools
+
 Runs = tuple[tuple[int, int], ...]
+BITMAP_BLOCK = 1 << 16           # bytes of a bitmap runs_from_bits looks at at once (512 Ki pages)
 
 # For each bit position: byte value -> that bit (0 or 1), for bytes.translate.
 _BIT_OF_BYTE = [bytes((value >> bit) & 1 for value in range(256)) for bit in range(8)]
@@ -17,6 +20,49 @@ def bytemap_from_bits(bitmap: bytes, page_count: int) -> bytes:
     for bit, table in enumerate(_BIT_OF_BYTE):
         bytemap[bit::8] = bytes(bitmap).translate(table)
     return bytes(bytemap[:page_count])
+
+
+def runs_from_bits(bitmap: bytes, page_count: int) -> Runs:
+    """The runs of a page bitmap (page 8k + b is bit b of byte k), pages past page_count
+    left out. Blocks of BITMAP_BLOCK bytes are classed by one comparison each: empty ones are
+    skipped, full ones are runs, and each stretch of other blocks goes through the byte map
+    in one piece. So a large sparse or fully written bitmap (restore reads one for every
+    image) costs next to nothing, and a fragmented one what the byte map costs."""
+    runs: list[tuple[int, int]] = []
+    for kind, start, end in _bitmap_stretches(bitmap):
+        if kind == "full":
+            pieces = [(start * 8, (end - start) * 8)]
+        else:
+            pieces = runs_from_bytemap(bytemap_from_bits(bitmap[start:end], (end - start) * 8),
+                                       offset=start * 8)
+        if runs and pieces and runs[-1][0] + runs[-1][1] == pieces[0][0]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + pieces[0][1])
+            runs.extend(itertools.islice(pieces, 1, None))
+        else:
+            runs.extend(pieces)
+    while runs and runs[-1][0] >= page_count:            # padding bits of the last byte
+        runs.pop()
+    if runs:
+        runs[-1] = (runs[-1][0], min(runs[-1][1], page_count - runs[-1][0]))
+    return tuple(runs)
+
+
+def _bitmap_stretches(bitmap: bytes):
+    """(kind, first byte, end byte) for the stretches of "full" and "mixed" blocks."""
+    stretch = None
+    for start in range(0, len(bitmap), BITMAP_BLOCK):
+        block = bytes(bitmap[start:start + BITMAP_BLOCK])
+        kind = None if not block.strip(b"\x00") else \
+            "full" if not block.strip(b"\xff") else "mixed"
+        end = start + len(block)
+        if stretch is not None and kind == stretch[0]:
+            stretch[2] = end
+            continue
+        if stretch is not None:
+            yield tuple(stretch)
+        stretch = None if kind is None else [kind, start, end]
+    if stretch is not None:
+        yield tuple(stretch)
 
 
 def bits_from_runs(runs: Runs, page_count: int) -> bytes:
@@ -41,14 +87,14 @@ def union(a, b) -> bytes:
     return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
 
 
-def runs_from_bytemap(bytemap) -> Runs:
-    """Runs of non-zero bytes."""
+def runs_from_bytemap(bytemap, offset: int = 0) -> Runs:
+    """Runs of non-zero bytes (their first pages counted from `offset`)."""
     data = bytes(bytemap).translate(_NONZERO_TO_ONE)
     runs, position = [], 0
     while (start := data.find(1, position)) >= 0:
         end = data.find(0, start)
         end = len(data) if end < 0 else end
-        runs.append((start, end - start))
+        runs.append((start + offset, end - start))
         position = end
     return tuple(runs)
 

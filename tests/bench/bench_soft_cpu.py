@@ -12,7 +12,7 @@ from benchlib import median_seconds, report
 pytestmark = pytest.mark.kvm
 CALLS = 20000
 SOFT_CALLS = 200000
-SIZES = ("64M", "1G", "4G")
+SIZES = ("64M", "1G", "4G", "16G", "64G")
 LOOPS = (("integer chain, 100M steps", ["int", "100"]),
          ("sieve over 16 MiB (memory-heavy)", ["sieve", "16", "1"]),
          ("x87 + SSE mix, 10M steps", ["float", "10"]))

@@ -9,7 +9,7 @@ from array import array
 from dataclasses import astuple, fields
 
 from ..chunks import CHUNK_PAGES, chunk_count
-from ..pages import bits_from_runs, bytemap_from_bits, runs_from_bytemap
+from ..pages import bits_from_runs, runs_from_bits
 
 from ..state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_FIELDS, SEGMENT_REGISTERS, AddressSpace, CpuidEntry,
@@ -203,7 +203,7 @@ def decode_region(data: bytes) -> tuple[MemoryRegion, int, array]:
         raise ValueError(f"the present bitmap marks pages past the region's {pages} pages")
     hashes = array("Q", r.take_bytes(L.CHUNK_HASH.size * chunk_count(pages)))
     r.end()
-    present = runs_from_bytemap(bytemap_from_bits(bitmap, pages))
+    present = runs_from_bits(bitmap, pages)
     return MemoryRegion(gpa, size, present), data_offset, hashes
 
 
