@@ -141,3 +141,27 @@ def namespaces():
     finally:
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def receivers(vmstate_cmd):
+    """start(cwd, *args, netns=None): a `vmstate receive` (test_migration.Receiver), stopped
+    after the test."""
+    from test_migration import Receiver
+    started = []
+
+    def start(cwd, *args, netns=None):
+        started.append(Receiver(vmstate_cmd, cwd, *args, netns=netns))
+        return started[-1]
+    yield start
+    for receiver in started:
+        receiver.stop()
+
+
+@pytest.fixture
+def two_dirs(tmp_path):
+    """A sender's and a receiver's directory."""
+    sender, receiver = tmp_path / "sender", tmp_path / "receiver"
+    sender.mkdir()
+    receiver.mkdir()
+    return sender, receiver

@@ -12,7 +12,7 @@ import pytest
 from helpers import NETNS_RECEIVER
 import xxhash
 
-from test_migration import Receiver, free_port
+from test_migration import free_port
 from vmstate.migration import protocol as P
 
 pytestmark = pytest.mark.kvm
@@ -23,18 +23,6 @@ STEPS, SAVE_AT = 1500, 100
 @pytest.fixture
 def counter(guest):
     return guest("live_counter")
-
-
-@pytest.fixture
-def receivers(vmstate_cmd):
-    started = []
-
-    def start(cwd, *args, netns=None):
-        started.append(Receiver(vmstate_cmd, cwd, *args, netns=netns))
-        return started[-1]
-    yield start
-    for receiver in started:
-        receiver.stop()
 
 
 def sequence(text: str) -> list[int]:
@@ -65,14 +53,6 @@ def run_live(vmstate_cmd, directory, address, *guest_args, options=(), netns=Non
     if netns is not None:
         command = ["ip", "netns", "exec", netns] + command
     return subprocess.run(command, cwd=directory, capture_output=True, timeout=timeout)
-
-
-@pytest.fixture
-def two_dirs(tmp_path):
-    sender, receiver = tmp_path / "sender", tmp_path / "receiver"
-    sender.mkdir()
-    receiver.mkdir()
-    return sender, receiver
 
 
 @pytest.mark.parametrize("receiver_cpu", ["kvm", "soft"])

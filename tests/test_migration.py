@@ -66,27 +66,6 @@ class Receiver:
         self.process.stderr.close()
 
 
-@pytest.fixture
-def receivers(vmstate_cmd):
-    started = []
-
-    def start(cwd, *args, netns=None):
-        receiver = Receiver(vmstate_cmd, cwd, *args, netns=netns)
-        started.append(receiver)
-        return receiver
-    yield start
-    for receiver in started:
-        receiver.stop()
-
-
-@pytest.fixture
-def two_dirs(tmp_path):
-    sender, receiver = tmp_path / "sender", tmp_path / "receiver"
-    sender.mkdir()
-    receiver.mkdir()
-    return sender, receiver
-
-
 @pytest.mark.both_cpus
 def test_lab_flow_across_two_processes(vmstate, example, receivers, two_dirs):
     sender_dir, receiver_dir = two_dirs
