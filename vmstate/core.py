@@ -27,7 +27,7 @@ from .errors import FormatError, VmstateError
 from .fd import FdOwner, open_to_read
 from .image.reader import Image, ImageMetadata
 from .image.writer import RegionMemory, pwrite_all, write_runs
-from .paging import Mapping, PageTables
+from .paging import Mapping, PageTables, clip
 from .process import FileMapping, auxiliary_vector, guest_memory, program_mappings
 from .progress import progress_bar
 from .state import PAGE_SIZE, VcpuState, VmState
@@ -178,15 +178,9 @@ def guest_mappings(image: ImageMetadata, read_phys) -> list[Mapping]:
         mappings = list(tables.mappings())
     except VmstateError:
         return []
-    clipped = []
-    for m in mappings:
-        for region in image.state.memory:
-            start = max(m.physical, region.guest_phys_addr)
-            end = min(m.physical + m.size, region.guest_phys_addr + region.size)
-            if start < end:
-                clipped.append(Mapping(m.virtual + start - m.physical, start, end - start,
-                                       m.writable, m.user, m.executable))
-    return clipped
+    pieces = (clip(m, region.guest_phys_addr, region.size)
+              for m in mappings for region in image.state.memory)
+    return [piece for piece in pieces if piece is not None]
 
 
 def _flags(m: Mapping) -> int:

@@ -31,6 +31,15 @@ class Mapping:
     executable: bool
 
 
+def clip(m: Mapping, address: int, length: int) -> Mapping | None:
+    """The part of `m` whose physical side lies in [address, address + length), if any."""
+    start, end = max(m.physical, address), min(m.physical + m.size, address + length)
+    if start >= end:
+        return None
+    return Mapping(m.virtual + start - m.physical, start, end - start, m.writable, m.user,
+                   m.executable)
+
+
 def _canonical(address: int) -> int:
     """Sign-extend bit 47, as the CPU does for the upper half of the address space."""
     return address | 0xFFFF_0000_0000_0000 if address & (1 << 47) else address

@@ -24,7 +24,7 @@ from .. import elf, x86
 from ..atomic import atomic_output
 from ..errors import FormatError, VmstateError
 from ..image.writer import pwrite_all
-from ..paging import Mapping, PageTables
+from ..paging import Mapping, PageTables, clip
 from . import cpu, layout
 from .description import encode_group
 from .directio import DirectWriter
@@ -213,16 +213,9 @@ def guest_mappings(stream: QemuStream, view: cpu.VcpuView, read_phys) -> list[Ma
         mappings = list(PageTables(read_phys, cr3, cr0, cr4, efer).mappings())
     except VmstateError:
         return []
-    clipped = []
-    for block in stream.blocks:
-        for part in placements(stream.machine, block):
-            for m in mappings:
-                start = max(m.physical, part.address)
-                end = min(m.physical + m.size, part.address + part.length)
-                if start < end:
-                    clipped.append(Mapping(m.virtual + start - m.physical, start, end - start,
-                                           m.writable, m.user, m.executable))
-    return clipped
+    pieces = (clip(m, part.address, part.length) for block in stream.blocks
+              for part in placements(stream.machine, block) for m in mappings)
+    return [piece for piece in pieces if piece is not None]
 
 
 # -- writing (split) -------------------------------------------------------------------------
