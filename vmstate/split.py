@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from .atomic import atomic_output, refuse_clobbering
+from .atomic import atomic_output
 from .background import BackgroundCall
 from .core import CoreLayout, write_core
 from .errors import ImageError
@@ -57,7 +57,6 @@ def _verified_page_digests(image: Image) -> tuple[bytes, ...]:
 
 
 def split(image_path: str, core_path: str, xml_path: str) -> SplitResult:
-    refuse_clobbering({"the core": core_path, "the XML": xml_path}, {"the image": image_path})
     with Image(image_path) as image:
         # The image is checked and its pages digested while the core is written (hashing and
         # writing overlap); a failed check discards the core before it gets its name.
