@@ -20,7 +20,7 @@ from vmstate.state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT, OpenFile
 
 from .paths import Namespace, builtin_device, error
 
-MAX_GUEST_FDS = 1024
+DEFAULT_MAX_FDS = 1024          # --max-fds unless given (vmstate.validate.MAX_GUEST_FDS is the most)
 # Flags that only matter when a file is created; a restore reopens without them.
 CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC
 STDIO = {0: (FD_STDIN, 0), 1: (FD_STDOUT, 1), 2: (FD_STDERR, 2)}
@@ -50,7 +50,7 @@ class GuestFile:
 
 
 class FileTable:
-    def __init__(self, root: str, max_fds: int = MAX_GUEST_FDS):
+    def __init__(self, root: str, max_fds: int = DEFAULT_MAX_FDS):
         self.root = root
         try:
             self.root_fd = open_root(root)
@@ -62,7 +62,7 @@ class FileTable:
         self._cloexec: set[int] = set()
 
     @classmethod
-    def with_stdio(cls, root: str, max_fds: int = MAX_GUEST_FDS) -> FileTable:
+    def with_stdio(cls, root: str, max_fds: int = DEFAULT_MAX_FDS) -> FileTable:
         table = cls(root, max_fds)
         for fd, (kind, host_fd) in STDIO.items():
             table.install(GuestFile(OpenFile(fd=fd, kind=kind, flags=os.O_RDWR), host_fd), fd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fdtable import MAX_GUEST_FDS
+from .fdtable import DEFAULT_MAX_FDS
 
 
 @dataclass(frozen=True)
@@ -12,4 +12,4 @@ class GuestOptions:
     cwd: str = "/"                       # the guest's starting directory, inside the root
     hostname: str = "vmstate"
     max_file_size: int | None = None     # bytes a guest write may make a file reach (EFBIG)
-    max_fds: int = MAX_GUEST_FDS         # the guest's open descriptor cap (EMFILE)
+    max_fds: int = DEFAULT_MAX_FDS         # the guest's open descriptor cap (EMFILE)
