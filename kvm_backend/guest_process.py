@@ -18,12 +18,11 @@ import signal
 import sys
 
 from linux_personality.address_space import UserAddressSpace
-from vmstate.errors import ProgramError
+from machine import layout
+from machine.boot import load_new_program
+from machine.stop import StopRequest
 
-from . import abi, machine, vcpu_state
-from .protection import flush_tlb
-from .loader import build_stack, heap_start, inspect_program, load_program
-from .stop import StopRequest
+from . import abi, vcpu_state
 
 
 def fork_vm(vm) -> int:
@@ -67,32 +66,10 @@ def exec_program(vm, host_path: str, argv: list[str], envp: list[str]) -> UserAd
     run = vm.vcpu.run_page
     vcpu_state.regs_to_kvm(regs, run.s.regs)
     run.s.sregs.fs.base = run.s.sregs.gs.base = 0
-    cs, ss = machine.user_return_segments(vm.star)
+    cs, ss = layout.user_return_segments(vm.star)
     vcpu_state.segment_to_kvm(cs, run.s.sregs.cs)
     vcpu_state.segment_to_kvm(ss, run.s.sregs.ss)
     run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
-    flush_tlb(vm)                 # the page tables were rewritten (no mprotect is left)
+    vm.forget_translations()      # the page tables were rewritten (no mprotect is left)
     return space
 
-
-def load_new_program(vm, host_path: str, argv: list[str], envp: list[str]):
-    """The CPU-independent part of execve (shared with the software CPU): the new program in
-    a fresh address space of `vm`'s memory; returns it and the registers to start it with."""
-    try:
-        program = inspect_program(host_path)
-    except ProgramError:
-        raise OSError(8, "Exec format error") from None     # ENOEXEC: the shell runs scripts
-    memory, old = vm.memory, vm.address_space.state
-    if program.end > old.mmap_top:
-        raise OSError(12, "Cannot allocate memory")
-    memory.zero(old.user_start, old.brk - old.user_start)
-    memory.zero(old.mmap_low, old.user_end - old.mmap_low)
-    space = UserAddressSpace.fresh(memory, machine.USER_START, heap_start(program),
-                                   old.user_end)
-    for addr, data in machine.page_tables(memory.size, space.guard_page):   # no mprotect left
-        memory.write_phys(addr, data)
-    load_program(program, memory, space.state.mmap_top)
-    rsp = build_stack(memory, program, argv, space.stack_top, envp)
-    vm.address_space = space
-    vm.program, vm.argv = host_path, tuple(argv)
-    return space, machine.boot_registers(program.entry, rsp)

@@ -34,7 +34,9 @@ from vmstate.vmm_config import VmEntry
 
 from .session import SaveOptions, check_memory_size, choose_backend, describe, restored_vm
 from .tagged_output import TaggedOutput
-from .vm import Exited, Faulted, Outcome, Saved, VirtualMachine, timing_mark
+from machine.base import Machine
+from machine.outcome import Exited, Faulted, Outcome, Saved
+from machine.timing import timing_mark
 
 SLICE_SIGNAL = signal.SIGALRM
 EXIT_QUIT = 137                 # a VM ended by `quit` is reported as killed (128 + SIGKILL)
@@ -60,7 +62,7 @@ class Stopped:
 @dataclass
 class HostedVm:
     entry: VmEntry
-    vm: VirtualMachine
+    vm: Machine
     image: Image | None = None                      # a restored VM's image, open while it runs
     verified: Callable[[], None] | None = None      # waits for that image's memory check
     outputs: list[TaggedOutput] = field(default_factory=list)
@@ -256,8 +258,7 @@ class Host:
         """The VM has ended with `outcome`: report it and release it."""
         hosted.outcome = outcome
         hosted.vm.stop.stopped()
-        if hasattr(hosted.vm, "abandon_migration"):          # a live one still under way
-            hosted.vm.abandon_migration("the guest ended on this host first")
+        hosted.vm.abandon_migration("the guest ended on this host first")   # if under way
         if len(self.vms) > 1:
             print(f"vmstate: [{hosted.name}] {hosted.describe()}", file=self.log, flush=True)
         hosted.release()

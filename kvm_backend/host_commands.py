@@ -10,7 +10,7 @@ from vmstate.errors import UsageError
 
 from .host import EXIT_QUIT, CommandError, Host, HostedVm, Stopped
 from .session import save_to_file
-from .vm import Saved
+from machine.outcome import Saved
 
 
 def _argument(arguments: dict, name: str) -> str:
@@ -40,7 +40,7 @@ def _cont(host: Host, arguments: dict) -> dict:
 def _dump_state(host: Host, arguments: dict) -> dict:
     hosted = host.find(arguments)
     hosted.vm.pause()
-    from .paracalls import ParaCalls
+    from machine.paracalls import ParaCalls
     return {"text": ParaCalls(hosted.vm).dump_text(settle=False)}
 
 
@@ -85,14 +85,14 @@ def _migrate(host: Host, arguments: dict) -> dict:
 def _migrate_live(hosted, target, address: str, arguments: dict) -> dict:
     """Pre-copy while the VM runs on in its slices; the host ends it once it is handed over
     (or it runs on here if the migration fails, which the VMM's stderr says)."""
-    if not hasattr(hosted.vm, "begin_live_migration"):
+    if not hosted.vm.live_migrates:
         raise CommandError("a live migration needs KVM's dirty log: this VM runs on the "
                            "software CPU (migrate it without live=true)")
     max_downtime = arguments.get("max_downtime_ms", 50)
     if not isinstance(max_downtime, (int, float)) or not 0 < max_downtime <= 60_000:
         raise CommandError("argument 'max_downtime_ms' must be a number from 0 to 60000")
     from vmstate.migration.live_send import LiveOptions
-    from .live import live_migrate_to
+    from machine.live import live_migrate_to
     hosted.vm.begin_live_migration(live_migrate_to(
         target, float(arguments.get("connect_timeout", 5)),
         bool(arguments.get("with_files", False)), hosted.entry.root,

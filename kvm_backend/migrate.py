@@ -20,9 +20,10 @@ from vmstate.mapping import close_mapping
 from vmstate.rootfs import open_root
 from vmstate.state import PAGE_SIZE, VmState
 
-from . import machine
-from .memory import GuestMemory
-from .vm import Outcome, SaveHandler, VirtualMachine, check_restorable
+from machine import layout
+from machine.base import Machine, check_restorable
+from machine.memory import GuestMemory
+from machine.outcome import Outcome, SaveHandler
 
 SCATTER_MAX_RUNS = 64        # runs in a memory frame read in place; more are staged
 
@@ -64,8 +65,8 @@ class GuestMemorySink:
     # a live migration (live_receive.LiveMemorySink): memory first, the state last
 
     def prepare_layout(self, regions: list[tuple[int, int]]) -> None:
-        if len(regions) != 1 or regions[0][0] != 0 or regions[0][1] % machine.LARGE_PAGE \
-                or not machine.USER_START < regions[0][1] <= machine.MAX_MEMORY:
+        if len(regions) != 1 or regions[0][0] != 0 or regions[0][1] % layout.LARGE_PAGE \
+                or not layout.USER_START < regions[0][1] <= layout.MAX_MEMORY:
             raise RestoreError(f"memory layout {regions} does not fit this VMM's (one region "
                                "at guest physical 0, whole 2 MiB pages)")
         self.memory = GuestMemory(regions[0][1])
@@ -130,7 +131,7 @@ def receive_and_run(connection: Connection, backend, root: str, max_size: int,
         return vm.run(trace=trace, save=save)
 
 
-def _start(received: Received, sink: GuestMemorySink, backend, root: str) -> VirtualMachine:
+def _start(received: Received, sink: GuestMemorySink, backend, root: str) -> Machine:
     """`backend`: session.KvmBackend or soft_backend's SoftBackend."""
     try:
         commit_files(received)

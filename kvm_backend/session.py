@@ -13,10 +13,12 @@ from vmstate.errors import KvmNotAvailableError, UsageError
 from vmstate.state import VmState
 from vmstate.units import format_size
 
-from .machine import LARGE_PAGE, MAX_MEMORY
-from .memory import GuestMemory
-from .vm import (
-    LiveSave, Outcome, SaveHandler, VirtualMachine, check_restorable, open_kvm, timing_mark)
+from machine.base import Machine, check_restorable
+from machine.layout import LARGE_PAGE, MAX_MEMORY
+from machine.memory import GuestMemory
+from machine.outcome import LiveSave, Outcome, SaveHandler
+from machine.timing import timing_mark
+from .vm import VirtualMachine, open_kvm
 
 if TYPE_CHECKING:             # imported where used: run does not need the image reader
     from vmstate.image.reader import Image
@@ -42,16 +44,16 @@ class SaveOptions:
         from vmstate.migration.protocol import parse_address
         if self.live:
             from vmstate.migration.live_send import LiveOptions
-            from .live import live_migrate_to
+            from machine.live import live_migrate_to
             return live_migrate_to(parse_address(self.migrate_to), self.connect_timeout,
                                    self.with_files, root, LiveOptions(self.max_downtime))
         from .migrate import migrate_to
         return migrate_to(parse_address(self.migrate_to), self.connect_timeout,
                           self.with_files, root, self.image)
 
-    def paracalls(self, vm: VirtualMachine):
+    def paracalls(self, vm: Machine):
         """The para-calls (401-403) of `vm`, migrating with these options."""
-        from .paracalls import ParaCalls
+        from machine.paracalls import ParaCalls
         live = None
         if self.live:
             from vmstate.migration.live_send import LiveOptions
@@ -92,8 +94,7 @@ class KvmBackend:
 
     def boot(self, program: str, argv: list[str], memory_size: int, root: str,
              options: GuestOptions) -> VirtualMachine:
-        from .boot import boot          # the ELF loader is not needed to restore
-        return boot(self.kvm, program, argv, memory_size, root, options)
+        return VirtualMachine.boot(self.kvm, program, argv, memory_size, root, options)
 
     def restore(self, state: VmState, memory: GuestMemory, root: str) -> VirtualMachine:
         return VirtualMachine.restore(self.kvm, state, memory, root)
@@ -164,7 +165,7 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu
         image.close()
 
 
-def restored_vm(backend, image: Image, root: str) -> tuple[VirtualMachine, Callable[[], None]]:
+def restored_vm(backend, image: Image, root: str) -> tuple[Machine, Callable[[], None]]:
     """A VM of `backend` (KvmBackend or SoftBackend) over `image`'s memory (copy-on-write) and
     the gate its run must pass: the memory verification started here. `image` must stay open
     while the VM runs."""
@@ -219,7 +220,7 @@ def receive_and_run(address: tuple[str, int], root: str, max_size: int, min_rate
 
 
 def describe(outcome: Outcome) -> str:
-    from .vm import Exited, Saved
+    from machine.outcome import Exited, Saved
     if isinstance(outcome, Exited):
         return f"exit status {outcome.status}"
     if isinstance(outcome, Saved):

@@ -1,90 +1,42 @@
-"""One virtual machine: KVM objects, guest memory, vCPU 0 and the VMM's devices, and the run
-loop that services the guest's system calls until it exits, faults or is saved."""
+"""One virtual machine on KVM: the KVM objects, vCPU 0 and the run loop that services the
+guest's system calls (the CPU-independent rest is machine.base.Machine)."""
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import signal
 import struct
-import sys
 import threading
-import time
-from dataclasses import dataclass
-from typing import Callable, Protocol
 
 import numpy as np
 
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
-from vmstate.pages import bytemap_from_runs, runs_from_bytemap
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
+from vmstate.pages import bytemap_from_runs
+from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState
 
-from linux_personality import (
-    CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
-from linux_personality import signals, snapshot
-from linux_personality.address_space import UserAddressSpace
+from linux_personality import GuestKilled
 from linux_personality.cpu import GuestFault
-from linux_personality.fdtable import FileTable
-from linux_personality.identity import Identity
-from linux_personality.signals import SignalState
+from linux_personality.options import GuestOptions
+from machine import layout
+from machine.base import SLICE_ENDED, Machine, StopHere
+from machine.boot import boot_vcpu_state, load_guest
+from machine.loader import inspect_program
+from machine.memory import GuestMemory
+from machine.outcome import Faulted, Outcome, describe_fault
+from machine.stop import StopRequest
 
-from . import abi, machine, vcpu_state
+from . import abi, vcpu_state
 from .kvm import (
     HltExit, InterruptedExit, Kvm, KvmIoctlError, KvmUnavailable, MmioExit, ShutdownExit, Vcpu)
-from .memory import GuestMemory
-from .stop import StopRequest
 
 SYSRET_RFLAGS_MASK = 0x3C7FD7       # the RFLAGS bits sysretq takes from R11 (RF and VM cleared)
 SYSCALL_INSTRUCTION = b"\x0f\x05"
-SEGV_MAPERR, SEGV_ACCERR = 1, 2          # si_code of a SIGSEGV: no mapping, no permission
 FAULT_FRAME = struct.Struct("<7Q")  # vector, error code, rip, cs, rflags, rsp, ss
 KVM_DEVICE_ENV = "VMSTATE_KVM_DEVICE"   # another path for /dev/kvm (tests, odd hosts)
-TIMING_ENV = "VMSTATE_TIMING"           # print CLOCK_MONOTONIC marks for the benchmarks
-
-
-@dataclass(frozen=True)
-class Exited:
-    status: int
-
-
-@dataclass(frozen=True)
-class Faulted:
-    """The guest took an exception (or KVM could not run it); `signal` is what Linux would
-    have sent a process, so the command can exit with 128 + signal."""
-    report: str
-    signal: int
-
-
-@dataclass(frozen=True)
-class Saved:
-    """The VM was stopped and its state handed to the save handler, which said where it went
-    ("saved to vm_image.sav (...)", "migrated to host:4040: ...")."""
-    where: str
-
-
-Outcome = Exited | Faulted | Saved
-SaveHandler = Callable[[VmState, list[memoryview]], str]
-
-
-class LiveMigration(Protocol):
-    """A live migration under way (kvm_backend/live.py), as the run loop sees it."""
-    wants_pause: threading.Event     # the sender is ready for the final stop-and-copy
-    finished: threading.Event        # it ended (failed) without stopping the guest
-
-    def hand_over(self, state: VmState, stopped_at: float) -> str | None:
-        """The vCPU stopped at `stopped_at` (time.monotonic()): send the rest; where the VM
-        went, or None if it failed."""
-    def abandon(self, why: str) -> None:
-        """The guest ended here first: cancel the migration."""
-
-
-@dataclass(frozen=True)
-class LiveSave:
-    """Save by live migration: `begin(vm)` starts sending while the guest runs on."""
-    begin: Callable[["VirtualMachine"], LiveMigration]
+FLUSH_SLOT, FLUSH_GPA = 1, layout.MAX_MEMORY + (1 << 30)   # far from memory and the doorbell
 
 
 SYNC_REGS = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
@@ -103,17 +55,14 @@ def open_kvm() -> Kvm:
     return kvm
 
 
-def timing_mark(label: str) -> None:
-    if os.environ.get(TIMING_ENV):
-        os.write(2, f"vmstate-timing {label} {time.clock_gettime_ns(time.CLOCK_MONOTONIC)}\n"
-                 .encode())
+class VirtualMachine(Machine):
+    saved_by = "kvm"
+    live_migrates = True              # KVM's dirty log
 
-
-class VirtualMachine:
     def __init__(self, kvm: Kvm, memory: GuestMemory):
         """Takes ownership of `memory` (closed with the VM, or now if this fails)."""
+        super().__init__(memory)
         self.kvm = kvm
-        self.memory = memory
         try:
             self.vm = kvm.create_vm()
         except BaseException:
@@ -128,97 +77,55 @@ class VirtualMachine:
             memory.close()
             raise
         self.vcpu.run_page.kvm_valid_regs = SYNC_REGS
-        self.files: FileTable | None = None
-        self.address_space: UserAddressSpace | None = None
-        self.program, self.argv = "", ()
-        self.identity = Identity()
-        self.signals = SignalState()
-        self.max_file_size: int | None = None
-        self.forked_child = False             # this VMM process runs a guest's fork child
+        self.cpu = KvmCpu(self)
+        self.stop = StopRequest(self.vcpu.run_page)
         self._msrs: list[int] | None = None
         self._flush_page: mmap.mmap | None = None
-        self.star = machine.STAR
-        self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
-        self.stop = StopRequest(self.vcpu.run_page)
-        self.name = "vm"                      # tags its para-call output and its lines on a host
+        self.star = layout.STAR
         self._present = np.zeros(memory.size // PAGE_SIZE, np.uint8)   # pages present so far
         self._unsent: np.ndarray | None = None    # written since a live migration took them
         self._written_lock = threading.Lock()
-        self.migration: LiveMigration | None = None
-        self._running: _Running | None = None
-        self.serving: int | None = None       # the system call being served, if any
 
-    def close(self) -> None:
-        if self.files is not None:
-            self.files.close_all()
-        self.stop.close()
+    def _close_cpu(self) -> None:
         self.vcpu.close()
         self.vm.close()
-        self.memory.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- creation ------------------------------------------------------------------------------
 
     @classmethod
-    def restore(cls, kvm: Kvm, state: VmState, memory: GuestMemory, root: str) -> VirtualMachine:
-        """A blank VM given `state`, over `memory` already holding the guest's memory (an
-        image mapped copy-on-write, or memory received from the network). Takes `memory`.
-        The caller has checked `state` with check_restorable (it sizes `memory` by it)."""
-        region = state.memory[0]
-        vm = cls(kvm, memory)
+    def boot(cls, kvm: Kvm, program_path: str, argv: list[str], memory_size: int,
+             root: str, options: GuestOptions = GuestOptions()) -> VirtualMachine:
+        """A VM about to run `program_path`'s first instruction, in ring 3."""
+        program = inspect_program(program_path)
+        vm = cls(kvm, GuestMemory(memory_size))
         try:
-            vm._present = np.frombuffer(
-                bytemap_from_runs(region.present, region.size // PAGE_SIZE), np.uint8)
-            aspace = state.vmm.address_space
-            vm.address_space = UserAddressSpace(aspace, memory)
-            memory.set_user_range(aspace.user_start, aspace.user_end)
-            vm.program, vm.argv = state.vmm.program, state.vmm.argv
-            vm.name = os.path.basename(vm.program) or "vm"
-            vcpu = state.vcpus[0]
-            vm.star = vcpu.msr(x86.MSR_STAR, machine.STAR)
-            vm.refused_msrs = vcpu_state.apply(vm.vcpu, vcpu)
-            vm.files, vm.identity, vm.signals = snapshot.restore(root, state.vmm.files,
-                                                                 state.vmm.os)
+            rsp = load_guest(vm, program, argv, root, options)
+            apic_base = vm.vcpu.get_sregs().apic_base
+            vcpu_state.apply(vm.vcpu, boot_vcpu_state(
+                program, rsp, apic_base, vcpu_state.cpuid_from_kvm(kvm.supported_cpuid())))
         except BaseException:
             vm.close()
             raise
         return vm
 
+    @classmethod
+    def restore(cls, kvm: Kvm, state, memory: GuestMemory, root: str) -> VirtualMachine:
+        """A blank VM given `state`, over `memory` already holding the guest's memory (an
+        image mapped copy-on-write, or memory received from the network). Takes `memory`.
+        The caller has checked `state` with check_restorable (it sizes `memory` by it)."""
+        vm = cls(kvm, memory)
+        vm._restore(state, root)
+        return vm
+
+    def _restore_present(self, region: MemoryRegion) -> None:
+        self._present = np.frombuffer(
+            bytemap_from_runs(region.present, region.size // PAGE_SIZE), np.uint8)
+
+    def _enter_vcpu(self, vcpu: VcpuState) -> None:
+        self.star = vcpu.msr(x86.MSR_STAR, layout.STAR)
+        self.refused_msrs = vcpu_state.apply(self.vcpu, vcpu)
+
     # -- running -------------------------------------------------------------------------------
-
-    def run(self, trace=None, save: SaveHandler | None = None,
-            gate: Callable[[], None] | None = None, paracalls=None) -> Outcome:
-        """Run until the guest exits, faults, or is saved through `save`. `gate` is called
-        before the VMM acts on the guest's first exit (restore verifies memory there)."""
-        self.start(trace, save, gate, paracalls)
-        try:
-            while (outcome := self.run_slice()) is None:
-                pass
-        finally:
-            self.stop.stopped()
-            self.abandon_migration("the guest ended on this host first")
-            self._running.syscalls.close()
-        if self.forked_child:
-            _end_child_process(outcome)
-        return outcome
-
-    def start(self, trace=None, save: SaveHandler | None = None,
-              gate: Callable[[], None] | None = None, paracalls=None) -> None:
-        """Make the VM ready for run_slice (run does this itself). `paracalls` serves
-        syscalls 401-403 (default: a ParaCalls with default migration options)."""
-        from .paracalls import ParaCalls
-        syscalls = Personality(KvmCpu(self), self.files, self.address_space,
-                               program=self.program, trace=trace, stop_fd=self.stop.cancel_fd,
-                               save_enabled=save is not None, max_file_size=self.max_file_size,
-                               identity=self.identity, signals=self.signals,
-                               reserved_signals=self.stop.watched)
-        self._running = _Running(syscalls, save, gate, paracalls or ParaCalls(self))
-        timing_mark("first-kvm-run")
 
     def begin_slice(self, seconds: float, instructions: int | None) -> None:
         """A multi-VM host's slice begins (it ends it with end_slice, from SIGALRM)."""
@@ -230,79 +137,42 @@ class VirtualMachine:
     def run_slice(self) -> Outcome | None:
         """Run the vCPU until the guest ends (its Outcome) or KVM_RUN is interrupted by a
         signal with no stop requested (None: a time slice ended; call again to go on)."""
-        running = self._running
         while True:
             exit = self.vcpu.run()
-            if running.gate is not None:
-                running.gate()
-                running.gate = None
-                timing_mark("gate-passed")
+            self._pass_gate()
             match exit:
-                case MmioExit(address=machine.DOORBELL_GPA):
-                    outcome = self._service_syscall(running)
+                case MmioExit(address=layout.DOORBELL_GPA):
+                    outcome = self._service_syscall()
                     if outcome is not None:
                         return outcome
-                case MmioExit(address=machine.SPARE_DOORBELL_GPA):
+                case MmioExit(address=layout.SPARE_DOORBELL_GPA):
                     pass         # nothing to do: the round-trip benchmark's baseline
                 case HltExit():
                     fault = self._fault()
-                    if not self._deliver_fault(running.syscalls, fault):
+                    if not self._deliver_fault(fault):
                         return fault
                 case ShutdownExit():
                     rip = self.vcpu.run_page.s.regs.rip
                     return Faulted(f"guest triple fault (rip {rip:#x}): it could not even "
                                    "deliver an exception", x86.SIGSEGV)
                 case InterruptedExit():
-                    if self.stop.requested.is_set() and running.save is not None:
-                        if self._refuse_save(running.syscalls):
-                            return None
-                        outcome = self._on_stop(running.save, pending=None)
-                        if outcome is not None:
-                            return outcome
+                    if self.stop.requested.is_set() and self._running.save is not None:
+                        return self._stop_requested()
                     return None
                 case _:
                     rip = self.vcpu.run_page.s.regs.rip
                     return Faulted(f"unexpected KVM exit {exit} at rip {rip:#x}", x86.SIGSEGV)
 
-    def _service_syscall(self, running: _Running) -> Outcome | None:
+    def _service_syscall(self) -> Outcome | None:
         regs = self.vcpu.run_page.s.regs
-        nr, args = regs.rax, (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
-        save = running.save
-        if running.paracalls.serves(nr):
-            return running.paracalls.serve(nr, args, running.syscalls.trace)
-        self.serving = nr
-        try:
-            running.syscalls.serve()
-        except GuestExit as e:
-            return Exited(e.status)
-        except GuestKilled as e:
-            name = signal.Signals(e.signal).name if e.signal in signal.valid_signals() \
-                else f"signal {e.signal}"
-            return Faulted(f"guest killed by {name}", e.signal)
-        except SaveRequested:
-            if self._refuse_save(running.syscalls):
-                self.return_to_user(-errno.EBUSY)
-                return None
-            self.return_to_user(0)             # after the restore, syscall(400) returns 0
-            if isinstance(save, LiveSave):
-                self._begin_live(save)
-                return None
-            return self._save(save, pending=None)
-        except CallInterrupted:
-            try:
-                pending = self._rewind_to_syscall(nr, args)
-            except GuestFault:            # not a syscall instruction the guest can re-issue:
-                self.return_to_user(-errno.EINTR)      # the call fails as interrupted
-                pending = None
-            if not self.stop.requested.is_set():       # a time slice ended (stop.interrupt_call)
-                self.vcpu.run_page.immediate_exit = 1  # the next KVM_RUN takes the registers
-                return None                            # and returns: run_slice gives None
-            if self._refuse_save(running.syscalls):
-                return None                   # the guest re-issues the call
-            return self._on_stop(save, pending)
-        finally:
-            self.serving = None
-        return None
+        served = self._serve_syscall(regs.rax, (regs.rdi, regs.rsi, regs.rdx, regs.r10,
+                                                regs.r8, regs.r9))
+        if served is SLICE_ENDED:
+            self.vcpu.run_page.immediate_exit = 1  # the next KVM_RUN takes the registers
+            return None                            # and returns: run_slice gives None
+        if isinstance(served, StopHere):
+            return self._on_stop(self._running.save, served.pending)
+        return served
 
     def return_to_user(self, result: int) -> None:
         """Do what `sysretq` would: RAX = result, RIP = RCX, RFLAGS from R11, user CS/SS
@@ -311,13 +181,14 @@ class VirtualMachine:
         regs.rax = result & 0xFFFFFFFFFFFFFFFF
         self._leave_syscall_entry(regs.rcx)
 
-    def _rewind_to_syscall(self, nr: int, args: tuple[int, ...]) -> PendingCall:
-        """Put the guest back on its `syscall` instruction, so that it re-issues the call
-        when it resumes (a blocked read loses no data)."""
+    def _rewind_to_syscall(self, nr: int, args: tuple[int, ...]) -> PendingCall | None:
         regs = self.vcpu.run_page.s.regs
         rip = regs.rcx - len(SYSCALL_INSTRUCTION)
-        if self.memory.read(rip, 2) != SYSCALL_INSTRUCTION:
-            raise GuestFault(f"no syscall instruction before {regs.rcx:#x}")
+        try:
+            if self.memory.read(rip, 2) != SYSCALL_INSTRUCTION:
+                return None
+        except GuestFault:
+            return None
         regs.rax = nr
         self._leave_syscall_entry(rip)
         return PendingCall(nr, args, rip)
@@ -329,15 +200,15 @@ class VirtualMachine:
         regs.rflags = (regs.r11 & SYSRET_RFLAGS_MASK) | x86.RFLAGS_FIXED
         run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS
         if sregs.cs.dpl != 3:
-            cs, ss = machine.user_return_segments(self.star)
+            cs, ss = layout.user_return_segments(self.star)
             vcpu_state.segment_to_kvm(cs, sregs.cs)
             vcpu_state.segment_to_kvm(ss, sregs.ss)
             run.kvm_dirty_regs |= abi.KVM_SYNC_X86_SREGS
 
-    def _deliver_fault(self, syscalls: Personality, fault: Faulted) -> bool:
+    def _deliver_fault(self, fault: Faulted) -> bool:
         """If the guest handles the fault's signal, resume it in user mode where it faulted
         and enter its handler (as Linux does); else the fault ends the run."""
-        if not signals.handles_fault(syscalls, fault.signal):
+        if not self._handles_fault(fault):
             return False
         run = self.vcpu.run_page
         try:
@@ -349,19 +220,13 @@ class VirtualMachine:
             return False                      # the fault was in the guest kernel's stub
         regs, sregs = run.s.regs, run.s.sregs
         regs.rip, regs.rsp, regs.rflags = rip, rsp, rflags
-        code, address = ((SEGV_ACCERR if error_code & 1 else SEGV_MAPERR), sregs.cr2) \
-            if vector == 14 else (0, rip)
-        cs_user, ss_user = machine.user_return_segments(self.star)
+        cs_user, ss_user = layout.user_return_segments(self.star)
         vcpu_state.segment_to_kvm(cs_user, sregs.cs)
         vcpu_state.segment_to_kvm(ss_user, sregs.ss)
         run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
         self.vcpu.set_mp_state(abi.KVM_MP_STATE_RUNNABLE)
-        try:
-            signals.enter_handler(syscalls, fault.signal,
-                                  struct.pack("<iiiiQ", fault.signal, 0, code, 0, address))
-        except GuestKilled:           # no room for the handler's frame: the fault ends the run
-            return False
-        return True
+        return self._enter_handler(fault, vector, error_code,
+                                   sregs.cr2 if vector == 14 else rip)
 
     def _fault(self) -> Faulted:
         """An exception stub halted: decode the frame it left on the exception stack."""
@@ -374,25 +239,22 @@ class VirtualMachine:
         guard = self.address_space.guard_page if self.address_space else None
         return describe_fault(vector, error_code, rip, rsp, cs & 3 == 3, run.s.sregs.cr2, guard)
 
-    # -- saving --------------------------------------------------------------------------------
+    # -- the guest's page tables ---------------------------------------------------------------
 
-    def _refuse_save(self, syscalls: Personality) -> bool:
-        """A guest with child processes is not saved (a save holds one process): say so, and
-        let it run on."""
-        if not syscalls.children:
-            return False
-        pids = ", ".join(str(pid) for pid in sorted(syscalls.children))
-        print(f"vmstate: save refused: the guest has child processes ({pids}); an image holds "
-              "one process", file=sys.stderr, flush=True)
-        self.stop.reset()
-        return True
-
-    def flush_page(self) -> int:
-        """The host address of a page for protection.flush_tlb's short-lived memory slot."""
+    def forget_translations(self) -> None:
+        """Make the vCPU see page-table edits the VMM made through its own mapping. Shadow
+        paging (KVM-PVM) keeps shadow copies of guest page tables that such writes do not
+        invalidate, and a CR3 reload does not drop them; deleting a memory slot makes KVM zap
+        every shadow page and flush the TLBs (with EPT too). So: add a one-page slot, delete
+        it."""
         if self._flush_page is None:
             self._flush_page = mmap.mmap(-1, PAGE_SIZE)
             self._flush_anchor = ctypes.c_char.from_buffer(self._flush_page)
-        return ctypes.addressof(self._flush_anchor)
+        page = ctypes.addressof(self._flush_anchor)
+        self.vm.set_user_memory_region(FLUSH_SLOT, FLUSH_GPA, PAGE_SIZE, page, 0)
+        self.vm.set_user_memory_region(FLUSH_SLOT, FLUSH_GPA, 0, page, 0)
+
+    # -- saving --------------------------------------------------------------------------------
 
     def xsave_size(self) -> int:
         return max(self.kvm.check_extension(abi.KVM_CAP_XSAVE2), abi.XSAVE_LEGACY_SIZE)
@@ -402,73 +264,10 @@ class VirtualMachine:
             self._msrs = vcpu_state.msr_indices(self.kvm, self.vcpu)
         return self._msrs
 
-    def _on_stop(self, save, pending: PendingCall | None) -> Outcome | None:
-        """A stop request reached the run loop (a signal, or a live migration's last round,
-        whatever started it); None: the guest carries on (a rewound call is re-issued)."""
-        if self.migration is not None and self.migration.wants_pause.is_set():
-            self.stop.reset()             # before the hand-over: a request from now on is kept
-            return self._final_copy(pending)
-        if not isinstance(save, LiveSave):
-            return self._save(save, pending)
-        self.stop.reset()
-        self._begin_live(save)
-        return None
-
-    def begin_live_migration(self, save: LiveSave) -> None:
-        """Start a live migration now, whatever the VM's own save does (the control socket's
-        `migrate live=true`, para-call 403 under --live): the guest runs on; the run loop
-        ends the VM with Saved once the receiver has it, or goes on if the migration fails."""
-        self._begin_live(save)
-
-    def abandon_migration(self, why: str) -> None:
-        if self.migration is not None:
-            self.migration.abandon(why)
-            self.migration = None
-
-    def _begin_live(self, save: LiveSave) -> None:
-        if self.migration is not None and not self.migration.finished.is_set():
-            return                        # one at a time: this request joins it
-        self.migration = save.begin(self)
-
-    def _final_copy(self, pending: PendingCall | None) -> Outcome | None:
-        """Stop the guest for the live migration's last pages and state. If the migration
-        then fails, the guest carries on here as if nothing happened."""
-        timing_mark("save-start")
-        stopped_at = time.monotonic()
-        self.stop.stopped()
-        self.complete_pending_exit()
-        migration, self.migration = self.migration, None
-        where = migration.hand_over(self.capture(pending), stopped_at)
-        self.stop.reset()
-        if where is None:
-            timing_mark("resumed-here")
-            return None
-        timing_mark("save-done")
-        return Saved(where)
-
-    def _save(self, save: SaveHandler, pending: PendingCall | None) -> Saved:
-        timing_mark("save-start")
-        self.stop.stopped()
-        self.complete_pending_exit()
-        where = save(self.capture(pending), [self.memory.view])
-        timing_mark("save-done")
-        return Saved(where)
-
-    def settle(self, result: int) -> None:
-        """Finish the system call the vCPU stopped on with `result` and leave the vCPU stopped
-        with no exit pending, so that capture() sees the guest as it resumes; the VM goes on
-        at the next run_slice (return_to_user may still change the result it sees)."""
-        self.return_to_user(result)
-        self.complete_pending_exit()
-
     def pause(self) -> None:
         """Between slices: leave the vCPU with no exit pending and the registers the run loop
         edited taken, so that capture() or a save sees the guest as it will resume."""
         self.complete_pending_exit()
-
-    def save_now(self, save: SaveHandler) -> Saved:
-        """Save the VM between slices through `save`; it ends."""
-        return self._save(save, pending=None)
 
     def complete_pending_exit(self) -> None:
         """One KVM_RUN with immediate_exit set: KVM finishes the MMIO exit it is waiting on and
@@ -483,16 +282,6 @@ class VirtualMachine:
     def capture_vcpu(self) -> VcpuState:
         """vCPU 0's state alone (stopped, no exit pending)."""
         return vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
-
-    def capture(self, pending: PendingCall | None = None) -> VmState:
-        """The whole VM state. The vCPU must be stopped with no exit pending."""
-        vcpu = self.capture_vcpu()
-        files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
-        vmm = VmmState(program=self.program, argv=self.argv, files=files,
-                       address_space=self.address_space.state, pending=pending, os=guest_os,
-                       saved_by="kvm")
-        region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
-        return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 
     def present_pages(self) -> np.ndarray:
         """Pages ever written: by the guest (KVM's dirty log), by the VMM, or present in the
@@ -531,57 +320,6 @@ class VirtualMachine:
                 self._unsent |= written
 
 
-def describe_fault(vector: int, error_code: int, rip: int, rsp: int, in_user: bool,
-                   address: int, guard_page: int | None = None) -> Faulted:
-    """The report and signal for a guest exception, the same whichever CPU ran the guest
-    (`address` is the faulting address of a page fault, `guard_page` the page below the
-    stack, whose faults are a stack overflow)."""
-    mnemonic, name, _, signal = x86.EXCEPTIONS.get(vector, (f"#{vector}", "exception", 0,
-                                                             x86.SIGSEGV))
-    report = f"guest fault: {mnemonic} {name} (vector {vector}) at rip {rip:#x}"
-    if vector == 14:
-        access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16
-                                                 else "read")
-        cause = "protection violation" if error_code & 1 else "page not present"
-        if guard_page is not None and guard_page <= address < guard_page + PAGE_SIZE:
-            cause = "the guard page below the stack: a stack overflow"
-        report += f", {access} of address {address:#x} ({cause})"
-    elif x86.has_error_code(vector):
-        report += f", error code {error_code:#x}"
-    report += f", rsp {rsp:#x}" + ("" if in_user else " (in the guest kernel stub)")
-    return Faulted(report, signal)
-
-
-@dataclass
-class _Running:
-    """What the run loop of a started VM works with."""
-    syscalls: Personality
-    save: SaveHandler | None
-    gate: Callable[[], None] | None
-    paracalls: object              # paracalls.ParaCalls (imported late: it imports this module)
-
-
-def check_restorable(state: VmState) -> None:
-    """What join also checks before it writes (vmstate.validate.restore_problems)."""
-    from vmstate.validate import restore_problems      # only restores need the checks
-    for problem in restore_problems(state):
-        raise RestoreError(problem.message)
-
-
-def _end_child_process(outcome: Outcome) -> None:
-    """A fork child's VMM ends with its guest, as the guest process would have: its exit
-    status, or death by the signal that ended it (what the parent's wait4 reports)."""
-    sys.stdout.flush()
-    if isinstance(outcome, Exited):
-        os._exit(outcome.status)
-    if isinstance(outcome, Faulted):
-        if not outcome.report.startswith("guest killed"):
-            print(f"vmstate: {outcome.report}", file=sys.stderr, flush=True)
-        signal.signal(outcome.signal, signal.SIG_DFL)
-        os.kill(os.getpid(), outcome.signal)
-    os._exit(128 + x86.SIGSEGV)
-
-
 class KvmCpu:
     """The personality's Cpu (linux_personality.cpu) over vCPU 0: registers through the kvm_run
     sync registers (no extra ioctl per system call)."""
@@ -595,8 +333,8 @@ class KvmCpu:
         return self.vm.vcpu.run_page      # a fork child has a vCPU of its own
 
     def protect(self, addr: int, length: int, prot: int) -> bool:
-        from .protection import flush_tlb, protect
-        return protect(self.vm.memory, addr, length, prot, lambda: flush_tlb(self.vm))
+        from machine.protection import protect
+        return protect(self.vm.memory, addr, length, prot, self.vm.forget_translations)
 
     def read_fpu(self) -> bytes:
         return self.vm.vcpu.get_xsave(self.vm.xsave_size())

@@ -122,7 +122,7 @@ class SoftCpu:
         return values
 
     def protect(self, addr: int, length: int, prot: int) -> bool:
-        from kvm_backend.protection import protect
+        from machine.protection import protect
         return protect(self.memory, addr, length, prot, self.machine.forget_translations)
 
     def read_fpu(self) -> bytes:

@@ -19,11 +19,11 @@ from dataclasses import replace
 from unicorn import Uc
 from unicorn import x86_const as X
 
-from kvm_backend import machine
+from machine import layout
 from vmstate import x86, xsave
 from vmstate.state import GP_REGISTERS, CpuidEntry, Registers, VcpuState
 
-SCRATCH = machine.MAX_MEMORY + 0x10000          # physical, above the doorbell: no guest RAM
+SCRATCH = layout.MAX_MEMORY + 0x10000          # physical, above the doorbell: no guest RAM
 SCRATCH_SIZE = 0x2000
 CODE, STACK_TOP = SCRATCH, SCRATCH + SCRATCH_SIZE
 IRET_FRAME = STACK_TOP - 40

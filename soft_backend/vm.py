@@ -3,21 +3,18 @@ mapping KVM would use, zero-copy), the guest in ring 3 under its own page tables
 loop that serves its system calls until it exits, faults, is saved, or has run a given number
 of instructions.
 
-It offers what kvm_backend.vm.VirtualMachine offers to the session code (boot/restore, run,
-capture, the personality's state, `stop`), so images, saves and migrations are the same.
+The CPU-independent rest (the personality's state, restore, capture, saves, the run loop's
+shape) is machine.base.Machine, as for KVM, so images, saves and migrations are the same.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
-import struct
 import sys
 from dataclasses import replace
 from types import SimpleNamespace
-from typing import Callable
 
 from unicorn import (
     UC_ARCH_X86, UC_ERR_INSN_INVALID, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc,
@@ -25,24 +22,18 @@ from unicorn import (
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
-from kvm_backend.boot import boot_vcpu_state, load_guest
-from kvm_backend.loader import inspect_program
-from kvm_backend.memory import GuestMemory
-from kvm_backend.stop import KICK_INTERVAL, StopRequest
-from kvm_backend.vm import (
-    SEGV_ACCERR, SEGV_MAPERR, Exited, Faulted, LiveSave, Outcome, SaveHandler, Saved,
-    _end_child_process, describe_fault, timing_mark)
-from linux_personality import (
-    CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested, signals, snapshot)
 from linux_personality.address_space import UserAddressSpace
-from linux_personality.fdtable import FileTable
-from linux_personality.identity import Identity
 from linux_personality.options import GuestOptions
-from linux_personality.signals import SignalState
+from machine.base import SLICE_ENDED, Machine, StopHere
+from machine.boot import boot_vcpu_state, load_guest, load_new_program
+from machine.loader import inspect_program
+from machine.memory import GuestMemory
+from machine.outcome import Exited, Faulted, LiveSave, Outcome, Saved, describe_fault
+from machine.stop import KICK_INTERVAL, StopRequest
 from vmstate import x86
 from vmstate.errors import UsageError
-from vmstate.pages import bytemap_from_runs, runs_from_bytemap, union
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
+from vmstate.pages import bytemap_from_runs, union
+from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmState
 
 from . import unicorn_state
 from .cpu import SoftCpu
@@ -53,7 +44,6 @@ APIC_BASE = 0xFEE00900          # what KVM gives a fresh vCPU 0 (enabled, bootst
 NO_STOP_ADDRESS = (1 << 64) - 1
 EFER_NXE = 1 << 11
 CR4_OSXSAVE, CPUID1_ECX_OSXSAVE = 1 << 18, 1 << 27
-SLICE_ENDED = ("slice ended",)          # a blocking call was woken to end a host's slice
 SYSCALL_INSTRUCTION = b"\x0f\x05"
 
 
@@ -87,10 +77,12 @@ class SoftStop(StopRequest):
                 pass
 
 
-class SoftMachine:
+class SoftMachine(Machine):
+    saved_by = "soft"
+
     def __init__(self, memory: GuestMemory):
         """Takes ownership of `memory`."""
-        self.memory = memory
+        super().__init__(memory)
         try:
             self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
             self.uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.host_address)
@@ -99,18 +91,8 @@ class SoftMachine:
             memory.close()
             raise
         self.template = None                  # the VcpuState for what unicorn does not hold
-        self.files: FileTable | None = None
-        self.address_space: UserAddressSpace | None = None
-        self.program, self.argv = "", ()
-        self.identity = Identity()
-        self.signals = SignalState()
-        self.max_file_size: int | None = None
-        self.refused_msrs: list[int] = []
         self.stop = SoftStop(self.uc)
         self.cpu = SoftCpu(self)
-        self.name = "vm"                      # tags its para-call output
-        self.forked_child = False             # this VMM process runs a guest's fork child
-        self.serving: int | None = None       # the system call being served, if any
         self._present: bytes | None = None           # pages known present so far
         self._image_present: tuple = ()
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
@@ -119,18 +101,8 @@ class SoftMachine:
         self._budget: int | None = None           # run's max_instructions
         self._slice: tuple[int, int | None] = (0, None)    # host slice: microseconds, count
 
-    def close(self) -> None:
-        if self.files is not None:
-            self.files.close_all()
-        self.stop.close()
+    def _close_cpu(self) -> None:
         self.uc = None
-        self.memory.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- creation ------------------------------------------------------------------------------
 
@@ -143,7 +115,7 @@ class SoftMachine:
         try:
             rsp = load_guest(vm, program, argv, root, options)
             cpuid = unicorn_state.unicorn_cpuid(vm.uc)
-            vm._start(boot_vcpu_state(program, rsp, APIC_BASE, cpuid))
+            vm._enter_vcpu(boot_vcpu_state(program, rsp, APIC_BASE, cpuid))
         except BaseException:
             vm.close()
             raise
@@ -152,24 +124,14 @@ class SoftMachine:
     @classmethod
     def restore(cls, state: VmState, memory: GuestMemory, root: str) -> SoftMachine:
         """As VirtualMachine.restore: `memory` already holds the guest's memory."""
-        region = state.memory[0]
         vm = cls(memory)
-        try:
-            vm._image_present = region.present      # as a byte map only when saving
-            aspace = state.vmm.address_space
-            vm.address_space = UserAddressSpace(aspace, memory)
-            memory.set_user_range(aspace.user_start, aspace.user_end)
-            vm.program, vm.argv = state.vmm.program, state.vmm.argv
-            vm.name = os.path.basename(vm.program) or "vm"
-            vm._start(state.vcpus[0])
-            vm.files, vm.identity, vm.signals = snapshot.restore(root, state.vmm.files,
-                                                                 state.vmm.os)
-        except BaseException:
-            vm.close()
-            raise
+        vm._restore(state, root)
         return vm
 
-    def _start(self, vcpu) -> None:
+    def _restore_present(self, region: MemoryRegion) -> None:
+        self._image_present = region.present      # as a byte map only when saving
+
+    def _enter_vcpu(self, vcpu: VcpuState) -> None:
         self.template = vcpu
         self._osxsave = bool(vcpu.sregs.cr4 & CR4_OSXSAVE)    # ring 3 cannot change CR4
         for entry in vcpu.cpuid:
@@ -185,37 +147,18 @@ class SoftMachine:
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, trace=None, save: SaveHandler | None = None,
-            gate: Callable[[], None] | None = None, paracalls=None,
+    def run(self, trace=None, save=None, gate=None, paracalls=None,
             max_instructions: int | None = None) -> Outcome:
-        """Run until the guest exits, faults, is saved through `save`, or (with
-        `max_instructions`) has run exactly that many instructions, then saved. `paracalls`
-        serves syscalls 401-403 (default: kvm_backend.paracalls.ParaCalls)."""
-        self.start(trace, save, gate, paracalls)
+        """Machine.run; with `max_instructions`, the guest is saved after exactly that many
+        instructions."""
         self._budget = max_instructions
-        try:
-            while (outcome := self.run_slice()) is None:
-                pass
-        finally:
-            self.stop.stopped()
-        if self.forked_child:
-            _end_child_process(outcome)
-        return outcome
+        return super().run(trace, save, gate, paracalls)
 
-    def start(self, trace=None, save: SaveHandler | None = None,
-              gate: Callable[[], None] | None = None, paracalls=None) -> None:
-        """Make the machine ready for run_slice (run does this itself)."""
+    def start(self, trace=None, save=None, gate=None, paracalls=None) -> None:
         if isinstance(save, LiveSave):
             raise UsageError("live migration (--live) needs KVM's dirty-page log; the software "
                              "CPU migrates cold (leave out --live)")
-        from kvm_backend.paracalls import ParaCalls
-        self._personality = Personality(
-            self.cpu, self.files, self.address_space, program=self.program, trace=trace,
-            stop_fd=self.stop.cancel_fd, save_enabled=save is not None,
-            max_file_size=self.max_file_size, identity=self.identity, signals=self.signals)
-        self._gate, self._save_handler = gate, save
-        self._paracalls = paracalls or ParaCalls(self)
-        timing_mark("first-kvm-run")
+        super().start(trace, save, gate, paracalls)
 
     # A multi-VM host's slices (kvm_backend.host): unicorn ends them itself, after a number of
     # instructions or a time (its `timeout`); end_slice also works from a signal handler.
@@ -233,7 +176,6 @@ class SoftMachine:
         """Run until the guest ends (its Outcome), or None when a slice ended: the host's
         (time or instructions), or a save was refused. With an instruction budget (run's
         max_instructions), its end saves the guest."""
-        save = self._save_handler
         timeout_us, slice_instructions = self._slice
         count = self._budget or slice_instructions or 0
         self._stopped_by: Outcome | tuple | None = None
@@ -255,30 +197,25 @@ class SoftMachine:
             return stopped
         if stopped is SLICE_ENDED:
             return None
-        if isinstance(stopped, tuple):                   # ("save", pending call or None)
-            return self._save(save, stopped[1])
+        if isinstance(stopped, StopHere):
+            return self._on_stop(self._running.save, stopped.pending)
         if self._exception is not None:
             return self._fault(self._exception)
         if self.stop.requested.is_set():
-            if save is None:
+            if self._running.save is None:
                 return Faulted(f"the VM was stopped: {self.stop.reason}", x86.SIGSEGV)
-            if self._refuse_save():
+            outcome = self._stop_requested()
+            if outcome is None:
                 self._budget = None           # the slice ended early: the count is lost
-                return None
-            return self._save(save, None)
+            return outcome
         if self._budget:
+            save = self._running.save
             return self._save(save, None) if save is not None else None
         if self._takes_page_fault():          # unicorn may end on a fault without a word
             return self._fault(14)
         if count or timeout_us:
             return None
         return self._fault(None)
-
-    def _pass_gate(self) -> None:
-        if self._gate is not None:
-            gate, self._gate = self._gate, None
-            gate()
-            timing_mark("gate-passed")
 
     def _on_syscall_checked(self, _handle, _user_data) -> None:
         """The hook unicorn calls (straight through ctypes: the binding's wrapping costs
@@ -291,8 +228,7 @@ class SoftMachine:
             self.uc.emu_stop()
 
     def _on_syscall(self) -> None:
-        if self._gate is not None:
-            self._pass_gate()
+        self._pass_gate()
         cpu = self.cpu
         cpu.enter_call()
         try:
@@ -301,53 +237,16 @@ class SoftMachine:
             cpu.leave_call()
 
     def _serve(self, cpu: SoftCpu) -> None:
-        nr, args = cpu.call_at_entry()
-        if self._paracalls.serves(nr):
-            outcome = self._paracalls.serve(nr, args, self._personality.trace)
-            if outcome is not None:
-                self._stop_with(outcome)
-            return
-        self.serving = nr
-        try:
-            self._personality.serve()
-        except GuestExit as e:
-            self._stop_with(Exited(e.status))
-        except GuestKilled as e:
-            name = signal.Signals(e.signal).name if e.signal in signal.valid_signals() \
-                else f"signal {e.signal}"
-            self._stop_with(Faulted(f"guest killed by {name}", e.signal))
-        except SaveRequested:
-            if self._refuse_save():
-                cpu.return_to_user(-errno.EBUSY)
-                return
-            cpu.return_to_user(0)             # after the restore, syscall(400) returns 0
-            self._stop_with(("save", None))
-        except CallInterrupted:
-            pending = None
-            if self.memory.read(cpu.read_register("rcx") - 2, 2) == SYSCALL_INSTRUCTION:
-                cpu.write_register("rax", nr)
-                pending = PendingCall(nr, args, cpu.rewind_to_syscall())
-            else:
-                cpu.return_to_user(-errno.EINTR)
-            if not self.stop.requested.is_set():   # a host's slice ended (stop.interrupt_call)
-                self._stop_with(SLICE_ENDED)
-                return
-            if self._refuse_save():
-                return                        # the guest re-issues the call
-            self._stop_with(("save", pending))
-        finally:
-            self.serving = None
+        served = self._serve_syscall(*cpu.call_at_entry())
+        if served is not None:
+            self._stop_with(served)
 
-    def _refuse_save(self) -> bool:
-        """A guest with child processes is not saved (a save holds one process), as on KVM."""
-        children = self._personality.children
-        if not children:
-            return False
-        pids = ", ".join(str(pid) for pid in sorted(children))
-        print(f"vmstate: save refused: the guest has child processes ({pids}); an image holds "
-              "one process", file=sys.stderr, flush=True)
-        self.stop.reset()
-        return True
+    def _rewind_to_syscall(self, nr: int, args: tuple[int, ...]) -> PendingCall | None:
+        cpu = self.cpu
+        if self.memory.read(cpu.read_register("rcx") - 2, 2) != SYSCALL_INSTRUCTION:
+            return None
+        cpu.write_register("rax", nr)
+        return PendingCall(nr, args, cpu.rewind_to_syscall())
 
     def _stop_with(self, outcome) -> None:
         self._stopped_by = outcome
@@ -403,58 +302,27 @@ class SoftMachine:
                        ) -> bool:
         """As VirtualMachine._deliver_fault: a guest with a handler for the fault's signal
         enters it, with the faulting address in its siginfo (RIP stays on the instruction)."""
-        if not signals.handles_fault(self._personality, fault.signal):
+        if not self._handles_fault(fault):
             return False
-        code = (SEGV_ACCERR if error_code & 1 else SEGV_MAPERR) if vector == 14 else 0
         self.cpu.enter_fault()
         try:
-            signals.enter_handler(self._personality, fault.signal,
-                                  struct.pack("<iiiiQ", fault.signal, 0, code, 0, address))
-        except GuestKilled:           # no room for the handler's frame: the fault ends the run
-            return False
+            return self._enter_handler(fault, vector, error_code, address)
         finally:
             self.cpu.leave_fault()
-        return True
 
     def _read_register(self, name: str) -> int:
         return self.uc.reg_read(getattr(X, f"UC_X86_REG_{name.upper()}"))
 
     # -- saving --------------------------------------------------------------------------------
 
-    def _save(self, save: SaveHandler, pending: PendingCall | None) -> Saved:
-        timing_mark("save-start")
-        self.stop.stopped()
-        where = save(self.capture(pending), [self.memory.view])
-        timing_mark("save-done")
-        return Saved(where)
-
-    def pause(self) -> None:
-        """Between slices (the host's control commands): nothing pending to complete here."""
-
-    def save_now(self, save: SaveHandler) -> Saved:
-        """Save the machine between slices through `save`; it ends."""
-        return self._save(save, pending=None)
-
     def return_to_user(self, result: int) -> None:
         """Finish the system call under way with `result` (para-calls)."""
         self.cpu.return_to_user(result)
 
-    def settle(self, result: int) -> None:
-        """As VirtualMachine.settle: the call under way returns `result`, and capture() sees
-        the guest as it resumes."""
-        self.cpu.return_to_user(result)
-
     def capture_vcpu(self) -> VcpuState:
         """vCPU 0's state alone; inside a system call, as the guest will resume."""
-        return unicorn_state.capture(self.uc, self.template, self.cpu.resume_registers())
-
-    def capture(self, pending: PendingCall | None = None) -> VmState:
-        files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
-        vmm = VmmState(program=self.program, argv=self.argv, files=files,
-                       address_space=self.address_space.state, pending=pending, os=guest_os,
-                       saved_by="soft")
-        region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
-        return VmState(vcpus=(replace(self.capture_vcpu(), id=0),), memory=(region,), vmm=vmm)
+        return replace(unicorn_state.capture(self.uc, self.template,
+                                             self.cpu.resume_registers()), id=0)
 
     # -- a guest's fork and execve -------------------------------------------------------------
 
@@ -471,12 +339,11 @@ class SoftMachine:
         for signum in (signal.SIGUSR1, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         self.stop = SoftStop(self.uc)         # the parent's threads did not come along
-        self._personality.stop_fd = self.stop.cancel_fd
+        self._running.syscalls.stop_fd = self.stop.cancel_fd
         self.forked_child = True
         return 0
 
     def exec(self, host_path: str, argv: list[str], envp: list[str]) -> UserAddressSpace:
-        from kvm_backend.guest_process import load_new_program
         space, regs = load_new_program(self, host_path, argv, envp)
         self.uc.ctl_flush_tb()                # the code unicorn translated is gone
         self.forget_translations()            # and the page tables were rewritten

@@ -460,7 +460,7 @@ def _read_input(path: Path) -> bytes:
 
 
 def _finish(outcome) -> None:
-    from kvm_backend.vm import Exited, Faulted, Saved
+    from machine.outcome import Exited, Faulted, Saved
     if isinstance(outcome, Exited):
         raise typer.Exit(outcome.status)
     if isinstance(outcome, Saved):

@@ -28,7 +28,7 @@ MAX_XCRS = 16                           # what struct kvm_xcrs holds
 MAX_GUEST_FDS = 1 << 20                 # the largest --max-fds: guest fds below it
 MAX_FILE_OFFSET = (1 << 63) - 1         # off_t
 
-# This VMM's machine (kvm_backend.machine lays memory out by these).
+# This VMM's machine (machine.layout lays memory out by these).
 USER_START = 0x200000                   # user memory begins above the page tables and stubs
 MAX_MEMORY = 64 << 30
 LARGE_PAGE = 2 << 20                    # guest memory is mapped with 2 MiB pages

@@ -22,7 +22,7 @@ from .units import parse_size
 
 DEFAULT_SLICE_MS = 10
 MAX_SLICE_MS = 60_000
-MIN_MEMORY, MAX_MEMORY = 8 << 20, 64 << 30   # as the VMM's layout (kvm_backend.machine)
+MIN_MEMORY, MAX_MEMORY = 8 << 20, 64 << 30   # as the VMM's layout (machine.layout)
 DEFAULT_MEMORY = 64 << 20
 
 

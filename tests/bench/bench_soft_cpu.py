@@ -21,8 +21,9 @@ LOOPS = (("integer chain, 100M steps", ["int", "100"]),
 def _in_process_restore(path: str, cpu: str) -> tuple[float, float, float]:
     """Seconds to open the image, to build the machine over it, and to run its first
     instruction (soft) or be ready to enter KVM_RUN (kvm)."""
-    from kvm_backend.memory import GuestMemory
-    from kvm_backend.vm import VirtualMachine, check_restorable, open_kvm
+    from kvm_backend.vm import VirtualMachine, open_kvm
+    from machine.base import check_restorable
+    from machine.memory import GuestMemory
     from soft_backend.vm import NO_STOP_ADDRESS, SoftMachine
     from unicorn import x86_const as X
     from vmstate.image.reader import Image

@@ -21,7 +21,8 @@ import sys
 from vmstate.errors import VmstateError
 from linux_personality.cpu import GuestFault
 
-from .vm import Outcome, Saved, VirtualMachine
+from .base import Machine
+from .outcome import Outcome, Saved
 
 PARACALL_DUMP_PROCESSOR_STATE = 401
 PARACALL_SNAPSHOT = 402
@@ -34,7 +35,7 @@ ADDRESS_MAX = 512
 
 
 class ParaCalls:
-    def __init__(self, vm: VirtualMachine, connect_timeout: float = 30.0,
+    def __init__(self, vm: Machine, connect_timeout: float = 30.0,
                  with_files: bool = False, log=sys.stderr, live=None):
         """`live`: a LiveOptions to make MIGRATE a live migration (--live)."""
         self.vm = vm
@@ -88,7 +89,7 @@ class ParaCalls:
     def dump_text(self, settle: bool = True) -> str:
         """The vCPU's state as the guest resumes it, one block of lines tagged with the VM's
         name. `settle`: the vCPU is stopped on the para-call, which returns 0 (else it is
-        between slices, see VirtualMachine.pause)."""
+        between slices, see Machine.pause)."""
         from vmstate import info
         vm = self.vm
         if settle:
@@ -146,8 +147,8 @@ class ParaCalls:
         """Under --live the migration starts and the call returns 0 at once: the guest runs
         on while its memory is sent and goes on at the destination from wherever it then is
         (there is no return to see there). A failure is reported on stderr and the guest
-        goes on here. The software CPU keeps no dirty log: -EOPNOTSUPP."""
-        if not hasattr(self.vm, "begin_live_migration"):
+        goes on here. A machine that keeps no log of written pages: -EOPNOTSUPP."""
+        if not self.vm.live_migrates:
             return -errno.EOPNOTSUPP
         from .live import live_migrate_to
         self.vm.begin_live_migration(live_migrate_to(
@@ -164,7 +165,7 @@ def _same_file(dir_fd: int, name: str, program: str) -> bool:
     return (target.st_dev, target.st_ino) == (other.st_dev, other.st_ino)
 
 
-def _write(path: str, vm: VirtualMachine) -> int:
+def _write(path: str, vm: Machine) -> int:
     from vmstate.image.writer import write_image
     try:
         write_image(path, vm.capture(), [vm.memory.view])

@@ -3,8 +3,8 @@ whose 4 KiB pages need different protections is split into a page table taken fr
 in the low 2 MiB (PT_POOL_START..PT_POOL_END), so that the page tables themselves say which
 pages are split and no other state is needed (they are in guest memory, saved with it).
 Read-only pages are present without RW; PROT_NONE pages are not present. Execute permission
-is not enforced (the guest runs without EFER.NXE). After a change the VMM makes KVM drop
-what it cached of the old tables (flush_tlb)."""
+is not enforced (the guest runs without EFER.NXE). After a change the CPU must drop what it
+cached of the old tables (each machine's forget_translations)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ from typing import Callable
 from vmstate.paging import PTE_P, PTE_PS, PTE_RW, PTE_US
 from vmstate.state import PAGE_SIZE
 
-from . import machine
+from . import layout
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-PT_POOL_START, PT_POOL_END = 0x57000, machine.DOORBELL_VA
+PT_POOL_START, PT_POOL_END = 0x57000, layout.DOORBELL_VA
 ENTRY = struct.Struct("<Q")
 USER_RW = PTE_P | PTE_RW | PTE_US
-FLUSH_SLOT, FLUSH_GPA = 1, machine.MAX_MEMORY + (1 << 30)   # far from memory and the doorbell
 
 
 def protect(memory, addr: int, length: int, prot: int, flush: Callable[[], None]) -> bool:
@@ -33,9 +32,9 @@ def protect(memory, addr: int, length: int, prot: int, flush: Callable[[], None]
     changed = False
     page = addr
     while page < addr + length:
-        large = page & ~(machine.LARGE_PAGE - 1)
-        end = min(addr + length, large + machine.LARGE_PAGE)
-        pd_slot = machine.PD_ADDR + 8 * (large // machine.LARGE_PAGE)
+        large = page & ~(layout.LARGE_PAGE - 1)
+        end = min(addr + length, large + layout.LARGE_PAGE)
+        pd_slot = layout.PD_ADDR + 8 * (large // layout.LARGE_PAGE)
         (pd_entry,) = ENTRY.unpack(memory.read_phys(pd_slot, 8))
         if pd_entry & PTE_PS:
             if wanted == USER_RW:
@@ -45,7 +44,7 @@ def protect(memory, addr: int, length: int, prot: int, flush: Callable[[], None]
             if table is None:
                 return False
             memory.write_phys(table, struct.pack("<512Q", *(
-                a | USER_RW for a in range(large, large + machine.LARGE_PAGE, PAGE_SIZE))))
+                a | USER_RW for a in range(large, large + layout.LARGE_PAGE, PAGE_SIZE))))
             memory.write_phys(pd_slot, ENTRY.pack(table | USER_RW))
             pd_entry = table | USER_RW
         table = pd_entry & ~0xFFF
@@ -61,19 +60,10 @@ def protect(memory, addr: int, length: int, prot: int, flush: Callable[[], None]
 
 def _take_pool_page(memory) -> int | None:
     """A pool page no page directory entry uses yet."""
-    pds = memory.read_phys(machine.PD_ADDR, 8 * (memory.size // machine.LARGE_PAGE))
+    pds = memory.read_phys(layout.PD_ADDR, 8 * (memory.size // layout.LARGE_PAGE))
     used = {e & ~0xFFF for (e,) in struct.iter_unpack("<Q", pds) if e & PTE_P and not e & PTE_PS}
     for page in range(PT_POOL_START, PT_POOL_END, PAGE_SIZE):
         if page not in used:
             return page
     return None
 
-
-def flush_tlb(vm) -> None:
-    """Make the vCPU see page-table edits the VMM made through its own mapping. Shadow
-    paging (KVM-PVM) keeps shadow copies of guest page tables that such writes do not
-    invalidate, and a CR3 reload does not drop them; deleting a memory slot makes KVM zap
-    every shadow page and flush the TLBs (with EPT too). So: add a one-page slot, delete it."""
-    page = vm.flush_page()
-    vm.vm.set_user_memory_region(FLUSH_SLOT, FLUSH_GPA, PAGE_SIZE, page, 0)
-    vm.vm.set_user_memory_region(FLUSH_SLOT, FLUSH_GPA, 0, page, 0)

@@ -17,7 +17,7 @@ from vmstate.state import PAGE_SIZE
 
 from linux_personality.address_space import page_up
 
-from .machine import USER_START
+from .layout import USER_START
 from .memory import GuestMemory
 
 # Auxiliary vector keys (<elf.h>) that musl and glibc static startup code read.

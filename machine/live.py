@@ -16,12 +16,14 @@ from vmstate.migration.live_send import LiveOptions, migrate_live
 from vmstate.migration.send import connect
 from vmstate.state import VmState
 
-from .vm import LiveSave, VirtualMachine, timing_mark
+from .base import Machine
+from .outcome import LiveSave
+from .timing import timing_mark
 
 
 def live_migrate_to(address: tuple[str, int], connect_timeout: float, with_files: bool,
                     root: str, options: LiveOptions, log=sys.stderr) -> LiveSave:
-    def begin(vm: VirtualMachine) -> Migration:
+    def begin(vm: Machine) -> Migration:
         return Migration(vm, address, connect_timeout, with_files, root, options, log)
     return LiveSave(begin)
 
@@ -29,7 +31,7 @@ def live_migrate_to(address: tuple[str, int], connect_timeout: float, with_files
 class Migration:
     """One live migration: the sender thread, and the hand-over with the run loop."""
 
-    def __init__(self, vm: VirtualMachine, address: tuple[str, int], connect_timeout: float,
+    def __init__(self, vm: Machine, address: tuple[str, int], connect_timeout: float,
                  with_files: bool, root: str, options: LiveOptions, log):
         self.vm, self.address, self.log = vm, address, log
         self.view = vm.memory.view
