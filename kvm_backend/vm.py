@@ -82,7 +82,8 @@ class VirtualMachine(Machine):
         self._msrs: list[int] | None = None
         self._flush_page: mmap.mmap | None = None
         self.star = layout.STAR
-        self._present = np.zeros(memory.size // PAGE_SIZE, np.uint8)   # pages present so far
+        self._image_present: tuple = ()       # the image's runs, until _present is first needed
+        self._present: np.ndarray | None = None   # pages present so far, one byte each
         self._unsent: np.ndarray | None = None    # written since a live migration took them
         self._written_lock = threading.Lock()
 
@@ -118,8 +119,7 @@ class VirtualMachine(Machine):
         return vm
 
     def _restore_present(self, region: MemoryRegion) -> None:
-        self._present = np.frombuffer(
-            bytemap_from_runs(region.present, region.size // PAGE_SIZE), np.uint8)
+        self._image_present = region.present      # as a byte map only once pages are looked at
 
     def _enter_vcpu(self, vcpu: VcpuState) -> None:
         self.star = vcpu.msr(x86.MSR_STAR, layout.STAR)
@@ -283,6 +283,10 @@ class VirtualMachine(Machine):
         """vCPU 0's state alone (stopped, no exit pending)."""
         return vcpu_state.capture(self.kvm, self.vcpu, 0, self.msr_list())
 
+    @property
+    def _page_count(self) -> int:
+        return self.memory.size // PAGE_SIZE
+
     def present_pages(self) -> np.ndarray:
         """Pages ever written: by the guest (KVM's dirty log), by the VMM, or present in the
         image this VM was restored from. One byte per page."""
@@ -293,14 +297,14 @@ class VirtualMachine(Machine):
         """Keep the pages written from now on for take_dirty; the pages present now."""
         present = self.present_pages().copy()
         with self._written_lock:
-            self._unsent = np.zeros(len(self._present), np.uint8)
+            self._unsent = np.zeros(self._page_count, np.uint8)
         return present
 
     def take_dirty(self) -> np.ndarray:
         """Pages written since start_tracking or the previous call (one byte per page)."""
         self._collect_written()
         with self._written_lock:
-            taken, self._unsent = self._unsent, np.zeros(len(self._present), np.uint8)
+            taken, self._unsent = self._unsent, np.zeros(self._page_count, np.uint8)
         return taken
 
     def stop_tracking(self) -> None:
@@ -311,7 +315,10 @@ class VirtualMachine(Machine):
         """Fold the pages written since the last look (KVM's dirty log, which reading
         clears, and the VMM's own writes) into the present set and the unsent set."""
         with self._written_lock:
-            pages = len(self._present)
+            pages = self._page_count
+            if self._present is None:
+                self._present = np.frombuffer(bytemap_from_runs(self._image_present, pages),
+                                              np.uint8)
             bits = np.frombuffer(self.vm.get_dirty_log(0, pages), np.uint8)
             written = np.unpackbits(bits, bitorder="little")[:pages]
             written |= np.frombuffer(self.memory.take_written(), np.uint8)

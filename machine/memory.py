@@ -38,7 +38,7 @@ class GuestMemory:
         self.host_address = ctypes.addressof(self._anchor)
         self.view = memoryview(self._map)
         self.user_start = self.user_end = 0      # no guest pointer is valid until set
-        self._vmm_written = bytearray(size // PAGE_SIZE)
+        self._vmm_written = _page_marks(size)
         self._written_lock = threading.Lock()    # a live migration's sender takes the marks
 
     def close(self) -> None:
@@ -67,11 +67,11 @@ class GuestMemory:
         with self._written_lock:
             self._vmm_written[first:last + 1] = b"\x01" * (last - first + 1)
 
-    def take_written(self) -> bytearray:
+    def take_written(self) -> mmap.mmap:
         """One byte per page, 1 where the VMM itself wrote since the previous call (KVM's
         dirty log misses these)."""
         with self._written_lock:
-            taken, self._vmm_written = self._vmm_written, bytearray(len(self._vmm_written))
+            taken, self._vmm_written = self._vmm_written, _page_marks(self.size)
         return taken
 
     # -- guest pointers: untrusted, checked against the user range ------------------------------
@@ -121,3 +121,9 @@ class GuestMemory:
         if nul < 0:
             raise GuestFault(f"unterminated string at {addr:#x}")
         return bytes(self.view[addr:nul])
+
+
+def _page_marks(size: int) -> mmap.mmap:
+    """A byte per page of `size` bytes of memory, all 0: anonymous memory, so that making
+    one costs nothing however large the guest (its pages are zeroed as marks touch them)."""
+    return mmap.mmap(-1, max(size // PAGE_SIZE, 1))

@@ -19,3 +19,25 @@ def test_runs_from_bits_matches_the_byte_map(bitmap, spare):
     expected = runs_from_bytemap(bytemap_from_bits(bitmap, pages))
     assert runs_from_bits(bitmap, pages) == expected
     assert runs_from_bits(bits_from_runs(expected, pages), pages) == expected
+
+
+def _block_bitmaps():
+    """Bitmaps of whole BITMAP_BLOCK blocks, empty, full or with a few bytes set, and a tail:
+    what the block classing sees in a large image."""
+    from vmstate.pages import BITMAP_BLOCK
+
+    def block(kind: int, spot: int, value: int) -> bytes:
+        base = bytearray(b"\xff" * BITMAP_BLOCK if kind == 1 else bytes(BITMAP_BLOCK))
+        if kind == 2:
+            base[spot % BITMAP_BLOCK] = value
+        return bytes(base)
+    one = st.builds(block, st.integers(0, 2), st.integers(0, BITMAP_BLOCK - 1),
+                    st.integers(1, 254))
+    return st.builds(lambda blocks, tail: b"".join(blocks) + tail,
+                     st.lists(one, min_size=1, max_size=4), st.binary(max_size=20))
+
+
+@given(bitmap=_block_bitmaps(), spare=st.integers(0, 7))
+def test_runs_from_bits_over_whole_blocks(bitmap, spare):
+    pages = len(bitmap) * 8 - spare
+    assert runs_from_bits(bitmap, pages) == runs_from_bytemap(bytemap_from_bits(bitmap, pages))
