@@ -13,9 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
@@ -36,6 +34,9 @@ from .kvm import (
     HltExit, InterruptedExit, Kvm, KvmIoctlError, KvmUnavailable, MmioExit, ShutdownExit, Vcpu)
 from .memory import GuestMemory
 from .stop import StopRequest
+
+if TYPE_CHECKING:      # numpy is imported where the pages are looked at: it doubles start-up
+    import numpy as np
 
 SYSRET_RFLAGS_MASK = 0x3C7FD7       # the RFLAGS bits sysretq takes from R11 (RF and VM cleared)
 SYSCALL_INSTRUCTION = b"\x0f\x05"
@@ -141,7 +142,7 @@ class VirtualMachine:
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.stop = StopRequest(self.vcpu.run_page)
         self.name = "vm"                      # tags its para-call output and its lines on a host
-        self._present = np.zeros(memory.size // PAGE_SIZE, np.uint8)   # pages present so far
+        self._present = bytearray(memory.size // PAGE_SIZE)   # pages present so far
         self._unsent: np.ndarray | None = None    # written since a live migration took them
         self._written_lock = threading.Lock()
         self.migration: LiveMigration | None = None
@@ -172,8 +173,7 @@ class VirtualMachine:
         region = state.memory[0]
         vm = cls(kvm, memory)
         try:
-            vm._present = np.frombuffer(
-                bytemap_from_runs(region.present, region.size // PAGE_SIZE), np.uint8)
+            vm._present = bytemap_from_runs(region.present, region.size // PAGE_SIZE)
             aspace = state.vmm.address_space
             vm.address_space = UserAddressSpace(aspace, memory)
             memory.set_user_range(aspace.user_start, aspace.user_end)
@@ -497,11 +497,13 @@ class VirtualMachine:
     def present_pages(self) -> np.ndarray:
         """Pages ever written: by the guest (KVM's dirty log), by the VMM, or present in the
         image this VM was restored from. One byte per page."""
+        import numpy as np
         self._collect_written()
-        return self._present
+        return np.frombuffer(self._present, np.uint8)
 
     def start_tracking(self) -> np.ndarray:
         """Keep the pages written from now on for take_dirty; the pages present now."""
+        import numpy as np
         present = self.present_pages().copy()
         with self._written_lock:
             self._unsent = np.zeros(len(self._present), np.uint8)
@@ -509,6 +511,7 @@ class VirtualMachine:
 
     def take_dirty(self) -> np.ndarray:
         """Pages written since start_tracking or the previous call (one byte per page)."""
+        import numpy as np
         self._collect_written()
         with self._written_lock:
             taken, self._unsent = self._unsent, np.zeros(len(self._present), np.uint8)
@@ -521,12 +524,14 @@ class VirtualMachine:
     def _collect_written(self) -> None:
         """Fold the pages written since the last look (KVM's dirty log, which reading
         clears, and the VMM's own writes) into the present set and the unsent set."""
+        import numpy as np
         with self._written_lock:
             pages = len(self._present)
             bits = np.frombuffer(self.vm.get_dirty_log(0, pages), np.uint8)
             written = np.unpackbits(bits, bitorder="little")[:pages]
             written |= np.frombuffer(self.memory.take_written(), np.uint8)
-            self._present |= written
+            present = np.frombuffer(self._present, np.uint8)    # a view: writes land there
+            present |= written
             if self._unsent is not None:
                 self._unsent |= written
 
