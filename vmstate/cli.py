@@ -471,11 +471,27 @@ def _finish(outcome) -> None:
     _fail(outcome.report, outcome.status)        # ended by a control `quit` or a VMM error
 
 
+def _app_for(arguments: list[str]) -> typer.Typer:
+    """The app that parses `arguments`: for a command named first, a copy of `app` that holds
+    that command alone (typer builds the click command of every registered command, options
+    and help included, each time it is called; the others are not needed to run one)."""
+    from copy import copy
+
+    from typer.main import get_command_name
+    chosen = [command for command in app.registered_commands if arguments[:1] == [
+        command.name or get_command_name(command.callback.__name__)]]
+    if not chosen:
+        return app                              # --help, completion, a mistyped command
+    lean = copy(app)
+    lean.registered_commands = chosen
+    return lean
+
+
 def main() -> None:
     for stream in (sys.stdout, sys.stderr):      # an ASCII locale must not end in a traceback
         stream.reconfigure(errors="backslashreplace")
     try:
-        app()
+        _app_for(sys.argv[1:])()
     except VmstateError as e:
         print(f"vmstate: {shorten_message(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
