@@ -182,7 +182,6 @@ def restore(
 
     Example: vmstate restore vm_image.sav
     """
-    from kvm_backend.session import restore_image
     _check_save_options(migrate_to, connect_timeout)
     save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
                          connect_timeout, live, max_downtime)
@@ -192,8 +191,13 @@ def restore(
                          VmEntry())[0]
         _finish(_hosted_alone(entry, control, save, trace, cpu=cpu,
                               max_instructions=max_instructions))
-    outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None,
-                            cpu=cpu, max_instructions=max_instructions)
+    from .image.reader import Image     # before the VMM's imports, which the memory check overlaps
+    image = Image(str(image_file))
+    memory_check = image.start_memory_check()
+    from kvm_backend.session import restore_image
+    outcome = restore_image(image, memory_check, str(root), save,
+                            trace=sys.stderr if trace else None, cpu=cpu,
+                            max_instructions=max_instructions)
     _finish(outcome)
 
 
