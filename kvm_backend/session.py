@@ -21,6 +21,7 @@ from machine.timing import timing_mark
 from .vm import VirtualMachine, open_kvm
 
 if TYPE_CHECKING:             # imported where used: run does not need the image reader
+    from vmstate.background import ForkedCall
     from vmstate.image.reader import Image
 
 MIN_MEMORY = 8 << 20
@@ -144,15 +145,15 @@ def run_program(program: str, argv: list[str], memory_size: int, root: str,
                       **backend.run_options(vm, save, max_instructions))
 
 
-def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu: str = "auto",
-                  max_instructions: int | None = None) -> Outcome:
-    """Restore and run. Memory checksums are verified in a background thread while the vCPU
-    starts; the VMM acts on no exit (so the guest affects nothing) until they pass."""
-    from vmstate.image.reader import Image
-    image = Image(image_path)
+def restore_image(image: Image, memory_check: ForkedCall, root: str, save: SaveOptions,
+                  trace=None, cpu: str = "auto", max_instructions: int | None = None) -> Outcome:
+    """Restore the VM of `image` and run it; `memory_check` (Image.start_memory_check) is
+    the verification of its memory, started before this VMM's imports and set-up, which it
+    overlaps. The VMM acts on no exit of the guest (so the guest affects nothing) until it
+    passes. Closes both."""
     try:
         backend = choose_backend(cpu, max_instructions)
-        vm, gate = restored_vm(backend, image, root)
+        vm, gate = restored_vm(backend, image, root, memory_check)
         with vm:
             if trace is not None:
                 for index in vm.refused_msrs:
@@ -162,14 +163,16 @@ def restore_image(image_path: str, root: str, save: SaveOptions, trace=None, cpu
             return vm.run(trace=trace, save=save.handler(root), gate=gate,
                           **backend.run_options(vm, save, max_instructions))
     finally:
+        memory_check.close()
         image.close()
 
 
-def restored_vm(backend, image: Image, root: str) -> tuple[Machine, Callable[[], None]]:
+def restored_vm(backend, image: Image, root: str, memory_check: ForkedCall | None = None
+                ) -> tuple[Machine, Callable[[], None]]:
     """A VM of `backend` (KvmBackend or SoftBackend) over `image`'s memory (copy-on-write) and
-    the gate its run must pass: the memory verification started here. `image` must stay open
-    while the VM runs."""
-    verification = _MemoryVerification(image)
+    the gate its run must pass: the memory verification (`memory_check`, or one started
+    here). `image` must stay open while the VM runs."""
+    verification = _MemoryVerification(memory_check or image.start_memory_check())
     check_restorable(image.state)
     memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
                          image_offset=image.region_data[0].data_offset)
@@ -179,14 +182,17 @@ def restored_vm(backend, image: Image, root: str) -> tuple[Machine, Callable[[],
 
 
 class _MemoryVerification:
-    def __init__(self, image):
-        self.image = image
+    """Waits in a thread for the memory check's child process, so that a failure stops the
+    guest at once (not only at its next exit)."""
+
+    def __init__(self, memory_check: ForkedCall):
+        self.memory_check = memory_check
         self._call: BackgroundCall[None] | None = None
 
     def start(self, stop) -> None:
         def verify() -> None:
             try:
-                self.image.verify_memory()
+                self.memory_check.result()
             except Exception:
                 stop.request("memory verification failed")    # wait() raises the error
                 raise

@@ -10,7 +10,7 @@ import signal
 import struct
 import threading
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
@@ -31,6 +31,9 @@ from machine.stop import StopRequest
 from . import abi, vcpu_state
 from .kvm import (
     HltExit, InterruptedExit, Kvm, KvmIoctlError, KvmUnavailable, MmioExit, ShutdownExit, Vcpu)
+
+if TYPE_CHECKING:      # numpy is imported where the pages are looked at: it doubles start-up
+    import numpy as np
 
 SYSRET_RFLAGS_MASK = 0x3C7FD7       # the RFLAGS bits sysretq takes from R11 (RF and VM cleared)
 SYSCALL_INSTRUCTION = b"\x0f\x05"
@@ -290,11 +293,13 @@ class VirtualMachine(Machine):
     def present_pages(self) -> np.ndarray:
         """Pages ever written: by the guest (KVM's dirty log), by the VMM, or present in the
         image this VM was restored from. One byte per page."""
+        import numpy as np
         self._collect_written()
-        return self._present
+        return np.frombuffer(self._present, np.uint8)
 
     def start_tracking(self) -> np.ndarray:
         """Keep the pages written from now on for take_dirty; the pages present now."""
+        import numpy as np
         present = self.present_pages().copy()
         with self._written_lock:
             self._unsent = np.zeros(self._page_count, np.uint8)
@@ -302,6 +307,7 @@ class VirtualMachine(Machine):
 
     def take_dirty(self) -> np.ndarray:
         """Pages written since start_tracking or the previous call (one byte per page)."""
+        import numpy as np
         self._collect_written()
         with self._written_lock:
             taken, self._unsent = self._unsent, np.zeros(self._page_count, np.uint8)
@@ -314,6 +320,7 @@ class VirtualMachine(Machine):
     def _collect_written(self) -> None:
         """Fold the pages written since the last look (KVM's dirty log, which reading
         clears, and the VMM's own writes) into the present set and the unsent set."""
+        import numpy as np
         with self._written_lock:
             pages = self._page_count
             if self._present is None:
@@ -322,7 +329,8 @@ class VirtualMachine(Machine):
             bits = np.frombuffer(self.vm.get_dirty_log(0, pages), np.uint8)
             written = np.unpackbits(bits, bitorder="little")[:pages]
             written |= np.frombuffer(self.memory.take_written(), np.uint8)
-            self._present |= written
+            present = np.frombuffer(self._present, np.uint8)    # a view: writes land there
+            present |= written
             if self._unsent is not None:
                 self._unsent |= written
 

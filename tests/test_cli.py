@@ -21,3 +21,19 @@ def test_shell_completion_script_and_answers(vmstate_cmd):
 def test_license_is_an_spdx_expression():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT"
+
+
+def test_one_command_is_parsed_as_in_the_whole_app():
+    """main() gives typer only the command named first (start-up time): that command's
+    options, arguments and help must be those it has in the whole app."""
+    from typer.testing import CliRunner
+
+    from vmstate.cli import _app_for, app
+    names = ["run", "restore", "host", "ctl", "info", "send", "receive", "split", "join", "gdb"]
+    for name in names:
+        lean = _app_for([name, "--help"])
+        assert len(lean.registered_commands) == 1
+        whole_help = CliRunner().invoke(app, [name, "--help"]).output
+        assert name in whole_help and CliRunner().invoke(lean, [name, "--help"]).output == whole_help
+    assert len(app.registered_commands) == len(names)
+    assert _app_for(["--help"]) is app and _app_for(["runn"]) is app and _app_for([]) is app

@@ -182,7 +182,6 @@ def restore(
 
     Example: vmstate restore vm_image.sav
     """
-    from kvm_backend.session import restore_image
     _check_save_options(migrate_to, connect_timeout)
     save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
                          connect_timeout, live, max_downtime)
@@ -192,8 +191,13 @@ def restore(
                          VmEntry())[0]
         _finish(_hosted_alone(entry, control, save, trace, cpu=cpu,
                               max_instructions=max_instructions))
-    outcome = restore_image(str(image_file), str(root), save, trace=sys.stderr if trace else None,
-                            cpu=cpu, max_instructions=max_instructions)
+    from .image.reader import Image     # before the VMM's imports, which the memory check overlaps
+    image = Image(str(image_file))
+    memory_check = image.start_memory_check()
+    from kvm_backend.session import restore_image
+    outcome = restore_image(image, memory_check, str(root), save,
+                            trace=sys.stderr if trace else None, cpu=cpu,
+                            max_instructions=max_instructions)
     _finish(outcome)
 
 
@@ -471,11 +475,27 @@ def _finish(outcome) -> None:
     _fail(outcome.report, outcome.status)        # ended by a control `quit` or a VMM error
 
 
+def _app_for(arguments: list[str]) -> typer.Typer:
+    """The app that parses `arguments`: for a command named first, a copy of `app` that holds
+    that command alone (typer builds the click command of every registered command, options
+    and help included, each time it is called; the others are not needed to run one)."""
+    from copy import copy
+
+    from typer.main import get_command_name
+    chosen = [command for command in app.registered_commands if arguments[:1] == [
+        command.name or get_command_name(command.callback.__name__)]]
+    if not chosen:
+        return app                              # --help, completion, a mistyped command
+    lean = copy(app)
+    lean.registered_commands = chosen
+    return lean
+
+
 def main() -> None:
     for stream in (sys.stdout, sys.stderr):      # an ASCII locale must not end in a traceback
         stream.reconfigure(errors="backslashreplace")
     try:
-        app()
+        _app_for(sys.argv[1:])()
     except VmstateError as e:
         print(f"vmstate: {shorten_message(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -1,13 +1,13 @@
 """The VM state as plain, immutable data.
 
-These dataclasses know nothing of KVM or ctypes: the image reader/writer, split, join and info
+These dataclasses (frozen: vmstate.record) know nothing of KVM or ctypes: the image reader/writer, split, join and info
 work on them alone, and kvm_backend.vcpu_state is the one place that converts them to and from
 the live KVM structures.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .record import record
 
 PAGE_SIZE = 4096
 
@@ -17,7 +17,7 @@ SEGMENT_REGISTERS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 
 
-@dataclass(frozen=True)
+@record
 class Registers:
     rax: int = 0
     rbx: int = 0
@@ -39,7 +39,7 @@ class Registers:
     rflags: int = 0x2
 
 
-@dataclass(frozen=True)
+@record
 class Segment:
     """A segment register with its hidden (descriptor cache) part, as KVM exposes it."""
     selector: int = 0
@@ -60,13 +60,13 @@ SEGMENT_FIELDS = ("selector", "base", "limit", "type", "present", "dpl", "db", "
                   "avl", "unusable")
 
 
-@dataclass(frozen=True)
+@record
 class DescriptorTable:
     base: int = 0
     limit: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class SpecialRegisters:
     cs: Segment = Segment()
     ds: Segment = Segment()
@@ -88,7 +88,7 @@ class SpecialRegisters:
     interrupt_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
-@dataclass(frozen=True)
+@record
 class VcpuEvents:
     """Pending/injected exceptions, interrupts, NMI and SMI (struct kvm_vcpu_events)."""
     exception_injected: int = 0
@@ -117,7 +117,7 @@ class VcpuEvents:
 VCPU_EVENT_FIELDS = tuple(VcpuEvents.__dataclass_fields__)
 
 
-@dataclass(frozen=True)
+@record
 class DebugRegisters:
     db0: int = 0
     db1: int = 0
@@ -128,7 +128,7 @@ class DebugRegisters:
     flags: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class CpuidEntry:
     function: int
     index: int = 0
@@ -139,7 +139,7 @@ class CpuidEntry:
     edx: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class VcpuState:
     """Everything KVM holds for one vCPU. `xsave` is the raw XSAVE area (FPU, SSE, ...)."""
     id: int = 0
@@ -157,7 +157,7 @@ class VcpuState:
         return dict(self.msrs).get(index, default)
 
 
-@dataclass(frozen=True)
+@record
 class MemoryRegion:
     """A range of guest physical memory and which of its pages are present.
 
@@ -184,7 +184,7 @@ FD_STDOUT = "stdout"
 FD_STDERR = "stderr"
 
 
-@dataclass(frozen=True)
+@record
 class OpenFile:
     """One entry of the VMM's file table. `path` is relative to the guest root."""
     fd: int
@@ -195,7 +195,7 @@ class OpenFile:
     offset: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class PendingCall:
     """A system call the guest was blocked in at save time; the guest re-issues it on resume
     (RIP points at its `syscall` instruction)."""
@@ -204,7 +204,7 @@ class PendingCall:
     rip: int
 
 
-@dataclass(frozen=True)
+@record
 class AddressSpace:
     """The VMM's view of the guest's user address space (all addresses are guest virtual)."""
     user_start: int = 0
@@ -216,7 +216,7 @@ class AddressSpace:
     free_ranges: tuple[tuple[int, int], ...] = ()  # (start, length) freed by munmap, reusable
 
 
-@dataclass(frozen=True)
+@record
 class Descriptor:
     """What a guest fd holds beyond its file table entry. Fds with the same `description`
     share one open-file description (offset, status flags), as after dup. A pipe end is not
@@ -228,13 +228,13 @@ class Descriptor:
     flags: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class Pipe:
     id: int
     buffered: bytes = b""      # written, not yet read
 
 
-@dataclass(frozen=True)
+@record
 class SignalAction:
     """A struct sigaction the guest installed (handler and restorer are guest addresses)."""
     signal: int
@@ -244,7 +244,7 @@ class SignalAction:
     mask: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class GuestOs:
     """The Linux personality's state of the guest process, beyond its files and memory."""
     cwd: str = "."                         # relative to the guest root, normal form
@@ -263,7 +263,7 @@ class GuestOs:
     limits: tuple[tuple[int, int, int], ...] = ()   # resource, soft, hard set by the guest
 
 
-@dataclass(frozen=True)
+@record
 class VmmState:
     """Device and bookkeeping state kept by the VMM rather than by KVM."""
     program: str = ""
@@ -275,7 +275,7 @@ class VmmState:
     saved_by: str = ""          # the CPU that ran the guest when it was saved: "kvm" or "soft"
 
 
-@dataclass(frozen=True)
+@record
 class ExtraSection:
     """A section this version does not understand, carried through unchanged."""
     type: int
@@ -284,9 +284,9 @@ class ExtraSection:
     data: bytes
 
 
-@dataclass(frozen=True)
+@record
 class VmState:
     vcpus: tuple[VcpuState, ...]
     memory: tuple[MemoryRegion, ...]
     vmm: VmmState = VmmState()
-    extra: tuple[ExtraSection, ...] = field(default=())
+    extra: tuple[ExtraSection, ...] = ()

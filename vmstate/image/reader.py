@@ -1,7 +1,7 @@
 """Open an image file and check it: every structure, every bound, every checksum.
 
 Metadata (header, table, sections) is read and verified at open; memory chunks are verified
-by `Image.verify_memory`, which restore runs in parallel with starting the guest."""
+by `Image.verify_memory`, which restore runs in a child process while it starts the guest."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from ..background import ForkedCall
 from ..errors import ImageError
 from ..fd import FdOwner, open_to_read
 from ..chunks import chunk_pages, first_bad_chunk
@@ -318,6 +319,12 @@ class Image(ImageMetadata, FdOwner):
                 raise self._error(f"guest memory {region.guest_phys_addr + page * PAGE_SIZE:#x}: "
                                   "a page recorded as never touched holds data (the memory is "
                                   "corrupt)", data.data_offset + page * PAGE_SIZE)
+
+    def start_memory_check(self) -> ForkedCall:
+        """verify_memory in a child process forked now: restore starts it before the VMM's
+        imports and set-up, which it overlaps on another core (xxhash holds the GIL, so a
+        thread could not). Its result() raises the ImageError."""
+        return ForkedCall(self.verify_memory, "verify-memory")
 
     def verify_memory(self) -> None:
         """Check every chunk checksum, and that absent pages read as zero; ImageError names
