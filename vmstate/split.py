@@ -64,6 +64,6 @@ def split(image_path: str, core_path: str, xml_path: str) -> SplitResult:
         layout = write_core(core_path, image, before_commit=checked.result)
         provenance = Provenance(image.digest(), image_path, core_path, checked.result())
         document = to_xml(image.state, provenance)
-    with atomic_output(xml_path) as f:
+    with atomic_output(xml_path, durable=False) as f:
         f.write(document)
     return SplitResult(layout, len(document))
