@@ -1,6 +1,14 @@
-"""Atomic output files: the data has no name until it is complete, fsynced, and renamed over
+"""Atomic output files: the data has no name until it is complete, and is then renamed over
 the target. With O_TMPFILE a killed writer leaves nothing at all behind; where the file
-system lacks it, a hidden `.NAME.*.part` file (never a half file under the final name)."""
+system lacks it, a hidden `.NAME.*.part` file (never a half file under the final name).
+
+Durability is a choice per output. A durable output (the default: a saved or received VM,
+the only copy of its state) is fsynced before it gets its name and its directory after, so
+once the command returns it survives a crash of the host. A derived output (split's core
+and XML, join's image: their inputs are never replaced, so the command can be run again)
+is named as soon as it is complete and reaches the disk when the kernel writes it back, as
+with cp; a host crash in the next seconds can leave it incomplete (an image then fails its
+checksums). `sync FILE` makes one durable."""
 
 from __future__ import annotations
 
@@ -35,15 +43,18 @@ class PendingFile:
     def _hidden_name(self) -> str:
         return f".{self.prefix[:200]}.{os.urandom(4).hex()}.part"
 
-    def commit(self, name: str) -> None:
-        """fsync, give the data `name` (atomically replacing it), fsync the directory."""
-        os.fsync(self.fd)
+    def commit(self, name: str, durable: bool = True) -> None:
+        """Give the data `name` (atomically replacing it); if `durable`, fsync the data
+        before and the directory after."""
+        if durable:
+            os.fsync(self.fd)
         if self.temporary is None:
             self.temporary = self._hidden_name()
             _link_fd(self.fd, self.dir_fd, self.temporary)
         os.rename(self.temporary, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
         self.temporary = None
-        os.fsync(self.dir_fd)
+        if durable:
+            os.fsync(self.dir_fd)
         self.close()
 
     def discard(self) -> None:
@@ -84,15 +95,16 @@ def refuse_clobbering(outputs: dict[str, str], inputs: dict[str, str]) -> None:
 
 
 @contextmanager
-def atomic_output(path: str):
-    """Yield a binary file object; on success it becomes `path`, on any error it vanishes."""
+def atomic_output(path: str, durable: bool = True):
+    """Yield a binary file object; on success it becomes `path` (fsynced if `durable`), on
+    any error it vanishes."""
     pending = PendingFile(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     f = os.fdopen(os.dup(pending.fd), "w+b")
     try:
         yield f
         f.flush()
         f.close()
-        pending.commit(os.path.basename(path))
+        pending.commit(os.path.basename(path), durable)
     except BaseException:
         f.close()
         pending.discard()

@@ -233,7 +233,8 @@ def plan_core(image: Image) -> CoreLayout:
 
 
 def write_core(path: str, image: Image, before_commit: Callable[[], object]) -> CoreLayout:
-    """Split's software half: the core, written atomically, memory straight from the image.
+    """Split's software half: the core, written atomically (a derived output: not fsynced,
+    see vmstate.atomic), memory straight from the image.
     `before_commit` runs once the bytes are written; if it raises, the core is discarded."""
     layout = plan_core(image)
     memory = [RegionMemory(offset, image.region_view(index), region.present)
@@ -241,7 +242,7 @@ def write_core(path: str, image: Image, before_commit: Callable[[], object]) -> 
                                                            layout.region_offsets))]
     total = sum(m.present_bytes for m in memory)
     try:
-        with atomic_output(path) as f:
+        with atomic_output(path, durable=False) as f:
             with progress_bar(f"writing {path}", total) as advance:
                 f.truncate(layout.file_size)
                 pwrite_all(f.fileno(), layout.header, 0)

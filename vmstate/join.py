@@ -213,7 +213,7 @@ class _Joined:
     def write(self, output: str) -> None:
         known = [hashes if not added else None
                  for hashes, added in zip(self.core_hashes, self.added)]
-        write_image(output, self.state, list(self.memory.views), known)
+        write_image(output, self.state, list(self.memory.views), known, durable=False)
 
 
 def _pages(runs):

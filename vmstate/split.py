@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from array import array
 from dataclasses import dataclass
 
@@ -11,7 +12,6 @@ from .atomic import atomic_output
 from .background import BackgroundCall
 from .core import CoreLayout, write_core
 from .errors import ImageError
-from .hwxml import Provenance, to_xml
 from .image.reader import Image
 from .state import PAGE_SIZE
 
@@ -57,13 +57,17 @@ def _verified_page_digests(image: Image) -> tuple[bytes, ...]:
 
 
 def split(image_path: str, core_path: str, xml_path: str) -> SplitResult:
+    # The XML writer (lxml) is imported while the image is opened and the core written: the
+    # writes release the GIL, so the import costs no time of its own.
+    hwxml = BackgroundCall(lambda: importlib.import_module("vmstate.hwxml"), "import-hwxml")
     with Image(image_path) as image:
         # The image is checked and its pages digested while the core is written (hashing and
         # writing overlap); a failed check discards the core before it gets its name.
         checked = BackgroundCall(lambda: _verified_page_digests(image), "verify-image")
         layout = write_core(core_path, image, before_commit=checked.result)
-        provenance = Provenance(image.digest(), image_path, core_path, checked.result())
-        document = to_xml(image.state, provenance)
-    with atomic_output(xml_path) as f:
+        provenance = hwxml.result().Provenance(image.digest(), image_path, core_path,
+                                               checked.result())
+        document = hwxml.result().to_xml(image.state, provenance)
+    with atomic_output(xml_path, durable=False) as f:
         f.write(document)
     return SplitResult(layout, len(document))

@@ -164,11 +164,13 @@ def _write_direct(fd: int, pieces, progress) -> None:
 
 
 def write_image(path: str, state: VmState, region_views: list[memoryview],
-                known_hashes: list[array | None] | None = None) -> ImagePlan:
-    """Write the image atomically (temporary file, fsync, rename); returns its plan."""
+                known_hashes: list[array | None] | None = None,
+                durable: bool = True) -> ImagePlan:
+    """Write the image atomically (temporary file, fsync if `durable`, rename); returns its
+    plan."""
     plan = plan_image(state, region_views, known_hashes)
     try:
-        with atomic_output(path) as f, progress_bar(f"writing {path}",
+        with atomic_output(path, durable) as f, progress_bar(f"writing {path}",
                                                     plan.memory_bytes) as advance:
             f.truncate(plan.file_size)
             pwrite_all(f.fileno(), plan.metadata, 0)

@@ -341,9 +341,10 @@ class QemuCore:
 
 
 def write_core_file(path: str, plan: CorePlan, stream: QemuStream, digest_pages) -> None:
-    """Write the core atomically: it gets its name only once complete."""
+    """Write the core atomically: it gets its name only once complete (a derived output:
+    not fsynced, see vmstate.atomic)."""
     try:
-        with atomic_output(path) as f:
+        with atomic_output(path, durable=False) as f:
             f.truncate(plan.file_size)
             pwrite_all(f.fileno(), plan.header, 0)
             write_blocks(f.fileno(), stream, plan.blocks, digest_pages)

@@ -73,7 +73,7 @@ def _write_finding_page_changes(output: str, stream: QemuStream, memory, digests
     """Write the joined stream while a thread hashes the pages to find the changed ones (the
     hashing runs while the writes wait on the disk); an error in either leaves no output."""
     try:
-        with atomic_output(output) as f, DirectWriter(f.fileno()) as out, \
+        with atomic_output(output, durable=False) as f, DirectWriter(f.fileno()) as out, \
                 ThreadPoolExecutor(1, thread_name_prefix="page-changes") as pool:
             changes = pool.submit(_page_changes, stream, memory, digests, result)
             write_stream(out, stream, memory)

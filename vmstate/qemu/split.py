@@ -100,7 +100,7 @@ def split_stream(path: str, core_path: str, xml_path: str,
         provenance = Provenance(digest, os.path.basename(path), os.path.basename(core_path),
                                 struct.pack(f"<{len(digests)}Q", *digests))
         document = to_xml(stream, provenance, views)
-        with atomic_output(xml_path) as f:
+        with atomic_output(xml_path, durable=False) as f:
             f.write(document)
         records = sum(len(s.runs) for s in stream.sections)
         return (f"wrote {core_path} ({len(stream.blocks)} RAM blocks, {plan.segments} segments, "
