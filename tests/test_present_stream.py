@@ -11,8 +11,9 @@ from strategies import LAYOUTS, layout_state, memory_views
 from vmstate.errors import ImageError
 from vmstate.image.reader import ImageMetadata
 from vmstate.image.writer import plan_image
-from vmstate.migration.present_stream import ChunkCheck, PresentStream, page_numbers
+from vmstate.migration.present_stream import ChunkCheck, PresentStream
 from vmstate.migration.send import memory_frames
+from vmstate.pages import page_numbers
 from vmstate.state import PAGE_SIZE
 
 
@@ -49,11 +50,6 @@ def _feed(metadata, data, lengths, pieces_per_frame=3):
         check.feed([frame[a:b] for a, b in zip(cuts, cuts[1:])])
     check.finish()
     return np.concatenate(filled)
-
-
-def test_page_numbers_of_runs():
-    assert page_numbers(((2, 3), (10, 2))).tolist() == [2, 3, 4, 10, 11]
-    assert page_numbers(()).tolist() == []
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

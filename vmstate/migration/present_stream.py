@@ -17,17 +17,8 @@ import xxhash
 from ..chunks import CHUNK_PAGES, EMPTY, chunk_count
 from ..errors import ImageError
 from ..image.reader import ImageMetadata
+from ..pages import page_numbers
 from ..state import PAGE_SIZE
-
-
-def page_numbers(runs) -> np.ndarray:
-    """The pages of sorted (first_page, page_count) runs, in order, as one int64 array."""
-    if not runs:
-        return np.zeros(0, np.int64)
-    table = np.array(runs, np.int64).reshape(-1, 2)
-    firsts, counts = table[:, 0], table[:, 1]
-    starts = np.cumsum(counts) - counts              # where each run begins in the result
-    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(firsts - starts, counts)
 
 
 class PresentStream:
