@@ -1,9 +1,11 @@
 """Page sets: the bitmap the image format stores and the runs the model holds agree, whatever
 the bitmap (the fast decoder is checked against the byte-map one)."""
 
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
-from vmstate.pages import bits_from_runs, bytemap_from_bits, runs_from_bits, runs_from_bytemap
+from vmstate.pages import (
+    NUMPY_MIN_PAGES, bits_from_runs, bytemap_from_bits, page_numbers, runs_from_bits,
+    runs_from_bytemap)
 
 
 def _bitmaps():
@@ -37,7 +39,30 @@ def _block_bitmaps():
                      st.lists(one, min_size=1, max_size=4), st.binary(max_size=20))
 
 
+@settings(deadline=None)     # the first large map imports numpy
 @given(bitmap=_block_bitmaps(), spare=st.integers(0, 7))
 def test_runs_from_bits_over_whole_blocks(bitmap, spare):
     pages = len(bitmap) * 8 - spare
     assert runs_from_bits(bitmap, pages) == runs_from_bytemap(bytemap_from_bits(bitmap, pages))
+
+
+@given(first=st.sampled_from((0, 1)),
+       stretches=st.lists(st.tuples(st.integers(0, 255), st.integers(1, 9000)), max_size=40),
+       offset=st.integers(0, 1000))
+def test_large_byte_maps_give_the_runs_of_their_non_zero_bytes(first, stretches, offset):
+    """Maps of NUMPY_MIN_PAGES and more take the numpy path: same runs as a page-by-page scan."""
+    bytemap = bytes([first]) * NUMPY_MIN_PAGES + \
+        b"".join(bytes([value]) * n for value, n in stretches)
+    expected, start = [], None
+    for page, value in enumerate(bytemap + b"\0"):
+        if value and start is None:
+            start = page
+        elif not value and start is not None:
+            expected.append((start + offset, page - start))
+            start = None
+    assert runs_from_bytemap(bytemap, offset) == tuple(expected)
+
+
+def test_page_numbers_of_runs():
+    assert page_numbers(((2, 3), (10, 2))).tolist() == [2, 3, 4, 10, 11]
+    assert page_numbers(()).tolist() == []

@@ -3,8 +3,8 @@ and every length and offset against the VM's own metadata, verify everything, an
 keep the VM.
 
 Memory goes from the socket straight to where it will live: the new VM's memory (--run) or
-the image file (-o). Guest files carried with --with-files have no name until the whole VM
-has been verified."""
+the image file (-o), and its chunk checksums are verified as it arrives (present_stream.py).
+Guest files carried with --with-files have no name until the whole VM has been verified."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import numpy as np
 import xxhash
 
 from ..atomic import PendingFile
-from ..errors import FormatError, ImageError, describe_error
+from ..errors import FormatError, describe_error
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata
 from ..image.writer import pwrite_all
@@ -29,6 +30,8 @@ from ..rootfs import MODE_BITS, open_directory_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE
 from ..validate import is_inside_root
 from . import protocol as P
+from .page_copy import runs
+from .present_stream import ChunkCheck, PresentStream
 
 HELLO_TIMEOUT = 3.0          # seconds from the connection to a complete hello
 START_GRACE = 3.0            # seconds of slack before the stream must keep up with --min-rate
@@ -98,8 +101,12 @@ class MemorySink(Protocol):
     """Where received guest memory goes."""
 
     def prepare(self, metadata: ImageMetadata) -> None: ...
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, int, int]]) -> None: ...
-    def verify(self) -> None: ...
+
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) -> list:
+        """Read the next pages of the stream, `pieces` (region index, its page numbers), to
+        their places; returns the bytes read as contiguous buffers in stream order, valid
+        until the next call (their chunk checksums are taken from them)."""
+
     def discard(self) -> None: ...
 
 
@@ -136,7 +143,6 @@ def receive_vm(sock: socket.socket, sink: MemorySink, root_fd: int, max_size: in
             return received
         received = _receive_metadata(sock, sink, image_size)
         _receive_frames(sock, received, root_fd, with_files, max_size)
-        received.sink.verify()
         return received
     except BaseException:
         sink.discard()
@@ -224,8 +230,10 @@ def _receive_metadata_bytes(sock: socket.socket, length: int) -> bytes:
 
 def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_files: bool,
                     max_size: int) -> None:
-    """Memory frames in order, then guest files, then the end frame."""
+    """Memory frames in order (each checked as it arrives), then guest files, then the end
+    frame."""
     stream = PresentStream(received.metadata)
+    check = ChunkCheck(received.metadata, stream)
     while True:
         kind, offset, length = _frame(sock)
         if kind == P.FRAME_MEMORY:
@@ -234,7 +242,7 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
                 raise P.ProtocolError(f"unexpected memory frame ({length} bytes at stream offset "
                                       f"{offset:#x}): not the next whole pages of the "
                                       f"{stream.total} bytes of present memory")
-            received.sink.receive(sock, stream.take(length))
+            check.feed(received.sink.receive(sock, stream.take(length)))
             received.image_bytes += length
         elif kind == P.FRAME_FILE and with_files and stream.position == stream.total:
             if received.total_bytes + length > max_size:
@@ -248,37 +256,12 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
             if stream.position != stream.total:
                 raise P.ProtocolError(f"the stream ended after {stream.position} of "
                                       f"{stream.total} bytes of memory: truncated stream")
+            check.finish()
             if digest != received.metadata.digest() or sent != received.image_bytes:
                 raise P.ProtocolError("the end frame does not match what was received")
             return
         else:
             raise P.ProtocolError(f"unexpected frame of type {kind} ({length} bytes) here")
-
-
-class PresentStream:
-    """The present pages of every region in file order, as one stream of bytes: memory
-    frames carry consecutive pieces of it, and `take` says which pages a piece fills."""
-
-    def __init__(self, metadata: ImageMetadata):
-        self.runs = [(index, first, count) for index, region in enumerate(metadata.state.memory)
-                     for first, count in region.present]
-        self.total = sum(count for _, _, count in self.runs) * PAGE_SIZE
-        self.position = 0
-        self._run, self._done = 0, 0        # the next run, and its pages already received
-
-    def take(self, length: int) -> list[tuple[int, int, int]]:
-        """(region, first page, page count) of the next `length` bytes (whole pages)."""
-        pieces, pages = [], length // PAGE_SIZE
-        while pages:
-            region, first, count = self.runs[self._run]
-            n = min(pages, count - self._done)
-            pieces.append((region, first + self._done, n))
-            self._done += n
-            pages -= n
-            if self._done == count:
-                self._run, self._done = self._run + 1, 0
-        self.position += length
-        return pieces
 
 
 def _receive_file(sock: socket.socket, received: Received, root_fd: int, length: int) -> int:
@@ -327,16 +310,6 @@ def discard_files(received: Received) -> None:
         received_file.pending.discard()
 
 
-def verify_chunks(metadata: ImageMetadata, region_views: list[memoryview]) -> None:
-    """Every chunk checksum, computed over where the memory landed."""
-    bad = metadata.bad_chunk(region_views)
-    if bad is not None:
-        index, first, _ = bad
-        gpa = metadata.state.memory[index].guest_phys_addr + first * PAGE_SIZE
-        raise ImageError(f"guest memory {gpa:#x} fails its checksum: corrupted in transit",
-                         "stream")
-
-
 class ImageFileSink:
     """Received memory goes into a new image file with no name yet; it becomes `output`
     only after the whole file has been checked like any image."""
@@ -357,22 +330,25 @@ class ImageFileSink:
         pwrite_all(self.file.fd, metadata.metadata(), 0)
         self._staging = mmap.mmap(-1, self.STAGING)
 
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, int, int]]) -> None:
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) -> list:
         """Into the staging buffer, then each run of pages to its place in the file."""
-        length = sum(count for _, _, count in pieces) * PAGE_SIZE
-        staging = memoryview(self._staging)
-        P.recv_exact_into(sock, staging[:length], "memory")
+        length = sum(len(numbers) for _, numbers in pieces) * PAGE_SIZE
+        staged = memoryview(self._staging)[:length]
+        P.recv_exact_into(sock, staged, "memory")
         at = 0
-        for region, first, count in pieces:
-            end = at + count * PAGE_SIZE
-            pwrite_all(self.file.fd, staging[at:end],
-                       self.metadata.region_data[region].data_offset + first * PAGE_SIZE)
-            at = end
+        for region, numbers in pieces:
+            base = self.metadata.region_data[region].data_offset
+            for position, first, count in runs(numbers):
+                pwrite_all(self.file.fd, staged[(at + position) * PAGE_SIZE:
+                                                (at + position + count) * PAGE_SIZE],
+                           base + first * PAGE_SIZE)
+            at += len(numbers)
+        return [staged]
 
     def verify(self) -> None:
+        """The file reads back as an image (its memory was checked as it arrived)."""
         with Image(f"/proc/self/fd/{self.file.fd}") as image:
             image.path = "the received image"
-            image.verify_memory()
 
     def keep(self) -> str:
         self.file.commit(os.path.basename(self.output))
@@ -500,6 +476,7 @@ def store_received(connection: Connection, root: str, output: str, max_size: int
         received = receive_vm(connection.sock, sink, root_fd, max_size)
         print(f"Received {received.total_bytes} bytes", file=log, flush=True)
         try:
+            sink.verify()
             _refuse_files_over_the_image(sink, received)
             where = sink.keep()
             commit_files(received)
