@@ -56,6 +56,7 @@ def _become_child(vm, state) -> None:
     run.s.regs = vm.vcpu.get_regs()          # the run page mirrors the vCPU until its first exit
     run.s.sregs = vm.vcpu.get_sregs()
     vm.stop = StopRequest(run)
+    vm.migration = None                   # a live migration stays the parent's
     vm.forked_child = True
 
 

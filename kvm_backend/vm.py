@@ -60,7 +60,6 @@ def open_kvm() -> Kvm:
 
 class VirtualMachine(Machine):
     saved_by = "kvm"
-    live_migrates = True              # KVM's dirty log
 
     def __init__(self, kvm: Kvm, memory: GuestMemory):
         """Takes ownership of `memory` (closed with the VM, or now if this fails)."""

@@ -5,7 +5,8 @@ guest exits, faults or is saved, stop on request, hand over to a live migration.
 
 A backend (kvm_backend.vm.VirtualMachine, soft_backend.vm.SoftMachine) adds the CPU: it sets
 `cpu` and `stop`, and defines _enter_vcpu, run_slice, capture_vcpu, return_to_user,
-_rewind_to_syscall, pause, present_pages and _close_cpu.
+_rewind_to_syscall, pause, present_pages and _close_cpu, and for a live migration's sender
+start_tracking, take_dirty and stop_tracking (machine/live.py).
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ class Running:
 
 class Machine:
     saved_by = ""                     # the image's vmm-saved-by: which CPU saved it
-    live_migrates = False             # it keeps a log of written pages (start_tracking...)
     cpu: object                       # the personality's Cpu
     stop: StopRequest
 

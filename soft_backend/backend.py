@@ -20,5 +20,9 @@ class SoftBackend:
 
     @staticmethod
     def run_options(vm: SoftMachine, save, max_instructions: int | None) -> dict:
-        """SoftMachine.run's backend-specific arguments: the instruction budget."""
-        return {"max_instructions": max_instructions} if max_instructions is not None else {}
+        """SoftMachine.run's arguments: the para-calls (401-403, with the command's migration
+        options) and the instruction budget."""
+        options = {"paracalls": save.paracalls(vm)}
+        if max_instructions is not None:
+            options["max_instructions"] = max_instructions
+        return options

@@ -123,7 +123,8 @@ class SoftCpu:
 
     def protect(self, addr: int, length: int, prot: int) -> bool:
         from machine.protection import protect
-        return protect(self.memory, addr, length, prot, self.machine.forget_translations)
+        with self.machine.tables_lock:
+            return protect(self.memory, addr, length, prot, self.machine.forget_translations)
 
     def read_fpu(self) -> bytes:
         from .unicorn_state import xsave_area

@@ -13,8 +13,11 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from dataclasses import replace
 from types import SimpleNamespace
+
+import numpy as np
 
 from unicorn import (
     UC_ARCH_X86, UC_ERR_INSN_INVALID, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc,
@@ -35,10 +38,10 @@ from vmstate.errors import UsageError
 from vmstate.pages import bytemap_from_runs, union
 from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmState
 
-from . import unicorn_state
+from . import dirty, unicorn_state
 from .cpu import SoftCpu
 from .faults import page_fault
-from .written import written_pages
+from .written import drop_zero_pages, written_pages
 
 APIC_BASE = 0xFEE00900          # what KVM gives a fresh vCPU 0 (enabled, bootstrap processor)
 NO_STOP_ADDRESS = (1 << 64) - 1
@@ -100,6 +103,17 @@ class SoftMachine(Machine):
         self._hook_error: BaseException | None = None
         self._budget: int | None = None           # run's max_instructions
         self._slice: tuple[int, int | None] = (0, None)    # host slice: microseconds, count
+        # Held by whatever may write the guest's page tables: the run loop while unicorn runs
+        # guest code (it sets D bits; released while a system call is served), mprotect and
+        # execve, and a live migration's sender while it takes the dirty bits (_hold_cpu).
+        self.tables_lock = threading.Lock()
+        self._handed_back = threading.Event()    # clear while the sender holds the CPU
+        self._handed_back.set()
+        self._kicked = False                  # the sender stopped unicorn to take the CPU
+        self._tables_changed = False          # unicorn's TLB must go before guest code runs
+        self._written_lock = threading.Lock()    # the present set and the VMM's write marks
+        self._unsent: np.ndarray | None = None   # VMM writes since the last take_dirty
+        self._sent: np.ndarray | None = None     # pages a live migration's receiver has
 
     def _close_cpu(self) -> None:
         self.uc = None
@@ -151,14 +165,11 @@ class SoftMachine(Machine):
             max_instructions: int | None = None) -> Outcome:
         """Machine.run; with `max_instructions`, the guest is saved after exactly that many
         instructions."""
+        if max_instructions is not None and isinstance(save, LiveSave):
+            raise UsageError("--max-instructions saves at an exact instruction: it cannot end "
+                             "in a live migration (leave out --live)")
         self._budget = max_instructions
         return super().run(trace, save, gate, paracalls)
-
-    def start(self, trace=None, save=None, gate=None, paracalls=None) -> None:
-        if isinstance(save, LiveSave):
-            raise UsageError("live migration (--live) needs KVM's dirty-page log; the software "
-                             "CPU migrates cold (leave out --live)")
-        super().start(trace, save, gate, paracalls)
 
     # A multi-VM host's slices (kvm_backend.host): unicorn ends them itself, after a number of
     # instructions or a time (its `timeout`); end_slice also works from a signal handler.
@@ -183,14 +194,19 @@ class SoftMachine(Machine):
         self._hook_error = None
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         try:
-            self.uc.emu_start(rip, NO_STOP_ADDRESS, timeout=0 if count else timeout_us,
-                              count=count)
+            with self.tables_lock:
+                self._kicked = False          # a kick from now on is for this run
+                self._flush_if_tables_changed()
+                self.uc.emu_start(rip, NO_STOP_ADDRESS, timeout=0 if count else timeout_us,
+                                  count=count)
             if self._hook_error is not None:
                 raise self._hook_error
         except UcError as e:
+            self._yield_cpu()
             self._pass_gate()
             vector = 6 if e.errno == UC_ERR_INSN_INVALID else None
             return self._fault(vector)
+        kicked = self._yield_cpu()
         self._pass_gate()
         stopped = self._stopped_by
         if isinstance(stopped, (Exited, Faulted, Saved)):
@@ -208,6 +224,8 @@ class SoftMachine(Machine):
             if outcome is None:
                 self._budget = None           # the slice ended early: the count is lost
             return outcome
+        if kicked:
+            return None                       # the guest goes on where it was stopped
         if self._budget:
             save = self._running.save
             return self._save(save, None) if save is not None else None
@@ -219,13 +237,19 @@ class SoftMachine(Machine):
 
     def _on_syscall_checked(self, _handle, _user_data) -> None:
         """The hook unicorn calls (straight through ctypes: the binding's wrapping costs
-        microseconds a call). An error is kept for run() to raise: none may cross C code."""
+        microseconds a call). An error is kept for run() to raise: none may cross C code.
+        No guest instruction runs while a call is served: a live migration may take the
+        dirty bits meanwhile."""
+        self.tables_lock.release()
         try:
             self._on_syscall()
         except BaseException as e:
             if self._hook_error is None:
                 self._hook_error = e
             self.uc.emu_stop()
+        finally:
+            self.tables_lock.acquire()
+            self._flush_if_tables_changed()
 
     def _on_syscall(self) -> None:
         self._pass_gate()
@@ -332,7 +356,8 @@ class SoftMachine(Machine):
         self.present_pages()          # pages shared with the copy are no longer "exclusive"
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        with self.tables_lock:                # the copy's lock is free when the copy runs
+            pid = os.fork()
         if pid:
             return pid
         signal.set_wakeup_fd(-1)
@@ -340,11 +365,15 @@ class SoftMachine(Machine):
             signal.signal(signum, signal.SIG_DFL)
         self.stop = SoftStop(self.uc)         # the parent's threads did not come along
         self._running.syscalls.stop_fd = self.stop.cancel_fd
+        self.migration = None                 # a live migration stays the parent's
+        self._kicked = False
+        self._handed_back.set()
         self.forked_child = True
         return 0
 
     def exec(self, host_path: str, argv: list[str], envp: list[str]) -> UserAddressSpace:
-        space, regs = load_new_program(self, host_path, argv, envp)
+        with self.tables_lock:
+            space, regs = load_new_program(self, host_path, argv, envp)
         self.uc.ctl_flush_tb()                # the code unicorn translated is gone
         self.forget_translations()            # and the page tables were rewritten
         return space, regs
@@ -357,9 +386,80 @@ class SoftMachine(Machine):
     def present_pages(self) -> bytes:
         """Pages ever written: by the guest or the VMM (found as pages private to this
         process, and the VMM's own writes), or present in the image restored from."""
-        if self._present is None:
-            self._present = bytes(bytemap_from_runs(self._image_present,
-                                                    self.memory.size // PAGE_SIZE))
-        written = written_pages(self.memory.view, self.memory.host_address)
-        self._present = union(union(self._present, written), bytes(self.memory.take_written()))
-        return self._present
+        with self._written_lock:
+            if self._present is None:
+                self._present = bytes(bytemap_from_runs(self._image_present,
+                                                        self.memory.size // PAGE_SIZE))
+            written = written_pages(self.memory.view, self.memory.host_address)
+            self._present = union(union(self._present, written), self._take_vmm_writes())
+            return self._present
+
+    def _take_vmm_writes(self) -> bytes:
+        """The VMM's writes since the last look, kept for take_dirty too while a live
+        migration tracks writes (the caller holds _written_lock)."""
+        written = self.memory.take_written()
+        if self._unsent is not None:
+            self._unsent |= np.frombuffer(written, np.uint8)
+        return bytes(written)
+
+    # -- a live migration's log of written pages (called from its sender thread) ---------------
+
+    def start_tracking(self) -> np.ndarray:
+        """Keep the pages written from now on for take_dirty; the pages present now."""
+        self._hold_cpu(lambda: dirty.take_written(self.memory))    # a new round of D bits
+        with self._written_lock:
+            self._unsent = np.zeros(self.memory.size // PAGE_SIZE, np.uint8)
+        present = np.frombuffer(self.present_pages(), np.uint8).copy()
+        self._sent = present.copy()
+        return present
+
+    def take_dirty(self) -> np.ndarray:
+        """Pages written since start_tracking or the previous call (one byte per page). A
+        written page-table entry stands for all its pages: of those, a page the receiver
+        does not have yet and that is still all zero is left out (it has it as zero)."""
+        written = self._hold_cpu(lambda: dirty.take_written(self.memory))
+        new = written & ~self._sent
+        written &= self._sent
+        drop_zero_pages(self.memory.view, new)
+        with self._written_lock:
+            self._take_vmm_writes()
+            taken, self._unsent = self._unsent, np.zeros_like(written)
+        taken |= written | new
+        self._sent |= taken
+        return taken
+
+    def stop_tracking(self) -> None:
+        with self._written_lock:
+            self._unsent = None
+        self._sent = None
+
+    def _hold_cpu(self, action):
+        """Run `action` (from another thread) while no guest instruction runs and nothing
+        else writes the page tables: unicorn is stopped if it runs, and the run loop waits
+        until this is done. Unicorn's TLB is flushed before guest code runs again."""
+        self._handed_back.clear()
+        try:
+            while not self.tables_lock.acquire(timeout=KICK_INTERVAL):
+                self._kicked = True
+                self.end_slice()
+            try:
+                self._tables_changed = True
+                return action()
+            finally:
+                self.tables_lock.release()
+        finally:
+            self._handed_back.set()
+
+    def _yield_cpu(self) -> bool:
+        """After unicorn returned: if the sender stopped it to take the CPU, wait until it
+        is done (True)."""
+        if not self._kicked:
+            return False
+        self._kicked = False
+        self._handed_back.wait()
+        return True
+
+    def _flush_if_tables_changed(self) -> None:
+        if self._tables_changed:
+            self._tables_changed = False
+            self.forget_translations()

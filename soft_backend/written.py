@@ -31,9 +31,14 @@ def written_pages(view: memoryview, address: int) -> bytes:
     entries = np.frombuffer(data, dtype="<u8")
     private = (entries & np.uint64(PRESENT | FILE_OR_SHARED | EXCLUSIVE)) == np.uint64(
         PRESENT | EXCLUSIVE)
-    words = np.frombuffer(view, dtype=np.uint64).reshape(pages, WORDS_PER_PAGE)
-    for first, count in runs_from_bytemap(private.astype(np.uint8).tobytes()):
+    drop_zero_pages(view, private)
+    return private.astype(np.uint8).tobytes()
+
+
+def drop_zero_pages(view: memoryview, marked: np.ndarray) -> None:
+    """Unmark the marked pages of `view` (one element per page) that are all zero."""
+    words = np.frombuffer(view, dtype=np.uint64).reshape(len(marked), WORDS_PER_PAGE)
+    for first, count in runs_from_bytemap(marked.astype(np.uint8).tobytes()):
         for start in range(first, first + count, CHECK_PAGES):
             end = min(start + CHECK_PAGES, first + count)
-            private[start:end] = words[start:end].any(axis=1)
-    return private.astype(np.uint8).tobytes()
+            marked[start:end] = words[start:end].any(axis=1)

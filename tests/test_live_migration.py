@@ -73,6 +73,19 @@ def test_live_migration_over_loopback_continues_the_sequence(vmstate_cmd, counte
                                                                  list(range(left + 1)))
 
 
+@pytest.mark.parametrize("receiver_cpu", ["kvm", "soft"])
+def test_live_migration_from_the_software_cpu(vmstate_cmd, counter, receivers, two_dirs,
+                                              receiver_cpu):
+    """A software-CPU sender (its dirty log: the D bits of the guest's page tables) to a KVM
+    receiver and to a software one: the sequence goes on, the guest finds its memory intact."""
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "--run", "--once", "--root", receiver_dir,
+                         "--cpu", receiver_cpu)
+    sent = run_live(vmstate_cmd, sender_dir, f"127.0.0.1:{receiver.port}", "--cpu", "soft",
+                    "--memory", "256M", counter, STEPS, SAVE_AT, 16, 64)
+    check_continued(sent, receiver, receiver_dir)      # the guest checks all it wrote
+
+
 def test_live_migration_on_sigusr1(vmstate_cmd, counter, receivers, two_dirs):
     """--save-on-signal: SIGUSR1 starts the live migration (the guest never asks for SAVE)."""
     import signal

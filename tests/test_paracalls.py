@@ -69,11 +69,13 @@ def test_migrate_returns_1_on_the_destination(vmstate, vmstate_cmd, guest, tmp_p
         receiver.stop()
 
 
+@pytest.mark.parametrize("cpu", ["kvm", "soft"])
 def test_migrate_under_live_returns_0_and_the_guest_goes_on_at_the_destination(
-        vmstate, vmstate_cmd, guest, tmp_path):
+        vmstate, vmstate_cmd, guest, tmp_path, cpu):
     receiver = Receiver(vmstate_cmd, tmp_path, "--run", "--once", "--root", tmp_path)
     try:
-        sent = vmstate("run", "--live", guest("paracalls"), f"127.0.0.1:{receiver.port}")
+        sent = vmstate("run", "--cpu", cpu, "--live", guest("paracalls"),
+                       f"127.0.0.1:{receiver.port}")
         assert sent.returncode == 0, sent.stderr
         assert f"VM migrated live to 127.0.0.1:{receiver.port}" in sent.stderr.decode()
         assert receiver.process.wait(timeout=60) == 11
