@@ -3,7 +3,8 @@ the bitmap (the fast decoder is checked against the byte-map one)."""
 
 from hypothesis import given, strategies as st
 
-from vmstate.pages import bits_from_runs, bytemap_from_bits, runs_from_bits, runs_from_bytemap
+from vmstate.pages import (
+    bits_from_runs, bytemap_from_bits, clip_runs, runs_from_bits, runs_from_bytemap)
 
 
 def _bitmaps():
@@ -19,3 +20,11 @@ def test_runs_from_bits_matches_the_byte_map(bitmap, spare):
     expected = runs_from_bytemap(bytemap_from_bits(bitmap, pages))
     assert runs_from_bits(bitmap, pages) == expected
     assert runs_from_bits(bits_from_runs(expected, pages), pages) == expected
+
+
+@given(bitmap=_bitmaps(), first=st.integers(0, 500), end=st.integers(0, 500))
+def test_clip_runs_keeps_the_pages_in_range(bitmap, first, end):
+    pages = len(bitmap) * 8
+    bytemap = bytearray(bytemap_from_bits(bitmap, pages))
+    expected = runs_from_bytemap(bytemap[first:end], first) if first < end else ()
+    assert clip_runs(runs_from_bits(bitmap, pages), first, end) == expected
