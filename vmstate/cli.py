@@ -533,7 +533,8 @@ def _exit(code) -> None:
     """End the process with SystemExit's `code` as soon as stdout and stderr are flushed,
     without the interpreter's teardown of its modules (15-20 ms of every command here):
     vmstate registers no exit handler and closes the files it writes itself. While a thread
-    that is not a daemon still runs, the interpreter's own exit waits for it instead."""
+    that is not a daemon still runs, or under a profiler or tracer (which write their
+    results at exit), the interpreter's own exit is taken instead."""
     if code is None:
         status = 0
     elif isinstance(code, int):
@@ -548,7 +549,8 @@ def _exit(code) -> None:
         status = EXIT_ERROR
     sys.stderr.flush()
     import threading
-    if any(not thread.daemon and thread.is_alive() for thread in threading.enumerate()
-           if thread is not threading.current_thread()):
+    if sys.getprofile() or sys.gettrace() or any(
+            not thread.daemon and thread.is_alive() for thread in threading.enumerate()
+            if thread is not threading.current_thread()):
         sys.exit(status)
     os._exit(status)
