@@ -324,13 +324,20 @@ class Image(ImageMetadata, FdOwner):
         raise ImageError(f"guest physical {address:#x}+{length:#x} is outside guest memory",
                          self.path)
 
-    def _check_holes(self) -> None:
-        """Pages outside the present set were never touched and must read as zero."""
+    def _check_holes(self, share: int = 0, shares: int = 1) -> None:
+        """Pages outside the present set were never touched and must read as zero (in share
+        `share` of `shares` shares of each region's pages, all of them by default)."""
         for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
-            stray = nonzero_pages_outside(self.fd, data.data_offset, self.region_view(index),
-                                          region.present)
+            chunks, runs = self._share_runs(index, share, shares)
+            first = chunks.start << CHUNK_SHIFT
+            end = min(chunks.stop << CHUNK_SHIFT, region.size // PAGE_SIZE)
+            if first:
+                runs = tuple((page - first, count) for page, count in runs)
+            stray = nonzero_pages_outside(self.fd, data.data_offset + first * PAGE_SIZE,
+                                          self.region_view(index)[first * PAGE_SIZE:
+                                                                  end * PAGE_SIZE], runs)
             if stray:
-                page = stray[0][0]
+                page = first + stray[0][0]
                 raise self._error(f"guest memory {region.guest_phys_addr + page * PAGE_SIZE:#x}: "
                                   "a page recorded as never touched holds data (the memory is "
                                   "corrupt)", data.data_offset + page * PAGE_SIZE)
@@ -342,10 +349,9 @@ class Image(ImageMetadata, FdOwner):
 
     def verify_memory(self, share: int = 0, shares: int = 1) -> None:
         """Check every chunk checksum, and that absent pages read as zero; ImageError names
-        the first bad place. With `shares`, only the checksums of share `share` of each
-        region's chunks, and the absent pages in share 0 only."""
-        if share == 0:
-            self._check_holes()
+        the first bad place. With `shares`, only share `share` of each region's chunks (and
+        their absent pages)."""
+        self._check_holes(share, shares)
         for index, data in enumerate(self.region_data):
             prefetch_runs(self._map, data.data_offset, self._share_runs(index, share, shares)[1])
         bad = self.bad_chunk([self.region_view(i) for i in range(len(self.state.memory))],
@@ -365,9 +371,8 @@ MEMORY_CHECK_PROCESSES = 2
 
 class MemoryCheck:
     """Image.verify_memory split into `processes` shares, each in a child process forked at
-    once. result() waits and raises the ImageError of the first share that fails (share 0
-    checks the absent pages first, so the error is the one verify_memory would raise);
-    close() ends the children still running."""
+    once. result() waits and raises the ImageError of the first share that fails (in the
+    order of the shares); close() ends the children still running."""
 
     def __init__(self, image: Image, processes: int):
         self._calls = [ForkedCall(partial(image.verify_memory, share, processes),
