@@ -21,8 +21,7 @@ from machine.timing import timing_mark
 from .vm import VirtualMachine, open_kvm
 
 if TYPE_CHECKING:             # imported where used: run does not need the image reader
-    from vmstate.background import ForkedCall
-    from vmstate.image.reader import Image
+    from vmstate.image.reader import Image, MemoryCheck
 
 MIN_MEMORY = 8 << 20
 DEFAULT_IMAGE = "vm_image.sav"
@@ -145,7 +144,7 @@ def run_program(program: str, argv: list[str], memory_size: int, root: str,
                       **backend.run_options(vm, save, max_instructions))
 
 
-def restore_image(image: Image, memory_check: ForkedCall, root: str, save: SaveOptions,
+def restore_image(image: Image, memory_check: MemoryCheck, root: str, save: SaveOptions,
                   trace=None, cpu: str = "auto", max_instructions: int | None = None) -> Outcome:
     """Restore the VM of `image` and run it; `memory_check` (Image.start_memory_check) is
     the verification of its memory, started before this VMM's imports and set-up, which it
@@ -167,7 +166,7 @@ def restore_image(image: Image, memory_check: ForkedCall, root: str, save: SaveO
         image.close()
 
 
-def restored_vm(backend, image: Image, root: str, memory_check: ForkedCall | None = None
+def restored_vm(backend, image: Image, root: str, memory_check: MemoryCheck | None = None
                 ) -> tuple[Machine, Callable[[], None]]:
     """A VM of `backend` (KvmBackend or SoftBackend) over `image`'s memory (copy-on-write) and
     the gate its run must pass: the memory verification (`memory_check`, or one started
@@ -182,10 +181,10 @@ def restored_vm(backend, image: Image, root: str, memory_check: ForkedCall | Non
 
 
 class _MemoryVerification:
-    """Waits in a thread for the memory check's child process, so that a failure stops the
+    """Waits in a thread for the memory check's child processes, so that a failure stops the
     guest at once (not only at its next exit)."""
 
-    def __init__(self, memory_check: ForkedCall):
+    def __init__(self, memory_check: MemoryCheck):
         self.memory_check = memory_check
         self._call: BackgroundCall[None] | None = None
 

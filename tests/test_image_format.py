@@ -217,3 +217,32 @@ def test_every_layout_round_trips_and_damage_is_found(tmp_path, layout):
         hole = page + 1 if page + 1 < 4096 and (page + 1, 1) not in runs else first - 1
         with pytest.raises(ImageError, match="recorded as never touched holds data"):
             _open_and_verify(_damaged(path, data_offset + hole * PAGE_SIZE + 7, 0x01))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_memory_check_in_shares_finds_what_verify_memory_finds(tmp_path, layout):
+    """Restore verifies memory in two child processes, one share of the chunks each: damage
+    in a present page or a hole of any chunk fails the share that holds it, with
+    verify_memory's own message, and the check as a whole; the other share passes."""
+    state, contents = layout_state(layout)
+    path = tmp_path / "image.sav"
+    write_image(str(path), state, memory_views(contents))
+    with Image(str(path)) as image:
+        data_offset = image.region_data[0].data_offset
+        image.start_memory_check().result()
+    runs = state.memory[0].present
+    damaged = [runs[0][0], sum(runs[-1]) - 1]
+    if layout != "fully written":
+        damaged += [runs[0][0] - 1 if runs[0][0] else sum(runs[0]), 4095 if sum(runs[-1]) < 4096
+                    else runs[-1][0] - 1]                              # holes
+    for page in damaged:
+        share = page // 256 // 8             # 16 chunks of 256 pages: 0-7 share 0, 8-15 share 1
+        with Image(str(_damaged(path, data_offset + page * PAGE_SIZE + 9, 0x10))) as image:
+            with pytest.raises(ImageError) as whole:
+                image.verify_memory()
+            with pytest.raises(ImageError) as shared:
+                image.start_memory_check().result()
+            assert str(shared.value) == str(whole.value)
+            with pytest.raises(ImageError):
+                image.verify_memory(share, 2)
+            image.verify_memory(1 - share, 2)

@@ -4,7 +4,7 @@ the bitmap (the fast decoder is checked against the byte-map one)."""
 from hypothesis import given, settings, strategies as st
 
 from vmstate.pages import (
-    NUMPY_MIN_PAGES, bits_from_runs, bytemap_from_bits, page_numbers, runs_from_bits,
+    NUMPY_MIN_PAGES, bits_from_runs, bytemap_from_bits, clip_runs, page_numbers, runs_from_bits,
     runs_from_bytemap)
 
 
@@ -66,3 +66,11 @@ def test_large_byte_maps_give_the_runs_of_their_non_zero_bytes(first, stretches,
 def test_page_numbers_of_runs():
     assert page_numbers(((2, 3), (10, 2))).tolist() == [2, 3, 4, 10, 11]
     assert page_numbers(()).tolist() == []
+
+
+@given(bitmap=_bitmaps(), first=st.integers(0, 500), end=st.integers(0, 500))
+def test_clip_runs_keeps_the_pages_in_range(bitmap, first, end):
+    pages = len(bitmap) * 8
+    bytemap = bytearray(bytemap_from_bits(bitmap, pages))
+    expected = runs_from_bytemap(bytemap[first:end], first) if first < end else ()
+    assert clip_runs(runs_from_bits(bitmap, pages), first, end) == expected

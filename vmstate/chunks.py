@@ -52,12 +52,21 @@ def chunk_checksums(view: memoryview, runs, page_count: int) -> array:
     return hashes
 
 
-def first_bad_chunk(view: memoryview, runs, page_count: int, expected) -> int | None:
-    """The index of the first chunk whose checksum differs from `expected`; None if none."""
+def first_bad_chunk(view: memoryview, runs, page_count: int, expected,
+                    chunks: range | None = None) -> int | None:
+    """The index of the first chunk (of `chunks`, all by default) whose checksum differs from
+    `expected`; None if none. `runs` need hold only the present pages of `chunks`."""
     actual = chunk_checksums(view, runs, page_count)
-    if actual == expected:
+    chunks = range(len(expected)) if chunks is None else chunks
+    if actual[chunks.start:chunks.stop] == expected[chunks.start:chunks.stop]:
         return None
-    return next(i for i, (a, b) in enumerate(zip(actual, expected)) if a != b)
+    return next(i for i in chunks if actual[i] != expected[i])
+
+
+def share_of_chunks(page_count: int, share: int, shares: int) -> range:
+    """Share `share` of `shares` near-equal shares of a region's chunks."""
+    count = chunk_count(page_count)
+    return range(count * share // shares, count * (share + 1) // shares)
 
 
 def chunk_pages(chunk: int, page_count: int) -> tuple[int, int]:

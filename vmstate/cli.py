@@ -495,7 +495,16 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):      # an ASCII locale must not end in a traceback
         stream.reconfigure(errors="backslashreplace")
     try:
-        _app_for(sys.argv[1:])()
+        _run(sys.argv[1:])
+    except SystemExit as e:
+        _exit(e.code)
+    _exit(0)
+
+
+def _run(arguments: list[str]) -> None:
+    """The command; its errors become one line and an exit status (SystemExit)."""
+    try:
+        _app_for(arguments)()
     except VmstateError as e:
         print(f"vmstate: {shorten_message(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -503,7 +512,7 @@ def main() -> None:
         print("vmstate: interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         sys.exit(EXIT_ERROR)
     except OSError as e:     # I/O outside the formats' own checks: disk full, permissions
         print(f"vmstate: {shorten_message(describe_error(e))}", file=sys.stderr)
@@ -514,3 +523,34 @@ def main() -> None:
         print(f"vmstate: {shorten_message(f'internal error: {type(e).__name__}: {e}')} (set "
               "VMSTATE_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+
+
+def _silence_stdout() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _exit(code) -> None:
+    """End the process with SystemExit's `code` as soon as stdout and stderr are flushed,
+    without the interpreter's teardown of its modules (15-20 ms of every command here):
+    vmstate registers no exit handler and closes the files it writes itself. While a thread
+    that is not a daemon still runs, or under a profiler or tracer (which write their
+    results at exit), the interpreter's own exit is taken instead."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:                                        # as the interpreter does with sys.exit("...")
+        print(code, file=sys.stderr)
+        status = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        status = EXIT_ERROR
+    sys.stderr.flush()
+    import threading
+    if sys.getprofile() or sys.gettrace() or any(
+            not thread.daemon and thread.is_alive() for thread in threading.enumerate()
+            if thread is not threading.current_thread()):
+        sys.exit(status)
+    os._exit(status)

@@ -5,6 +5,8 @@ Python-level work is per run, never per page."""
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left, bisect_right
+from math import inf
 
 Runs = tuple[tuple[int, int], ...]
 BITMAP_BLOCK = 1 << 12           # bytes of a bitmap runs_from_bits looks at at once (32 Ki pages)
@@ -139,6 +141,23 @@ def merge_runs(runs: Runs) -> Runs:
         else:
             merged.append([first, count])
     return tuple((first, count) for first, count in merged)
+
+
+def clip_runs(runs: Runs, first: int, end: int) -> Runs:
+    """The parts of sorted, disjoint runs that lie in pages [first, end) (found by bisection:
+    no Python work for the runs outside)."""
+    if first >= end:
+        return ()
+    start = bisect_right(runs, (first, inf)) - 1         # the last run starting at or before
+    if start < 0 or sum(runs[start]) <= first:
+        start += 1
+    clipped = list(runs[start:bisect_left(runs, (end,))])
+    if clipped:
+        page, count = clipped[0]
+        clipped[0] = (max(page, first), page + count - max(page, first))
+        page, count = clipped[-1]
+        clipped[-1] = (page, min(page + count, end) - page)
+    return tuple(clipped)
 
 
 def is_zero(view) -> bool:

@@ -10,14 +10,16 @@ import os
 from array import array
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 
 import xxhash
 
 from ..background import ForkedCall
 from ..errors import ImageError
 from ..fd import FdOwner, open_to_read
-from ..chunks import chunk_pages, first_bad_chunk
+from ..chunks import CHUNK_SHIFT, chunk_pages, first_bad_chunk, share_of_chunks
 from ..mapping import close_mapping, prefetch_runs
+from ..pages import Runs, clip_runs
 from ..sparse import nonzero_pages_outside
 from ..validate import problems
 from ..state import PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
@@ -261,16 +263,29 @@ class ImageMetadata:
 
 
 
-    def bad_chunk(self, region_views: list[memoryview]) -> tuple[int, int, int] | None:
+    def bad_chunk(self, region_views: list[memoryview], share: int = 0, shares: int = 1
+                  ) -> tuple[int, int, int] | None:
         """The first chunk whose present pages in `region_views` (each region's memory,
         wherever it is) fail their checksum, as (region index, first page, page count);
-        None if all pass."""
+        None if all pass. Only share `share` of `shares` shares of each region's chunks is
+        looked at (all of it by default)."""
         for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
             pages = region.size // PAGE_SIZE
-            bad = first_bad_chunk(region_views[index], region.present, pages, data.chunk_hashes)
+            chunks, runs = self._share_runs(index, share, shares)
+            bad = first_bad_chunk(region_views[index], runs, pages, data.chunk_hashes, chunks)
             if bad is not None:
                 return (index, *chunk_pages(bad, pages))
         return None
+
+    def _share_runs(self, index: int, share: int, shares: int) -> tuple[range, Runs]:
+        """Share `share` of region `index`'s chunks, and its present pages in them."""
+        region = self.state.memory[index]
+        pages = region.size // PAGE_SIZE
+        chunks = share_of_chunks(pages, share, shares)
+        if shares == 1:
+            return chunks, region.present
+        return chunks, clip_runs(region.present, chunks.start << CHUNK_SHIFT,
+                                 min(chunks.stop << CHUNK_SHIFT, pages))
 
 
 class Image(ImageMetadata, FdOwner):
@@ -309,36 +324,67 @@ class Image(ImageMetadata, FdOwner):
         raise ImageError(f"guest physical {address:#x}+{length:#x} is outside guest memory",
                          self.path)
 
-    def _check_holes(self) -> None:
-        """Pages outside the present set were never touched and must read as zero."""
+    def _check_holes(self, share: int = 0, shares: int = 1) -> None:
+        """Pages outside the present set were never touched and must read as zero (in share
+        `share` of `shares` shares of each region's pages, all of them by default)."""
         for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
-            stray = nonzero_pages_outside(self.fd, data.data_offset, self.region_view(index),
-                                          region.present)
+            chunks, runs = self._share_runs(index, share, shares)
+            first = chunks.start << CHUNK_SHIFT
+            end = min(chunks.stop << CHUNK_SHIFT, region.size // PAGE_SIZE)
+            if first:
+                runs = tuple((page - first, count) for page, count in runs)
+            stray = nonzero_pages_outside(self.fd, data.data_offset + first * PAGE_SIZE,
+                                          self.region_view(index)[first * PAGE_SIZE:
+                                                                  end * PAGE_SIZE], runs)
             if stray:
-                page = stray[0][0]
+                page = first + stray[0][0]
                 raise self._error(f"guest memory {region.guest_phys_addr + page * PAGE_SIZE:#x}: "
                                   "a page recorded as never touched holds data (the memory is "
                                   "corrupt)", data.data_offset + page * PAGE_SIZE)
 
-    def start_memory_check(self) -> ForkedCall:
-        """verify_memory in a child process forked now: restore starts it before the VMM's
-        imports and set-up, which it overlaps on another core (xxhash holds the GIL, so a
-        thread could not). Its result() raises the ImageError."""
-        return ForkedCall(self.verify_memory, "verify-memory")
+    def start_memory_check(self) -> MemoryCheck:
+        """verify_memory, started now in child processes: restore starts it before the
+        VMM's imports and set-up, which it overlaps."""
+        return MemoryCheck(self, MEMORY_CHECK_PROCESSES)
 
-    def verify_memory(self) -> None:
+    def verify_memory(self, share: int = 0, shares: int = 1) -> None:
         """Check every chunk checksum, and that absent pages read as zero; ImageError names
-        the first bad place."""
-        self._check_holes()
+        the first bad place. With `shares`, only share `share` of each region's chunks (and
+        their absent pages)."""
+        self._check_holes(share, shares)
         for index, data in enumerate(self.region_data):
-            prefetch_runs(self._map, data.data_offset, self.state.memory[index].present)
-        bad = self.bad_chunk([self.region_view(i) for i in range(len(self.state.memory))])
+            prefetch_runs(self._map, data.data_offset, self._share_runs(index, share, shares)[1])
+        bad = self.bad_chunk([self.region_view(i) for i in range(len(self.state.memory))],
+                             share, shares)
         if bad is not None:
             index, first, count = bad
             gpa = self.state.memory[index].guest_phys_addr + first * PAGE_SIZE
             end = gpa + count * PAGE_SIZE
             raise self._error(f"guest memory {gpa:#x}-{end:#x} fails its checksum (the memory is "
                               "corrupt)", self.region_data[index].data_offset + first * PAGE_SIZE)
+
+
+# Child processes a restore verifies memory in. Each gets a core of its own beside the VMM's
+# start-up where there is one (xxhash holds the GIL, so threads would take turns).
+MEMORY_CHECK_PROCESSES = 2
+
+
+class MemoryCheck:
+    """Image.verify_memory split into `processes` shares, each in a child process forked at
+    once. result() waits and raises the ImageError of the first share that fails (in the
+    order of the shares); close() ends the children still running."""
+
+    def __init__(self, image: Image, processes: int):
+        self._calls = [ForkedCall(partial(image.verify_memory, share, processes),
+                                  f"verify-memory-{share}") for share in range(processes)]
+
+    def result(self) -> None:
+        for call in self._calls:
+            call.result()
+
+    def close(self) -> None:
+        for call in self._calls:
+            call.close()
 
 
 VMM_DECODERS = {
