@@ -56,18 +56,24 @@ def _verified_page_digests(image: Image) -> tuple[bytes, ...]:
         raise ImageError(f"cannot read: {e.strerror}", image.path) from None
 
 
+def _document(image: Image, image_path: str, core_path: str, hwxml: BackgroundCall) -> bytes:
+    """The hardware XML, pages digested (and the image checked) first."""
+    digests = _verified_page_digests(image)
+    module = hwxml.result()
+    provenance = module.Provenance(image.digest(), image_path, core_path, digests)
+    return module.to_xml(image.state, provenance)
+
+
 def split(image_path: str, core_path: str, xml_path: str) -> SplitResult:
-    # The XML writer (lxml) is imported while the image is opened and the core written: the
-    # writes release the GIL, so the import costs no time of its own.
+    # While the core's memory is written (the writes release the GIL), threads import the
+    # XML writer (lxml), check the image, digest its pages and build the XML; a failed check
+    # discards the core before it gets its name.
     hwxml = BackgroundCall(lambda: importlib.import_module("vmstate.hwxml"), "import-hwxml")
     with Image(image_path) as image:
-        # The image is checked and its pages digested while the core is written (hashing and
-        # writing overlap); a failed check discards the core before it gets its name.
-        checked = BackgroundCall(lambda: _verified_page_digests(image), "verify-image")
-        layout = write_core(core_path, image, before_commit=checked.result)
-        provenance = hwxml.result().Provenance(image.digest(), image_path, core_path,
-                                               checked.result())
-        document = hwxml.result().to_xml(image.state, provenance)
+        xml = BackgroundCall(lambda: _document(image, image_path, core_path, hwxml),
+                             "verify-and-describe")
+        layout = write_core(core_path, image, before_commit=xml.result)
+        document = xml.result()
     with atomic_output(xml_path, durable=False) as f:
         f.write(document)
     return SplitResult(layout, len(document))
