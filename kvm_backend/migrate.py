@@ -13,7 +13,7 @@ import numpy as np
 
 from vmstate.errors import RestoreError, VmstateError, describe_error
 from vmstate.image.reader import ImageMetadata
-from vmstate.image.writer import plan_image, write_image
+from vmstate.image.writer import write_image
 from vmstate.migration import protocol as P
 from vmstate.migration.page_copy import runs, scatter
 from vmstate.migration.receive import (
@@ -36,8 +36,7 @@ def migrate_to(address: tuple[str, int], connect_timeout: float, with_files: boo
     says so in the error, so the VM's state survives."""
     def save(state: VmState, region_views: list[memoryview]) -> str:
         try:
-            plan = plan_image(state, region_views)
-            message = send_to(address, connect_timeout, plan, state, with_files, root)
+            message = send_to(address, connect_timeout, state, region_views, with_files, root)
             return f"migrated to {address[0]}:{address[1]}: {message}"
         except (Exception, KeyboardInterrupt) as e:     # whatever happened, keep the VM
             reason = describe_error(e)

@@ -108,6 +108,12 @@ def plan_image(state: VmState, region_views: list[memoryview],
     return ImagePlan(bytes(body), tuple(regions), file_size)
 
 
+def image_metadata(state: VmState, chunk_hashes: list[array]) -> bytes:
+    """The metadata `plan_image` lays out for `state` with these chunk checksums (no memory is
+    read)."""
+    return plan_image(state, [None] * len(state.memory), chunk_hashes).metadata
+
+
 def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:

@@ -3,7 +3,8 @@ and every length and offset against the VM's own metadata, verify everything, an
 keep the VM.
 
 Memory goes from the socket straight to where it will live: the new VM's memory (--run) or
-the image file (-o), and its chunk checksums are verified as it arrives (present_stream.py).
+the image file (-o); its chunk checksums are computed as it arrives (present_stream.py) and
+compared with the sender's, which follow it.
 Guest files carried with --with-files have no name until the whole VM has been verified."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -21,17 +23,17 @@ import numpy as np
 import xxhash
 
 from ..atomic import PendingFile
-from ..errors import FormatError, describe_error
+from ..errors import FormatError, ImageError, describe_error
 from ..image import layout as L
-from ..image.reader import Image, ImageMetadata
-from ..image.writer import pwrite_all
+from ..image.reader import Image, ImageMetadata, checksum
+from ..image.writer import image_metadata, pwrite_all
 from ..mapping import close_mapping
 from ..rootfs import MODE_BITS, open_directory_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE
 from ..validate import is_inside_root
 from . import protocol as P
 from .page_copy import runs
-from .present_stream import ChunkCheck, PresentStream
+from .present_stream import PresentStream, StreamChunkHashes, chunk_address, first_difference
 
 HELLO_TIMEOUT = 3.0          # seconds from the connection to a complete hello
 START_GRACE = 3.0            # seconds of slack before the stream must keep up with --min-rate
@@ -123,6 +125,7 @@ class Received:
     files: list[ReceivedFile] = field(default_factory=list)
     image_bytes: int = 0
     file_bytes: int = 0
+    final_metadata: bytes = b""         # the metadata with the sender's chunk checksums
 
     @property
     def total_bytes(self) -> int:
@@ -230,10 +233,10 @@ def _receive_metadata_bytes(sock: socket.socket, length: int) -> bytes:
 
 def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_files: bool,
                     max_size: int) -> None:
-    """Memory frames in order (each checked as it arrives), then guest files, then the end
-    frame."""
-    stream = PresentStream(received.metadata)
-    check = ChunkCheck(received.metadata, stream)
+    """Memory frames in order (hashed as they arrive), the chunk checksums, guest files,
+    then the end frame."""
+    stream = PresentStream(received.metadata.state.memory)
+    hashes = StreamChunkHashes(stream, received.metadata.state.memory)
     while True:
         kind, offset, length = _frame(sock)
         if kind == P.FRAME_MEMORY:
@@ -242,9 +245,12 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
                 raise P.ProtocolError(f"unexpected memory frame ({length} bytes at stream offset "
                                       f"{offset:#x}): not the next whole pages of the "
                                       f"{stream.total} bytes of present memory")
-            check.feed(received.sink.receive(sock, stream.take(length)))
+            hashes.feed(received.sink.receive(sock, stream.take(length)))
             received.image_bytes += length
-        elif kind == P.FRAME_FILE and with_files and stream.position == stream.total:
+        elif kind == P.FRAME_CHUNKS and stream.position == stream.total \
+                and not received.final_metadata:
+            received.final_metadata = _receive_chunks(sock, received.metadata, hashes, length)
+        elif kind == P.FRAME_FILE and with_files and received.final_metadata:
             if received.total_bytes + length > max_size:
                 raise P.ProtocolError(f"the VM and its files exceed --max-size ({max_size})")
             _receive_file(sock, received, root_fd, length)
@@ -253,15 +259,35 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
             if length != P.END.size:
                 raise P.ProtocolError(f"end frame of {length} bytes (expected {P.END.size})")
             digest, sent = P.END.unpack(P.recv_exact(sock, P.END.size, "the end frame"))
-            if stream.position != stream.total:
+            if stream.position != stream.total or not received.final_metadata:
                 raise P.ProtocolError(f"the stream ended after {stream.position} of "
-                                      f"{stream.total} bytes of memory: truncated stream")
-            check.finish()
-            if digest != received.metadata.digest() or sent != received.image_bytes:
+                                      f"{stream.total} bytes of memory"
+                                      f"{'' if received.final_metadata else ', no checksums'}: "
+                                      "truncated stream")
+            if digest != checksum(received.final_metadata) or sent != received.image_bytes:
                 raise P.ProtocolError("the end frame does not match what was received")
             return
         else:
             raise P.ProtocolError(f"unexpected frame of type {kind} ({length} bytes) here")
+
+
+def _receive_chunks(sock: socket.socket, metadata: ImageMetadata, hashes: StreamChunkHashes,
+                    length: int) -> bytes:
+    """The sender's chunk checksums, compared with those of the memory received; returns the
+    image metadata that carries them."""
+    if length != sum(8 * len(h) for h in hashes.hashes):
+        raise P.ProtocolError(f"a chunks frame of {length} bytes; the metadata has "
+                              f"{sum(len(h) for h in hashes.hashes)} chunks of 8 bytes")
+    data = P.recv_exact(sock, length, "the chunk checksums")
+    theirs, at = [], 0
+    for ours in hashes.hashes:
+        theirs.append(array("Q", data[at:at + 8 * len(ours)]))
+        at += 8 * len(ours)
+    bad = first_difference(hashes.hashes, theirs)
+    if bad is not None:
+        raise ImageError(f"guest memory {chunk_address(metadata.state.memory, *bad):#x} fails "
+                         "its checksum: corrupted in transit", "stream")
+    return image_metadata(metadata.state, theirs)
 
 
 def _receive_file(sock: socket.socket, received: Received, root_fd: int, length: int) -> int:
@@ -327,7 +353,6 @@ class ImageFileSink:
         self.file = PendingFile(os.path.dirname(os.path.abspath(self.output)),
                                 os.path.basename(self.output))
         os.ftruncate(self.file.fd, metadata.file_size)
-        pwrite_all(self.file.fd, metadata.metadata(), 0)
         self._staging = mmap.mmap(-1, self.STAGING)
 
     def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) -> list:
@@ -345,8 +370,10 @@ class ImageFileSink:
             at += len(numbers)
         return [staged]
 
-    def verify(self) -> None:
-        """The file reads back as an image (its memory was checked as it arrived)."""
+    def finish(self, final_metadata: bytes) -> None:
+        """Write the metadata with its chunk checksums (the memory was checked against them);
+        the file must read back as an image."""
+        pwrite_all(self.file.fd, final_metadata, 0)
         with Image(f"/proc/self/fd/{self.file.fd}") as image:
             image.path = "the received image"
 
@@ -476,7 +503,7 @@ def store_received(connection: Connection, root: str, output: str, max_size: int
         received = receive_vm(connection.sock, sink, root_fd, max_size)
         print(f"Received {received.total_bytes} bytes", file=log, flush=True)
         try:
-            sink.verify()
+            sink.finish(received.final_metadata)
             _refuse_files_over_the_image(sink, received)
             where = sink.keep()
             commit_files(received)
