@@ -23,6 +23,7 @@ import numpy as np
 import xxhash
 
 from ..atomic import PendingFile
+from ..background import BackgroundCall
 from ..errors import FormatError, ImageError, describe_error
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata, checksum
@@ -104,10 +105,13 @@ class MemorySink(Protocol):
 
     def prepare(self, metadata: ImageMetadata) -> None: ...
 
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) -> list:
-        """Read the next pages of the stream, `pieces` (region index, its page numbers), to
-        their places; returns the bytes read as contiguous buffers in stream order, valid
-        until the next call (their chunk checksums are taken from them)."""
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) \
+            -> tuple[list, Callable[[], None] | None]:
+        """Read the next pages of the stream, `pieces` (region index, its page numbers):
+        returns the bytes read, as contiguous buffers in stream order (their chunk checksums
+        are taken from them), and what puts them in their places if the read did not (run
+        in another thread while the next frame is read). The buffers must stay valid until
+        the next call but one."""
 
     def discard(self) -> None: ...
 
@@ -236,7 +240,17 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
     """Memory frames in order (hashed as they arrive), the chunk checksums, guest files,
     then the end frame."""
     stream = PresentStream(received.metadata.state.memory)
-    hashes = StreamChunkHashes(stream, received.metadata.state.memory)
+    placing = Placing(StreamChunkHashes(stream, received.metadata.state.memory))
+    try:
+        _receive_frames_in_order(sock, received, root_fd, with_files, max_size, stream,
+                                 placing)
+    finally:
+        placing.wait()
+
+
+def _receive_frames_in_order(sock: socket.socket, received: Received, root_fd: int,
+                             with_files: bool, max_size: int, stream: PresentStream,
+                             placing: Placing) -> None:
     while True:
         kind, offset, length = _frame(sock)
         if kind == P.FRAME_MEMORY:
@@ -245,11 +259,13 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
                 raise P.ProtocolError(f"unexpected memory frame ({length} bytes at stream offset "
                                       f"{offset:#x}): not the next whole pages of the "
                                       f"{stream.total} bytes of present memory")
-            hashes.feed(received.sink.receive(sock, stream.take(length)))
+            placing.add(*received.sink.receive(sock, stream.take(length)))
             received.image_bytes += length
         elif kind == P.FRAME_CHUNKS and stream.position == stream.total \
                 and not received.final_metadata:
-            received.final_metadata = _receive_chunks(sock, received.metadata, hashes, length)
+            placing.wait()
+            received.final_metadata = _receive_chunks(sock, received.metadata,
+                                                      placing.hashes, length)
         elif kind == P.FRAME_FILE and with_files and received.final_metadata:
             if received.total_bytes + length > max_size:
                 raise P.ProtocolError(f"the VM and its files exceed --max-size ({max_size})")
@@ -269,6 +285,32 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
             return
         else:
             raise P.ProtocolError(f"unexpected frame of type {kind} ({length} bytes) here")
+
+
+class Placing:
+    """Memory frames put in their places and hashed in a background thread, one frame
+    behind the socket: the next frame is read (the socket read releases the GIL) while the
+    previous one is scattered (numpy releases it too) and hashed."""
+
+    def __init__(self, hashes: StreamChunkHashes):
+        self.hashes = hashes
+        self._job: BackgroundCall | None = None
+
+    def add(self, buffers: list, place: Callable[[], None] | None) -> None:
+        """Place and hash a frame once the previous one is done."""
+        self.wait()
+
+        def work() -> None:
+            if place is not None:
+                place()
+            self.hashes.feed(buffers)
+        self._job = BackgroundCall(work, "place-frame")
+
+    def wait(self) -> None:
+        """The frames added so far are placed and hashed."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()
 
 
 def _receive_chunks(sock: socket.socket, metadata: ImageMetadata, hashes: StreamChunkHashes,
@@ -340,7 +382,7 @@ class ImageFileSink:
     """Received memory goes into a new image file with no name yet; it becomes `output`
     only after the whole file has been checked like any image."""
 
-    STAGING = P.MAX_MEMORY_FRAME
+    STAGING = P.MAX_MEMORY_FRAME          # two of them: one is read into, one written out
 
     def __init__(self, output: str):
         self.output = output
@@ -353,22 +395,28 @@ class ImageFileSink:
         self.file = PendingFile(os.path.dirname(os.path.abspath(self.output)),
                                 os.path.basename(self.output))
         os.ftruncate(self.file.fd, metadata.file_size)
-        self._staging = mmap.mmap(-1, self.STAGING)
+        self._staging = mmap.mmap(-1, 2 * self.STAGING)
+        self._turn = 0
 
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) -> list:
-        """Into the staging buffer, then each run of pages to its place in the file."""
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) \
+            -> tuple[list, Callable[[], None]]:
+        """Into a staging buffer; then (`write`) each run of pages to its place in the file."""
         length = sum(len(numbers) for _, numbers in pieces) * PAGE_SIZE
-        staged = memoryview(self._staging)[:length]
+        start = self._turn * self.STAGING
+        self._turn ^= 1
+        staged = memoryview(self._staging)[start:start + length]
         P.recv_exact_into(sock, staged, "memory")
-        at = 0
-        for region, numbers in pieces:
-            base = self.metadata.region_data[region].data_offset
-            for position, first, count in runs(numbers):
-                pwrite_all(self.file.fd, staged[(at + position) * PAGE_SIZE:
-                                                (at + position + count) * PAGE_SIZE],
-                           base + first * PAGE_SIZE)
-            at += len(numbers)
-        return [staged]
+
+        def write() -> None:
+            at = 0
+            for region, numbers in pieces:
+                base = self.metadata.region_data[region].data_offset
+                for position, first, count in runs(numbers):
+                    pwrite_all(self.file.fd, staged[(at + position) * PAGE_SIZE:
+                                                    (at + position + count) * PAGE_SIZE],
+                               base + first * PAGE_SIZE)
+                at += len(numbers)
+        return [staged], write
 
     def finish(self, final_metadata: bytes) -> None:
         """Write the metadata with its chunk checksums (the memory was checked against them);
