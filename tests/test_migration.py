@@ -219,12 +219,13 @@ def _lab_stream(vmstate, example, directory):
     end frame)."""
     from array import array
     from vmstate.image.reader import Image
-    from vmstate.image.writer import image_metadata
+    from vmstate.image.writer import with_chunk_hashes
     assert vmstate("run", example("lab_app"), cwd=directory).returncode == 0
     image = (directory / "vm_image.sav").read_bytes()
     with Image(str(directory / "vm_image.sav")) as img:
         hashes = [d.chunk_hashes for d in img.region_data]
-        metadata = image_metadata(img.state, [array("Q", bytes(8 * len(h))) for h in hashes])
+        metadata = with_chunk_hashes(img.metadata(), [array("Q", bytes(8 * len(h)))
+                                                      for h in hashes])
         present = b"".join(image[d.data_offset + first * 4096:
                                  d.data_offset + (first + count) * 4096]
                            for d, region in zip(img.region_data, img.state.memory)

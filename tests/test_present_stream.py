@@ -4,12 +4,14 @@ as they go by, whatever the frame sizes (chunks split across frames) and the lay
 image's own checksums, so a changed byte shows in its chunk."""
 
 import random
+from array import array
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
-from strategies import LAYOUTS, layout_state, memory_views
-from vmstate.image.writer import plan_image
+from strategies import LAYOUTS, layout_state, memory_views, vm_states
+from vmstate.image.writer import plan_image, with_chunk_hashes
 from vmstate.migration.present_stream import (
     PresentStream, StreamChunkHashes, chunk_address, first_difference)
 from vmstate.migration.send import memory_frames
@@ -94,3 +96,16 @@ def test_one_changed_byte_shows_in_its_chunk(layout):
     region, chunk = first_difference(hashes, plan_hashes(plan))
     assert chunk_address(state.memory, region, chunk) == \
         int(present[position // PAGE_SIZE]) // 256 * (1 << 20)
+
+
+@settings(max_examples=50, deadline=None)
+@given(vm_states())
+def test_chunk_checksums_put_into_zeroed_metadata_give_the_image_metadata(drawn):
+    """What both ends do with the CHUNKS frame: the metadata sent with zero checksums, once
+    they are put in, is byte for byte the metadata of the image."""
+    state, contents = drawn
+    views = memory_views(contents)
+    image = plan_image(state, views)
+    zeros = [array("Q", bytes(8 * len(h))) for h in plan_hashes(image)]
+    sent = plan_image(state, views, zeros).metadata
+    assert with_chunk_hashes(sent, plan_hashes(image)) == image.metadata

@@ -27,7 +27,7 @@ from ..background import BackgroundCall
 from ..errors import FormatError, ImageError, describe_error
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata, checksum
-from ..image.writer import image_metadata, pwrite_all
+from ..image.writer import pwrite_all, with_chunk_hashes
 from ..mapping import close_mapping
 from ..rootfs import MODE_BITS, open_directory_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE
@@ -329,7 +329,7 @@ def _receive_chunks(sock: socket.socket, metadata: ImageMetadata, hashes: Stream
     if bad is not None:
         raise ImageError(f"guest memory {chunk_address(metadata.state.memory, *bad):#x} fails "
                          "its checksum: corrupted in transit", "stream")
-    return image_metadata(metadata.state, theirs)
+    return with_chunk_hashes(metadata.metadata(), theirs)
 
 
 def _receive_file(sock: socket.socket, received: Received, root_fd: int, length: int) -> int:

@@ -19,7 +19,7 @@ from linux_personality.paths import builtin_device
 from ..chunks import chunk_count
 from ..errors import ImageError
 from ..image.reader import checksum
-from ..image.writer import image_metadata, plan_image
+from ..image.writer import plan_image, with_chunk_hashes
 from ..progress import progress_bar
 from ..rootfs import open_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE, VmState
@@ -134,7 +134,7 @@ def send_vm(sock: socket.socket, state: VmState, region_views: list[memoryview],
             _send_file(sock, f)
         sent = len(plan.metadata) + stream.total
         P.send_frame(sock, P.FRAME_END, 0, P.END.pack(
-            checksum(image_metadata(state, hashes.hashes)), sent))
+            checksum(with_chunk_hashes(plan.metadata, hashes.hashes)), sent))
     except OSError as e:
         raise MigrationFailed(_early_reply(sock) or f"connection lost: {e.strerror or e}") \
             from None
