@@ -72,12 +72,11 @@ def _migrate(host: Host, arguments: dict) -> dict:
     if arguments.get("live"):
         return _migrate_live(hosted, target, address, arguments)
     hosted.vm.pause()
-    from vmstate.image.writer import plan_image
     from vmstate.migration.send import send_to
     state = hosted.vm.capture()
-    message = send_to(target, float(arguments.get("connect_timeout", 5)),
-                      plan_image(state, [hosted.vm.memory.view]), state,
-                      bool(arguments.get("with_files", False)), hosted.entry.root)
+    message = send_to(target, float(arguments.get("connect_timeout", 5)), state,
+                      [hosted.vm.memory.view], bool(arguments.get("with_files", False)),
+                      hosted.entry.root)
     host.end(hosted, Saved(f"migrated to {address}: {message}"))
     return {"description": message}
 

@@ -8,12 +8,13 @@ import mmap
 import os
 import socket
 import sys
+from typing import Callable
 
 import numpy as np
 
 from vmstate.errors import RestoreError, VmstateError, describe_error
 from vmstate.image.reader import ImageMetadata
-from vmstate.image.writer import plan_image, write_image
+from vmstate.image.writer import write_image
 from vmstate.migration import protocol as P
 from vmstate.migration.page_copy import runs, scatter
 from vmstate.migration.receive import (
@@ -37,8 +38,7 @@ def migrate_to(address: tuple[str, int], connect_timeout: float, with_files: boo
     says so in the error, so the VM's state survives."""
     def save(state: VmState, region_views: list[memoryview]) -> str:
         try:
-            plan = plan_image(state, region_views)
-            message = send_to(address, connect_timeout, plan, state, with_files, root)
+            message = send_to(address, connect_timeout, state, region_views, with_files, root)
             return f"migrated to {address[0]}:{address[1]}: {message}"
         except (Exception, KeyboardInterrupt) as e:     # whatever happened, keep the VM
             reason = describe_error(e)
@@ -57,7 +57,8 @@ class GuestMemorySink:
 
     def __init__(self):
         self.memory: GuestMemory | None = None
-        self._staging: mmap.mmap | None = None
+        self._staging: mmap.mmap | None = None     # two frames: one read, one scattered
+        self._turn = 0
         self.metadata: ImageMetadata | None = None
 
     def prepare(self, metadata: ImageMetadata) -> None:
@@ -84,24 +85,29 @@ class GuestMemorySink:
             raise RestoreError("the final state's memory is not the size announced")
         self.metadata = metadata
 
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) -> list:
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) \
+            -> tuple[list, Callable[[], None] | None]:
         """A frame of a few runs is read straight into their places in guest memory; one of
-        many short runs into a staging buffer, then scattered by numpy (a scattered read of a
-        thousand 4 KiB buffers per call costs more than the copy)."""
+        many short runs into one of two staging buffers, then (`place`) scattered by numpy (a
+        scattered read of a thousand 4 KiB buffers per call costs more than the copy)."""
         (_, numbers), = pieces                   # check_restorable: one region
         view = self.memory.view
         if np.count_nonzero(np.diff(numbers) != 1) < SCATTER_MAX_RUNS:
             places = [view[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
                       for _, first, count in runs(numbers)]
             P.recv_into_buffers(sock, list(places), "guest memory")
-            return places
+            return places, None
         if self._staging is None:
-            self._staging = mmap.mmap(-1, P.MAX_MEMORY_FRAME)
-        staged = memoryview(self._staging)[:len(numbers) * PAGE_SIZE]
+            self._staging = mmap.mmap(-1, 2 * P.MAX_MEMORY_FRAME)
+        start = self._turn * P.MAX_MEMORY_FRAME
+        self._turn ^= 1
+        staged = memoryview(self._staging)[start:start + len(numbers) * PAGE_SIZE]
         P.recv_exact_into(sock, staged, "guest memory")
-        pages = np.frombuffer(view, np.uint8).reshape(-1, PAGE_SIZE)
-        scatter(pages, numbers, np.frombuffer(staged, np.uint8).reshape(-1, PAGE_SIZE))
-        return [staged]
+
+        def place() -> None:
+            pages = np.frombuffer(view, np.uint8).reshape(-1, PAGE_SIZE)
+            scatter(pages, numbers, np.frombuffer(staged, np.uint8).reshape(-1, PAGE_SIZE))
+        return [staged], place
 
     def discard(self) -> None:
         if self.memory is not None:

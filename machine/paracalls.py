@@ -120,7 +120,6 @@ class ParaCalls:
     # -- 403 ------------------------------------------------------------------------------------
 
     def _migrate(self, address_addr: int) -> int | Outcome:
-        from vmstate.image.writer import plan_image
         from vmstate.migration.protocol import parse_address
         from vmstate.migration.send import send_to
         text = self.vm.memory.read_cstring(address_addr, ADDRESS_MAX).decode(errors="replace")
@@ -133,8 +132,7 @@ class ParaCalls:
         self.vm.settle(RESTORED)
         try:
             state = self.vm.capture()
-            message = send_to(address, self.connect_timeout,
-                              plan_image(state, [self.vm.memory.view]), state,
+            message = send_to(address, self.connect_timeout, state, [self.vm.memory.view],
                               self.with_files, self.vm.files.root)
         except (VmstateError, OSError) as e:
             print(f"vmstate: [{self.vm.name}] MIGRATE to {text} failed: {e}; the VM goes on",

@@ -336,7 +336,7 @@ def test_an_image_receiver_refuses_a_live_sender_clearly(vmstate, example, recei
     receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
     status, message = _send_raw(receiver.port, hello)
     assert status == P.STATUS_REFUSED
-    assert message == ("the sender speaks protocol 3.0-3.0, this receiver 2.0 (a live "
+    assert message == ("the sender speaks protocol 3.0-3.0, this receiver 2.1 (a live "
                        "migration needs vmstate receive --run)")
 
 

@@ -124,6 +124,33 @@ def test_fragmented_memory_arrives_byte_for_byte(vmstate, receivers, two_dirs, l
     assert (receiver_dir / "got.sav").read_bytes() == (sender_dir / "frag.sav").read_bytes()
 
 
+def test_sending_a_corrupt_image_stops_before_its_checksums(vmstate, receivers, two_dirs):
+    """The sender checks the image's memory against its checksums as it sends it: a changed
+    byte stops the stream before the CHUNKS frame, so the receiver keeps nothing."""
+    from strategies import layout_state, memory_views
+    from vmstate.image.reader import Image
+    from vmstate.image.writer import write_image
+    sender_dir, receiver_dir = two_dirs
+    state, contents = layout_state("random quarter", pages=8192)
+    path = sender_dir / "frag.sav"
+    write_image(str(path), state, memory_views(contents))
+    with Image(str(path)) as image:
+        first, _ = image.state.memory[0].present[100]
+        offset = image.region_data[0].data_offset + first * 4096 + 7
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+    receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
+    sent = vmstate("send", "frag.sav", f"127.0.0.1:{receiver.port}", cwd=sender_dir)
+    assert sent.returncode != 0
+    assert sent.stderr.decode() == (f"vmstate: {path.name}: guest memory {first // 256 << 20:#x} "
+                                    "fails its checksum (the memory is corrupt)\n")
+    receiver.read_log_until("rejected VM from 127.0.0.1")
+    assert sorted(p.name for p in receiver_dir.iterdir()) == []
+
+
 def test_fragmented_guest_migrates_and_runs(vmstate, example, receivers, two_dirs):
     """One page in four of 128 MiB: memory frames of thousands of runs, staged and copied
     into the new guest's memory, which then checks every page."""
@@ -168,7 +195,7 @@ def test_unreachable_receiver_leaves_the_state_in_a_local_image(vmstate, example
 
 # -- hostile streams: the receiver rejects each, keeps nothing, and serves the next -------------
 
-def _hello(image_size=1 << 20, lo=(2, 0), hi=(2, 0), magic=P.MAGIC, flags=0):
+def _hello(image_size=1 << 20, lo=(2, 1), hi=(2, 1), magic=P.MAGIC, flags=0):
     return P.HELLO.pack(magic, *lo, *hi, flags, image_size, 0)
 
 
@@ -188,18 +215,25 @@ def _frame(kind, offset, payload):
 
 def _lab_stream(vmstate, example, directory):
     """A saved lab VM as the frames an honest sender would send: (image bytes, metadata
-    frame, memory frames, end frame)."""
+    frame payload (every chunk checksum zero), the memory, the memory and chunks frames, the
+    end frame)."""
+    from array import array
     from vmstate.image.reader import Image
+    from vmstate.image.writer import with_chunk_hashes
     assert vmstate("run", example("lab_app"), cwd=directory).returncode == 0
     image = (directory / "vm_image.sav").read_bytes()
     with Image(str(directory / "vm_image.sav")) as img:
-        metadata = img.metadata()
+        hashes = [d.chunk_hashes for d in img.region_data]
+        metadata = with_chunk_hashes(img.metadata(), [array("Q", bytes(8 * len(h)))
+                                                      for h in hashes])
         present = b"".join(image[d.data_offset + first * 4096:
                                  d.data_offset + (first + count) * 4096]
                            for d, region in zip(img.region_data, img.state.memory)
                            for first, count in region.present)
-    memory = _frame(P.FRAME_MEMORY, 0, present)
-    end = _frame(P.FRAME_END, 0, P.END.pack(xxhash.xxh3_64_intdigest(metadata),
+        final = img.metadata()
+    memory = _frame(P.FRAME_MEMORY, 0, present) + \
+        _frame(P.FRAME_CHUNKS, 0, b"".join(h.tobytes() for h in hashes))
+    end = _frame(P.FRAME_END, 0, P.END.pack(xxhash.xxh3_64_intdigest(final),
                                             len(metadata) + len(present)))
     return image, metadata, present, memory, end
 
@@ -219,8 +253,8 @@ def test_hostile_stream_is_rejected_and_the_receiver_goes_on(vmstate, example, r
         "bad magic": ("bad magic", lambda: _raw_sender(port, _hello(magic=b"NOTVMST\0"))),
         "newer version": ("speaks protocol 3.0-3.0",
                           lambda: _raw_sender(port, _hello(lo=(3, 0), hi=(3, 0)))),
-        "older version": ("speaks protocol 1.0-1.0",
-                          lambda: _raw_sender(port, _hello(lo=(1, 0), hi=(1, 0)))),
+        "older version": ("speaks protocol 2.0-2.0, this receiver 2.1",
+                          lambda: _raw_sender(port, _hello(lo=(2, 0), hi=(2, 0)))),
         "too large": ("larger than --max-size", lambda: _raw_sender(port, _hello(200 << 20))),
         "wrong length": ("a table longer than the 100-byte metadata frame",
                          lambda: _raw_sender(port, good_hello,

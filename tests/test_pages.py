@@ -4,8 +4,8 @@ the bitmap (the fast decoder is checked against the byte-map one)."""
 from hypothesis import given, settings, strategies as st
 
 from vmstate.pages import (
-    NUMPY_MIN_PAGES, bits_from_runs, bytemap_from_bits, clip_runs, page_numbers, runs_from_bits,
-    runs_from_bytemap)
+    NUMPY_MIN_PAGES, bits_from_runs, bytemap_from_bits, bytemap_from_runs, clip_runs,
+    page_numbers, runs_from_bits, runs_from_bytemap)
 
 
 def _bitmaps():
@@ -61,6 +61,8 @@ def test_large_byte_maps_give_the_runs_of_their_non_zero_bytes(first, stretches,
             expected.append((start + offset, page - start))
             start = None
     assert runs_from_bytemap(bytemap, offset) == tuple(expected)
+    assert bytemap_from_runs(tuple(expected), len(bytemap) + offset)[offset:] == \
+        bytes(bool(value) for value in bytemap)
 
 
 def test_page_numbers_of_runs():
@@ -74,3 +76,15 @@ def test_clip_runs_keeps_the_pages_in_range(bitmap, first, end):
     bytemap = bytearray(bytemap_from_bits(bitmap, pages))
     expected = runs_from_bytemap(bytemap[first:end], first) if first < end else ()
     assert clip_runs(runs_from_bits(bitmap, pages), first, end) == expected
+
+
+def test_many_runs_round_trip_through_the_byte_map():
+    """Over NUMPY_MIN_RUNS runs (numpy paths both ways), the first and last page included."""
+    import random
+    rng = random.Random(9)
+    bytemap = bytes(rng.choice((0, 0, 1, 5)) for _ in range(NUMPY_MIN_PAGES + 999))
+    bytemap = b"\1" + bytemap[1:-1] + b"\1"
+    runs = runs_from_bytemap(bytemap)
+    assert len(runs) > 5000
+    assert bytemap_from_runs(runs, len(bytemap)) == bytes(bool(v) for v in bytemap)
+    assert page_numbers(runs).tolist() == [i for i, v in enumerate(bytemap) if v]

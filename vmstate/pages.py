@@ -4,6 +4,7 @@ Python-level work is per run, never per page."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 from bisect import bisect_left, bisect_right
 from math import inf
@@ -80,6 +81,14 @@ def bits_from_runs(runs: Runs, page_count: int) -> bytes:
 
 
 def bytemap_from_runs(runs: Runs, page_count: int) -> bytearray:
+    """The byte map of runs; more than NUMPY_MIN_RUNS runs are set by numpy in one step."""
+    if len(runs) > NUMPY_MIN_RUNS:
+        import numpy as np
+        table = _run_table(runs)
+        edges = np.zeros(page_count + 1, np.int32)      # +1 where a run starts, -1 after it
+        edges[table[:, 0]] += 1
+        edges[table[:, 0] + table[:, 1]] -= 1
+        return bytearray(np.cumsum(edges[:-1]).astype(np.uint8).tobytes())
     bytemap = bytearray(page_count)
     for first, count in runs:
         bytemap[first:first + count] = b"\x01" * count
@@ -109,6 +118,7 @@ def runs_from_bytemap(bytemap, offset: int = 0) -> Runs:
 
 _NONZERO_TO_ONE = bytes([0] + [1] * 255)
 NUMPY_MIN_PAGES = 1 << 15
+NUMPY_MIN_RUNS = 1024
 
 
 def page_numbers(runs: Runs):
@@ -116,10 +126,17 @@ def page_numbers(runs: Runs):
     import numpy as np
     if not runs:
         return np.zeros(0, np.int64)
-    table = np.array(runs, np.int64).reshape(-1, 2)
+    table = _run_table(runs)
     firsts, counts = table[:, 0], table[:, 1]
     starts = np.cumsum(counts) - counts              # where each run begins in the result
     return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(firsts - starts, counts)
+
+
+def _run_table(runs: Runs):
+    """Runs as an (n, 2) int64 numpy array."""
+    import numpy as np
+    return np.fromiter(itertools.chain.from_iterable(runs), np.int64,
+                       2 * len(runs)).reshape(-1, 2)
 
 
 def _runs_by_numpy(bytemap, offset: int) -> Runs:
@@ -129,7 +146,13 @@ def _runs_by_numpy(bytemap, offset: int) -> Runs:
     edges = np.concatenate(([0] if present[0] else [], edges,
                             [len(present)] if present[-1] else [])).astype(np.int64)
     starts, ends = edges[0::2], edges[1::2]
-    return tuple(zip((starts + offset).tolist(), (ends - starts).tolist()))
+    collecting = gc.isenabled()
+    gc.disable()            # tuples of ints make no cycles: no collection for each 700 of them
+    try:
+        return tuple(zip((starts + offset).tolist(), (ends - starts).tolist()))
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def merge_runs(runs: Runs) -> Runs:

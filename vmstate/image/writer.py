@@ -108,6 +108,30 @@ def plan_image(state: VmState, region_views: list[memoryview],
     return ImagePlan(bytes(body), tuple(regions), file_size)
 
 
+def with_chunk_hashes(metadata: bytes, chunk_hashes: list[array]) -> bytes:
+    """Image metadata (a checked one, or plan_image's) with region i's chunk checksums
+    replaced by chunk_hashes[i], and the checksums over them (its section's, the table's,
+    the header's) computed again; nothing else is re-encoded, so it costs the same whatever
+    the memory's layout."""
+    body = bytearray(metadata)
+    fields = list(L.HEADER.unpack_from(body))
+    count, table = fields[4], fields[6]
+    for i in range(count):
+        at = table + i * L.SECTION_ENTRY.size
+        kind, flags, instance, offset, size, _ = L.SECTION_ENTRY.unpack_from(body, at)
+        if kind != L.MEMORY_REGION:
+            continue
+        hashes = chunk_hashes[instance].tobytes()
+        body[offset + size - len(hashes):offset + size] = hashes
+        L.SECTION_ENTRY.pack_into(body, at, kind, flags, instance, offset, size,
+                                  checksum(body[offset:offset + size]))
+    fields[8] = checksum(body[table:table + count * L.SECTION_ENTRY.size])
+    header = L.HEADER.pack(*fields)
+    body[:L.HEADER.size] = header[:L.HEADER_HASHED] + \
+        checksum(header[:L.HEADER_HASHED]).to_bytes(8, "little")
+    return bytes(body)
+
+
 def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:

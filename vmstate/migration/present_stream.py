@@ -1,31 +1,32 @@
-"""The memory of a cold migration (protocol 2.0) as the receiver sees it: the present pages of
-every region in file order, one stream of bytes that memory frames carry in consecutive
-pieces.
+"""The memory of a cold migration (protocol 2.1): the present pages of every region in file
+order, one stream of bytes that memory frames carry in consecutive pieces.
 
 `PresentStream.take` says which pages a piece fills, as arrays of page numbers (numpy), so
-placing a frame costs the same whatever the number of runs in it. `ChunkCheck` verifies the
-image's chunk checksums (vmstate/chunks.py) as the bytes arrive: a chunk's present pages are
-consecutive in the stream, so its checksum is XXH3-64 of one stretch of the stream, taken
-from the frames' contiguous buffers (a few hash calls per frame, none per run) while they are
-still in the cache, and a corrupted chunk is refused as soon as its last byte has arrived."""
+placing a frame costs the same whatever the number of runs in it. `StreamChunkHashes` computes
+the image's chunk checksums (vmstate/chunks.py) from the stream as it goes by, on both ends: a
+chunk's present pages are consecutive in the stream, so its checksum is XXH3-64 of one stretch
+of the stream, taken from the frames' contiguous buffers while they are in the cache (a few
+hash calls per frame, none per run). The sender sends its checksums after the memory (the
+CHUNKS frame) and the receiver compares them with its own, so neither end hashes before or
+after the transfer."""
 
 from __future__ import annotations
+
+from array import array
 
 import numpy as np
 import xxhash
 
 from ..chunks import CHUNK_PAGES, EMPTY, chunk_count
-from ..errors import ImageError
-from ..image.reader import ImageMetadata
 from ..pages import page_numbers
-from ..state import PAGE_SIZE
+from ..state import PAGE_SIZE, MemoryRegion
 
 
 class PresentStream:
     """Which pages of which region each next piece of the stream fills."""
 
-    def __init__(self, metadata: ImageMetadata):
-        self.regions = [page_numbers(region.present) for region in metadata.state.memory]
+    def __init__(self, regions: tuple[MemoryRegion, ...]):
+        self.regions = [page_numbers(region.present) for region in regions]
         self.starts = np.cumsum([0] + [len(n) for n in self.regions])   # in pages, per region
         self.total = int(self.starts[-1]) * PAGE_SIZE
         self.position = 0
@@ -43,31 +44,23 @@ class PresentStream:
         return pieces
 
 
-class ChunkCheck:
-    """Each chunk checksum of the image metadata, compared as the stream's bytes arrive."""
+class StreamChunkHashes:
+    """Each region's chunk checksums, computed from the stream's bytes in order."""
 
-    def __init__(self, metadata: ImageMetadata, stream: PresentStream):
-        self.metadata = metadata
-        ends, expected, where = [], [], []        # per chunk with present pages, in order
-        for index, (region, data) in enumerate(zip(metadata.state.memory, metadata.region_data)):
-            numbers = stream.regions[index]
-            chunks = chunk_count(region.size // PAGE_SIZE)
-            hashes = np.frombuffer(data.chunk_hashes, np.uint64)
+    def __init__(self, stream: PresentStream, regions: tuple[MemoryRegion, ...]):
+        self.hashes = [array("Q", [EMPTY]) * chunk_count(region.size // PAGE_SIZE)
+                       for region in regions]
+        ends, where = [], []                  # per chunk with present pages, in stream order
+        for index, numbers in enumerate(stream.regions):
+            chunks = len(self.hashes[index])
             bounds = np.searchsorted(numbers, np.arange(chunks + 1) * CHUNK_PAGES)
             present = np.flatnonzero(bounds[1:] > bounds[:-1])
-            empty = np.ones(chunks, bool)
-            empty[present] = False
-            if np.any(hashes[empty] != np.uint64(EMPTY)):
-                self._fail(index, int(np.flatnonzero(empty & (hashes != np.uint64(EMPTY)))[0]))
-            ends.append((bounds[present + 1] + int(stream.starts[index])) * PAGE_SIZE)
-            expected.append(hashes[present])
-            where += [(index, int(chunk)) for chunk in present]
-        self.ends = np.concatenate(ends).tolist() if ends else []
-        self.expected = np.concatenate(expected).tolist() if expected else []
-        self.where = where
-        self.next = 0                              # the chunk the stream is in
+            ends += ((bounds[present + 1] + int(stream.starts[index])) * PAGE_SIZE).tolist()
+            where += [(index, chunk) for chunk in present.tolist()]
+        self.ends, self.where = ends, where
+        self.next = 0                         # the chunk the stream is in
         self.position = 0
-        self._hasher = None                        # the next chunk's bytes so far, if split
+        self._hasher = None                   # that chunk's bytes so far, if it is split
 
     def feed(self, pieces) -> None:
         """The next bytes of the stream, as contiguous buffers in stream order."""
@@ -87,17 +80,23 @@ class ChunkCheck:
                 else:
                     self._hasher.update(part)
                     digest, self._hasher = self._hasher.intdigest(), None
-                if digest != self.expected[self.next]:
-                    self._fail(*self.where[self.next])
+                region, chunk = self.where[self.next]
+                self.hashes[region][chunk] = digest
                 self.next += 1
 
-    def finish(self) -> None:
-        """Every chunk has been checked (the stream is complete)."""
-        if self.next != len(self.ends):
-            raise ImageError("guest memory ended before its last chunk", "stream")
+    @property
+    def complete(self) -> bool:
+        return self.next == len(self.ends)
 
-    def _fail(self, region: int, chunk: int):
-        gpa = self.metadata.state.memory[region].guest_phys_addr + \
-            chunk * CHUNK_PAGES * PAGE_SIZE
-        raise ImageError(f"guest memory {gpa:#x} fails its checksum: corrupted in transit",
-                         "stream")
+
+def first_difference(ours: list[array], theirs: list[array]) -> tuple[int, int] | None:
+    """(region, chunk) of the first checksum that differs; None if all agree."""
+    for region, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return region, next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return None
+
+
+def chunk_address(regions: tuple[MemoryRegion, ...], region: int, chunk: int) -> int:
+    """The guest physical address where a chunk starts."""
+    return regions[region].guest_phys_addr + chunk * CHUNK_PAGES * PAGE_SIZE

@@ -1,13 +1,19 @@
-"""The migration wire protocol, format 2.0: structures declared once, and framed socket I/O.
+"""The migration wire protocol, format 2.1: structures declared once, and framed socket I/O.
 
     sender                                     receiver
       HELLO  (magic, versions, flags, image size)  ->
                                                <-  REPLY (0: go on | refusal and reason)
-      FRAME IMAGE (offset 0: image metadata)       ->
+      FRAME IMAGE (offset 0: image metadata,       ->
+                   every chunk checksum zero)
       FRAME MEMORY (the present pages, in order)   ->   straight into guest memory / the file
+      FRAME CHUNKS (the chunk checksums)           ->   compared with the receiver's own
       FRAME FILE  (with --with-files)              ->
       FRAME END   (metadata digest, byte count)    ->
                                                <-  REPLY (0: verified and stored or started)
+
+Both ends compute the chunk checksums from the memory frames as they go by
+(present_stream.py), so neither hashes guest memory before or after the transfer; 2.0 sent
+them in the metadata, before the memory, and is refused.
 
 Version 3.0 (live migration, receive --run only) keeps HELLO, REPLY and the frame header; the
 header's offset field holds XXH3-64 of the frame's payload, and the frames are LAYOUT, rounds
@@ -24,7 +30,7 @@ import struct
 from ..errors import VmstateError, shorten
 
 MAGIC = b"VMSTMIG\0"
-VERSION_MAJOR, VERSION_MINOR = 2, 0
+VERSION_MAJOR, VERSION_MINOR = 2, 1
 LIVE_VERSION = (3, 0)                     # live migration (pre-copy)
 HELLO = struct.Struct("<8sHHHHIQI")       # magic, min major, min minor, max major, max minor,
                                           # flags, image size (bytes of the image file), reserved
@@ -32,10 +38,12 @@ FLAG_WITH_FILES = 0x1
 FRAME = struct.Struct("<HHIQQ")           # type, flags, reserved, offset, length; payload follows
 REPLY = struct.Struct("<II")              # status, message length; UTF-8 message follows
 FILE_HEADER = struct.Struct("<IIQQ")      # path length, mode, content length, XXH3-64 of content
-END = struct.Struct("<QQ")                # XXH3-64 of the image metadata, image bytes sent
+END = struct.Struct("<QQ")                # XXH3-64 of the image metadata with its chunk
+                                          # checksums, metadata frame + memory bytes sent
 
 FRAME_IMAGE, FRAME_FILE, FRAME_END, FRAME_MEMORY = 1, 2, 3, 4
 FRAME_LAYOUT, FRAME_PAGES, FRAME_STATE, FRAME_SYNC = 5, 6, 7, 8     # protocol 3.0
+FRAME_CHUNKS = 9                          # 2.1: u64 chunk checksums of every region, in order
 LAYOUT_REGION = struct.Struct("<QQ")      # 3.0 LAYOUT payload, per region: guest physical, size
 PAGE_NUMBER = struct.Struct("<Q")         # 3.0 PAGES payload: page numbers, then the pages
 LIVE_END = struct.Struct("<QQQ")          # 3.0 END: frames before it, their payload bytes,

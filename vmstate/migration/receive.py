@@ -3,7 +3,8 @@ and every length and offset against the VM's own metadata, verify everything, an
 keep the VM.
 
 Memory goes from the socket straight to where it will live: the new VM's memory (--run) or
-the image file (-o), and its chunk checksums are verified as it arrives (present_stream.py).
+the image file (-o); its chunk checksums are computed as it arrives (present_stream.py) and
+compared with the sender's, which follow it.
 Guest files carried with --with-files have no name until the whole VM has been verified."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -21,17 +23,18 @@ import numpy as np
 import xxhash
 
 from ..atomic import PendingFile
-from ..errors import FormatError, describe_error
+from ..background import BackgroundCall
+from ..errors import FormatError, ImageError, describe_error
 from ..image import layout as L
-from ..image.reader import Image, ImageMetadata
-from ..image.writer import pwrite_all
+from ..image.reader import Image, ImageMetadata, checksum
+from ..image.writer import pwrite_all, with_chunk_hashes
 from ..mapping import close_mapping
 from ..rootfs import MODE_BITS, open_directory_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE
 from ..validate import is_inside_root
 from . import protocol as P
 from .page_copy import runs
-from .present_stream import ChunkCheck, PresentStream
+from .present_stream import PresentStream, StreamChunkHashes, chunk_address, first_difference
 
 HELLO_TIMEOUT = 3.0          # seconds from the connection to a complete hello
 START_GRACE = 3.0            # seconds of slack before the stream must keep up with --min-rate
@@ -102,10 +105,13 @@ class MemorySink(Protocol):
 
     def prepare(self, metadata: ImageMetadata) -> None: ...
 
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) -> list:
-        """Read the next pages of the stream, `pieces` (region index, its page numbers), to
-        their places; returns the bytes read as contiguous buffers in stream order, valid
-        until the next call (their chunk checksums are taken from them)."""
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) \
+            -> tuple[list, Callable[[], None] | None]:
+        """Read the next pages of the stream, `pieces` (region index, its page numbers):
+        returns the bytes read, as contiguous buffers in stream order (their chunk checksums
+        are taken from them), and what puts them in their places if the read did not (run
+        in another thread while the next frame is read). The buffers must stay valid until
+        the next call but one."""
 
     def discard(self) -> None: ...
 
@@ -123,6 +129,7 @@ class Received:
     files: list[ReceivedFile] = field(default_factory=list)
     image_bytes: int = 0
     file_bytes: int = 0
+    final_metadata: bytes = b""         # the metadata with the sender's chunk checksums
 
     @property
     def total_bytes(self) -> int:
@@ -230,10 +237,20 @@ def _receive_metadata_bytes(sock: socket.socket, length: int) -> bytes:
 
 def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_files: bool,
                     max_size: int) -> None:
-    """Memory frames in order (each checked as it arrives), then guest files, then the end
-    frame."""
-    stream = PresentStream(received.metadata)
-    check = ChunkCheck(received.metadata, stream)
+    """Memory frames in order (hashed as they arrive), the chunk checksums, guest files,
+    then the end frame."""
+    stream = PresentStream(received.metadata.state.memory)
+    placing = Placing(StreamChunkHashes(stream, received.metadata.state.memory))
+    try:
+        _receive_frames_in_order(sock, received, root_fd, with_files, max_size, stream,
+                                 placing)
+    finally:
+        placing.wait()
+
+
+def _receive_frames_in_order(sock: socket.socket, received: Received, root_fd: int,
+                             with_files: bool, max_size: int, stream: PresentStream,
+                             placing: Placing) -> None:
     while True:
         kind, offset, length = _frame(sock)
         if kind == P.FRAME_MEMORY:
@@ -242,9 +259,14 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
                 raise P.ProtocolError(f"unexpected memory frame ({length} bytes at stream offset "
                                       f"{offset:#x}): not the next whole pages of the "
                                       f"{stream.total} bytes of present memory")
-            check.feed(received.sink.receive(sock, stream.take(length)))
+            placing.add(*received.sink.receive(sock, stream.take(length)))
             received.image_bytes += length
-        elif kind == P.FRAME_FILE and with_files and stream.position == stream.total:
+        elif kind == P.FRAME_CHUNKS and stream.position == stream.total \
+                and not received.final_metadata:
+            placing.wait()
+            received.final_metadata = _receive_chunks(sock, received.metadata,
+                                                      placing.hashes, length)
+        elif kind == P.FRAME_FILE and with_files and received.final_metadata:
             if received.total_bytes + length > max_size:
                 raise P.ProtocolError(f"the VM and its files exceed --max-size ({max_size})")
             _receive_file(sock, received, root_fd, length)
@@ -253,15 +275,61 @@ def _receive_frames(sock: socket.socket, received: Received, root_fd: int, with_
             if length != P.END.size:
                 raise P.ProtocolError(f"end frame of {length} bytes (expected {P.END.size})")
             digest, sent = P.END.unpack(P.recv_exact(sock, P.END.size, "the end frame"))
-            if stream.position != stream.total:
+            if stream.position != stream.total or not received.final_metadata:
                 raise P.ProtocolError(f"the stream ended after {stream.position} of "
-                                      f"{stream.total} bytes of memory: truncated stream")
-            check.finish()
-            if digest != received.metadata.digest() or sent != received.image_bytes:
+                                      f"{stream.total} bytes of memory"
+                                      f"{'' if received.final_metadata else ', no checksums'}: "
+                                      "truncated stream")
+            if digest != checksum(received.final_metadata) or sent != received.image_bytes:
                 raise P.ProtocolError("the end frame does not match what was received")
             return
         else:
             raise P.ProtocolError(f"unexpected frame of type {kind} ({length} bytes) here")
+
+
+class Placing:
+    """Memory frames put in their places and hashed in a background thread, one frame
+    behind the socket: the next frame is read (the socket read releases the GIL) while the
+    previous one is scattered (numpy releases it too) and hashed."""
+
+    def __init__(self, hashes: StreamChunkHashes):
+        self.hashes = hashes
+        self._job: BackgroundCall | None = None
+
+    def add(self, buffers: list, place: Callable[[], None] | None) -> None:
+        """Place and hash a frame once the previous one is done."""
+        self.wait()
+
+        def work() -> None:
+            if place is not None:
+                place()
+            self.hashes.feed(buffers)
+        self._job = BackgroundCall(work, "place-frame")
+
+    def wait(self) -> None:
+        """The frames added so far are placed and hashed."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()
+
+
+def _receive_chunks(sock: socket.socket, metadata: ImageMetadata, hashes: StreamChunkHashes,
+                    length: int) -> bytes:
+    """The sender's chunk checksums, compared with those of the memory received; returns the
+    image metadata that carries them."""
+    if length != sum(8 * len(h) for h in hashes.hashes):
+        raise P.ProtocolError(f"a chunks frame of {length} bytes; the metadata has "
+                              f"{sum(len(h) for h in hashes.hashes)} chunks of 8 bytes")
+    data = P.recv_exact(sock, length, "the chunk checksums")
+    theirs, at = [], 0
+    for ours in hashes.hashes:
+        theirs.append(array("Q", data[at:at + 8 * len(ours)]))
+        at += 8 * len(ours)
+    bad = first_difference(hashes.hashes, theirs)
+    if bad is not None:
+        raise ImageError(f"guest memory {chunk_address(metadata.state.memory, *bad):#x} fails "
+                         "its checksum: corrupted in transit", "stream")
+    return with_chunk_hashes(metadata.metadata(), theirs)
 
 
 def _receive_file(sock: socket.socket, received: Received, root_fd: int, length: int) -> int:
@@ -314,7 +382,7 @@ class ImageFileSink:
     """Received memory goes into a new image file with no name yet; it becomes `output`
     only after the whole file has been checked like any image."""
 
-    STAGING = P.MAX_MEMORY_FRAME
+    STAGING = P.MAX_MEMORY_FRAME          # two of them: one is read into, one written out
 
     def __init__(self, output: str):
         self.output = output
@@ -327,26 +395,33 @@ class ImageFileSink:
         self.file = PendingFile(os.path.dirname(os.path.abspath(self.output)),
                                 os.path.basename(self.output))
         os.ftruncate(self.file.fd, metadata.file_size)
-        pwrite_all(self.file.fd, metadata.metadata(), 0)
-        self._staging = mmap.mmap(-1, self.STAGING)
+        self._staging = mmap.mmap(-1, 2 * self.STAGING)
+        self._turn = 0
 
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) -> list:
-        """Into the staging buffer, then each run of pages to its place in the file."""
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) \
+            -> tuple[list, Callable[[], None]]:
+        """Into a staging buffer; then (`write`) each run of pages to its place in the file."""
         length = sum(len(numbers) for _, numbers in pieces) * PAGE_SIZE
-        staged = memoryview(self._staging)[:length]
+        start = self._turn * self.STAGING
+        self._turn ^= 1
+        staged = memoryview(self._staging)[start:start + length]
         P.recv_exact_into(sock, staged, "memory")
-        at = 0
-        for region, numbers in pieces:
-            base = self.metadata.region_data[region].data_offset
-            for position, first, count in runs(numbers):
-                pwrite_all(self.file.fd, staged[(at + position) * PAGE_SIZE:
-                                                (at + position + count) * PAGE_SIZE],
-                           base + first * PAGE_SIZE)
-            at += len(numbers)
-        return [staged]
 
-    def verify(self) -> None:
-        """The file reads back as an image (its memory was checked as it arrived)."""
+        def write() -> None:
+            at = 0
+            for region, numbers in pieces:
+                base = self.metadata.region_data[region].data_offset
+                for position, first, count in runs(numbers):
+                    pwrite_all(self.file.fd, staged[(at + position) * PAGE_SIZE:
+                                                    (at + position + count) * PAGE_SIZE],
+                               base + first * PAGE_SIZE)
+                at += len(numbers)
+        return [staged], write
+
+    def finish(self, final_metadata: bytes) -> None:
+        """Write the metadata with its chunk checksums (the memory was checked against them);
+        the file must read back as an image."""
+        pwrite_all(self.file.fd, final_metadata, 0)
         with Image(f"/proc/self/fd/{self.file.fd}") as image:
             image.path = "the received image"
 
@@ -476,7 +551,7 @@ def store_received(connection: Connection, root: str, output: str, max_size: int
         received = receive_vm(connection.sock, sink, root_fd, max_size)
         print(f"Received {received.total_bytes} bytes", file=log, flush=True)
         try:
-            sink.verify()
+            sink.finish(received.final_metadata)
             _refuse_files_over_the_image(sink, received)
             where = sink.keep()
             commit_files(received)

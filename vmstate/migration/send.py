@@ -8,21 +8,28 @@ import socket
 import stat
 import sys
 import time
+from array import array
 from dataclasses import dataclass
 
+import numpy as np
 import xxhash
 
 from linux_personality.paths import builtin_device
 
+from ..chunks import chunk_count
+from ..errors import ImageError
 from ..image.reader import checksum
-from ..image.writer import ImagePlan
+from ..image.writer import plan_image, with_chunk_hashes
 from ..progress import progress_bar
 from ..rootfs import open_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE, VmState
 from . import protocol as P
+from .page_copy import runs
+from .present_stream import PresentStream, StreamChunkHashes, chunk_address, first_difference
 
 REPLY_TIMEOUT = 600          # the receiver verifies the whole VM before it answers
 RETRY_INTERVAL = 1.0
+IN_PLACE_MAX_RUNS = 64       # a frame of pages in fewer runs is sent from guest memory itself
 
 
 class MigrationFailed(P.ProtocolError):
@@ -66,14 +73,16 @@ def close_files(files: list[GuestFile]) -> None:
         os.close(f.host_fd)
 
 
-def send_to(address: tuple[str, int], connect_timeout: float, plan: ImagePlan, state: VmState,
-            with_files: bool, root: str) -> str:
+def send_to(address: tuple[str, int], connect_timeout: float, state: VmState,
+            region_views: list[memoryview], with_files: bool, root: str,
+            image: tuple[str, list] | None = None) -> str:
     """Connect and send the VM (with its open files' contents if `with_files`); returns the
-    receiver's confirmation."""
+    receiver's confirmation. `image`: the path and chunk checksums of the image the memory
+    comes from, checked as it is sent."""
     files = guest_files(state, root) if with_files else []
     try:
         with connect(address, connect_timeout) as sock:
-            return send_vm(sock, plan, files)
+            return send_vm(sock, state, region_views, files, image)
     finally:
         close_files(files)
 
@@ -94,8 +103,15 @@ def connect(address: tuple[str, int], timeout: float, log=sys.stderr) -> socket.
             time.sleep(RETRY_INTERVAL)
 
 
-def send_vm(sock: socket.socket, plan: ImagePlan, files: list[GuestFile]) -> str:
-    """Stream one VM; returns the receiver's message once it has verified and kept the VM."""
+def send_vm(sock: socket.socket, state: VmState, region_views: list[memoryview],
+            files: list[GuestFile], image: tuple[str, list] | None = None) -> str:
+    """Stream one VM; returns the receiver's message once it has verified and kept the VM.
+    The chunk checksums are computed from the memory frames as they go (none before)."""
+    unhashed = [array("Q", bytes(8 * chunk_count(region.size // PAGE_SIZE)))
+                for region in state.memory]
+    plan = plan_image(state, region_views, unhashed)
+    stream = PresentStream(state.memory)
+    hashes = StreamChunkHashes(stream, state.memory)
     try:
         flags = P.FLAG_WITH_FILES if files else 0
         sock.sendall(P.HELLO.pack(P.MAGIC, P.VERSION_MAJOR, P.VERSION_MINOR, P.VERSION_MAJOR,
@@ -104,21 +120,33 @@ def send_vm(sock: socket.socket, plan: ImagePlan, files: list[GuestFile]) -> str
         if status != P.STATUS_OK:
             raise MigrationFailed(f"the receiver refused the VM: {message}")
         P.send_frame(sock, P.FRAME_IMAGE, 0, plan.metadata)
-        with progress_bar("sending memory", plan.memory_bytes) as advance:
-            for position, buffers, length in memory_frames(plan.regions):
-                # gathered straight from the guest's memory, a few system calls per frame
+        with progress_bar("sending memory", stream.total) as advance:
+            for position, buffers, length in memory_frames(stream, region_views):
+                hashes.feed(buffers)
                 P.send_buffers(sock, [memoryview(P.FRAME.pack(P.FRAME_MEMORY, 0, 0, position,
                                                               length)), *buffers])
                 if advance is not None:
                     advance(length)
+        if image is not None:
+            _check_image(state, hashes.hashes, *image)
+        P.send_frame(sock, P.FRAME_CHUNKS, 0, b"".join(h.tobytes() for h in hashes.hashes))
         for f in files:
             _send_file(sock, f)
-        sent = len(plan.metadata) + plan.memory_bytes
-        P.send_frame(sock, P.FRAME_END, 0, P.END.pack(checksum(plan.metadata), sent))
+        sent = len(plan.metadata) + stream.total
+        P.send_frame(sock, P.FRAME_END, 0, P.END.pack(
+            checksum(with_chunk_hashes(plan.metadata, hashes.hashes)), sent))
     except OSError as e:
         raise MigrationFailed(_early_reply(sock) or f"connection lost: {e.strerror or e}") \
             from None
     return acknowledgement(sock)
+
+
+def _check_image(state: VmState, computed: list, path: str, known: list) -> None:
+    """The memory sent is what the image's checksums say (else the image is corrupt)."""
+    bad = first_difference(computed, known)
+    if bad is not None:
+        raise ImageError(f"guest memory {chunk_address(state.memory, *bad):#x} fails its "
+                         "checksum (the memory is corrupt)", path)
 
 
 def acknowledgement(sock: socket.socket) -> str:
@@ -133,23 +161,29 @@ def acknowledgement(sock: socket.socket) -> str:
     return message
 
 
-def memory_frames(regions, frame_bytes: int = P.MEMORY_FRAME):
-    """The present pages of every region (RegionMemory) in order, as memory frames:
-    (stream position, buffers, length), each frame `frame_bytes` long but the last."""
-    position, buffers, length = 0, [], 0
-    for region in regions:
-        view = region.view
-        for first, count in region.runs:
-            start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-            while start < end:
-                n = min(end - start, frame_bytes - length)
-                buffers.append(view[start:start + n])
-                length, start = length + n, start + n
-                if length == frame_bytes:
-                    yield position, buffers, length
-                    position, buffers, length = position + length, [], 0
-    if length:
-        yield position, buffers, length
+def memory_frames(stream: PresentStream, region_views: list[memoryview],
+                  frame_bytes: int = P.MEMORY_FRAME):
+    """The present pages of every region in order, as memory frames: (stream position,
+    buffers, length), `frame_bytes` long but a region's last. A frame whose pages lie in a few
+    runs is sent from guest memory itself; one of many runs is gathered by numpy into one of
+    two buffers (valid until the next frame but one)."""
+    frame_pages = frame_bytes // PAGE_SIZE
+    gathered = [np.empty((frame_pages, PAGE_SIZE), np.uint8) for _ in range(2)]
+    position = 0
+    for index, numbers in enumerate(stream.regions):
+        view = region_views[index]
+        for start in range(0, len(numbers), frame_pages):
+            frame = numbers[start:start + frame_pages]
+            if np.count_nonzero(np.diff(frame) != 1) < IN_PLACE_MAX_RUNS:
+                buffers = [view[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+                           for _, first, count in runs(frame)]
+            else:
+                out = gathered[start // frame_pages % 2][:len(frame)]
+                pages = np.frombuffer(view, np.uint8).reshape(-1, PAGE_SIZE)
+                np.take(pages, frame, axis=0, out=out)
+                buffers = [memoryview(out).cast("B")]
+            yield position, buffers, len(frame) * PAGE_SIZE
+            position += len(frame) * PAGE_SIZE
 
 
 def _early_reply(sock: socket.socket) -> str | None:
@@ -190,10 +224,7 @@ def send_image(path: str, address: tuple[str, int], with_files: bool, root: str,
                connect_timeout: float) -> str:
     """`vmstate send`: an existing image, checked first, to a receiver."""
     from ..image.reader import Image
-    from ..image.writer import plan_image
     with Image(path) as image:
-        image.verify_memory()           # so its chunk checksums are those of these bytes
-        plan = plan_image(image.state,
-                          [image.region_view(i) for i in range(len(image.state.memory))],
-                          [data.chunk_hashes for data in image.region_data])
-        return send_to(address, connect_timeout, plan, image.state, with_files, root)
+        return send_to(address, connect_timeout, image.state,
+                       [image.region_view(i) for i in range(len(image.state.memory))],
+                       with_files, root, (path, [data.chunk_hashes for data in image.region_data]))
