@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 
+from linux_personality import vdso
 from linux_personality.address_space import UserAddressSpace
 from vmstate.errors import ProgramError
 
@@ -91,6 +92,7 @@ def load_new_program(vm, host_path: str, argv: list[str], envp: list[str]):
                                    old.user_end)
     for addr, data in machine.page_tables(memory.size, space.guard_page):   # no mprotect left
         memory.write_phys(addr, data)
+    memory.write_phys(machine.VDSO_ADDR, vdso.IMAGE)    # also into a VM restored from before it
     load_program(program, memory, space.state.mmap_top)
     rsp = build_stack(memory, program, argv, space.stack_top, envp)
     vm.address_space = space

@@ -17,7 +17,7 @@ from vmstate.state import PAGE_SIZE
 from . import machine
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-PT_POOL_START, PT_POOL_END = 0x57000, machine.DOORBELL_VA
+PT_POOL_START, PT_POOL_END = 0x57000, machine.VDSO_ADDR
 ENTRY = struct.Struct("<Q")
 USER_RW = PTE_P | PTE_RW | PTE_US
 FLUSH_SLOT, FLUSH_GPA = 1, machine.MAX_MEMORY + (1 << 30)   # far from memory and the doorbell
