@@ -50,14 +50,14 @@ def load_guest(vm, program: Program, argv: list[str], root: str, options: GuestO
     memory.set_user_range(machine.USER_START, vm.address_space.state.user_end)
     load_program(program, memory, vm.address_space.state.mmap_top)
     rsp = build_stack(memory, program, argv, vm.address_space.stack_top)
-    vm.files = FileTable.with_stdio(root, options.max_fds)
+    vm.files = FileTable.with_stdio(root, options.limits.max_fds)
     try:
         vm.files.namespace.enter(options.cwd)
     except OSError as e:
         raise ProgramError(f"--cwd {options.cwd}: {e.strerror} (inside the guest root "
                            f"{root})") from None
     vm.identity = Identity(hostname=options.hostname)
-    vm.max_file_size = options.max_file_size
+    vm.limits = options.limits
     vm.program, vm.argv = program.path, tuple(argv)
     vm.name = os.path.basename(program.path)
     return rsp

@@ -20,7 +20,8 @@ import numpy as np
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
 from vmstate.pages import bytemap_from_runs, runs_from_bytemap
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
+from vmstate.state import (
+    PAGE_SIZE, GuestLimits, MemoryRegion, PendingCall, VcpuState, VmmState, VmState)
 
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested)
@@ -133,7 +134,7 @@ class VirtualMachine:
         self.program, self.argv = "", ()
         self.identity = Identity()
         self.signals = SignalState()
-        self.max_file_size: int | None = None
+        self.limits = GuestLimits()           # what the user capped the guest at
         self.forked_child = False             # this VMM process runs a guest's fork child
         self._msrs: list[int] | None = None
         self._flush_page: mmap.mmap | None = None
@@ -182,8 +183,9 @@ class VirtualMachine:
             vcpu = state.vcpus[0]
             vm.star = vcpu.msr(x86.MSR_STAR, machine.STAR)
             vm.refused_msrs = vcpu_state.apply(vm.vcpu, vcpu)
-            vm.files, vm.identity, vm.signals = snapshot.restore(root, state.vmm.files,
-                                                                 state.vmm.os)
+            vm.limits = state.vmm.limits or GuestLimits()
+            vm.files, vm.identity, vm.signals = snapshot.restore(
+                root, state.vmm.files, state.vmm.os, vm.limits.max_fds)
         except BaseException:
             vm.close()
             raise
@@ -214,8 +216,9 @@ class VirtualMachine:
         from .paracalls import ParaCalls
         syscalls = Personality(KvmCpu(self), self.files, self.address_space,
                                program=self.program, trace=trace, stop_fd=self.stop.cancel_fd,
-                               save_enabled=save is not None, max_file_size=self.max_file_size,
-                               identity=self.identity, signals=self.signals,
+                               save_enabled=save is not None,
+                               max_file_size=self.limits.max_file_size,
+                               max_processes=self.limits.max_processes, identity=self.identity, signals=self.signals,
                                reserved_signals=self.stop.watched)
         self._running = _Running(syscalls, save, gate, paracalls or ParaCalls(self))
         timing_mark("first-kvm-run")
@@ -490,7 +493,7 @@ class VirtualMachine:
         files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
         vmm = VmmState(program=self.program, argv=self.argv, files=files,
                        address_space=self.address_space.state, pending=pending, os=guest_os,
-                       saved_by="kvm")
+                       saved_by="kvm", limits=self.limits)
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 

@@ -15,7 +15,7 @@ import select
 import stat
 import struct
 
-from vmstate.state import FD_FILE
+from vmstate.state import DEFAULT_MAX_PROCESSES, FD_FILE
 
 from .address_space import UserAddressSpace
 from .cpu import SYSCALL_ARG_REGISTERS, Cpu, GuestFault, GuestMemory
@@ -29,7 +29,7 @@ from .table import SYSCALLS, Syscall, signed32
 from .trace import AT_FDCWD, format_call
 
 GUEST_PID = 1
-MAX_PROCESSES = 64           # children one guest process may have at a time (EAGAIN past it)
+MAX_CHILDREN = 64            # children one guest process may have at a time (EAGAIN past it)
 IOV_MAX = 1024
 IOVEC = struct.Struct("<QQ")
 STAT = struct.Struct("<QQQIIIIQqqqQQQQQQ24x")       # struct stat, x86-64 (144 bytes)
@@ -39,6 +39,7 @@ class Personality:
     def __init__(self, cpu: Cpu, files: FileTable, address_space: UserAddressSpace, *,
                  program: str = "", trace=None, stop_fd: int | None = None,
                  save_enabled: bool = False, max_file_size: int | None = None,
+                 max_processes: int = DEFAULT_MAX_PROCESSES,
                  identity: Identity | None = None, signals: SignalState | None = None,
                  reserved_signals=()):
         self.cpu = cpu
@@ -55,7 +56,8 @@ class Personality:
         self.reserved_signals = frozenset(reserved_signals)   # host signals the VMM uses
         self.signal_wake_fd, self._signal_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._mirror_handlers()
-        self.max_processes = MAX_PROCESSES
+        self.max_children = MAX_CHILDREN
+        self.max_processes = max_processes      # in the VM's whole process tree
         self.memory: GuestMemory = cpu.memory
         self.address_space = address_space
         self.trace = trace

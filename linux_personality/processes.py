@@ -22,7 +22,6 @@ CLONE_VM, CLONE_VFORK, CLONE_THREAD = 0x100, 0x4000, 0x10000
 CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x200000, 0x1000000
 WNOHANG, WUNTRACED, WCONTINUED, __WALL = 1, 2, 8, 0x40000000
 MAX_ARG_STRINGS, MAX_ARG_STRLEN = 1 << 16, 32 * 4096
-MAX_GUEST_PROCESSES = 256         # processes in one VM's tree at a time (fork: EAGAIN past it)
 PR_SET_CHILD_SUBREAPER = 36
 MAX_ARG_TOTAL = 2 << 20           # argv + envp: a quarter of the default 8 MiB stack limit
 RUSAGE_SIZE = 144
@@ -134,8 +133,8 @@ def sys_clone(k, flags, stack, parent_tid, child_tid, tls):
 
 
 def _fork(k) -> int:
-    if len(k.children) >= k.max_processes \
-            or guest_process_count(k.root_host_pid) >= MAX_GUEST_PROCESSES:
+    if len(k.children) >= k.max_children \
+            or guest_process_count(k.root_host_pid) >= k.max_processes:
         return -errno.EAGAIN
     if os.getpid() == k.root_host_pid:
         _adopt_orphans()

@@ -42,7 +42,8 @@ from linux_personality.signals import SignalState
 from vmstate import x86
 from vmstate.errors import UsageError
 from vmstate.pages import bytemap_from_runs, runs_from_bytemap, union
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
+from vmstate.state import (
+    PAGE_SIZE, GuestLimits, MemoryRegion, PendingCall, VcpuState, VmmState, VmState)
 
 from . import unicorn_state
 from .cpu import SoftCpu
@@ -104,7 +105,7 @@ class SoftMachine:
         self.program, self.argv = "", ()
         self.identity = Identity()
         self.signals = SignalState()
-        self.max_file_size: int | None = None
+        self.limits = GuestLimits()           # what the user capped the guest at
         self.refused_msrs: list[int] = []
         self.stop = SoftStop(self.uc)
         self.cpu = SoftCpu(self)
@@ -162,8 +163,9 @@ class SoftMachine:
             vm.program, vm.argv = state.vmm.program, state.vmm.argv
             vm.name = os.path.basename(vm.program) or "vm"
             vm._start(state.vcpus[0])
-            vm.files, vm.identity, vm.signals = snapshot.restore(root, state.vmm.files,
-                                                                 state.vmm.os)
+            vm.limits = state.vmm.limits or GuestLimits()
+            vm.files, vm.identity, vm.signals = snapshot.restore(
+                root, state.vmm.files, state.vmm.os, vm.limits.max_fds)
         except BaseException:
             vm.close()
             raise
@@ -212,7 +214,8 @@ class SoftMachine:
         self._personality = Personality(
             self.cpu, self.files, self.address_space, program=self.program, trace=trace,
             stop_fd=self.stop.cancel_fd, save_enabled=save is not None,
-            max_file_size=self.max_file_size, identity=self.identity, signals=self.signals)
+            max_file_size=self.limits.max_file_size, max_processes=self.limits.max_processes,
+            identity=self.identity, signals=self.signals)
         self._gate, self._save_handler = gate, save
         self._paracalls = paracalls or ParaCalls(self)
         timing_mark("first-kvm-run")
@@ -452,7 +455,7 @@ class SoftMachine:
         files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
         vmm = VmmState(program=self.program, argv=self.argv, files=files,
                        address_space=self.address_space.state, pending=pending, os=guest_os,
-                       saved_by="soft")
+                       saved_by="soft", limits=self.limits)
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(replace(self.capture_vcpu(), id=0),), memory=(region,), vmm=vmm)
 

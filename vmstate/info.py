@@ -72,6 +72,10 @@ def describe(image: Image, instructions: int = 8) -> dict:
         "extra_sections": [{"type": hexa(x.type), "instance": x.instance, "size": len(x.data)}
                            for x in state.extra],
         "os": None if state.vmm.os is None else _describe_os(state.vmm.os),
+        "limits": None if state.vmm.limits is None else {
+            "max_file_size": state.vmm.limits.max_file_size,
+            "max_fds": state.vmm.limits.max_fds,
+            "max_processes": state.vmm.limits.max_processes},
     }
 
 
@@ -182,6 +186,11 @@ def render_text(info: dict, verified: str) -> str:
                              f"{pending['rip']}, re-issued on resume"))
     if info["os"] is not None:
         lines += _render_os(info["os"])
+    limits = info["limits"]
+    if limits is not None:
+        size = limits["max_file_size"]
+        add(f"Limits         files up to {'any size' if size is None else format_size(size)}  "
+            f"{limits['max_fds']} fds  {limits['max_processes']} processes")
     for extra in info["extra_sections"]:
         add(f"Unknown section type {extra['type']} ({extra['size']} bytes), carried through")
     return "\n".join(lines)

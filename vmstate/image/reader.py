@@ -341,4 +341,5 @@ VMM_DECODERS = {
     L.VMM_PENDING_CALL: ("pending", codec.decode_pending),
     L.VMM_OS: ("os", decode_os),
     L.VMM_SAVED_BY: ("saved_by", codec.decode_saved_by),
+    L.VMM_LIMITS: ("limits", codec.decode_limits),
 }
