@@ -225,9 +225,9 @@ class Personality:
 
     def program_guest_path(self) -> str:
         """/proc/self/exe: the program's path in the guest's namespace, if it lies inside the
-        root, else its host path."""
+        root, else only its name under / (a host path outside the root is never shown)."""
         inside = None if self.program_fd is None else self.namespace.guest_path(self.program_fd)
-        return inside or os.path.abspath(self.program)
+        return inside or "/" + os.path.basename(self.program)
 
     def fd_guest_path(self, fd: int) -> str:
         guest_file = self.files.get(fd)

@@ -206,6 +206,12 @@ CASES = [
     mksh("mksh-subshell", "(cd /data && pwd); pwd; for i in 1 2 3; do echo $i; done | sort -r"),
     mksh("mksh-redirect", "echo one > /m.txt; echo two >> /m.txt; cat < /m.txt; print -r $((6*7))"),
     mksh("mksh-files", "mkdir /md && cd /md && echo x > f && ls && rm f && cd / && rmdir /md"),
+    # execve of a file without execute permission: EACCES (the shell says so, status 126),
+    # a script as much as a program; once chmod +x, it runs
+    sh("exec-not-executable-script", "cd /data && printf '#!/bin/sh\\necho ran $0\\n' > notexec "
+       "&& ./notexec; echo status $?; chmod +x notexec && ./notexec; echo status $?"),
+    sh("exec-not-executable-program", "cat /bin/busybox > /data/bb && /data/bb true; "
+       "echo status $?; chmod 755 /data/bb && /data/bb echo ran; echo status $?"),
     # dietlibc builds: time through the vDSO (AT_SYSINFO_EHDR), files, pipelines
     Case("diet-time-io", ("/data/diet.out",), program="/bin/diet_time_io"),
     sh("diet-forked-and-exec", "/bin/diet_time_io /data/d.out | tr a-z A-Z; echo $?"),

@@ -95,3 +95,20 @@ def test_a_signal_frame_that_does_not_fit_kills_the_guest_by_sigsegv(vmstate, ro
     assert lines(result) == ["sigaltstack 0 ok"]
     assert result.stderr.decode() == "vmstate: guest killed by SIGSEGV\n"
 
+
+
+@pytest.mark.both_cpus
+def test_proc_self_exe_never_shows_a_host_path(vmstate, tmp_path, cpu):
+    """readlink /proc/self/exe: the path inside the root, or for a program outside the root
+    only its name under /; busybox re-executes itself through /proc/self/exe (the root has
+    no `sleep`) wherever it lies."""
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    script = "readlink /proc/self/exe; sleep 0.1 && echo slept"
+    outside = vmstate("run", "--root", root, "/bin/busybox", "sh", "-c", script)
+    assert outside.returncode == 0, outside.stderr
+    assert outside.stdout.decode().splitlines() == ["/busybox", "slept"]
+    inside = vmstate("run", "--root", root, root / "bin" / "busybox", "sh", "-c", script)
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.decode().splitlines() == ["/bin/busybox", "slept"]
