@@ -135,6 +135,7 @@ class VirtualMachine:
         self.identity = Identity()
         self.signals = SignalState()
         self.limits = GuestLimits()           # what the user capped the guest at
+        self.sleep_left_ns: int | None = None  # a restored pending sleep's time left
         self.forked_child = False             # this VMM process runs a guest's fork child
         self._msrs: list[int] | None = None
         self._flush_page: mmap.mmap | None = None
@@ -184,6 +185,7 @@ class VirtualMachine:
             vm.star = vcpu.msr(x86.MSR_STAR, machine.STAR)
             vm.refused_msrs = vcpu_state.apply(vm.vcpu, vcpu)
             vm.limits = state.vmm.limits or GuestLimits()
+            vm.sleep_left_ns = state.vmm.sleep_left_ns
             vm.files, vm.identity, vm.signals = snapshot.restore(
                 root, state.vmm.files, state.vmm.os, vm.limits.max_fds)
         except BaseException:
@@ -218,7 +220,8 @@ class VirtualMachine:
                                program=self.program, trace=trace, stop_fd=self.stop.cancel_fd,
                                save_enabled=save is not None,
                                max_file_size=self.limits.max_file_size,
-                               max_processes=self.limits.max_processes, identity=self.identity, signals=self.signals,
+                               max_processes=self.limits.max_processes,
+                               sleep_left_ns=self.sleep_left_ns, identity=self.identity, signals=self.signals,
                                reserved_signals=self.stop.watched)
         self._running = _Running(syscalls, save, gate, paracalls or ParaCalls(self))
         timing_mark("first-kvm-run")
@@ -493,7 +496,9 @@ class VirtualMachine:
         files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
         vmm = VmmState(program=self.program, argv=self.argv, files=files,
                        address_space=self.address_space.state, pending=pending, os=guest_os,
-                       saved_by="kvm", limits=self.limits)
+                       saved_by="kvm", limits=self.limits,
+                       sleep_left_ns=None if pending is None or self._running is None
+                       else self._running.syscalls.sleep_left_ns)
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 

@@ -39,7 +39,7 @@ class Personality:
     def __init__(self, cpu: Cpu, files: FileTable, address_space: UserAddressSpace, *,
                  program: str = "", trace=None, stop_fd: int | None = None,
                  save_enabled: bool = False, max_file_size: int | None = None,
-                 max_processes: int = DEFAULT_MAX_PROCESSES,
+                 max_processes: int = DEFAULT_MAX_PROCESSES, sleep_left_ns: int | None = None,
                  identity: Identity | None = None, signals: SignalState | None = None,
                  reserved_signals=()):
         self.cpu = cpu
@@ -58,6 +58,9 @@ class Personality:
         self._mirror_handlers()
         self.max_children = MAX_CHILDREN
         self.max_processes = max_processes      # in the VM's whole process tree
+        # What an interrupted relative sleep had left (clock._sleep_for), for its re-issue:
+        # the next call served (resumed_sleep_ns while it runs).
+        self.sleep_left_ns, self.resumed_sleep_ns = sleep_left_ns, None
         self.memory: GuestMemory = cpu.memory
         self.address_space = address_space
         self.trace = trace
@@ -82,6 +85,7 @@ class Personality:
 
     def dispatch(self, nr: int, args: tuple[int, ...]) -> int:
         """The call's result for RAX."""
+        self.resumed_sleep_ns, self.sleep_left_ns = self.sleep_left_ns, None
         entry = SYSCALLS.get(nr)
         result = None
         try:

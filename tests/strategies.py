@@ -90,7 +90,8 @@ def address_spaces(draw, memory_end: int) -> AddressSpace:
     user_start, brk_start, brk, mmap_low, mmap_top, user_end = points
     return AddressSpace(user_start=user_start, user_end=user_end, brk_start=brk_start, brk=brk,
                         mmap_low=mmap_low, mmap_top=mmap_top, free_ranges=free)
-pending_calls = st.builds(PendingCall, u64, st.tuples(u64, u64, u64, u64, u64, u64), u64)
+pending_calls = st.builds(PendingCall, u64 | st.sampled_from((35, 230)),
+                          st.tuples(u64, u64, u64, u64, u64, u64), u64)
 int31 = st.integers(0, (1 << 31) - 1)
 guest_paths = st.just(".") | st.lists(names.filter(lambda n: n not in (".", "..")), min_size=1,
                                       max_size=3).map("/".join)
@@ -123,6 +124,8 @@ def vm_states(draw) -> tuple[VmState, list[bytes]]:
                    pending=draw(st.none() | pending_calls),
                    saved_by=draw(st.sampled_from(("", "kvm", "soft"))),
                    limits=draw(st.none() | guest_limits))
+    if vmm.pending is not None and vmm.pending.nr in (35, 230):     # nanosleep, clock_nanosleep
+        vmm = replace(vmm, sleep_left_ns=draw(st.none() | u64))
     guest_os = draw(st.none() | guest_os_states)
     if guest_os is not None:      # descriptors that agree with the file table (see validate)
         pipe_ids = [p.id for p in guest_os.pipes]

@@ -330,6 +330,8 @@ def _write_vmm(root, vmm: VmmState) -> None:
     if vmm.pending is not None:
         call = _child(element, "pending-call")
         _set_numbers(call, vmm.pending, PENDING_CALL_FIELDS)
+        if vmm.sleep_left_ns is not None:
+            call.set("sleep-left-ns", DEC64.format(vmm.sleep_left_ns))
         for arg in vmm.pending.args:
             _child(call, "arg", value=HEX64.format(arg))
     if vmm.os is not None:
@@ -589,7 +591,9 @@ def _read_vmm(element) -> VmmState:
             args=tuple(HEX64.parse(arg, "value") for arg in pending.findall("arg"))),
         os=None if element.find("os") is None else _read_os(element.find("os")),
         saved_by=element.get("saved-by", ""),
-        limits=None if element.find("limits") is None else _read_limits(element.find("limits")))
+        limits=None if element.find("limits") is None else _read_limits(element.find("limits")),
+        sleep_left_ns=None if pending is None or pending.get("sleep-left-ns") is None
+        else DEC64.parse(pending, "sleep-left-ns"))
 
 
 def _read_limits(element) -> GuestLimits:

@@ -68,7 +68,7 @@ def describe(image: Image, instructions: int = 8) -> dict:
             "nr": state.vmm.pending.nr,
             "name": SYSCALL_NAMES.get(state.vmm.pending.nr, f"syscall_{state.vmm.pending.nr}"),
             "args": [hexa(a) for a in state.vmm.pending.args],
-            "rip": hexa(state.vmm.pending.rip)},
+            "rip": hexa(state.vmm.pending.rip), "sleep_left_ns": state.vmm.sleep_left_ns},
         "extra_sections": [{"type": hexa(x.type), "instance": x.instance, "size": len(x.data)}
                            for x in state.extra],
         "os": None if state.vmm.os is None else _describe_os(state.vmm.os),
@@ -183,7 +183,9 @@ def render_text(info: dict, verified: str) -> str:
     pending = info["pending_call"]
     add("Pending call   " + ("none" if pending is None else
                              f"{pending['name']}({', '.join(pending['args'])}) at rip "
-                             f"{pending['rip']}, re-issued on resume"))
+                             f"{pending['rip']}, re-issued on resume"
+                             + ("" if pending["sleep_left_ns"] is None else
+                                f" ({pending['sleep_left_ns'] / 1e9:.3f} s of its sleep left)")))
     if info["os"] is not None:
         lines += _render_os(info["os"])
     limits = info["limits"]

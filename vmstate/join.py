@@ -263,6 +263,9 @@ def diff_states(old: VmState, new: VmState) -> list[tuple[str, str, str]]:
     changes += _diff_dataclass("address space ", old.vmm.address_space, new.vmm.address_space)
     if old.vmm.pending != new.vmm.pending:
         changes.append(("pending call", str(old.vmm.pending), str(new.vmm.pending)))
+    if old.vmm.sleep_left_ns != new.vmm.sleep_left_ns:
+        changes.append(("pending call sleep_left_ns", str(old.vmm.sleep_left_ns),
+                        str(new.vmm.sleep_left_ns)))
     changes += _diff_os(old.vmm.os, new.vmm.os)
     changes += _diff_limits(old.vmm.limits, new.vmm.limits)
     return changes

@@ -287,6 +287,7 @@ class VmmState:
     os: GuestOs | None = None          # None: an image from before the vmm-os section
     saved_by: str = ""          # the CPU that ran the guest when it was saved: "kvm" or "soft"
     limits: GuestLimits | None = None  # None: an image from before vmm-limits (the defaults)
+    sleep_left_ns: int | None = None   # a pending relative sleep's time left; None: no such call
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ MAX_GUEST_FDS = 1 << 20                 # the largest --max-fds: guest fds below
 MIN_GUEST_FDS = 3                       # the smallest --max-fds: the standard streams
 MAX_GUEST_PROCESSES = 1 << 15           # the largest --max-processes (Linux's default pid_max)
 MAX_FILE_OFFSET = (1 << 63) - 1         # off_t
+SLEEP_CALLS = (35, 230)                 # nanosleep, clock_nanosleep: may have a time left
 
 # This VMM's machine (kvm_backend.machine lays memory out by these).
 USER_START = 0x200000                   # user memory begins above the page tables and stubs
@@ -58,6 +59,7 @@ def problems(state: VmState) -> list[Problem]:
     found += _address_space_problems(state)
     found += _os_problems(state)
     found += _limit_problems(state)
+    found += _sleep_problems(state)
     return found
 
 
@@ -246,6 +248,14 @@ def _limit_problems(state: VmState) -> list[Problem]:
         found.append(Problem(at, f"max-processes {limits.max_processes} is out of range (1 to "
                                  f"{MAX_GUEST_PROCESSES})", "max-processes"))
     return found
+
+
+def _sleep_problems(state: VmState) -> list[Problem]:
+    pending = state.vmm.pending
+    if state.vmm.sleep_left_ns is None or pending is not None and pending.nr in SLEEP_CALLS:
+        return []
+    return [Problem(f"{VMM}/pending-call", "a sleep's time left without a pending nanosleep or "
+                    "clock_nanosleep", "sleep-left-ns")]
 
 
 def _long_mode_problems(cr0: int, cr4: int, efer: int) -> list[tuple[str, str]]:

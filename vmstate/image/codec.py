@@ -283,7 +283,13 @@ def encode_vmm(vmm: VmmState) -> list[tuple[int, bytes]]:
         sections.append((L.VMM_SAVED_BY, encode_saved_by(vmm.saved_by)))
     if vmm.limits is not None:
         sections.append((L.VMM_LIMITS, encode_limits(vmm.limits)))
+    if vmm.sleep_left_ns is not None:
+        sections.append((L.VMM_SLEEP_LEFT, L.SLEEP_LEFT.pack(vmm.sleep_left_ns)))
     return sections
+
+
+def decode_sleep_left(data: bytes) -> int:
+    return _single(L.SLEEP_LEFT, data)[0]
 
 
 def encode_limits(limits: GuestLimits) -> bytes:

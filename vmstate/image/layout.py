@@ -37,8 +37,8 @@ MEMORY_REGION = 0x0020
 VMM_PROGRAM, VMM_FILES, VMM_ADDRESS_SPACE, VMM_PENDING_CALL = 0x0030, 0x0031, 0x0032, 0x0033
 VMM_OS = 0x0034
 VMM_SAVED_BY = 0x0035                           # 2.1, optional: a 2.0 reader skips it
-VMM_LIMITS = 0x0036                             # 2.2, optional: a 2.1 reader skips it
-OPTIONAL_TYPES = frozenset({VMM_SAVED_BY, VMM_LIMITS})      # written with SECTION_OPTIONAL
+VMM_LIMITS, VMM_SLEEP_LEFT = 0x0036, 0x0037    # 2.2, optional: a 2.1 reader skips them
+OPTIONAL_TYPES = frozenset({VMM_SAVED_BY, VMM_LIMITS, VMM_SLEEP_LEFT})   # SECTION_OPTIONAL
 
 SECTION_NAMES = {
     VCPU_REGS: "vcpu-regs", VCPU_SREGS: "vcpu-sregs", VCPU_MSRS: "vcpu-msrs",
@@ -47,7 +47,7 @@ SECTION_NAMES = {
     MEMORY_REGION: "memory-region", VMM_PROGRAM: "vmm-program", VMM_FILES: "vmm-files",
     VMM_ADDRESS_SPACE: "vmm-address-space", VMM_PENDING_CALL: "vmm-pending-call",
     VMM_OS: "vmm-os",
-    VMM_SAVED_BY: "vmm-saved-by", VMM_LIMITS: "vmm-limits",
+    VMM_SAVED_BY: "vmm-saved-by", VMM_LIMITS: "vmm-limits", VMM_SLEEP_LEFT: "vmm-sleep-left",
 }
 
 REGS = struct.Struct("<18Q")                    # rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags
@@ -71,6 +71,7 @@ ADDRESS_SPACE = struct.Struct("<6QI4x")         # user_start user_end brk_start 
 FREE_RANGE = struct.Struct("<QQ")               # start, length
 LIMITS = struct.Struct("<QII")                  # max_file_size (2^64-1: none) max_fds max_processes
 NO_FILE_SIZE_CAP = 2**64 - 1
+SLEEP_LEFT = struct.Struct("<Q")                # ns
 PENDING_CALL = struct.Struct("<Q6QQ")           # nr, args[6], rip of the syscall instruction
 # vmm-os: header, then strings cwd and hostname, then four counted lists
 OS_HEADER = struct.Struct("<III4xQQQIxxxxQQQ")  # umask uid gid, blocked pending, ss_sp ss_flags ss_size, alarm_ns interval_ns
