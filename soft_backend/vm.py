@@ -106,6 +106,8 @@ class SoftMachine:
         self.identity = Identity()
         self.signals = SignalState()
         self.limits = GuestLimits()           # what the user capped the guest at
+        self.sleep_left_ns: int | None = None  # a restored pending sleep's time left
+        self._personality: Personality | None = None
         self.refused_msrs: list[int] = []
         self.stop = SoftStop(self.uc)
         self.cpu = SoftCpu(self)
@@ -164,6 +166,7 @@ class SoftMachine:
             vm.name = os.path.basename(vm.program) or "vm"
             vm._start(state.vcpus[0])
             vm.limits = state.vmm.limits or GuestLimits()
+            vm.sleep_left_ns = state.vmm.sleep_left_ns
             vm.files, vm.identity, vm.signals = snapshot.restore(
                 root, state.vmm.files, state.vmm.os, vm.limits.max_fds)
         except BaseException:
@@ -215,7 +218,7 @@ class SoftMachine:
             self.cpu, self.files, self.address_space, program=self.program, trace=trace,
             stop_fd=self.stop.cancel_fd, save_enabled=save is not None,
             max_file_size=self.limits.max_file_size, max_processes=self.limits.max_processes,
-            identity=self.identity, signals=self.signals)
+            sleep_left_ns=self.sleep_left_ns, identity=self.identity, signals=self.signals)
         self._gate, self._save_handler = gate, save
         self._paracalls = paracalls or ParaCalls(self)
         timing_mark("first-kvm-run")
@@ -455,7 +458,9 @@ class SoftMachine:
         files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
         vmm = VmmState(program=self.program, argv=self.argv, files=files,
                        address_space=self.address_space.state, pending=pending, os=guest_os,
-                       saved_by="soft", limits=self.limits)
+                       saved_by="soft", limits=self.limits,
+                       sleep_left_ns=None if pending is None or self._personality is None
+                       else self._personality.sleep_left_ns)
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(replace(self.capture_vcpu(), id=0),), memory=(region,), vmm=vmm)
 
