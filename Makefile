@@ -11,8 +11,9 @@ setup: $(VENV)/.installed examples
 # Debian packages the project needs: musl-gcc to build guests, gdb for the debugger workflow,
 # QEMU (TCG) and gcc-multilib for the QEMU loop and its 32-bit multiboot example guest,
 # busybox-static, mksh and sash for the conformance test (tests/conformance.py), elfutils (eu-stack,
-# eu-readelf) that the tests read cores with.
-APT_PACKAGES = musl-tools gdb qemu-system-x86 gcc-multilib busybox-static mksh sash elfutils
+# eu-readelf) that the tests read cores with, dietlibc-dev (`diet gcc`) for a dietlibc test guest.
+APT_PACKAGES = musl-tools gdb qemu-system-x86 gcc-multilib busybox-static mksh sash elfutils \
+	dietlibc-dev
 
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \

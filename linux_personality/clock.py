@@ -75,10 +75,23 @@ def sleep_until(k, clock: int, deadline_ns: int) -> None:
             raise CallInterrupted()
 
 
+def _sleep_for(k, clock: int, duration_ns: int) -> None:
+    """A relative sleep. Interrupted by the host (a save), it leaves what was left in
+    k.sleep_left_ns, and its re-issue (the next call the guest makes, after the restore)
+    sleeps only that."""
+    if k.resumed_sleep_ns is not None:
+        duration_ns = min(duration_ns, k.resumed_sleep_ns)
+    deadline = time.clock_gettime_ns(clock) + duration_ns
+    try:
+        sleep_until(k, clock, deadline)
+    except CallInterrupted:
+        k.sleep_left_ns = max(0, deadline - time.clock_gettime_ns(clock))
+        raise
+
+
 @syscall(35, "nanosleep", "ptr ptr")
 def sys_nanosleep(k, request, remain):
-    duration = _read_timespec(k, request)
-    sleep_until(k, time.CLOCK_MONOTONIC, time.clock_gettime_ns(time.CLOCK_MONOTONIC) + duration)
+    _sleep_for(k, time.CLOCK_MONOTONIC, _read_timespec(k, request))
     return 0
 
 
@@ -86,8 +99,10 @@ def sys_nanosleep(k, request, remain):
 def sys_clock_nanosleep(k, clock, flags, request, remain):
     clock = _clock(clock)
     value = _read_timespec(k, request)
-    deadline = value if flags & TIMER_ABSTIME else time.clock_gettime_ns(clock) + value
-    sleep_until(k, clock, deadline)
+    if flags & TIMER_ABSTIME:
+        sleep_until(k, clock, value)
+    else:
+        _sleep_for(k, clock, value)
     return 0
 
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 
 from vmstate.errors import RestoreError
 from vmstate.rootfs import MODE_BITS, normalize_guest_path, open_beneath, open_root
-from vmstate.state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT, OpenFile
+# DEFAULT_MAX_FDS: --max-fds unless given (vmstate.validate.MAX_GUEST_FDS is the most)
+from vmstate.state import DEFAULT_MAX_FDS, FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT, OpenFile
 
 from .paths import Namespace, builtin_device, error
 
-DEFAULT_MAX_FDS = 1024          # --max-fds unless given (vmstate.validate.MAX_GUEST_FDS is the most)
 # Flags that only matter when a file is created; a restore reopens without them.
 CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC
 STDIO = {0: (FD_STDIN, 0), 1: (FD_STDOUT, 1), 2: (FD_STDERR, 2)}
@@ -196,10 +196,11 @@ class FileTable:
         return replace(guest_file.entry, fd=fd, offset=offset)
 
     @classmethod
-    def reopen(cls, root: str, entries: tuple[OpenFile, ...]) -> FileTable:
+    def reopen(cls, root: str, entries: tuple[OpenFile, ...],
+               max_fds: int = DEFAULT_MAX_FDS) -> FileTable:
         """Rebuild a saved table: files reopened without creation flags (never truncated)
         and positioned at their saved offsets; stdio bound to this VMM's own streams."""
-        table = cls(root)
+        table = cls(root, max_fds)
         try:
             for entry in entries:
                 table.install(GuestFile(entry, table._reopen_one(entry)), entry.fd)

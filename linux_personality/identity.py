@@ -233,6 +233,15 @@ def sys_sched_getaffinity(k, pid, size, buf):
     return CPU_MASK_BYTES
 
 
+@syscall(309, "getcpu", "ptr ptr ptr")
+def sys_getcpu(k, cpu, node, cache):
+    """CPU 0 on node 0: the guest has one vCPU. Either pointer may be NULL."""
+    for addr in (cpu, node):
+        if addr:
+            k.memory.write(addr, bytes(4))
+    return 0
+
+
 @syscall(203, "sched_setaffinity", "int size ptr")
 def sys_sched_setaffinity(k, pid, size, buf):
     return 0

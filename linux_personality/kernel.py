@@ -15,7 +15,7 @@ import select
 import stat
 import struct
 
-from vmstate.state import FD_FILE
+from vmstate.state import DEFAULT_MAX_PROCESSES, FD_FILE
 
 from .address_space import UserAddressSpace
 from .cpu import SYSCALL_ARG_REGISTERS, Cpu, GuestFault, GuestMemory
@@ -29,7 +29,7 @@ from .table import SYSCALLS, Syscall, signed32
 from .trace import AT_FDCWD, format_call
 
 GUEST_PID = 1
-MAX_PROCESSES = 64           # children one guest process may have at a time (EAGAIN past it)
+MAX_CHILDREN = 64            # children one guest process may have at a time (EAGAIN past it)
 IOV_MAX = 1024
 IOVEC = struct.Struct("<QQ")
 STAT = struct.Struct("<QQQIIIIQqqqQQQQQQ24x")       # struct stat, x86-64 (144 bytes)
@@ -39,6 +39,7 @@ class Personality:
     def __init__(self, cpu: Cpu, files: FileTable, address_space: UserAddressSpace, *,
                  program: str = "", trace=None, stop_fd: int | None = None,
                  save_enabled: bool = False, max_file_size: int | None = None,
+                 max_processes: int = DEFAULT_MAX_PROCESSES, sleep_left_ns: int | None = None,
                  identity: Identity | None = None, signals: SignalState | None = None,
                  reserved_signals=()):
         self.cpu = cpu
@@ -55,7 +56,11 @@ class Personality:
         self.reserved_signals = frozenset(reserved_signals)   # host signals the VMM uses
         self.signal_wake_fd, self._signal_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._mirror_handlers()
-        self.max_processes = MAX_PROCESSES
+        self.max_children = MAX_CHILDREN
+        self.max_processes = max_processes      # in the VM's whole process tree
+        # What an interrupted relative sleep had left (clock._sleep_for), for its re-issue:
+        # the next call served (resumed_sleep_ns while it runs).
+        self.sleep_left_ns, self.resumed_sleep_ns = sleep_left_ns, None
         self.memory: GuestMemory = cpu.memory
         self.address_space = address_space
         self.trace = trace
@@ -80,6 +85,7 @@ class Personality:
 
     def dispatch(self, nr: int, args: tuple[int, ...]) -> int:
         """The call's result for RAX."""
+        self.resumed_sleep_ns, self.sleep_left_ns = self.sleep_left_ns, None
         entry = SYSCALLS.get(nr)
         result = None
         try:
@@ -223,9 +229,9 @@ class Personality:
 
     def program_guest_path(self) -> str:
         """/proc/self/exe: the program's path in the guest's namespace, if it lies inside the
-        root, else its host path."""
+        root, else only its name under / (a host path outside the root is never shown)."""
         inside = None if self.program_fd is None else self.namespace.guest_path(self.program_fd)
-        return inside or os.path.abspath(self.program)
+        return inside or "/" + os.path.basename(self.program)
 
     def fd_guest_path(self, fd: int) -> str:
         guest_file = self.files.get(fd)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .fdtable import DEFAULT_MAX_FDS
+from vmstate.state import GuestLimits
 
 
 @dataclass(frozen=True)
 class GuestOptions:
     cwd: str = "/"                       # the guest's starting directory, inside the root
     hostname: str = "vmstate"
-    max_file_size: int | None = None     # bytes a guest write may make a file reach (EFBIG)
-    max_fds: int = DEFAULT_MAX_FDS         # the guest's open descriptor cap (EMFILE)
+    limits: GuestLimits = field(default_factory=GuestLimits)   # saved with the VM (vmm-limits)

@@ -12,7 +12,7 @@ import struct
 from vmstate import x86
 
 from . import signals
-from .paths import error
+from .paths import PROC_SELF_EXE, error
 from .stops import GuestExit, ContextReplaced, SaveRequested
 from .table import signed32, syscall
 from .trace import AT_FDCWD
@@ -22,7 +22,6 @@ CLONE_VM, CLONE_VFORK, CLONE_THREAD = 0x100, 0x4000, 0x10000
 CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x200000, 0x1000000
 WNOHANG, WUNTRACED, WCONTINUED, __WALL = 1, 2, 8, 0x40000000
 MAX_ARG_STRINGS, MAX_ARG_STRLEN = 1 << 16, 32 * 4096
-MAX_GUEST_PROCESSES = 256         # processes in one VM's tree at a time (fork: EAGAIN past it)
 PR_SET_CHILD_SUBREAPER = 36
 MAX_ARG_TOTAL = 2 << 20           # argv + envp: a quarter of the default 8 MiB stack limit
 RUSAGE_SIZE = 144
@@ -134,8 +133,8 @@ def sys_clone(k, flags, stack, parent_tid, child_tid, tls):
 
 
 def _fork(k) -> int:
-    if len(k.children) >= k.max_processes \
-            or guest_process_count(k.root_host_pid) >= MAX_GUEST_PROCESSES:
+    if len(k.children) >= k.max_children \
+            or guest_process_count(k.root_host_pid) >= k.max_processes:
         return -errno.EAGAIN
     if os.getpid() == k.root_host_pid:
         _adopt_orphans()
@@ -196,23 +195,30 @@ def sys_execveat(k, dirfd, path, argv, envp, flags):
 
 def _execve(k, dirfd, path, argv_addr, envp_addr, flags) -> int:
     guest_path = k.resolve(dirfd, path)
+    # what a script's interpreter gets as the script's name: the path as given, as on Linux
+    filename = k.path(path)
+    if signed32(dirfd) != AT_FDCWD and not filename.startswith("/"):
+        filename = f"/dev/fd/{signed32(dirfd)}/{filename}"
     argv = _string_array(k, argv_addr)
     envp = _string_array(k, envp_addr, MAX_ARG_TOTAL - _strings_size(argv))
     for _ in range(MAX_INTERPRETERS):
-        interpreter = _script_interpreter(k, guest_path)
+        host_fd = _open_executable(k, guest_path)
+        try:
+            interpreter = _script_interpreter(host_fd)
+        except BaseException:
+            os.close(host_fd)
+            raise
         if interpreter is None:
             break
-        argv = [*interpreter, guest_path, *argv[1:]]
-        guest_path = k.namespace.absolute(interpreter[0])
+        os.close(host_fd)
+        argv = [*interpreter, filename, *argv[1:]]
+        guest_path, filename = k.namespace.absolute(interpreter[0]), interpreter[0]
     else:
         raise error(errno.ELOOP)
-    host_fd = k.namespace.open(guest_path, os.O_RDONLY)
     try:
-        mode = os.fstat(host_fd).st_mode
-        if not stat.S_ISREG(mode) or not os.access(f"/proc/self/fd/{host_fd}", os.X_OK):
-            raise error(errno.EACCES)
+        host_path = k.program if guest_path == PROC_SELF_EXE else k.namespace.host_path(guest_path)
         k.address_space = k.cpu.exec(f"/proc/self/fd/{host_fd}", argv or [guest_path], envp)
-        k.exec_program(host_fd, k.namespace.host_path(guest_path))
+        k.exec_program(host_fd, host_path)
     finally:
         os.close(host_fd)
     k.files.close_on_exec()
@@ -223,13 +229,23 @@ def _execve(k, dirfd, path, argv_addr, envp_addr, flags) -> int:
     raise ContextReplaced()
 
 
-def _script_interpreter(k, guest_path: str) -> list[str] | None:
-    """For a `#!` script, its interpreter and optional argument (as Linux splits the line)."""
-    host_fd = k.namespace.open(guest_path, os.O_RDONLY)
-    try:
-        head = os.pread(host_fd, SHEBANG_MAX, 0)
-    finally:
+def _open_executable(k, guest_path: str) -> int:
+    """A host fd of a regular file the guest may execute, else EACCES: as Linux, a script
+    itself must be executable, not only its interpreter."""
+    if guest_path == PROC_SELF_EXE:          # the running program itself, wherever it lies
+        host_fd = os.open(k.program_host_path(), os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        host_fd = k.namespace.open(guest_path, os.O_RDONLY)
+    if not stat.S_ISREG(os.fstat(host_fd).st_mode) \
+            or not os.access(f"/proc/self/fd/{host_fd}", os.X_OK):
         os.close(host_fd)
+        raise error(errno.EACCES)
+    return host_fd
+
+
+def _script_interpreter(host_fd: int) -> list[str] | None:
+    """For a `#!` script, its interpreter and optional argument (as Linux splits the line)."""
+    head = os.pread(host_fd, SHEBANG_MAX, 0)
     if not head.startswith(b"#!"):
         return None
     line = os.fsdecode(head[2:].split(b"\n")[0]).strip()

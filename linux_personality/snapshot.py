@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 
 from vmstate.errors import RestoreError
-from vmstate.state import Descriptor, GuestOs, OpenFile, Pipe, SignalAction
+from vmstate.state import DEFAULT_MAX_FDS, Descriptor, GuestOs, OpenFile, Pipe, SignalAction
 
 from .fdtable import FD_PIPE, FileTable, GuestFile
 from .identity import Identity
@@ -80,13 +80,13 @@ def _buffered(files: FileTable, reader: GuestFile) -> bytes:
     return data
 
 
-def restore(root: str, entries: tuple[OpenFile, ...], guest_os: GuestOs | None
-            ) -> tuple[FileTable, Identity, SignalState]:
+def restore(root: str, entries: tuple[OpenFile, ...], guest_os: GuestOs | None,
+            max_fds: int = DEFAULT_MAX_FDS) -> tuple[FileTable, Identity, SignalState]:
     if guest_os is None:                          # an image from before vmm-os
-        return FileTable.reopen(root, entries), Identity(), SignalState()
+        return FileTable.reopen(root, entries, max_fds), Identity(), SignalState()
     shared = {d.fd: d.description for d in guest_os.descriptors}
     own = tuple(e for e in entries if shared.get(e.fd, e.fd) == e.fd)
-    files = FileTable.reopen(root, own)
+    files = FileTable.reopen(root, own, max_fds)
     try:
         _restore_descriptors(files, entries, guest_os)
         files.namespace.enter("/" + guest_os.cwd if guest_os.cwd != "." else "/")

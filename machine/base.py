@@ -23,7 +23,7 @@ from typing import Callable
 from vmstate import x86
 from vmstate.errors import RestoreError
 from vmstate.pages import runs_from_bytemap
-from vmstate.state import MemoryRegion, PendingCall, VcpuState, VmmState, VmState
+from vmstate.state import GuestLimits, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
 
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested, signals, snapshot)
@@ -70,7 +70,8 @@ class Machine:
         self.program, self.argv = "", ()
         self.identity = Identity()
         self.signals = SignalState()
-        self.max_file_size: int | None = None
+        self.limits = GuestLimits()           # what the user capped the guest at
+        self.sleep_left_ns: int | None = None  # a restored pending sleep's time left
         self.refused_msrs: list[int] = []     # MSRs this host would not take on restore
         self.forked_child = False             # this VMM process runs a guest's fork child
         self.name = "vm"                      # tags its para-call output and its lines on a host
@@ -104,8 +105,10 @@ class Machine:
             self.program, self.argv = state.vmm.program, state.vmm.argv
             self.name = os.path.basename(self.program) or "vm"
             self._enter_vcpu(state.vcpus[0])
-            self.files, self.identity, self.signals = snapshot.restore(root, state.vmm.files,
-                                                                       state.vmm.os)
+            self.limits = state.vmm.limits or GuestLimits()
+            self.sleep_left_ns = state.vmm.sleep_left_ns
+            self.files, self.identity, self.signals = snapshot.restore(
+                root, state.vmm.files, state.vmm.os, self.limits.max_fds)
         except BaseException:
             self.close()
             raise
@@ -135,8 +138,11 @@ class Machine:
         from .paracalls import ParaCalls
         syscalls = Personality(self.cpu, self.files, self.address_space, program=self.program,
                                trace=trace, stop_fd=self.stop.cancel_fd,
-                               save_enabled=save is not None, max_file_size=self.max_file_size,
-                               identity=self.identity, signals=self.signals,
+                               save_enabled=save is not None,
+                               max_file_size=self.limits.max_file_size,
+                               max_processes=self.limits.max_processes,
+                               sleep_left_ns=self.sleep_left_ns, identity=self.identity,
+                               signals=self.signals,
                                reserved_signals=self.stop.watched)
         self._running = Running(syscalls, save, gate, paracalls or ParaCalls(self))
         timing_mark("first-kvm-run")
@@ -265,7 +271,9 @@ class Machine:
         files, guest_os = snapshot.capture(self.files, self.identity, self.signals)
         vmm = VmmState(program=self.program, argv=self.argv, files=files,
                        address_space=self.address_space.state, pending=pending, os=guest_os,
-                       saved_by=self.saved_by)
+                       saved_by=self.saved_by, limits=self.limits,
+                       sleep_left_ns=None if pending is None or self._running is None
+                       else self._running.syscalls.sleep_left_ns)
         region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 

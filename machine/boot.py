@@ -10,6 +10,7 @@ import os
 from vmstate.errors import ProgramError
 from vmstate.state import CpuidEntry, Registers, VcpuState
 
+from linux_personality import vdso
 from linux_personality.address_space import UserAddressSpace
 from linux_personality.fdtable import FileTable
 from linux_personality.identity import Identity
@@ -33,14 +34,14 @@ def load_guest(vm, program: Program, argv: list[str], root: str, options: GuestO
     memory.set_user_range(layout.USER_START, vm.address_space.state.user_end)
     load_program(program, memory, vm.address_space.state.mmap_top)
     rsp = build_stack(memory, program, argv, vm.address_space.stack_top)
-    vm.files = FileTable.with_stdio(root, options.max_fds)
+    vm.files = FileTable.with_stdio(root, options.limits.max_fds)
     try:
         vm.files.namespace.enter(options.cwd)
     except OSError as e:
         raise ProgramError(f"--cwd {options.cwd}: {e.strerror} (inside the guest root "
                            f"{root})") from None
     vm.identity = Identity(hostname=options.hostname)
-    vm.max_file_size = options.max_file_size
+    vm.limits = options.limits
     vm.program, vm.argv = program.path, tuple(argv)
     vm.name = os.path.basename(program.path)
     return rsp
@@ -72,6 +73,7 @@ def load_new_program(vm, host_path: str, argv: list[str], envp: list[str]
                                    old.user_end)
     for addr, data in layout.page_tables(memory.size, space.guard_page):   # no mprotect left
         memory.write_phys(addr, data)
+    memory.write_phys(layout.VDSO_ADDR, vdso.IMAGE)    # also into a VM restored from before it
     load_program(program, memory, space.state.mmap_top)
     rsp = build_stack(memory, program, argv, space.stack_top, envp)
     vm.address_space = space

@@ -5,6 +5,7 @@ Guest physical memory is identity-mapped (virtual == physical). Layout of the fi
     0x000000  null guard page (not mapped: a null dereference faults)
     0x001000  GDT        0x002000  IDT        0x003000  TSS           (supervisor only)
     0x004000  stub page: 256 exception stubs (8 bytes each), then the syscall entry
+    0x1fe000  the vDSO (linux_personality/vdso.py): user-readable, named by AT_SYSINFO_EHDR
     0x1ff000  the doorbell page: user-writable, mapped to DOORBELL_GPA where no memory is
     0x005000  PML4       0x006000  PDPT       0x007000  PT for 0..2 MiB
     0x008000  one page directory per GiB of memory (up to MAX_MEMORY)
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import struct
 
+from linux_personality import vdso
 from vmstate import x86
 from vmstate.paging import PTE_P, PTE_PS, PTE_RW, PTE_US
 from vmstate.state import (
@@ -41,6 +43,7 @@ PML4_ADDR, PDPT_ADDR, PT_LOW_ADDR, PD_ADDR = 0x5000, 0x6000, 0x7000, 0x8000
 EXCEPTION_STACK_TOP, DOUBLE_FAULT_STACK_TOP = 0x54000, 0x56000
 PT_GUARD_ADDR = 0x56000
 DOORBELL_VA, DOORBELL_GPA = 0x1FF000, MAX_MEMORY   # a guest physical address with no memory
+VDSO_ADDR = 0x1FE000
 SPARE_DOORBELL_GPA = DOORBELL_GPA + 8   # a write here is answered by running on: a bare exit
 
 EXCEPTION_STUB_SIZE = 8
@@ -94,7 +97,8 @@ def _idt() -> bytes:
 
 
 def page_tables(memory_size: int, guard_page: int) -> list[tuple[int, bytes]]:
-    """Identity map: 4 KiB pages below 2 MiB (guard, supervisor-only kernel, user stub page),
+    """Identity map: 4 KiB pages below 2 MiB (guard, supervisor-only kernel, user stub page
+    and vDSO),
     2 MiB user pages from USER_START to the end of memory, but 4 KiB pages around the stack
     guard page, which is left out."""
     gib = (memory_size + (1 << 30) - 1) >> 30
@@ -106,6 +110,7 @@ def page_tables(memory_size: int, guard_page: int) -> list[tuple[int, bytes]]:
         pt_low[addr // PAGE_SIZE] = addr | PTE_P | PTE_RW
     pt_low[STUB_ADDR // PAGE_SIZE] = STUB_ADDR | PTE_P | PTE_US   # read-only, user: see above
     pt_low[DOORBELL_VA // PAGE_SIZE] = DOORBELL_GPA | PTE_P | PTE_RW | PTE_US
+    pt_low[VDSO_ADDR // PAGE_SIZE] = VDSO_ADDR | PTE_P | PTE_US                # read-only
     pd_entries = [PT_LOW_ADDR | PTE_P | PTE_RW | PTE_US] + [
         addr | PTE_P | PTE_RW | PTE_US | PTE_PS for addr in range(USER_START, memory_size, LARGE_PAGE)]
     guard_large = guard_page & ~(LARGE_PAGE - 1)
@@ -123,7 +128,7 @@ def boot_structures(memory_size: int, guard_page: int) -> list[tuple[int, bytes]
                     DOUBLE_FAULT_STACK_TOP, 0, 0, 0, 0, 0, 0, 0, 0, _TSS.size)
     stubs = b"".join(exception_stub(v) for v in range(256)) + SYSCALL_ENTRY_CODE
     return ([(GDT_ADDR, _GDT.pack(*_gdt_entries())), (IDT_ADDR, _idt()), (TSS_ADDR, tss),
-             (STUB_ADDR, stubs)] + page_tables(memory_size, guard_page))
+             (STUB_ADDR, stubs), (VDSO_ADDR, vdso.IMAGE)] + page_tables(memory_size, guard_page))
 
 
 def _user_segment(selector: int, code: bool) -> Segment:

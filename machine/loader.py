@@ -17,13 +17,14 @@ from vmstate.state import PAGE_SIZE
 
 from linux_personality.address_space import page_up
 
-from .layout import USER_START
+from .layout import USER_START, VDSO_ADDR
 from .memory import GuestMemory
 
 # Auxiliary vector keys (<elf.h>) that musl and glibc static startup code read.
 AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_ENTRY = 0, 3, 4, 5, 6, 9
 AT_UID, AT_EUID, AT_GID, AT_EGID, AT_CLKTCK, AT_SECURE, AT_RANDOM, AT_EXECFN = (
     11, 12, 13, 14, 17, 23, 25, 31)
+AT_SYSINFO_EHDR = 33
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def build_stack(memory: GuestMemory, program: Program, argv: list[str], stack_to
     auxv = [AT_PHDR, program.phdr_addr, AT_PHENT, program.phent, AT_PHNUM, program.phnum,
             AT_PAGESZ, PAGE_SIZE, AT_ENTRY, program.entry, AT_UID, 0, AT_EUID, 0, AT_GID, 0,
             AT_EGID, 0, AT_SECURE, 0, AT_CLKTCK, 100, AT_RANDOM, area + random_offset,
-            AT_EXECFN, arg_ptrs[0], AT_NULL, 0]
+            AT_EXECFN, arg_ptrs[0], AT_SYSINFO_EHDR, VDSO_ADDR, AT_NULL, 0]
     words = [len(argv), *arg_ptrs, 0, *env_ptrs, 0, *auxv]   # argc, argv, NULL, envp, NULL, auxv
     rsp = (area - 8 * len(words)) & ~0xF
     memory.write_phys(rsp, struct.pack(f"<{len(words)}Q", *words))

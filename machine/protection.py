@@ -17,7 +17,7 @@ from vmstate.state import PAGE_SIZE
 from . import layout
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-PT_POOL_START, PT_POOL_END = 0x57000, layout.DOORBELL_VA
+PT_POOL_START, PT_POOL_END = 0x57000, layout.VDSO_ADDR
 ENTRY = struct.Struct("<Q")
 USER_RW = PTE_P | PTE_RW | PTE_US
 

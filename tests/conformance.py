@@ -22,7 +22,11 @@ BUSYBOX = Path("/bin/busybox")
 TIMEOUT = 60
 
 
-SHELLS = {"/bin/mksh": Path("/bin/mksh-static"), "/bin/sash": Path("/bin/sash")}
+# Programs copied into the scratch root (guest path: host path): other shells, and dietlibc
+# builds (Debian's mksh has one; diet_time_io is a test guest built with `diet gcc`).
+PROGRAMS = {"/bin/mksh": Path("/bin/mksh-static"), "/bin/sash": Path("/bin/sash"),
+            "/bin/mksh-diet": Path("/usr/lib/diet/bin/mksh"),
+            "/bin/diet_time_io": Path(__file__).parent / "guests" / "diet_time_io"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ def sh(name: str, script: str, stdin: bytes = b"") -> Case:
 
 def mksh(name: str, script: str) -> Case:
     return Case(name, ("-c", script), program="/bin/mksh")
+
+
+def mksh_diet(name: str, script: str) -> Case:
+    return Case(name, ("-c", script), program="/bin/mksh-diet")
 
 
 def sash(name: str, script: str) -> Case:
@@ -198,6 +206,20 @@ CASES = [
     mksh("mksh-subshell", "(cd /data && pwd); pwd; for i in 1 2 3; do echo $i; done | sort -r"),
     mksh("mksh-redirect", "echo one > /m.txt; echo two >> /m.txt; cat < /m.txt; print -r $((6*7))"),
     mksh("mksh-files", "mkdir /md && cd /md && echo x > f && ls && rm f && cd / && rmdir /md"),
+    # execve of a file without execute permission: EACCES (the shell says so, status 126),
+    # a script as much as a program; once chmod +x, it runs
+    sh("exec-not-executable-script", "cd /data && printf '#!/bin/sh\\necho ran $0\\n' > notexec "
+       "&& ./notexec; echo status $?; chmod +x notexec && ./notexec; echo status $?"),
+    sh("exec-not-executable-program", "cat /bin/busybox > /data/bb && /data/bb true; "
+       "echo status $?; chmod 755 /data/bb && /data/bb echo ran; echo status $?"),
+    # dietlibc builds: time through the vDSO (AT_SYSINFO_EHDR), files, pipelines
+    Case("diet-time-io", ("/data/diet.out",), program="/bin/diet_time_io"),
+    sh("diet-forked-and-exec", "/bin/diet_time_io /data/d.out | tr a-z A-Z; echo $?"),
+    mksh_diet("mksh-diet-pipeline", "echo hello | tr a-z A-Z; x=$(echo sub); echo $x; exit 4"),
+    mksh_diet("mksh-diet-time", "[ ${EPOCHREALTIME%.*} -gt 1577836800 ] && echo recent; "
+              "t=$SECONDS; sleep 1; echo $((SECONDS - t >= 1)); time true"),
+    mksh_diet("mksh-diet-files", "echo one > /m.txt; echo two >> /m.txt; cat < /m.txt; "
+              "mkdir /md && cd /md && echo x > f && ls && rm f && cd / && rmdir /md"),
     sash("sash-echo", "echo hello sash"),
     sash("sash-builtins", "-mkdir /sd"),
 ]
@@ -218,7 +240,7 @@ def make_root(root: Path) -> None:
     """The same scratch tree for both runs: busybox at /bin/busybox, some data."""
     (root / "bin").mkdir(parents=True)
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    for guest_path, host_path in SHELLS.items():
+    for guest_path, host_path in PROGRAMS.items():
         if host_path.exists():
             shutil.copy2(host_path.resolve(), root / guest_path.lstrip("/"))
     for name in applets():
@@ -304,10 +326,10 @@ def run_vm(case: Case, root: Path, vmstate: str, cpu: str = "auto") -> Result:
 
 def native_available() -> str | None:
     """None if commands can be run natively in a scratch root, else why not."""
-    missing = [str(p) for p in (BUSYBOX, *SHELLS.values()) if not p.exists()]
+    missing = [str(p) for p in (BUSYBOX, *PROGRAMS.values()) if not p.exists()]
     if missing:
-        return (f"{', '.join(missing)} missing (Debian packages busybox-static, mksh, sash; "
-                "`make setup` installs them)")
+        return (f"{', '.join(missing)} missing (Debian packages busybox-static, mksh, sash, "
+                "dietlibc-dev; `make setup` installs them and builds the test guests)")
     if os.geteuid() != 0 and shutil.which("unshare") is None:
         return "neither root (for chroot) nor unshare is available"
     return None

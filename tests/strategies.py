@@ -12,7 +12,7 @@ from vmstate.image import layout as L
 from vmstate.pages import runs_from_bytemap
 from vmstate.state import (
     PAGE_SIZE, AddressSpace, CpuidEntry, DebugRegisters, Descriptor, DescriptorTable,
-    ExtraSection, GuestOs, MemoryRegion, OpenFile, PendingCall, Pipe, Registers, Segment,
+    ExtraSection, GuestLimits, GuestOs, MemoryRegion, OpenFile, PendingCall, Pipe, Registers, Segment,
     SignalAction, SpecialRegisters, VcpuEvents, VcpuState, VmmState, VmState)
 
 u8 = st.integers(0, 0xFF)
@@ -90,7 +90,8 @@ def address_spaces(draw, memory_end: int) -> AddressSpace:
     user_start, brk_start, brk, mmap_low, mmap_top, user_end = points
     return AddressSpace(user_start=user_start, user_end=user_end, brk_start=brk_start, brk=brk,
                         mmap_low=mmap_low, mmap_top=mmap_top, free_ranges=free)
-pending_calls = st.builds(PendingCall, u64, st.tuples(u64, u64, u64, u64, u64, u64), u64)
+pending_calls = st.builds(PendingCall, u64 | st.sampled_from((35, 230)),
+                          st.tuples(u64, u64, u64, u64, u64, u64), u64)
 int31 = st.integers(0, (1 << 31) - 1)
 guest_paths = st.just(".") | st.lists(names.filter(lambda n: n not in (".", "..")), min_size=1,
                                       max_size=3).map("/".join)
@@ -104,6 +105,9 @@ guest_os_states = st.builds(
     actions=st.lists(st.builds(SignalAction, u32, u64, u64, u64, u64), max_size=3).map(tuple),
     blocked=u64, pending=u64, altstack=st.tuples(u64, u32, u64), alarm_ns=u64,
     alarm_interval_ns=u64, limits=st.lists(st.tuples(u32, u64, u64), max_size=2).map(tuple))
+# fds in these states go up to validate's MAX_GUEST_FDS - 1: max_fds is that cap
+guest_limits = st.builds(GuestLimits, max_file_size=st.none() | st.integers(0, 2**64 - 2),
+                         max_fds=st.just(1 << 20), max_processes=st.integers(1, 1 << 15))
 known_types = set(L.SECTION_NAMES)
 extras = st.builds(ExtraSection, type=u16.filter(lambda t: t not in known_types),
                    instance=u32, flags=st.just(L.SECTION_OPTIONAL), data=st.binary(max_size=40))
@@ -118,7 +122,10 @@ def vm_states(draw) -> tuple[VmState, list[bytes]]:
                    address_space=draw(address_spaces(max(r.guest_phys_addr + r.size
                                                           for r, _ in region_pairs))),
                    pending=draw(st.none() | pending_calls),
-                   saved_by=draw(st.sampled_from(("", "kvm", "soft"))))
+                   saved_by=draw(st.sampled_from(("", "kvm", "soft"))),
+                   limits=draw(st.none() | guest_limits))
+    if vmm.pending is not None and vmm.pending.nr in (35, 230):     # nanosleep, clock_nanosleep
+        vmm = replace(vmm, sleep_left_ns=draw(st.none() | u64))
     guest_os = draw(st.none() | guest_os_states)
     if guest_os is not None:      # descriptors that agree with the file table (see validate)
         pipe_ids = [p.id for p in guest_os.pipes]

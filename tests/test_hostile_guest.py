@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from linux_personality.processes import MAX_GUEST_PROCESSES, guest_process_count
+from linux_personality.processes import guest_process_count
+from vmstate.state import DEFAULT_MAX_PROCESSES
 
 pytestmark = pytest.mark.kvm
 
@@ -59,7 +60,7 @@ def test_execve_with_too_many_argument_bytes_is_e2big(vmstate, root, cpu):
 
 def test_a_fork_tree_is_capped_for_the_whole_vm(vmstate_cmd, root):
     """8 + 64 + 512 + 4096 processes asked for, each living 2 s: forks fail with EAGAIN once
-    the VM's tree holds MAX_GUEST_PROCESSES. The check and the fork are not one atomic step,
+    the VM's tree holds DEFAULT_MAX_PROCESSES. The check and the fork are not one atomic step,
     so processes forking at the same moment can pass it together: the peak stays below
     twice the cap (it was 2641 processes before the cap)."""
     vm = subprocess.Popen([vmstate_cmd, "run", "--root", root, root / "hostile", "forktree"],
@@ -73,7 +74,7 @@ def test_a_fork_tree_is_capped_for_the_whole_vm(vmstate_cmd, root):
     counts = [tuple(int(word) for word in line.split()[1::2]) for line in out.decode().split("\n")
               if line]
     assert sum(failed for _, failed in counts) > 0
-    assert MAX_GUEST_PROCESSES // 2 < peak < 2 * MAX_GUEST_PROCESSES, peak
+    assert DEFAULT_MAX_PROCESSES // 2 < peak < 2 * DEFAULT_MAX_PROCESSES, peak
 
 
 @pytest.mark.both_cpus
@@ -94,3 +95,20 @@ def test_a_signal_frame_that_does_not_fit_kills_the_guest_by_sigsegv(vmstate, ro
     assert lines(result) == ["sigaltstack 0 ok"]
     assert result.stderr.decode() == "vmstate: guest killed by SIGSEGV\n"
 
+
+
+@pytest.mark.both_cpus
+def test_proc_self_exe_never_shows_a_host_path(vmstate, tmp_path, cpu):
+    """readlink /proc/self/exe: the path inside the root, or for a program outside the root
+    only its name under /; busybox re-executes itself through /proc/self/exe (the root has
+    no `sleep`) wherever it lies."""
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    script = "readlink /proc/self/exe; sleep 0.1 && echo slept"
+    outside = vmstate("run", "--root", root, "/bin/busybox", "sh", "-c", script)
+    assert outside.returncode == 0, outside.stderr
+    assert outside.stdout.decode().splitlines() == ["/busybox", "slept"]
+    inside = vmstate("run", "--root", root, root / "bin" / "busybox", "sh", "-c", script)
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.decode().splitlines() == ["/bin/busybox", "slept"]

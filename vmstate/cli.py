@@ -13,6 +13,7 @@ import typer
 from .errors import (
     EXIT_ERROR, EXIT_SIGNAL_BASE, FileMissingError, UsageError, VmstateError, describe_error,
     shorten, shorten_message)
+from .state import DEFAULT_MAX_FDS, DEFAULT_MAX_PROCESSES, GuestLimits
 from .units import parse_size
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
@@ -46,6 +47,16 @@ def _in_range(option: str, value, low, high):
     if not low <= value <= high:        # NaN fails too
         raise UsageError(f"{option} {shorten(str(value))}: must be from {low} to {high}")
     return value
+
+
+def _count(option: str, text: str, low: int, high: int) -> int:
+    """A whole number from `low` to `high` (a one-line error otherwise, never click's)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise UsageError(f"{option} {shorten(text) if text else repr(text)}: not a whole "
+                         "number") from None
+    return _in_range(option, value, low, high)
 
 
 def _address(option: str, text: str) -> tuple[str, int]:
@@ -112,8 +123,11 @@ def run(
     hostname: Annotated[str, typer.Option(help="The guest's host name (uname).")] = "vmstate",
     max_file_size: Annotated[Optional[str], typer.Option(
         help="Largest size a guest write may make a file (e.g. 100M); past it, EFBIG.")] = None,
-    max_fds: Annotated[int, typer.Option(help="Most descriptors the guest may have open.")]
-    = 1024,
+    max_fds: Annotated[str, typer.Option(help="Most descriptors the guest may have open "
+                                         "(EMFILE past it).")] = str(DEFAULT_MAX_FDS),
+    max_processes: Annotated[str, typer.Option(
+        help="Most processes the guest's tree may hold at a time (fork: EAGAIN past it).")]
+    = str(DEFAULT_MAX_PROCESSES),
     cpu: CpuOption = "auto",
     max_instructions: MaxInstructionsOption = None,
     control: ControlOption = None,
@@ -132,12 +146,15 @@ def run(
     save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
                          connect_timeout, live, max_downtime)
     from linux_personality.options import GuestOptions
-    from vmstate.validate import MAX_GUEST_FDS
-    _in_range("--max-fds", max_fds, 3, MAX_GUEST_FDS)
+    from vmstate.validate import MAX_GUEST_FDS, MAX_GUEST_PROCESSES, MIN_GUEST_FDS
     if len(hostname.encode()) > 64:
         raise UsageError("--hostname: at most 64 bytes")
-    options = GuestOptions(cwd=cwd, hostname=hostname, max_fds=max_fds, max_file_size=(
-        _size("--max-file-size", max_file_size) if max_file_size is not None else None))
+    limits = GuestLimits(
+        max_fds=_count("--max-fds", max_fds, MIN_GUEST_FDS, MAX_GUEST_FDS),
+        max_processes=_count("--max-processes", max_processes, 1, MAX_GUEST_PROCESSES),
+        max_file_size=(_size("--max-file-size", max_file_size)
+                       if max_file_size is not None else None))
+    options = GuestOptions(cwd=cwd, hostname=hostname, limits=limits)
     argv = [str(program), *(args or [])]
     if control is not None:
         from .vmm_config import VmEntry, complete

@@ -24,6 +24,22 @@ EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 PHDR = struct.Struct("<IIQQQQQQ")
 NHDR = struct.Struct("<III")            # namesz, descsz, type
 MAX_PHNUM = 0xFFFF - 1                  # PN_XNUM (0xffff) would need section 0; we stay below
+# sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link, sh_info, sh_addralign,
+# sh_entsize
+SHDR = struct.Struct("<IIQQQQIIQQ")
+SYM = struct.Struct("<IBBHQQ")          # st_name, st_info, st_other, st_shndx, st_value, st_size
+DYN = struct.Struct("<qQ")              # d_tag, d_val
+# Elf64_Verdef: vd_version, vd_flags, vd_ndx, vd_cnt, vd_hash, vd_aux, vd_next; Elf64_Verdaux:
+# vda_name, vda_next
+VERDEF = struct.Struct("<HHHHIII")
+VERDAUX = struct.Struct("<II")
+PT_DYNAMIC = 2
+SHT_PROGBITS, SHT_STRTAB, SHT_HASH, SHT_DYNAMIC, SHT_DYNSYM = 1, 3, 5, 6, 11
+SHT_GNU_VERDEF, SHT_GNU_VERSYM = 0x6FFFFFFD, 0x6FFFFFFF
+SHF_ALLOC, SHF_EXECINSTR = 0x2, 0x4
+DT_NULL, DT_HASH, DT_STRTAB, DT_SYMTAB, DT_STRSZ, DT_SYMENT, DT_SONAME = 0, 4, 5, 6, 10, 11, 14
+DT_VERSYM, DT_VERDEF, DT_VERDEFNUM = 0x6FFFFFF0, 0x6FFFFFFC, 0x6FFFFFFD
+STB_GLOBAL, STT_FUNC, VER_FLG_BASE = 1, 2, 1
 
 # struct elf_prstatus (x86-64): siginfo (signo, code, errno), cursig, sigpend, sighold,
 # pid, ppid, pgrp, sid, utime, stime, cutime, cstime (timevals), 27 registers, fpvalid.
@@ -45,6 +61,17 @@ XSAVE_XCR0_OFFSET = 464                 # where Linux (and gdb) keep XCR0 in an 
 
 assert EHDR.size == 64 and PHDR.size == 56 and PRSTATUS.size == 336 and PRPSINFO.size == 136
 assert SIGINFO.size == 128
+assert SHDR.size == 64 and SYM.size == 24 and DYN.size == 16 and VERDEF.size == 20
+
+
+def sysv_hash(name: bytes) -> int:
+    """The System V ABI's ELF hash of a symbol or version name (DT_HASH, vd_hash)."""
+    h = 0
+    for byte in name:
+        h = (h << 4) + byte
+        h ^= (h >> 24) & 0xF0
+        h &= 0x0FFFFFFF
+    return h
 
 
 def note(name: bytes, kind: int, desc: bytes) -> bytes:

@@ -36,8 +36,8 @@ from vmstate.errors import FormatError, shorten
 from vmstate.pages import bits_from_runs, runs_from_bits
 from vmstate.state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_REGISTERS, VCPU_EVENT_FIELDS, AddressSpace,
-    PAGE_SIZE, CpuidEntry, DebugRegisters, Descriptor, DescriptorTable, ExtraSection, GuestOs,
-    MemoryRegion, OpenFile, PendingCall, Pipe, Registers, Segment, SignalAction,
+    PAGE_SIZE, CpuidEntry, DebugRegisters, Descriptor, DescriptorTable, ExtraSection, GuestLimits,
+    GuestOs, MemoryRegion, OpenFile, PendingCall, Pipe, Registers, Segment, SignalAction,
     SpecialRegisters, VcpuEvents, VcpuState, VmmState, VmState)
 from vmstate.x86 import msr_name
 
@@ -135,6 +135,7 @@ OS_FIELDS = {"uid": DEC32, "gid": DEC32, "blocked": HEX64, "pending": HEX64, "al
 ALTSTACK_ATTRIBUTES = ("altstack-sp", "altstack-flags", "altstack-size")
 SIGNAL_ACTION_FIELDS = {"signal": DEC32, "handler": HEX64, "flags": HEX64, "restorer": HEX64,
                         "mask": HEX64}
+LIMIT_FIELDS = {"max_fds": DEC32, "max_processes": DEC32}
 DIGEST_SIZE = 8
 
 
@@ -329,10 +330,17 @@ def _write_vmm(root, vmm: VmmState) -> None:
     if vmm.pending is not None:
         call = _child(element, "pending-call")
         _set_numbers(call, vmm.pending, PENDING_CALL_FIELDS)
+        if vmm.sleep_left_ns is not None:
+            call.set("sleep-left-ns", DEC64.format(vmm.sleep_left_ns))
         for arg in vmm.pending.args:
             _child(call, "arg", value=HEX64.format(arg))
     if vmm.os is not None:
         _write_os(element, vmm.os)
+    if vmm.limits is not None:
+        limits = _child(element, "limits")
+        if vmm.limits.max_file_size is not None:
+            limits.set("max-file-size", DEC64.format(vmm.limits.max_file_size))
+        _set_numbers(limits, vmm.limits, LIMIT_FIELDS)
 
 
 def _write_os(vmm_element, g: GuestOs) -> None:
@@ -582,7 +590,18 @@ def _read_vmm(element) -> VmmState:
             **_get_numbers(pending, PENDING_CALL_FIELDS),
             args=tuple(HEX64.parse(arg, "value") for arg in pending.findall("arg"))),
         os=None if element.find("os") is None else _read_os(element.find("os")),
-        saved_by=element.get("saved-by", ""))
+        saved_by=element.get("saved-by", ""),
+        limits=None if element.find("limits") is None else _read_limits(element.find("limits")),
+        sleep_left_ns=None if pending is None or pending.get("sleep-left-ns") is None
+        else DEC64.parse(pending, "sleep-left-ns"))
+
+
+def _read_limits(element) -> GuestLimits:
+    """A missing max-file-size is no cap."""
+    size = element.get("max-file-size")
+    return GuestLimits(max_file_size=None if size is None else DEC64.parse(element,
+                                                                           "max-file-size"),
+                       **_get_numbers(element, LIMIT_FIELDS))
 
 
 def _read_os(element) -> GuestOs:

@@ -68,10 +68,14 @@ def describe(image: Image, instructions: int = 8) -> dict:
             "nr": state.vmm.pending.nr,
             "name": SYSCALL_NAMES.get(state.vmm.pending.nr, f"syscall_{state.vmm.pending.nr}"),
             "args": [hexa(a) for a in state.vmm.pending.args],
-            "rip": hexa(state.vmm.pending.rip)},
+            "rip": hexa(state.vmm.pending.rip), "sleep_left_ns": state.vmm.sleep_left_ns},
         "extra_sections": [{"type": hexa(x.type), "instance": x.instance, "size": len(x.data)}
                            for x in state.extra],
         "os": None if state.vmm.os is None else _describe_os(state.vmm.os),
+        "limits": None if state.vmm.limits is None else {
+            "max_file_size": state.vmm.limits.max_file_size,
+            "max_fds": state.vmm.limits.max_fds,
+            "max_processes": state.vmm.limits.max_processes},
     }
 
 
@@ -179,9 +183,16 @@ def render_text(info: dict, verified: str) -> str:
     pending = info["pending_call"]
     add("Pending call   " + ("none" if pending is None else
                              f"{pending['name']}({', '.join(pending['args'])}) at rip "
-                             f"{pending['rip']}, re-issued on resume"))
+                             f"{pending['rip']}, re-issued on resume"
+                             + ("" if pending["sleep_left_ns"] is None else
+                                f" ({pending['sleep_left_ns'] / 1e9:.3f} s of its sleep left)")))
     if info["os"] is not None:
         lines += _render_os(info["os"])
+    limits = info["limits"]
+    if limits is not None:
+        size = limits["max_file_size"]
+        add(f"Limits         files up to {'any size' if size is None else format_size(size)}  "
+            f"{limits['max_fds']} fds  {limits['max_processes']} processes")
     for extra in info["extra_sections"]:
         add(f"Unknown section type {extra['type']} ({extra['size']} bytes), carried through")
     return "\n".join(lines)

@@ -263,8 +263,20 @@ def diff_states(old: VmState, new: VmState) -> list[tuple[str, str, str]]:
     changes += _diff_dataclass("address space ", old.vmm.address_space, new.vmm.address_space)
     if old.vmm.pending != new.vmm.pending:
         changes.append(("pending call", str(old.vmm.pending), str(new.vmm.pending)))
+    if old.vmm.sleep_left_ns != new.vmm.sleep_left_ns:
+        changes.append(("pending call sleep_left_ns", str(old.vmm.sleep_left_ns),
+                        str(new.vmm.sleep_left_ns)))
     changes += _diff_os(old.vmm.os, new.vmm.os)
+    changes += _diff_limits(old.vmm.limits, new.vmm.limits)
     return changes
+
+
+def _diff_limits(old, new) -> list[tuple[str, str, str]]:
+    if old is None or new is None:
+        return [] if old is new else [("limits", "absent" if old is None else "present",
+                                       "absent" if new is None else "present")]
+    return [(f"limits {f.name}", str(getattr(old, f.name)), str(getattr(new, f.name)))
+            for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
 
 
 def _diff_os(old, new) -> list[tuple[str, str, str]]:

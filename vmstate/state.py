@@ -263,6 +263,19 @@ class GuestOs:
     limits: tuple[tuple[int, int, int], ...] = ()   # resource, soft, hard set by the guest
 
 
+DEFAULT_MAX_FDS = 1024            # --max-fds unless given
+DEFAULT_MAX_PROCESSES = 256       # --max-processes unless given
+
+
+@record
+class GuestLimits:
+    """What the user capped the guest at (vmstate run --max-file-size, --max-fds,
+    --max-processes), so that a guest cannot hurt the host."""
+    max_file_size: int | None = None     # bytes a guest write may make a file reach; None: no cap
+    max_fds: int = DEFAULT_MAX_FDS        # open descriptors (EMFILE past it)
+    max_processes: int = DEFAULT_MAX_PROCESSES    # live processes in the guest's tree (EAGAIN)
+
+
 @record
 class VmmState:
     """Device and bookkeeping state kept by the VMM rather than by KVM."""
@@ -273,6 +286,8 @@ class VmmState:
     pending: PendingCall | None = None
     os: GuestOs | None = None          # None: an image from before the vmm-os section
     saved_by: str = ""          # the CPU that ran the guest when it was saved: "kvm" or "soft"
+    limits: GuestLimits | None = None  # None: an image from before vmm-limits (the defaults)
+    sleep_left_ns: int | None = None   # a pending relative sleep's time left; None: no such call
 
 
 @record

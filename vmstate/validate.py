@@ -26,7 +26,10 @@ XSAVE_MIN = xsave.XSAVE_HEADER_OFFSET + xsave.XSAVE_HEADER_SIZE    # legacy regi
 XSAVE_MAX = 1 << 16                                                 # far above any CPU's size
 MAX_XCRS = 16                           # what struct kvm_xcrs holds
 MAX_GUEST_FDS = 1 << 20                 # the largest --max-fds: guest fds below it
+MIN_GUEST_FDS = 3                       # the smallest --max-fds: the standard streams
+MAX_GUEST_PROCESSES = 1 << 15           # the largest --max-processes (Linux's default pid_max)
 MAX_FILE_OFFSET = (1 << 63) - 1         # off_t
+SLEEP_CALLS = (35, 230)                 # nanosleep, clock_nanosleep: may have a time left
 
 # This VMM's machine (machine.layout lays memory out by these).
 USER_START = 0x200000                   # user memory begins above the page tables and stubs
@@ -55,6 +58,8 @@ def problems(state: VmState) -> list[Problem]:
     found += _file_problems(state)
     found += _address_space_problems(state)
     found += _os_problems(state)
+    found += _limit_problems(state)
+    found += _sleep_problems(state)
     return found
 
 
@@ -222,6 +227,35 @@ def _os_problems(state: VmState) -> list[Problem]:
         if d.pipe < 0 and d.fd not in files:
             found.append(Problem(where, f"guest fd {d.fd} is neither a file nor a pipe end"))
     return found
+
+
+def _limit_problems(state: VmState) -> list[Problem]:
+    """The caps are in the ranges `vmstate run` accepts, and every guest fd is below the fd
+    cap (or the restored guest would hold fds it could not have opened)."""
+    limits = state.vmm.limits
+    if limits is None:
+        return []
+    at = f"{VMM}/limits"
+    found = []
+    if not MIN_GUEST_FDS <= limits.max_fds <= MAX_GUEST_FDS:
+        found.append(Problem(at, f"max-fds {limits.max_fds} is out of range ({MIN_GUEST_FDS} to "
+                                 f"{MAX_GUEST_FDS})", "max-fds"))
+    elif any(f.fd >= limits.max_fds for f in state.vmm.files) or any(
+            d.fd >= limits.max_fds for d in (state.vmm.os.descriptors if state.vmm.os else ())):
+        found.append(Problem(at, f"max-fds {limits.max_fds}: the guest has an fd at or above "
+                                 "it", "max-fds"))
+    if not 1 <= limits.max_processes <= MAX_GUEST_PROCESSES:
+        found.append(Problem(at, f"max-processes {limits.max_processes} is out of range (1 to "
+                                 f"{MAX_GUEST_PROCESSES})", "max-processes"))
+    return found
+
+
+def _sleep_problems(state: VmState) -> list[Problem]:
+    pending = state.vmm.pending
+    if state.vmm.sleep_left_ns is None or pending is not None and pending.nr in SLEEP_CALLS:
+        return []
+    return [Problem(f"{VMM}/pending-call", "a sleep's time left without a pending nanosleep or "
+                    "clock_nanosleep", "sleep-left-ns")]
 
 
 def _long_mode_problems(cr0: int, cr4: int, efer: int) -> list[tuple[str, str]]:

@@ -13,8 +13,8 @@ from ..pages import bits_from_runs, runs_from_bits
 
 from ..state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_FIELDS, SEGMENT_REGISTERS, AddressSpace, CpuidEntry,
-    DebugRegisters, DescriptorTable, MemoryRegion, OpenFile, PendingCall, Registers, Segment,
-    SpecialRegisters, VcpuEvents, VcpuState, VmmState)
+    DebugRegisters, DescriptorTable, GuestLimits, MemoryRegion, OpenFile, PendingCall, Registers,
+    Segment, SpecialRegisters, VcpuEvents, VcpuState, VmmState)
 from . import layout as L
 
 
@@ -281,7 +281,25 @@ def encode_vmm(vmm: VmmState) -> list[tuple[int, bytes]]:
         sections.append((L.VMM_OS, encode_os(vmm.os)))
     if vmm.saved_by:
         sections.append((L.VMM_SAVED_BY, encode_saved_by(vmm.saved_by)))
+    if vmm.limits is not None:
+        sections.append((L.VMM_LIMITS, encode_limits(vmm.limits)))
+    if vmm.sleep_left_ns is not None:
+        sections.append((L.VMM_SLEEP_LEFT, L.SLEEP_LEFT.pack(vmm.sleep_left_ns)))
     return sections
+
+
+def decode_sleep_left(data: bytes) -> int:
+    return _single(L.SLEEP_LEFT, data)[0]
+
+
+def encode_limits(limits: GuestLimits) -> bytes:
+    size = L.NO_FILE_SIZE_CAP if limits.max_file_size is None else limits.max_file_size
+    return L.LIMITS.pack(size, limits.max_fds, limits.max_processes)
+
+
+def decode_limits(data: bytes) -> GuestLimits:
+    size, max_fds, max_processes = _single(L.LIMITS, data)
+    return GuestLimits(None if size == L.NO_FILE_SIZE_CAP else size, max_fds, max_processes)
 
 
 def encode_saved_by(cpu: str) -> bytes:

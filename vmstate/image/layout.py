@@ -1,4 +1,4 @@
-"""Binary layout of vmstate image files, format 2.1. The normative description with the same
+"""Binary layout of vmstate image files, format 2.2. The normative description with the same
 tables is schemas/image-format.md; every structure is declared here once and used everywhere.
 
     +--------------------+ 0
@@ -17,7 +17,7 @@ import struct
 from ..state import FD_FILE, FD_STDERR, FD_STDIN, FD_STDOUT
 
 MAGIC = b"VMSTATE\0"
-VERSION_MAJOR, VERSION_MINOR = 2, 1
+VERSION_MAJOR, VERSION_MINOR = 2, 2
 PAGE = 4096
 ALIGN = 8
 
@@ -37,7 +37,8 @@ MEMORY_REGION = 0x0020
 VMM_PROGRAM, VMM_FILES, VMM_ADDRESS_SPACE, VMM_PENDING_CALL = 0x0030, 0x0031, 0x0032, 0x0033
 VMM_OS = 0x0034
 VMM_SAVED_BY = 0x0035                           # 2.1, optional: a 2.0 reader skips it
-OPTIONAL_TYPES = frozenset({VMM_SAVED_BY})      # written with SECTION_OPTIONAL
+VMM_LIMITS, VMM_SLEEP_LEFT = 0x0036, 0x0037    # 2.2, optional: a 2.1 reader skips them
+OPTIONAL_TYPES = frozenset({VMM_SAVED_BY, VMM_LIMITS, VMM_SLEEP_LEFT})   # SECTION_OPTIONAL
 
 SECTION_NAMES = {
     VCPU_REGS: "vcpu-regs", VCPU_SREGS: "vcpu-sregs", VCPU_MSRS: "vcpu-msrs",
@@ -46,7 +47,7 @@ SECTION_NAMES = {
     MEMORY_REGION: "memory-region", VMM_PROGRAM: "vmm-program", VMM_FILES: "vmm-files",
     VMM_ADDRESS_SPACE: "vmm-address-space", VMM_PENDING_CALL: "vmm-pending-call",
     VMM_OS: "vmm-os",
-    VMM_SAVED_BY: "vmm-saved-by",
+    VMM_SAVED_BY: "vmm-saved-by", VMM_LIMITS: "vmm-limits", VMM_SLEEP_LEFT: "vmm-sleep-left",
 }
 
 REGS = struct.Struct("<18Q")                    # rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags
@@ -68,6 +69,9 @@ FILE_KINDS = (FD_FILE, FD_STDIN, FD_STDOUT, FD_STDERR)     # the kind byte index
 STRING = struct.Struct("<I4x")                  # byte length; the bytes follow, padded to 8
 ADDRESS_SPACE = struct.Struct("<6QI4x")         # user_start user_end brk_start brk mmap_low mmap_top free_count
 FREE_RANGE = struct.Struct("<QQ")               # start, length
+LIMITS = struct.Struct("<QII")                  # max_file_size (2^64-1: none) max_fds max_processes
+NO_FILE_SIZE_CAP = 2**64 - 1
+SLEEP_LEFT = struct.Struct("<Q")                # ns
 PENDING_CALL = struct.Struct("<Q6QQ")           # nr, args[6], rip of the syscall instruction
 # vmm-os: header, then strings cwd and hostname, then four counted lists
 OS_HEADER = struct.Struct("<III4xQQQIxxxxQQQ")  # umask uid gid, blocked pending, ss_sp ss_flags ss_size, alarm_ns interval_ns

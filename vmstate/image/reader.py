@@ -394,4 +394,6 @@ VMM_DECODERS = {
     L.VMM_PENDING_CALL: ("pending", codec.decode_pending),
     L.VMM_OS: ("os", decode_os),
     L.VMM_SAVED_BY: ("saved_by", codec.decode_saved_by),
+    L.VMM_LIMITS: ("limits", codec.decode_limits),
+    L.VMM_SLEEP_LEFT: ("sleep_left_ns", codec.decode_sleep_left),
 }
