@@ -85,6 +85,12 @@ def test_bad_memory_size(vmstate, example):
     (("receive", "-o", "x.sav", "--port", "99999"), "--port 99999: must be from 0 to 65535"),
     (("receive", "-o", "x.sav", "--max-senders", "0"), "--max-senders 0: must be from 1 to 64"),
     (("info", "--instructions", "-5", "vm_image.sav"), "--instructions -5: must be from 0"),
+    (("receive", "-o", "x.sav", "--max-senders", "abc"),     # click's own checks, one line too
+     "Invalid value for '--max-senders': 'abc' is not a valid int. (see vmstate receive --help)"),
+    (("run", "--max-instructions", "1.5", "PROGRAM"), "'--max-instructions': '1.5' is not a valid"),
+    (("run", "--no-such-option", "PROGRAM"), "No such option: --no-such-option"),
+    (("split",), "Missing argument 'IMAGE'. (see vmstate split --help)"),
+    (("frobnicate",), "No such command 'frobnicate'."),
 ])
 def test_bad_option_values_are_a_bad_command_line(vmstate, example, args, message):
     """Exit status 2 and one line, before anything runs; a huge value is quoted in part."""

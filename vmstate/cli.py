@@ -521,7 +521,12 @@ def main() -> None:
 def _run(arguments: list[str]) -> None:
     """The command; its errors become one line and an exit status (SystemExit)."""
     try:
-        _app_for(arguments)()
+        status = _app_for(arguments)(standalone_mode=False)
+    except typer.Abort:
+        print("vmstate: aborted", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except typer.TyperException as e:     # click's usage errors: bad option values, unknown options
+        _usage_error(e)
     except VmstateError as e:
         print(f"vmstate: {shorten_message(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -540,6 +545,20 @@ def _run(arguments: list[str]) -> None:
         print(f"vmstate: {shorten_message(f'internal error: {type(e).__name__}: {e}')} (set "
               "VMSTATE_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+    sys.exit(status if isinstance(status, int) else 0)     # typer.Exit's status, or 0
+
+
+def _usage_error(e) -> None:
+    """A command-line mistake click found, as one line (click prints the usage and the error
+    over three or four); the help text when no arguments were given."""
+    message = e.format_message()
+    if "\n" in message:                  # no arguments at all: click's error is the help
+        e.show()
+    else:
+        ctx = getattr(e, "ctx", None)
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        print(f"vmstate: {shorten_message(message)}{where}", file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 def _silence_stdout() -> None:
