@@ -170,12 +170,17 @@ def restored_vm(backend, image: Image, root: str, memory_check: MemoryCheck | No
                 ) -> tuple[Machine, Callable[[], None]]:
     """A VM of `backend` (KvmBackend or SoftBackend) over `image`'s memory (copy-on-write) and
     the gate its run must pass: the memory verification (`memory_check`, or one started
-    here). `image` must stay open while the VM runs."""
+    here, which a failure here ends). `image` must stay open while the VM runs."""
     verification = _MemoryVerification(memory_check or image.start_memory_check())
-    check_restorable(image.state)
-    memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
-                         image_offset=image.region_data[0].data_offset)
-    vm = backend.restore(image.state, memory, root)
+    try:
+        check_restorable(image.state)
+        memory = GuestMemory(image.state.memory[0].size, image_fd=image.fd,
+                             image_offset=image.region_data[0].data_offset)
+        vm = backend.restore(image.state, memory, root)
+    except BaseException:
+        if memory_check is None:
+            verification.memory_check.close()
+        raise
     verification.start(vm.stop)
     return vm, verification.wait
 

@@ -39,6 +39,11 @@ def test_start_up(vmstate_cmd, example, guest, tmp_path):
     run = median_seconds([vmstate_cmd, "run", guest("exit_now")], runs=11)
     restore = median_seconds([vmstate_cmd, "restore", "vm_image.sav"], runs=11, cwd=tmp_path)
     help_only = median_seconds([vmstate_cmd, "run", "--help"], runs=11)
+    tools = {command: median_seconds([vmstate_cmd, *arguments], runs=11, cwd=tmp_path)
+             for command, arguments in (
+                 ("info", ["info", "vm_image.sav"]),
+                 ("split", ["split", "vm_image.sav"]),          # writes vm.core, hw.xml
+                 ("join", ["join", "vm.core", "hw.xml", "-o", "joined.sav"]))}
     report("start-up, whole process, median of 11 runs", [
         ("baseline: python3 -c pass (the same interpreter)", f"{python * 1e3:.1f} ms"),
         ("vmstate run of a program that exits at once", f"{run * 1e3:.1f} ms, "
@@ -46,4 +51,6 @@ def test_start_up(vmstate_cmd, example, guest, tmp_path):
         ("vmstate restore of a 64 MiB guest that exits at once",
          f"{restore * 1e3:.1f} ms, {restore / python:.1f}x (target <= 4)"),
         ("vmstate run --help (interpreter and command line only)",
-         f"{help_only * 1e3:.1f} ms, {help_only / python:.1f}x")])
+         f"{help_only * 1e3:.1f} ms, {help_only / python:.1f}x"),
+        *((f"vmstate {command} of that 64 MiB image (16 MiB stored)",
+           f"{seconds * 1e3:.1f} ms, {seconds / python:.1f}x") for command, seconds in tools.items())])
