@@ -1,8 +1,9 @@
 """split and join of a QEMU 7.2 stream of a 1 GiB guest whose RAM is all written, as whole
 commands, against copying the same stream in the same run: `cp`, `cp --sparse=always`, and `cp`
-plus fsync (split and join fsync their outputs before renaming them into place; plain cp leaves
-its copy in the page cache). Runs are interleaved so that load from other processes falls on
-all of them alike; the load average is printed with the figures. Run with `make bench`."""
+plus a sync of the copy (split and join, like cp, do not fsync their outputs: README,
+"Durability"; the synced cp shows what waiting for the disk costs). Runs are interleaved so
+that load from other processes falls on all of them alike; the load average is printed with
+the figures. Run with `make bench`."""
 
 import os
 import shutil

@@ -1,7 +1,8 @@
 """split and join of images of 1 GiB and 4 GiB guests in the four layouts of
 benchlib.LAYOUTS, as whole commands, against `cp --sparse=always` of the same image in the
-same run (target: at most 1.1x its time), and against cp followed by sync (split and join
-fsync what they write); and join(split(image)) == image. Run with `make bench`."""
+same run (target: at most 1.1x its time), and against cp followed by sync (what waiting for
+the disk would cost: split and join, like cp, do not fsync; README, "Durability"); and
+join(split(image)) == image. Run with `make bench`."""
 
 import statistics
 import subprocess
