@@ -141,7 +141,7 @@ def run(
 
     from .atomic import refuse_clobbering
     memory_size = check_memory_size(_size("--memory", memory))
-    _check_save_options(migrate_to, connect_timeout)
+    _check_save_options(migrate_to, connect_timeout, max_downtime)
     refuse_clobbering({"--image": str(image)}, {"the program": str(program)})
     save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
                          connect_timeout, live, max_downtime)
@@ -170,10 +170,7 @@ def run(
 def _save_options(image: Path, save_on_signal: bool, save_on_interrupt: bool,
                   migrate_to: str | None, with_files: bool, connect_timeout: float, live: bool,
                   max_downtime: float):
-    from kvm_backend.session import SaveOptions
-    if not 0 < max_downtime <= 60_000:
-        raise UsageError(f"--max-downtime {max_downtime:g}: must be more than 0 and at most "
-                         "60000 ms")
+    from kvm_backend.session import SaveOptions     # the VMM's imports: after the checks
     return SaveOptions(str(image), save_on_signal, save_on_interrupt, migrate_to, with_files,
                        connect_timeout, live, max_downtime / 1000)
 
@@ -199,20 +196,22 @@ def restore(
 
     Example: vmstate restore vm_image.sav
     """
-    _check_save_options(migrate_to, connect_timeout)
-    save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
-                         connect_timeout, live, max_downtime)
+    _check_save_options(migrate_to, connect_timeout, max_downtime)
     if control is not None:
         from .vmm_config import VmEntry, complete
         entry = complete([VmEntry(snapshot=str(image_file), root=str(root), image=str(image))],
                          VmEntry())[0]
+        save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
+                             connect_timeout, live, max_downtime)
         _finish(_hosted_alone(entry, control, save, trace, cpu=cpu,
                               max_instructions=max_instructions))
     from .image.reader import Image     # before the VMM's imports, which the memory check overlaps
-    image = Image(str(image_file))
-    memory_check = image.start_memory_check()
+    opened = Image(str(image_file))
+    memory_check = opened.start_memory_check()
+    save = _save_options(image, save_on_signal, save_on_interrupt, migrate_to, with_files,
+                         connect_timeout, live, max_downtime)
     from kvm_backend.session import restore_image
-    outcome = restore_image(image, memory_check, str(root), save,
+    outcome = restore_image(opened, memory_check, str(root), save,
                             trace=sys.stderr if trace else None, cpu=cpu,
                             max_instructions=max_instructions)
     _finish(outcome)
@@ -467,10 +466,14 @@ def gdb(
     run_gdb(str(target), str(app_program) if app_program else None, extra)
 
 
-def _check_save_options(migrate_to: str | None, connect_timeout: float) -> None:
+def _check_save_options(migrate_to: str | None, connect_timeout: float,
+                        max_downtime: float) -> None:
     if migrate_to is not None:
         _address("--migrate-to", migrate_to)
     _in_range("--connect-timeout", connect_timeout, 0, 1e9)
+    if not 0 < max_downtime <= 60_000:
+        raise UsageError(f"--max-downtime {max_downtime:g}: must be more than 0 and at most "
+                         "60000 ms")
 
 
 def _read_input(path: Path) -> bytes:
