@@ -1,7 +1,12 @@
 """Page sets: the bitmap the image format stores and the runs the model holds agree, whatever
 the bitmap (the fast decoder is checked against the byte-map one)."""
 
+from unittest.mock import patch
+
+import numpy  # noqa: F401 (loaded, as in the commands that use numpy: its paths are taken)
 from hypothesis import given, settings, strategies as st
+
+import vmstate.pages
 
 from vmstate.pages import (
     NUMPY_MIN_PAGES, bits_from_runs, bytemap_from_bits, bytemap_from_runs, clip_runs,
@@ -50,7 +55,8 @@ def test_runs_from_bits_over_whole_blocks(bitmap, spare):
        stretches=st.lists(st.tuples(st.integers(0, 255), st.integers(1, 9000)), max_size=40),
        offset=st.integers(0, 1000))
 def test_large_byte_maps_give_the_runs_of_their_non_zero_bytes(first, stretches, offset):
-    """Maps of NUMPY_MIN_PAGES and more take the numpy path: same runs as a page-by-page scan."""
+    """Maps of NUMPY_MIN_PAGES and more take the numpy path (numpy is loaded here) and, in a
+    command that has not loaded numpy, the Python one: the same runs as a page-by-page scan."""
     bytemap = bytes([first]) * NUMPY_MIN_PAGES + \
         b"".join(bytes([value]) * n for value, n in stretches)
     expected, start = [], None
@@ -60,9 +66,11 @@ def test_large_byte_maps_give_the_runs_of_their_non_zero_bytes(first, stretches,
         elif not value and start is not None:
             expected.append((start + offset, page - start))
             start = None
-    assert runs_from_bytemap(bytemap, offset) == tuple(expected)
-    assert bytemap_from_runs(tuple(expected), len(bytemap) + offset)[offset:] == \
-        bytes(bool(value) for value in bytemap)
+    for numpy_loaded in (True, False):
+        with patch.object(vmstate.pages, "_numpy_pays", lambda: numpy_loaded):
+            assert runs_from_bytemap(bytemap, offset) == tuple(expected)
+            assert bytemap_from_runs(tuple(expected), len(bytemap) + offset)[offset:] == \
+                bytes(bool(value) for value in bytemap)
 
 
 def test_page_numbers_of_runs():

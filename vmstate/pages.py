@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import sys
 from bisect import bisect_left, bisect_right
 from math import inf
 
@@ -81,8 +82,9 @@ def bits_from_runs(runs: Runs, page_count: int) -> bytes:
 
 
 def bytemap_from_runs(runs: Runs, page_count: int) -> bytearray:
-    """The byte map of runs; more than NUMPY_MIN_RUNS runs are set by numpy in one step."""
-    if len(runs) > NUMPY_MIN_RUNS:
+    """The byte map of runs; more than NUMPY_MIN_RUNS runs are set by numpy in one step (when
+    numpy is loaded: see _numpy_pays)."""
+    if len(runs) > NUMPY_MIN_RUNS and _numpy_pays():
         import numpy as np
         table = _run_table(runs)
         edges = np.zeros(page_count + 1, np.int32)      # +1 where a run starts, -1 after it
@@ -102,9 +104,9 @@ def union(a, b) -> bytes:
 
 def runs_from_bytemap(bytemap, offset: int = 0) -> Runs:
     """Runs of non-zero bytes (their first pages counted from `offset`). A large map has its
-    run edges found by numpy (a fragmented 1 GiB guest: 65,536 runs, 41 -> 4 ms), a small one
-    by bytes.find (no numpy import for it)."""
-    if len(bytemap) >= NUMPY_MIN_PAGES:
+    run edges found by numpy (a fragmented 1 GiB guest: 65,536 runs, 41 -> 4 ms) when numpy
+    is loaded (see _numpy_pays), any other by bytes.find."""
+    if len(bytemap) >= NUMPY_MIN_PAGES and _numpy_pays():
         return _runs_by_numpy(bytemap, offset)
     data = bytes(bytemap).translate(_NONZERO_TO_ONE)
     runs, position = [], 0
@@ -119,6 +121,13 @@ def runs_from_bytemap(bytemap, offset: int = 0) -> Runs:
 _NONZERO_TO_ONE = bytes([0] + [1] * 255)
 NUMPY_MIN_PAGES = 1 << 15
 NUMPY_MIN_RUNS = 1024
+
+
+def _numpy_pays() -> bool:
+    """Whether numpy is already loaded (save, migration, QEMU streams). Importing it costs
+    about 90 ms here, more than the Python loops cost even for 4 GiB of one-page runs, so a
+    command that does not otherwise need it (restore, info, split) does not import it."""
+    return "numpy" in sys.modules
 
 
 def page_numbers(runs: Runs):
