@@ -246,3 +246,28 @@ def test_the_memory_check_in_shares_finds_what_verify_memory_finds(tmp_path, lay
             with pytest.raises(ImageError):
                 image.verify_memory(share, 2)
             image.verify_memory(1 - share, 2)
+
+
+def test_file_pages_slices_read_what_the_mapping_holds(tmp_path):
+    """FilePages hands out the file's bytes for any slice: short ones by pread (into one
+    reused buffer), long ones from the mapping; a file that shrank gives a shorter slice."""
+    import mmap
+    from vmstate.mapping import PREFETCH_MIN_PAGES, FilePages
+    data = random.Random(9).randbytes(3 * PREFETCH_MIN_PAGES * PAGE_SIZE)
+    path = tmp_path / "data"
+    path.write_bytes(bytes(PAGE_SIZE) + data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mapping:
+            pages = FilePages(fd, PAGE_SIZE, memoryview(mapping)[PAGE_SIZE:])
+            long = PREFETCH_MIN_PAGES * PAGE_SIZE
+            assert len(pages) == len(data)
+            for start, stop in [(0, PAGE_SIZE), (5 * PAGE_SIZE, 7 * PAGE_SIZE), (0, long - 1),
+                                (PAGE_SIZE, PAGE_SIZE + long), (len(data) - 3, len(data)),
+                                (9, 9)]:
+                assert bytes(pages[start:stop]) == data[start:stop]
+            os.truncate(path, PAGE_SIZE + 2 * PAGE_SIZE + 100)
+            assert bytes(pages[PAGE_SIZE:3 * PAGE_SIZE]) == data[PAGE_SIZE:2 * PAGE_SIZE + 100]
+            del pages
+    finally:
+        os.close(fd)

@@ -26,33 +26,32 @@ def chunk_count(page_count: int) -> int:
     return (page_count + CHUNK_PAGES - 1) >> CHUNK_SHIFT
 
 
-def chunk_checksums(view: memoryview, runs, page_count: int) -> array:
+def chunk_checksums(view, runs, page_count: int) -> array:
     """The checksum of every chunk of a region (`view` holds its bytes, `runs` its present
-    pages as sorted (first_page, page_count) runs), as an array of u64."""
+    pages as sorted (first_page, page_count) runs), as an array of u64. Each slice of `view`
+    is hashed before the next is taken, so `view` may hand out one reused buffer (FilePages
+    does)."""
     hashes = array("Q", [EMPTY]) * chunk_count(page_count)
-    current, single, hasher = -1, None, None
-    xxh3, digest = xxhash.xxh3_64, xxhash.xxh3_64_intdigest
+    current, hasher, xxh3 = -1, None, xxhash.xxh3_64
     for first, count in runs:
         end = first + count
         while first < end:
             chunk = first >> CHUNK_SHIFT
             stop = min(end, (chunk + 1) << CHUNK_SHIFT)
             piece = view[first << PAGE_SHIFT:stop << PAGE_SHIFT]
-            if chunk != current:
-                if current >= 0:
-                    hashes[current] = hasher.intdigest() if hasher else digest(single)
-                current, single, hasher = chunk, piece, None
-            else:
-                if hasher is None:
-                    hasher = xxh3(single)
+            if chunk == current:
                 hasher.update(piece)
+            else:
+                if hasher is not None:
+                    hashes[current] = hasher.intdigest()
+                current, hasher = chunk, xxh3(piece)
             first = stop
-    if current >= 0:
-        hashes[current] = hasher.intdigest() if hasher else digest(single)
+    if hasher is not None:
+        hashes[current] = hasher.intdigest()
     return hashes
 
 
-def first_bad_chunk(view: memoryview, runs, page_count: int, expected,
+def first_bad_chunk(view, runs, page_count: int, expected,
                     chunks: range | None = None) -> int | None:
     """The index of the first chunk (of `chunks`, all by default) whose checksum differs from
     `expected`; None if none. `runs` need hold only the present pages of `chunks`."""

@@ -18,7 +18,7 @@ from ..background import ForkedCall
 from ..errors import ImageError
 from ..fd import FdOwner, open_to_read
 from ..chunks import CHUNK_SHIFT, chunk_pages, first_bad_chunk, share_of_chunks
-from ..mapping import close_mapping, prefetch_runs
+from ..mapping import FilePages, close_mapping, prefetch_runs
 from ..pages import Runs, clip_runs
 from ..sparse import nonzero_pages_outside
 from ..validate import problems
@@ -263,10 +263,10 @@ class ImageMetadata:
 
 
 
-    def bad_chunk(self, region_views: list[memoryview], share: int = 0, shares: int = 1
+    def bad_chunk(self, region_views: list, share: int = 0, shares: int = 1
                   ) -> tuple[int, int, int] | None:
         """The first chunk whose present pages in `region_views` (each region's memory,
-        wherever it is) fail their checksum, as (region index, first page, page count);
+        wherever it is, as memoryviews or FilePages) fail their checksum, as (region index, first page, page count);
         None if all pass. Only share `share` of `shares` shares of each region's chunks is
         looked at (all of it by default)."""
         for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
@@ -354,8 +354,8 @@ class Image(ImageMetadata, FdOwner):
         self._check_holes(share, shares)
         for index, data in enumerate(self.region_data):
             prefetch_runs(self._map, data.data_offset, self._share_runs(index, share, shares)[1])
-        bad = self.bad_chunk([self.region_view(i) for i in range(len(self.state.memory))],
-                             share, shares)
+        bad = self.bad_chunk([FilePages(self.fd, data.data_offset, self.region_view(i))
+                              for i, data in enumerate(self.region_data)], share, shares)
         if bad is not None:
             index, first, count = bad
             gpa = self.state.memory[index].guest_phys_addr + first * PAGE_SIZE
