@@ -29,7 +29,7 @@ def fork_vm(vm) -> int:
     """0 in the child, the child VMM's pid in the parent. The guest's registers must already
     hold the call's return (RAX = 0, RIP after the syscall) in the run page."""
     vm.complete_pending_exit()
-    state = vcpu_state.capture(vm.kvm, vm.vcpu, 0, vm.msr_list())
+    state = vm.capture_vcpu()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -47,11 +47,8 @@ def _become_child(vm, state) -> None:
     vm.vcpu.close()
     vm.vm.close()
     vm.vm = vm.kvm.create_vm()
-    vm.vm.set_user_memory_region(0, 0, vm.memory.size, vm.memory.host_address,
-                                 abi.KVM_MEM_LOG_DIRTY_PAGES)
-    vm.vcpu = vm.vm.create_vcpu(0)
+    vm.attach_vcpu()
     run = vm.vcpu.run_page
-    run.kvm_valid_regs = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
     vcpu_state.apply(vm.vcpu, state)
     run.s.regs = vm.vcpu.get_regs()          # the run page mirrors the vCPU until its first exit
     run.s.sregs = vm.vcpu.get_sregs()

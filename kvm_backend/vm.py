@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
 from vmstate.pages import bytemap_from_runs
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState
+from vmstate.state import PAGE_SIZE, PendingCall, VcpuState
 
 from linux_personality import GuestKilled
 from linux_personality.cpu import GuestFault
@@ -71,23 +71,27 @@ class VirtualMachine(Machine):
             memory.close()
             raise
         try:
-            self.vm.set_user_memory_region(0, 0, memory.size, memory.host_address,
-                                           abi.KVM_MEM_LOG_DIRTY_PAGES)
-            self.vcpu: Vcpu = self.vm.create_vcpu(0)
+            self.attach_vcpu()
         except BaseException:
             self.vm.close()
             memory.close()
             raise
-        self.vcpu.run_page.kvm_valid_regs = SYNC_REGS
         self.cpu = KvmCpu(self)
         self.stop = StopRequest(self.vcpu.run_page)
         self._msrs: list[int] | None = None
         self._flush_page: mmap.mmap | None = None
         self.star = layout.STAR
-        self._image_present: tuple = ()       # the image's runs, until _present is first needed
         self._present: np.ndarray | None = None   # pages present so far, one byte each
         self._unsent: np.ndarray | None = None    # written since a live migration took them
         self._written_lock = threading.Lock()
+
+    def attach_vcpu(self) -> None:
+        """Give the (new) KVM VM the guest's memory, with dirty logging, and vCPU 0 with its
+        registers synced through the run page (a fork child does this in its own VM)."""
+        self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_address,
+                                       abi.KVM_MEM_LOG_DIRTY_PAGES)
+        self.vcpu: Vcpu = self.vm.create_vcpu(0)
+        self.vcpu.run_page.kvm_valid_regs = SYNC_REGS
 
     def _close_cpu(self) -> None:
         self.vcpu.close()
@@ -119,9 +123,6 @@ class VirtualMachine(Machine):
         vm = cls(kvm, memory)
         vm._restore(state, root)
         return vm
-
-    def _restore_present(self, region: MemoryRegion) -> None:
-        self._image_present = region.present      # as a byte map only once pages are looked at
 
     def _enter_vcpu(self, vcpu: VcpuState) -> None:
         self.star = vcpu.msr(x86.MSR_STAR, layout.STAR)

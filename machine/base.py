@@ -78,6 +78,7 @@ class Machine:
         self.serving: int | None = None       # the system call being served, if any
         self.migration: LiveMigration | None = None
         self._running: Running | None = None
+        self._image_present: tuple = ()       # the restored image's runs (present_pages starts there)
 
     def close(self) -> None:
         if self.files is not None:
@@ -98,7 +99,7 @@ class Machine:
         """Take `state` (memory already holds the guest's pages); closes the machine if this
         fails. The caller has checked `state` with check_restorable."""
         try:
-            self._restore_present(state.memory[0])
+            self._image_present = state.memory[0].present   # a byte map only when pages are looked at
             aspace = state.vmm.address_space
             self.address_space = UserAddressSpace(aspace, self.memory)
             self.memory.set_user_range(aspace.user_start, aspace.user_end)
@@ -312,10 +313,6 @@ class Machine:
         return Saved(where)
 
     # -- the backend's part --------------------------------------------------------------------
-
-    def _restore_present(self, region: MemoryRegion) -> None:
-        """Take the image's present pages (what present_pages starts from)."""
-        raise NotImplementedError
 
     def _enter_vcpu(self, vcpu: VcpuState) -> None:
         raise NotImplementedError

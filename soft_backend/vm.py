@@ -36,7 +36,7 @@ from machine.stop import KICK_INTERVAL, StopRequest
 from vmstate import x86
 from vmstate.errors import UsageError
 from vmstate.pages import bytemap_from_runs, union
-from vmstate.state import PAGE_SIZE, MemoryRegion, PendingCall, VcpuState, VmState
+from vmstate.state import PAGE_SIZE, PendingCall, VcpuState, VmState
 
 from . import dirty, unicorn_state
 from .cpu import SoftCpu
@@ -97,7 +97,6 @@ class SoftMachine(Machine):
         self.stop = SoftStop(self.uc)
         self.cpu = SoftCpu(self)
         self._present: bytes | None = None           # pages known present so far
-        self._image_present: tuple = ()
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self._indexed: set[int] = set()
         self._hook_error: BaseException | None = None
@@ -141,9 +140,6 @@ class SoftMachine(Machine):
         vm = cls(memory)
         vm._restore(state, root)
         return vm
-
-    def _restore_present(self, region: MemoryRegion) -> None:
-        self._image_present = region.present      # as a byte map only when saving
 
     def _enter_vcpu(self, vcpu: VcpuState) -> None:
         self.template = vcpu
