@@ -6,6 +6,7 @@ import random
 import re
 import subprocess
 from dataclasses import replace
+from unittest.mock import patch
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -121,6 +122,21 @@ def test_unknown_mandatory_section_is_refused(tmp_path):
     write_image(str(path), mandatory, memory_views(contents))
     with pytest.raises(ImageError, match="unknown mandatory section"):
         _open_and_verify(path)
+
+
+def test_an_early_2_1_image_with_saved_by_as_0x0034_is_read(tmp_path):
+    """The first 2.1 writers gave vmm-saved-by the type vmm-os has now, flagged OPTIONAL (and
+    wrote no vmm-os): such an image reads with its saved-by and without OS state."""
+    state, contents = sample_state()
+    early = _with_vmm(state, os=None, saved_by="soft")
+    path = tmp_path / "early.sav"
+    with patch.object(L, "VMM_SAVED_BY", L.EARLY_SAVED_BY), \
+            patch.object(L, "OPTIONAL_TYPES", L.OPTIONAL_TYPES | {L.EARLY_SAVED_BY}):
+        write_image(str(path), early, memory_views(contents))
+    with Image(str(path)) as image:
+        assert [entry.type for entry in image.sections].count(L.VMM_OS) == 1
+        assert image.state.vmm.saved_by == "soft" and image.state.vmm.os is None
+        image.verify_memory()
 
 
 def test_file_table_path_outside_root_is_refused(tmp_path):

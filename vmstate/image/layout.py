@@ -37,6 +37,9 @@ MEMORY_REGION = 0x0020
 VMM_PROGRAM, VMM_FILES, VMM_ADDRESS_SPACE, VMM_PENDING_CALL = 0x0030, 0x0031, 0x0032, 0x0033
 VMM_OS = 0x0034
 VMM_SAVED_BY = 0x0035                           # 2.1, optional: a 2.0 reader skips it
+# The first 2.1 writers, before vmm-os existed, gave vmm-saved-by the type vmm-os has now; they
+# set SECTION_OPTIONAL on it, which vmm-os never carries (image-format.md 6.16).
+EARLY_SAVED_BY = VMM_OS
 VMM_LIMITS, VMM_SLEEP_LEFT = 0x0036, 0x0037    # 2.2, optional: a 2.1 reader skips them
 OPTIONAL_TYPES = frozenset({VMM_SAVED_BY, VMM_LIMITS, VMM_SLEEP_LEFT})   # SECTION_OPTIONAL
 

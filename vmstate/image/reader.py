@@ -192,7 +192,7 @@ class ImageMetadata:
                 elif entry.type in VMM_DECODERS:
                     if entry.instance:
                         raise ValueError("VMM sections have instance 0")
-                    field, decode = VMM_DECODERS[entry.type]
+                    field, decode = VMM_DECODERS[_vmm_type(entry)]
                     self._once(vmm, field, decode(data))
                 elif entry.flags & L.SECTION_OPTIONAL:
                     extra.append(ExtraSection(entry.type, entry.instance, entry.flags, data))
@@ -385,6 +385,13 @@ class MemoryCheck:
     def close(self) -> None:
         for call in self._calls:
             call.close()
+
+
+def _vmm_type(entry) -> int:
+    """The VMM section `entry` holds: its type, but for an early 2.1 vmm-saved-by."""
+    if entry.type == L.EARLY_SAVED_BY and entry.flags & L.SECTION_OPTIONAL:
+        return L.VMM_SAVED_BY
+    return entry.type
 
 
 VMM_DECODERS = {
