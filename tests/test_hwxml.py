@@ -18,7 +18,7 @@ from vmstate import xsave
 from vmstate.errors import FormatError
 from vmstate.hwxml import (
     SCHEMA_VERSION, HardwareDocument, Provenance, XmlError, from_xml, schema, to_xml)
-from vmstate.state import OpenFile
+from vmstate.state import GuestOs, OpenFile
 
 REPO = Path(__file__).resolve().parent.parent
 INVALID_CORPUS = REPO / "tests" / "data" / "hwxml-invalid"     # test_hwxml_corpus.py
@@ -243,6 +243,15 @@ def test_pending_call_is_optional():
 def test_bad_values_are_reported_at_their_line(old, new, pattern):
     data, line = _edited(sample_xml(), old, new)
     _assert_error(data, line, pattern)
+
+
+def test_altstack_flags_must_fit_the_32_bits_of_ss_flags():
+    """Found at join as FILE:LINE (the image's field is a u32: encoding would fail later)."""
+    document = sample_document()
+    state = replace(document.state, vmm=replace(document.state.vmm, os=GuestOs(altstack=(0, 2, 0))))
+    text = to_xml(state, document.provenance).decode()
+    data, line = _edited(text, 'altstack-flags="0x2"', 'altstack-flags="0x200000000"')
+    _assert_error(data, line, "altstack-flags='0x200000000' does not fit in 32 bits")
 
 
 def test_upper_case_hex_is_accepted():

@@ -132,7 +132,8 @@ EXTRA_FIELDS = {"type": HEX16, "instance": DEC32, "flags": HEX16}
 FD_POSITION_FIELDS = {"mode": OCT32, "offset": DEC64}
 OS_FIELDS = {"uid": DEC32, "gid": DEC32, "blocked": HEX64, "pending": HEX64, "alarm_ns": DEC64,
              "alarm_interval_ns": DEC64}
-ALTSTACK_ATTRIBUTES = ("altstack-sp", "altstack-flags", "altstack-size")
+ALTSTACK_ATTRIBUTES = (("altstack-sp", HEX64), ("altstack-flags", HEX32),   # ss_flags is a u32
+                       ("altstack-size", HEX64))
 SIGNAL_ACTION_FIELDS = {"signal": DEC32, "handler": HEX64, "flags": HEX64, "restorer": HEX64,
                         "mask": HEX64}
 LIMIT_FIELDS = {"max_fds": DEC32, "max_processes": DEC32}
@@ -349,8 +350,8 @@ def _write_os(vmm_element, g: GuestOs) -> None:
     element.set("umask", OCT32.format(g.umask))
     _set_string(element, "hostname", g.hostname)
     _set_numbers(element, g, OS_FIELDS)
-    for name, value in zip(ALTSTACK_ATTRIBUTES, g.altstack):
-        element.set(name, HEX64.format(value))
+    for (name, number), value in zip(ALTSTACK_ATTRIBUTES, g.altstack):
+        element.set(name, number.format(value))
     for d in g.descriptors:
         child = _child(element, "descriptor", fd=str(d.fd), description=str(d.description),
                        cloexec=str(int(d.cloexec)))
@@ -614,7 +615,7 @@ def _read_os(element) -> GuestOs:
     return GuestOs(
         cwd=_get_string(element, "cwd"), umask=OCT32.parse(element, "umask"),
         hostname=_get_string(element, "hostname"), **_get_numbers(element, OS_FIELDS),
-        altstack=tuple(HEX64.parse(element, name) for name in ALTSTACK_ATTRIBUTES),
+        altstack=tuple(number.parse(element, name) for name, number in ALTSTACK_ATTRIBUTES),
         descriptors=descriptors,
         pipes=tuple(Pipe(DEC31.parse(p, "id"), _get_base64(p))
                     for p in _unique(element.findall("pipe"), "id", DEC31)),
