@@ -16,7 +16,8 @@ from vmstate.errors import ImageError, VmstateError
 from vmstate.image import layout as L
 from vmstate.image.reader import Image
 from vmstate.image.writer import write_image
-from vmstate.state import PAGE_SIZE
+from vmstate.state import PAGE_SIZE, GuestOs, Pipe
+from vmstate.validate import problems
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -174,6 +175,17 @@ INVALID_STATES = {
     "free range 0x90000+0x1000 is not whole pages inside": lambda s: _with_space(
         s, free_ranges=((0x90000, 0x1000),)),
 }
+
+
+@pytest.mark.parametrize("guest_os, expected", [
+    (GuestOs(umask=0o1777), "umask 0o1777 has bits beyond 0777"),
+    (GuestOs(pipes=(Pipe(3, bytes((1 << 20) + 1)),)),
+     "pipe 3 holds 1048577 bytes (at most 1048576)"),
+])
+def test_join_refuses_what_the_image_format_cannot_hold(guest_os, expected):
+    """What the vmm-os decoder refuses, validate refuses first, so join never writes it."""
+    state, _ = sample_state()
+    assert expected in [p.message for p in problems(_with_vmm(state, os=guest_os))]
 
 
 @pytest.mark.parametrize("expected", INVALID_STATES)

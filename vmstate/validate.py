@@ -205,7 +205,8 @@ def _machine_problems(state: VmState) -> list[Problem]:
 
 def _os_problems(state: VmState) -> list[Problem]:
     """The vmm-os section agrees with the file table: every descriptor is a file table entry
-    or a pipe end (not both), every pipe end names a pipe, the cwd lies inside the root."""
+    or a pipe end (not both), every pipe end names a pipe, the cwd lies inside the root; the
+    umask and the pipes' contents are within what the image format holds."""
     g = state.vmm.os
     if g is None:
         return []
@@ -213,6 +214,12 @@ def _os_problems(state: VmState) -> list[Problem]:
     found = []
     if not is_inside_root(g.cwd):
         found.append(Problem(f"{at}", f"cwd {g.cwd!r} is outside the guest root"))
+    if g.umask > 0o777:
+        found.append(Problem(f"{at}", f"umask {g.umask:#o} has bits beyond 0777", "umask"))
+    for p in g.pipes:
+        if len(p.buffered) > L.MAX_PIPE_BYTES:
+            found.append(Problem(f"{at}/pipe[@id='{p.id}']", f"pipe {p.id} holds {len(p.buffered)} "
+                                 f"bytes (at most {L.MAX_PIPE_BYTES})"))
     files = {f.fd for f in state.vmm.files}
     pipes = {p.id for p in g.pipes}
     seen = set()

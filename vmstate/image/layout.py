@@ -80,6 +80,7 @@ PENDING_CALL = struct.Struct("<Q6QQ")           # nr, args[6], rip of the syscal
 OS_HEADER = struct.Struct("<III4xQQQIxxxxQQQ")  # umask uid gid, blocked pending, ss_sp ss_flags ss_size, alarm_ns interval_ns
 DESCRIPTOR = struct.Struct("<iiiIB7x")          # fd description pipe flags cloexec
 PIPE = struct.Struct("<iI")                     # id, buffered length (the bytes follow, padded to 8)
+MAX_PIPE_BYTES = 1 << 20         # a pipe holds at most this much (Linux's default cap)
 SIGNAL_ACTION = struct.Struct("<I4xQQQQ")       # signal handler flags restorer mask
 LIMIT = struct.Struct("<I4xQQ")                 # resource soft hard
 

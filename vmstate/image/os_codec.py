@@ -9,7 +9,6 @@ from ..state import Descriptor, GuestOs, Pipe, SignalAction
 from . import layout as L
 from .codec import PayloadReader, _string
 
-MAX_PIPE_BYTES = 1 << 20         # a pipe holds at most this much (Linux's default cap)
 
 
 def encode_os(g: GuestOs) -> bytes:
@@ -47,8 +46,8 @@ def decode_os(data: bytes) -> GuestOs:
     pipes = []
     for _ in range(r.take(L.COUNT)[0]):
         pipe_id, length = r.take(L.PIPE)
-        if length > MAX_PIPE_BYTES:
-            raise ValueError(f"pipe {pipe_id} holds {length} bytes (at most {MAX_PIPE_BYTES})")
+        if length > L.MAX_PIPE_BYTES:
+            raise ValueError(f"pipe {pipe_id} holds {length} bytes (at most {L.MAX_PIPE_BYTES})")
         pipes.append(Pipe(pipe_id, r.take_bytes(length)))
     actions = tuple(SignalAction(*r.take(L.SIGNAL_ACTION)) for _ in range(r.take(L.COUNT)[0]))
     limits = tuple(r.take(L.LIMIT) for _ in range(r.take(L.COUNT)[0]))

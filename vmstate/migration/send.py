@@ -29,7 +29,7 @@ from .present_stream import PresentStream, StreamChunkHashes, chunk_address, fir
 
 REPLY_TIMEOUT = 600          # the receiver verifies the whole VM before it answers
 RETRY_INTERVAL = 1.0
-IN_PLACE_MAX_RUNS = 64       # a frame of pages in fewer runs is sent from guest memory itself
+IN_PLACE_MAX_RUNS = 64       # a frame of pages in at most this many runs is sent from guest memory itself
 
 
 class MigrationFailed(P.ProtocolError):
