@@ -295,6 +295,17 @@ def test_sections_or_pages_left_out_are_refused(vmstate, saved, tmp_path, patter
     assert not (tmp_path / "new.state").exists()
 
 
+def test_a_page_sent_257_times_is_refused(vmstate, saved, tmp_path):
+    """The count of runs per page does not wrap (a page in 257 runs counted as in one)."""
+    core, xml = split(vmstate, saved("pc"), tmp_path)
+    text = xml.read_text()
+    run = re.search(r'\n\s*<run block="pc.ram" first="0x1" count="\d+" kind="zero"/>', text)[0]
+    xml.write_text(text.replace(run, run * 257, 1))
+    refused(vmstate("join", core, xml, "-o", tmp_path / "new.state"), "pc.ram",
+            "in more than one run")
+    assert not (tmp_path / "new.state").exists()
+
+
 def test_stream_without_description_is_refused(vmstate, pc_stream, tmp_path):
     end = pc_stream.rindex(b"\x06")
     (tmp_path / "bare.state").write_bytes(pc_stream[:end])

@@ -114,7 +114,7 @@ def _check_complete(core: QemuCore, stream: QemuStream, xml_path: str) -> None:
             "device sections were added or reordered"
         raise JoinError(f"{xml_path}: {what} (the stream had ids {list(core.devices)}); QEMU "
                         "would reset a device whose section is missing")
-    covered = [np.zeros(block.pages, dtype=np.uint8) for block in stream.blocks]
+    covered = [np.zeros(block.pages, dtype=np.int32) for block in stream.blocks]   # no wrap at 256
     for section in stream.sections:
         for run in section.runs:
             covered[run.block][run.first_page:run.first_page + run.count] += 1
