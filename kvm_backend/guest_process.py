@@ -18,7 +18,6 @@ import signal
 import sys
 
 from linux_personality.address_space import UserAddressSpace
-from machine import layout
 from machine.boot import load_new_program
 from machine.stop import StopRequest
 
@@ -64,10 +63,8 @@ def exec_program(vm, host_path: str, argv: list[str], envp: list[str]) -> UserAd
     run = vm.vcpu.run_page
     vcpu_state.regs_to_kvm(regs, run.s.regs)
     run.s.sregs.fs.base = run.s.sregs.gs.base = 0
-    cs, ss = layout.user_return_segments(vm.star)
-    vcpu_state.segment_to_kvm(cs, run.s.sregs.cs)
-    vcpu_state.segment_to_kvm(ss, run.s.sregs.ss)
-    run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+    run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS
+    vm.enter_user_segments()
     vm.forget_translations()      # the page tables were rewritten (no mprotect is left)
     return space
 

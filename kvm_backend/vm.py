@@ -203,10 +203,15 @@ class VirtualMachine(Machine):
         regs.rflags = (regs.r11 & SYSRET_RFLAGS_MASK) | x86.RFLAGS_FIXED
         run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS
         if sregs.cs.dpl != 3:
-            cs, ss = layout.user_return_segments(self.star)
-            vcpu_state.segment_to_kvm(cs, sregs.cs)
-            vcpu_state.segment_to_kvm(ss, sregs.ss)
-            run.kvm_dirty_regs |= abi.KVM_SYNC_X86_SREGS
+            self.enter_user_segments()
+
+    def enter_user_segments(self) -> None:
+        """Put the user CS and SS (as sysretq would load them) in the run page's sregs."""
+        sregs = self.vcpu.run_page.s.sregs
+        cs, ss = layout.user_return_segments(self.star)
+        vcpu_state.segment_to_kvm(cs, sregs.cs)
+        vcpu_state.segment_to_kvm(ss, sregs.ss)
+        self.vcpu.run_page.kvm_dirty_regs |= abi.KVM_SYNC_X86_SREGS
 
     def _deliver_fault(self, fault: Faulted) -> bool:
         """If the guest handles the fault's signal, resume it in user mode where it faulted
@@ -221,15 +226,13 @@ class VirtualMachine(Machine):
             return False
         if cs & 3 != 3:
             return False                      # the fault was in the guest kernel's stub
-        regs, sregs = run.s.regs, run.s.sregs
+        regs = run.s.regs
         regs.rip, regs.rsp, regs.rflags = rip, rsp, rflags
-        cs_user, ss_user = layout.user_return_segments(self.star)
-        vcpu_state.segment_to_kvm(cs_user, sregs.cs)
-        vcpu_state.segment_to_kvm(ss_user, sregs.ss)
-        run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+        run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS
+        self.enter_user_segments()
         self.vcpu.set_mp_state(abi.KVM_MP_STATE_RUNNABLE)
         return self._enter_handler(fault, vector, error_code,
-                                   sregs.cr2 if vector == 14 else rip)
+                                   run.s.sregs.cr2 if vector == 14 else rip)
 
     def _fault(self) -> Faulted:
         """An exception stub halted: decode the frame it left on the exception stack."""
