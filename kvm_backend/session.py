@@ -12,6 +12,7 @@ from vmstate.background import BackgroundCall
 from vmstate.errors import KvmNotAvailableError, UsageError
 from vmstate.state import VmState
 from vmstate.units import format_size
+from vmstate.validate import MIN_MEMORY
 
 from machine.base import Machine, check_restorable
 from machine.layout import LARGE_PAGE, MAX_MEMORY
@@ -23,7 +24,6 @@ from .vm import VirtualMachine, open_kvm
 if TYPE_CHECKING:             # imported where used: run does not need the image reader
     from vmstate.image.reader import Image, MemoryCheck
 
-MIN_MEMORY = 8 << 20
 DEFAULT_IMAGE = "vm_image.sav"
 
 

@@ -33,7 +33,7 @@ SLEEP_CALLS = (35, 230)                 # nanosleep, clock_nanosleep: may have a
 
 # This VMM's machine (machine.layout lays memory out by these).
 USER_START = 0x200000                   # user memory begins above the page tables and stubs
-MAX_MEMORY = 64 << 30
+MIN_MEMORY, MAX_MEMORY = 8 << 20, 64 << 30   # what `--memory` and a host's `memory` accept
 LARGE_PAGE = 2 << 20                    # guest memory is mapped with 2 MiB pages
 VCPU_COUNT = 1
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, replace
 
 from .errors import UsageError, VmstateError
 from .units import parse_size
+from .validate import MAX_MEMORY, MIN_MEMORY
 
 DEFAULT_SLICE_MS = 10
 MAX_SLICE_MS = 60_000
-MIN_MEMORY, MAX_MEMORY = 8 << 20, 64 << 30   # as the VMM's layout (machine.layout)
 DEFAULT_MEMORY = 64 << 20
 
 
