@@ -54,7 +54,7 @@ def _snapshot(host: Host, arguments: dict) -> dict:
 
 
 def _save(host: Host, arguments: dict) -> dict:
-    hosted = host.find(arguments)
+    hosted = _not_handing_over(host.find(arguments))
     path = arguments.get("path") or hosted.entry.image
     if not isinstance(path, str):
         raise CommandError("argument 'path' must be a string")
@@ -66,7 +66,7 @@ def _save(host: Host, arguments: dict) -> dict:
 
 
 def _migrate(host: Host, arguments: dict) -> dict:
-    hosted, address = host.find(arguments), _argument(arguments, "address")
+    hosted, address = _not_handing_over(host.find(arguments)), _argument(arguments, "address")
     from vmstate.migration.protocol import parse_address
     target = parse_address(address)
     if arguments.get("live"):
@@ -103,6 +103,15 @@ def _quit(host: Host, arguments: dict) -> dict:
         if not hosted.ended:
             host.end(hosted, Stopped("ended by quit", EXIT_QUIT))
     return {}
+
+
+def _not_handing_over(hosted: HostedVm) -> HostedVm:
+    """A VM handing over to a live migration may be running on its receiver already: it is
+    not saved or sent elsewhere until the receiver has answered."""
+    if hosted.vm.handing_over is not None:
+        raise CommandError(f"VM {hosted.name} is handing over to a live migration (its "
+                           "receiver has not answered yet)")
+    return hosted
 
 
 def _refuse_over_program(hosted: HostedVm, path: str) -> None:

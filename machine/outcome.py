@@ -40,11 +40,13 @@ SaveHandler = Callable[[VmState, list[memoryview]], str]
 class LiveMigration(Protocol):
     """A live migration under way (machine/live.py), as the run loop sees it."""
     wants_pause: threading.Event     # the sender is ready for the final stop-and-copy
-    finished: threading.Event        # it ended (failed) without stopping the guest
+    finished: threading.Event        # the sender has ended (failed, or handed over)
 
-    def hand_over(self, state: VmState, stopped_at: float) -> str | None:
-        """The vCPU stopped at `stopped_at` (time.monotonic()): send the rest; where the VM
-        went, or None if it failed."""
+    def hand_over(self, state: VmState, stopped_at: float) -> None:
+        """The vCPU stopped at `stopped_at` (time.monotonic()): send the rest (without
+        waiting; `finished` is set once the receiver has answered)."""
+    def result(self) -> str | None:
+        """Wait for the end: where the VM went, or None if it did not get there."""
     def abandon(self, why: str) -> None:
         """The guest ended here first: cancel the migration."""
 

@@ -360,6 +360,41 @@ def test_a_live_migration_failing_at_the_hand_over_leaves_the_vm_running_here(
     assert f"live migration to 127.0.0.1:{peer.port} failed".encode() in err, err
 
 
+@pytest.mark.parametrize("cpu", ["kvm", "soft"])
+def test_a_stalled_live_migration_receiver_holds_up_only_its_vm(started, guest, tmp_path,
+                                                                  cpu):
+    """The receiver takes the last pages and state, then never answers. The host does not
+    wait for it: the control socket answers, the other VM runs on, the migrating VM stays
+    stopped and is not saved elsewhere meanwhile; when the connection closes, the migration
+    fails and the VM goes on here, no tick lost or repeated."""
+    ticker, spin = guest("ticker"), 20 if cpu == "kvm" else 1
+    host = started("host", "--cpu", cpu, "--control", "vmm.sock", "-v",
+                   f"{ticker} 100000 {spin} 6", "-v", f"{ticker} 100000 {spin} 7")
+    client = Client(tmp_path / "vmm.sock")
+    peer = FailingReceiver(stall=True)
+    try:
+        client.ok("migrate", vm="ticker", address=f"127.0.0.1:{peer.port}", live=True)
+        assert peer.got_end.wait(60), peer.error
+        first = query(client)                      # this query went unanswered before
+        assert first["ticker"]["description"] == "running, handing over to a live migration"
+        assert "handing over" in client.execute("save", vm="ticker")["error"]["desc"]
+        wait_until(lambda: query(client)["ticker-2"]["slices"] > first["ticker-2"]["slices"],
+                   "the other VM did not run")
+        assert query(client)["ticker"]["slices"] == first["ticker"]["slices"]   # stopped
+    finally:
+        peer.release()
+    assert peer.error is None, peer.error
+    wait_until(lambda: query(client)["ticker"]["slices"] > first["ticker"]["slices"],
+               "the VM did not go on here")
+    assert query(client)["ticker"]["state"] == "running"
+    client.ok("quit")
+    client.close()
+    out, err = host.communicate(timeout=60)
+    here = [line for line in out.decode().splitlines() if line.startswith("[ticker] ")]
+    assert here == [f"[ticker] tick {i}" for i in range(len(here))]
+    assert f"live migration to 127.0.0.1:{peer.port} failed".encode() in err, err
+
+
 def query(client) -> dict[str, dict]:
     return {vm["name"]: vm for vm in client.ok("query-vms")}
 
