@@ -165,15 +165,22 @@ def test_a_client_of_another_uid_is_refused(started, guest):
     directory = tempfile.mkdtemp(prefix="vmstate-ctl-")     # pytest's own are closed to others
     os.chmod(directory, 0o755)
     path = os.path.join(directory, "vmm.sock")
+    host = None
     try:
-        _refuse_nobody(started, guest, path)
+        host = started("host", "--control", path, "-v", f"{guest('ticker')} 100000 20 0",
+                       socket_path=path)
+        _refuse_nobody(path)
+        out, err = host.communicate(timeout=60)
+        assert host.returncode == 137, err
     finally:
+        if host is not None:       # the VMM removes its socket as it ends: not under rmtree
+            if host.poll() is None:
+                host.kill()
+            host.wait()
         shutil.rmtree(directory)
 
 
-def _refuse_nobody(started, guest, path):
-    started("host", "--control", path, "-v", f"{guest('ticker')} 100000 20 0", socket_path=path)
-
+def _refuse_nobody(path):
     def as_nobody() -> dict:
         result = subprocess.run([sys.executable, "-c", CONNECT_AS_NOBODY, path],
                                 capture_output=True, timeout=60)
