@@ -70,6 +70,7 @@ class HostedVm:
     outputs: list[TaggedOutput] = field(default_factory=list)
     stdin_fd: int | None = None
     running: bool = True                            # False: stopped by the control socket
+    awaiting: Request | None = None                 # a cold `migrate`: replied at its end
     outcome: Outcome | Stopped | None = None
     slices: int = 0
     run_ns: int = 0
@@ -111,7 +112,7 @@ class HostedVm:
     def describe(self) -> str:
         if self.outcome is None:
             state = "running" if self.running else "stopped"
-            return f"{state}, handing over to a live migration" if self.vm.handing_over \
+            return f"{state}, handing over to a migration receiver" if self.vm.handing_over \
                 else state
         if isinstance(self.outcome, Stopped):
             return self.outcome.report
@@ -140,6 +141,17 @@ class Request:
 
 class CommandError(Exception):
     """A control command that cannot be done; the message goes back to the client."""
+
+
+@dataclass(frozen=True)
+class AwaitHandOver:
+    """A command's result: reply once the VM's hand-over (HostedVm.vm.handing_over, a
+    live.ColdSend) has ended, with the receiver's message or why it failed."""
+    hosted: HostedVm
+
+
+def _error_reply(description: str) -> dict:
+    return {"error": {"class": "GenericError", "desc": description}}
 
 
 class Host:
@@ -235,7 +247,13 @@ class Host:
         """The VMs whose receiver has answered: ended as migrated, or scheduled again."""
         for hosted in self.vms:
             if not hosted.ended and hosted.vm.hand_over_ended():
+                sent = hosted.vm.handing_over
                 outcome = hosted.vm.end_hand_over()
+                if hosted.awaiting is not None:
+                    hosted.awaiting.reply.put(
+                        {"return": {"description": sent.message}} if outcome is not None else
+                        _error_reply(f"migration failed ({sent.error}); the VM goes on"))
+                    hosted.awaiting = None
                 if outcome is not None:
                     self.end(hosted, outcome)
 
@@ -274,6 +292,10 @@ class Host:
         hosted.outcome = outcome
         hosted.vm.stop.stopped()
         hosted.vm.abandon_migration("the guest ended on this host first")   # if under way
+        if hosted.awaiting is not None:
+            hosted.awaiting.reply.put(_error_reply(f"the VM ended here ({hosted.describe()}) "
+                                                   "before its receiver answered"))
+            hosted.awaiting = None
         if len(self.vms) > 1:
             print(f"vmstate: [{hosted.name}] {hosted.describe()}", file=self.log, flush=True)
         hosted.release()
@@ -295,11 +317,15 @@ class Host:
             if request is self._wake:
                 continue
             try:
-                reply = {"return": self._execute(request)}
+                result = self._execute(request)
+                if isinstance(result, AwaitHandOver):
+                    result.hosted.awaiting = request      # replied by _end_hand_overs
+                    continue
+                reply = {"return": result}
             except CommandError as e:
-                reply = {"error": {"class": "GenericError", "desc": str(e)}}
+                reply = _error_reply(str(e))
             except VmstateError as e:
-                reply = {"error": {"class": "GenericError", "desc": describe_error(e)}}
+                reply = _error_reply(describe_error(e))
             request.reply.put(reply)
 
     def refuse_requests(self) -> None:
@@ -310,8 +336,7 @@ class Host:
             except queue.Empty:
                 return
             if request is not self._wake:
-                request.reply.put({"error": {"class": "GenericError",
-                                             "desc": "every VM has ended"}})
+                request.reply.put(_error_reply("every VM has ended"))
 
     def _execute(self, request: Request):
         from .host_commands import COMMANDS

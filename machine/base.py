@@ -34,8 +34,8 @@ from linux_personality.signals import SignalState
 
 from .memory import GuestMemory
 from .outcome import (
-    SEGV_ACCERR, SEGV_MAPERR, Exited, Faulted, LiveMigration, LiveSave, Outcome, SaveHandler,
-    Saved)
+    SEGV_ACCERR, SEGV_MAPERR, Exited, Faulted, HandOver, LiveMigration, LiveSave, Outcome,
+    SaveHandler, Saved)
 from .stop import StopRequest
 from .timing import timing_mark
 
@@ -77,7 +77,7 @@ class Machine:
         self.name = "vm"                      # tags its para-call output and its lines on a host
         self.serving: int | None = None       # the system call being served, if any
         self.migration: LiveMigration | None = None     # sending while the guest runs
-        self.handing_over: LiveMigration | None = None  # its last pages and state: stopped
+        self.handing_over: HandOver | None = None       # stopped while a sender sends it
         self.on_migration_end: Callable[[], None] = _nothing   # from the sender's thread
         self._running: Running | None = None
         self._image_present: tuple = ()       # the restored image's runs (present_pages starts there)
@@ -317,6 +317,11 @@ class Machine:
         self.handing_over, self.migration = self.migration, None
         self.handing_over.hand_over(self.capture(pending), stopped_at)
         self.end_slice()                  # KVM: the next KVM_RUN returns at once
+
+    def send_away(self, hand_over: HandOver) -> None:
+        """Between slices (paused): the VM stays stopped while `hand_over` sends it (a host's
+        cold `migrate`), until end_hand_over."""
+        self.handing_over = hand_over
 
     def hand_over_ended(self) -> bool:
         """The receiver has answered the hand-over under way (or the connection failed)."""

@@ -3,7 +3,8 @@ sender thread streams its memory (vmstate/migration/live_send.py); for the last 
 sender asks the run loop to pause the vCPU, and the run loop hands it the final state and
 goes on (a host runs its other VMs and serves its control socket) until the sender has the
 receiver's answer. If anything fails, the guest carries on here as if nothing had
-happened."""
+happened. A host's cold `migrate` (ColdSend) is a hand-over alone: the VM stopped, its state
+sent by a thread while the host goes on."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from vmstate.errors import describe_error
 from vmstate.migration.live_send import LiveOptions, migrate_live
-from vmstate.migration.send import connect
+from vmstate.migration.send import close_files, connect, guest_files, send_vm
 from vmstate.state import VmState
 
 from .base import Machine
@@ -122,4 +123,61 @@ class Migration:
                 except OSError:
                     pass
         self._paused.set()
+        self._thread.join()
+
+
+class ColdSend:
+    """A cold migration of a VM stopped between slices, sent by a thread (a HandOver: set as
+    the VM's `handing_over` by Machine.send_away, it ends like a live migration's)."""
+
+    def __init__(self, vm: Machine, address: tuple[str, int], connect_timeout: float,
+                 with_files: bool, root: str):
+        self.address = address
+        self.finished = threading.Event()
+        self.message: str | None = None        # the receiver's, once it has the VM
+        self.error = ""                        # why it did not get there
+        self._cancelled = threading.Event()
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._send, args=(vm, vm.capture(), connect_timeout, with_files, root),
+            daemon=True, name="migration")
+        self._thread.start()
+
+    def _send(self, vm: Machine, state: VmState, connect_timeout: float, with_files: bool,
+              root: str) -> None:
+        try:
+            files = guest_files(state, root) if with_files else []
+            try:
+                sock = connect(self.address, connect_timeout, cancelled=self._cancelled)
+                with self._lock:
+                    self._socket = sock
+                if self._cancelled.is_set():
+                    raise ConnectionAbortedError("abandoned")
+                self.message = send_vm(sock, state, [vm.memory.view], files)
+            finally:
+                close_files(files)
+        except (Exception, KeyboardInterrupt) as e:
+            self.error = describe_error(e)
+        finally:
+            with self._lock:
+                if self._socket is not None:
+                    self._socket.close()
+            self.finished.set()
+            vm.on_migration_end()
+
+    def result(self) -> str | None:
+        self._thread.join()
+        if self.message is None:
+            return None
+        return f"migrated to {self.address[0]}:{self.address[1]}: {self.message}"
+
+    def abandon(self, why: str) -> None:
+        self._cancelled.set()
+        with self._lock:
+            if self._socket is not None:
+                try:
+                    self._socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self._thread.join()

@@ -383,7 +383,7 @@ def test_a_stalled_live_migration_receiver_holds_up_only_its_vm(started, guest, 
         client.ok("migrate", vm="ticker", address=f"127.0.0.1:{peer.port}", live=True)
         assert peer.got_end.wait(60), peer.error
         first = query(client)                      # this query went unanswered before
-        assert first["ticker"]["description"] == "running, handing over to a live migration"
+        assert first["ticker"]["description"] == "running, handing over to a migration receiver"
         assert "handing over" in client.execute("save", vm="ticker")["error"]["desc"]
         wait_until(lambda: query(client)["ticker-2"]["slices"] > first["ticker-2"]["slices"],
                    "the other VM did not run")
@@ -400,6 +400,42 @@ def test_a_stalled_live_migration_receiver_holds_up_only_its_vm(started, guest, 
     here = [line for line in out.decode().splitlines() if line.startswith("[ticker] ")]
     assert here == [f"[ticker] tick {i}" for i in range(len(here))]
     assert f"live migration to 127.0.0.1:{peer.port} failed".encode() in err, err
+
+
+def test_a_cold_migration_to_a_stalled_receiver_holds_up_only_its_vm(started, guest,
+                                                                      tmp_path):
+    """`migrate` (cold) to a receiver that takes the VM and never answers: the reply waits,
+    but the host does not: another client is served and the other VM runs; when the
+    connection closes the reply is the failure and the VM goes on here."""
+    ticker = guest("ticker")
+    host = started("host", "--control", "vmm.sock", "-v", f"{ticker} 100000 20 6", "-v",
+                   f"{ticker} 100000 20 7")
+    migrating, client = Client(tmp_path / "vmm.sock"), Client(tmp_path / "vmm.sock")
+    peer = FailingReceiver(stall=True)
+    try:
+        migrating.stream.write(json.dumps({"execute": "migrate", "arguments": {
+            "vm": "ticker", "address": f"127.0.0.1:{peer.port}"}}).encode() + b"\n")
+        assert peer.got_end.wait(60), peer.error
+        first = query(client)                      # this query went unanswered before
+        assert first["ticker"]["description"] == "running, handing over to a migration receiver"
+        assert "handing over" in client.execute("migrate", vm="ticker",
+                                                address="127.0.0.1:1")["error"]["desc"]
+        wait_until(lambda: query(client)["ticker-2"]["slices"] > first["ticker-2"]["slices"],
+                   "the other VM did not run")
+        assert query(client)["ticker"]["slices"] == first["ticker"]["slices"]   # stopped
+    finally:
+        peer.release()
+    assert peer.error is None, peer.error
+    failure = migrating.read()["error"]["desc"]
+    assert failure.startswith("migration failed (") and failure.endswith("the VM goes on")
+    wait_until(lambda: query(client)["ticker"]["slices"] > first["ticker"]["slices"],
+               "the VM did not go on here")
+    client.ok("quit")
+    client.close()
+    migrating.close()
+    out, err = host.communicate(timeout=60)
+    here = [line for line in out.decode().splitlines() if line.startswith("[ticker] ")]
+    assert here == [f"[ticker] tick {i}" for i in range(len(here))]
 
 
 def query(client) -> dict[str, dict]:
