@@ -37,16 +37,24 @@ Outcome = Exited | Faulted | Saved
 SaveHandler = Callable[[VmState, list[memoryview]], str]
 
 
-class LiveMigration(Protocol):
-    """A live migration under way (machine/live.py), as the run loop sees it."""
-    wants_pause: threading.Event     # the sender is ready for the final stop-and-copy
-    finished: threading.Event        # it ended (failed) without stopping the guest
+class HandOver(Protocol):
+    """A VM stopped while a sender thread sends it away (machine/live.py), as the run loop
+    sees it: it ends the VM once `finished`, or resumes it if result() is None."""
+    finished: threading.Event        # the sender has ended (the receiver answered, or not)
 
-    def hand_over(self, state: VmState, stopped_at: float) -> str | None:
-        """The vCPU stopped at `stopped_at` (time.monotonic()): send the rest; where the VM
-        went, or None if it failed."""
+    def result(self) -> str | None:
+        """Wait for the end: where the VM went, or None if it did not get there."""
     def abandon(self, why: str) -> None:
         """The guest ended here first: cancel the migration."""
+
+
+class LiveMigration(HandOver, Protocol):
+    """A live migration under way: its pre-copy runs beside the guest, then it hands over."""
+    wants_pause: threading.Event     # the sender is ready for the final stop-and-copy
+
+    def hand_over(self, state: VmState, stopped_at: float) -> None:
+        """The vCPU stopped at `stopped_at` (time.monotonic()): send the rest (without
+        waiting; `finished` is set once the receiver has answered)."""
 
 
 @dataclass(frozen=True)

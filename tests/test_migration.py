@@ -3,6 +3,7 @@ and a hostile or broken stream on either side (nothing half-written, nothing sta
 receiver goes on serving, the sender's VM state survives)."""
 
 import os
+import re
 import select
 import signal
 import socket
@@ -29,9 +30,11 @@ def free_port() -> int:
 
 
 class Receiver:
+    """`vmstate receive` on a port the kernel picks (--port 0: no other test can take it
+    between choosing and binding); `port` is the one its first line names."""
+
     def __init__(self, vmstate_cmd, cwd, *args, netns=None):
-        self.port = free_port()
-        command = [vmstate_cmd, "receive", "--port", str(self.port), *map(str, args)]
+        command = [vmstate_cmd, "receive", "--port", "0", *map(str, args)]
         if netns is None:
             command += ["--bind", "127.0.0.1"]
         else:
@@ -39,7 +42,10 @@ class Receiver:
         self.process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, bufsize=0)  # select-safe
         self.log = [self.process.stderr.readline().decode()]
-        assert self.log[0] == f"Waiting for VM image on port {self.port}...\n", self.log
+        listening = re.fullmatch(r"Waiting for VM image on port ([1-9][0-9]*)\.\.\.\n",
+                                 self.log[0])
+        assert listening, self.log
+        self.port = int(listening[1])
 
     def read_log_until(self, text: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
