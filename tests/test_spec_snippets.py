@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,53 @@ def test_the_image_specs_minimal_check_passes_on_a_fresh_image(vmstate, example,
     image = json.loads(vmstate("info", "--json", "vm_image.sav").stdout)["image"]
     assert ran.stdout.strip() == (f"format {image['format']}, {image['sections']} sections, "
                                   f"image digest {image['digest']}")
+
+
+class Recorder:
+    """A relay on a free loopback port that forwards one connection to `port` and records
+    what the sender sent."""
+
+    def __init__(self, port: int):
+        self.target, self.sent = port, bytearray()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._relay, daemon=True)
+        self.thread.start()
+
+    def _relay(self) -> None:
+        with self.listener, self.listener.accept()[0] as sender, \
+                socket.create_connection(("127.0.0.1", self.target)) as receiver:
+            back = threading.Thread(target=self._pump, args=(receiver, sender, bytearray()))
+            back.start()
+            self._pump(sender, receiver, self.sent)
+            back.join()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, record: bytearray) -> None:
+        while data := source.recv(1 << 20):
+            record += data
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("with_files", [False, True])
+def test_the_migration_specs_decoder_checks_a_recorded_stream(vmstate, example, receivers,
+                                                              two_dirs, with_files):
+    sender_dir, receiver_dir = two_dirs
+    receiver = receivers(receiver_dir, "--root", receiver_dir, "-o", "got.sav", "--once")
+    recorder = Recorder(receiver.port)
+    sent = vmstate("run", "--migrate-to", f"127.0.0.1:{recorder.port}",
+                   *(["--with-files"] if with_files else []), example("lab_app"), cwd=sender_dir)
+    assert sent.returncode == 0, sent.stderr
+    recorder.thread.join(timeout=60)
+    (sender_dir / "cap.c2s").write_bytes(recorder.sent)
+    snippet = python_snippet("migration-protocol.md", "## 9. Worked example")
+    ran = subprocess.run([sys.executable, "-c", snippet], cwd=sender_dir, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    image = json.loads(vmstate("info", "--json", receiver_dir / "got.sav").stdout)
+    present = sum(region["present_pages"] for region in image["memory"])
+    files = ["ay_caramba.txt"] if with_files else []
+    assert ran.stdout.strip().endswith(f"{present} pages, 64 chunks, files {files}, image digest "
+                                       f"{image['image']['digest']}")
