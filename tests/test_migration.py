@@ -88,6 +88,26 @@ def test_lab_flow_across_two_processes(vmstate, example, receivers, two_dirs):
     assert sorted(p.name for p in sender_dir.iterdir()) == ["ay_caramba.txt"]   # no image
 
 
+def test_port_0_reports_the_port_the_system_chose(vmstate_cmd, vmstate, example, two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    receiver = subprocess.Popen([vmstate_cmd, "receive", "--port", "0", "--bind", "127.0.0.1",
+                                 "-o", "got.sav", "--once"], cwd=receiver_dir,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        line = receiver.stderr.readline()
+        port = int(line.removeprefix("Waiting for VM image on port ").removesuffix("...\n"))
+        assert port != 0, line
+        sent = vmstate("run", "--migrate-to", f"127.0.0.1:{port}", example("lab_app"),
+                       cwd=sender_dir)
+        assert sent.returncode == 0, sent.stderr
+        assert receiver.wait(timeout=60) == 0
+        assert (receiver_dir / "got.sav").exists()
+    finally:
+        receiver.kill()
+        receiver.wait()
+        receiver.stderr.close()
+
+
 @pytest.mark.both_cpus
 def test_with_files_the_receiver_needs_nothing_from_the_sender(vmstate, example, receivers,
                                                                two_dirs):
