@@ -4,21 +4,21 @@ for both CPUs."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from vmstate import x86
+from vmstate.record import record
 from vmstate.state import PAGE_SIZE, VmState
 
 SEGV_MAPERR, SEGV_ACCERR = 1, 2          # si_code of a SIGSEGV: no mapping, no permission
 
 
-@dataclass(frozen=True)
+@record
 class Exited:
     status: int
 
 
-@dataclass(frozen=True)
+@record
 class Faulted:
     """The guest took an exception (or the CPU could not run it); `signal` is what Linux
     would have sent a process, so the command can exit with 128 + signal."""
@@ -26,7 +26,7 @@ class Faulted:
     signal: int
 
 
-@dataclass(frozen=True)
+@record
 class Saved:
     """The VM was stopped and its state handed to the save handler, which said where it went
     ("saved to vm_image.sav (...)", "migrated to host:4040: ...")."""
@@ -57,7 +57,7 @@ class LiveMigration(HandOver, Protocol):
         waiting; `finished` is set once the receiver has answered)."""
 
 
-@dataclass(frozen=True)
+@record
 class LiveSave:
     """Save by live migration: `begin(vm)` starts sending while the guest runs on."""
     begin: Callable[[object], LiveMigration]
