@@ -20,6 +20,8 @@ u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 u64 = st.integers(0, 0xFFFFFFFFFFFFFFFF)
 names = st.text(st.characters(codec="utf-8", exclude_characters="\0/"), min_size=1, max_size=12)
+cpu_names = st.sampled_from(("", "kvm", "soft")) | st.text(           # vmm-saved-by: any
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=12)  # printable
 
 
 def _fields(cls, **overrides):
@@ -122,7 +124,7 @@ def vm_states(draw) -> tuple[VmState, list[bytes]]:
                    address_space=draw(address_spaces(max(r.guest_phys_addr + r.size
                                                           for r, _ in region_pairs))),
                    pending=draw(st.none() | pending_calls),
-                   saved_by=draw(st.sampled_from(("", "kvm", "soft"))),
+                   saved_by=draw(cpu_names),
                    limits=draw(st.none() | guest_limits))
     if vmm.pending is not None and vmm.pending.nr in (35, 230):     # nanosleep, clock_nanosleep
         vmm = replace(vmm, sleep_left_ns=draw(st.none() | u64))

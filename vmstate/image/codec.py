@@ -307,10 +307,15 @@ def encode_saved_by(cpu: str) -> bytes:
 
 
 def decode_saved_by(data: bytes) -> str:
+    """Printable ASCII only: the value is shown by info and carried by the XML, which can
+    hold neither control characters nor arbitrary bytes."""
     r = PayloadReader(data)
-    cpu = r.take_bytes(r.take(L.STRING)[0]).decode("ascii", "replace")
+    text = r.take_bytes(r.take(L.STRING)[0])
     r.end()
-    return cpu
+    bad = next((i for i, byte in enumerate(text) if not 0x20 <= byte <= 0x7E), None)
+    if bad is not None:
+        raise ValueError(f"saved-by byte {bad} is {text[bad]:#04x}, not printable ASCII")
+    return text.decode("ascii")
 
 
 assert [f.name for f in fields(Segment)] == list(SEGMENT_FIELDS)
