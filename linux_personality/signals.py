@@ -35,6 +35,7 @@ STOPPING = {SIGSTOP, 20, 21, 22}          # SIGTSTP, SIGTTIN, SIGTTOU: one proce
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
 UNBLOCKABLE = (1 << (SIGKILL - 1)) | (1 << (SIGSTOP - 1))
 SIGALRM, SIGPIPE = 14, 13
+CHILD_ENDED = os.WEXITED | os.WNOHANG | os.WNOWAIT     # waitid: an ended child, left unreaped
 # Never mirrored on the VMM process: faults of the VMM itself, SIGCHLD (children's ends are
 # found with waitid), SIGPIPE (the VMM ignores it; EPIPE raises it in the guest).
 UNFORWARDED = {SIGKILL, SIGSTOP, SIGCHLD, SIGPIPE, 4, 5, 7, 8, 11}
@@ -178,11 +179,25 @@ def check_events(k) -> None:
         state.alarm_at = time.monotonic() + state.alarm_interval if state.alarm_interval \
             else None
         send_to_self(k, SIGALRM)
-    if k.children:
-        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        if info is not None and info.si_pid not in state.reported_children:
-            state.reported_children.add(info.si_pid)
-            send_to_self(k, SIGCHLD)
+    if k.children and _child_ended_unreported(k):
+        send_to_self(k, SIGCHLD)
+
+
+def _child_ended_unreported(k) -> bool:
+    """A child has ended since the last SIGCHLD (each child raises one; none is reaped here).
+    One waitid while no ended child is left unreaped; then one per child not reported yet
+    (waitid on all children names only one, maybe one already reported)."""
+    reported = k.signals.reported_children
+    info = os.waitid(os.P_ALL, 0, CHILD_ENDED)
+    if info is None:
+        return False
+    if info.si_pid in k.children and info.si_pid not in reported:
+        ended = [info.si_pid]
+    else:
+        ended = [pid for pid in k.children if pid not in reported
+                 and os.waitid(os.P_PID, pid, CHILD_ENDED) is not None]
+    reported.update(ended)
+    return bool(ended)
 
 
 def deliver(k, sig: int, result: int) -> None:

@@ -76,3 +76,11 @@ def test_many_system_calls_run(vmstate, guest):
     result = vmstate("run", guest("syscall_loop"), "3000")
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"3000 getpid calls, 3000 answered pid 1\n"   # the VMM's pid, not ours
+
+
+def test_a_second_child_ending_raises_sigchld_again(vmstate, guest):
+    """The first child's SIGCHLD came and it is not reaped when the second child ends: the
+    second end raises SIGCHLD too, as on Linux."""
+    result = vmstate("run", guest("sigchld_twice"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == ["SIGCHLD 2 times", "reaped, statuses 3"]
