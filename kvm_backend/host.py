@@ -12,7 +12,9 @@ Between slices the VMM serves control commands (control.py). A guest blocked in 
 pipe; the call is rewound and re-issued when the VM runs again, so it holds no one up. Other
 blocking calls (a sleep, poll or select with a timeout, which would restart their time) hold
 the thread until they return: the other VMs wait. A VM that ends (exit, fault, save, migration) ends alone; the host returns when all
-have ended, or on `quit`.
+have ended, or on `quit`. A VM whose live migration is handing over (its last pages and
+state going, its vCPU stopped) is not scheduled until the receiver has answered: the host
+runs the others and serves commands meanwhile, and never waits for a receiver.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class HostedVm:
     outputs: list[TaggedOutput] = field(default_factory=list)
     stdin_fd: int | None = None
     running: bool = True                            # False: stopped by the control socket
+    awaiting: Request | None = None                 # a cold `migrate`: replied at its end
     outcome: Outcome | Stopped | None = None
     slices: int = 0
     run_ns: int = 0
@@ -108,7 +111,9 @@ class HostedVm:
 
     def describe(self) -> str:
         if self.outcome is None:
-            return "running" if self.running else "stopped"
+            state = "running" if self.running else "stopped"
+            return f"{state}, handing over to a migration receiver" if self.vm.handing_over \
+                else state
         if isinstance(self.outcome, Stopped):
             return self.outcome.report
         return describe(self.outcome)
@@ -138,6 +143,17 @@ class CommandError(Exception):
     """A control command that cannot be done; the message goes back to the client."""
 
 
+@dataclass(frozen=True)
+class AwaitHandOver:
+    """A command's result: reply once the VM's hand-over (HostedVm.vm.handing_over, a
+    live.ColdSend) has ended, with the receiver's message or why it failed."""
+    hosted: HostedVm
+
+
+def _error_reply(description: str) -> dict:
+    return {"error": {"class": "GenericError", "desc": description}}
+
+
 class Host:
     def __init__(self, backend, slice_ms: int, tag_output: bool, log=sys.stderr,
                  slice_instructions: int | None = None):
@@ -151,6 +167,7 @@ class Host:
         self.vms: list[HostedVm] = []
         self.requests: queue.Queue[Request] = queue.Queue()
         self.quitting = False
+        self._wake = Request("", {})       # queued (never served) when a hand-over ends
         self._current: HostedVm | None = None
         self._main = threading.main_thread().ident
 
@@ -172,6 +189,7 @@ class Host:
             vm = self.backend.boot(entry.program, list(entry.argv),
                                    check_memory_size(entry.memory), entry.root, options)
         vm.name = entry.name
+        vm.on_migration_end = lambda: self.requests.put(self._wake)
         hosted = HostedVm(entry, vm, image, gate)
         if self.tag_output:
             self._tag(hosted)
@@ -198,6 +216,7 @@ class Host:
         for hosted in self.vms:
             if not hosted.ended:
                 hosted.outcome = Stopped("ended with the VMM", EXIT_QUIT)
+                hosted.vm.abandon_migration("the VMM is ending")    # its sender uses the VM
                 hosted.release()
 
     # -- scheduling -----------------------------------------------------------------------------
@@ -209,6 +228,7 @@ class Host:
         try:
             turn = 0
             while not self.quitting and not all(h.ended for h in self.vms):
+                self._end_hand_overs()
                 self._serve_requests(wait=not self._runnable())
                 runnable = self._runnable()
                 if runnable and not self.quitting:
@@ -221,7 +241,21 @@ class Host:
         return self.vms
 
     def _runnable(self) -> list[HostedVm]:
-        return [h for h in self.vms if h.running and not h.ended]
+        return [h for h in self.vms if h.running and not h.ended and not h.vm.handing_over]
+
+    def _end_hand_overs(self) -> None:
+        """The VMs whose receiver has answered: ended as migrated, or scheduled again."""
+        for hosted in self.vms:
+            if not hosted.ended and hosted.vm.hand_over_ended():
+                sent = hosted.vm.handing_over
+                outcome = hosted.vm.end_hand_over()
+                if hosted.awaiting is not None:
+                    hosted.awaiting.reply.put(
+                        {"return": {"description": sent.message}} if outcome is not None else
+                        _error_reply(f"migration failed ({sent.error}); the VM goes on"))
+                    hosted.awaiting = None
+                if outcome is not None:
+                    self.end(hosted, outcome)
 
     def _tick(self, signum, frame) -> None:
         current = self._current
@@ -232,8 +266,7 @@ class Host:
 
     def _others_waiting(self) -> bool:
         """Another VM could run, or a control request waits."""
-        return not self.requests.empty() or sum(1 for h in self.vms if h.running
-                                                and not h.ended) > 1
+        return not self.requests.empty() or len(self._runnable()) > 1
 
     def _run_slice(self, hosted: HostedVm) -> None:
         hosted.vm.begin_slice(self.slice_s, self.slice_instructions)
@@ -259,6 +292,10 @@ class Host:
         hosted.outcome = outcome
         hosted.vm.stop.stopped()
         hosted.vm.abandon_migration("the guest ended on this host first")   # if under way
+        if hosted.awaiting is not None:
+            hosted.awaiting.reply.put(_error_reply(f"the VM ended here ({hosted.describe()}) "
+                                                   "before its receiver answered"))
+            hosted.awaiting = None
         if len(self.vms) > 1:
             print(f"vmstate: [{hosted.name}] {hosted.describe()}", file=self.log, flush=True)
         hosted.release()
@@ -277,12 +314,18 @@ class Host:
             except queue.Empty:
                 return
             wait = False
+            if request is self._wake:
+                continue
             try:
-                reply = {"return": self._execute(request)}
+                result = self._execute(request)
+                if isinstance(result, AwaitHandOver):
+                    result.hosted.awaiting = request      # replied by _end_hand_overs
+                    continue
+                reply = {"return": result}
             except CommandError as e:
-                reply = {"error": {"class": "GenericError", "desc": str(e)}}
+                reply = _error_reply(str(e))
             except VmstateError as e:
-                reply = {"error": {"class": "GenericError", "desc": describe_error(e)}}
+                reply = _error_reply(describe_error(e))
             request.reply.put(reply)
 
     def refuse_requests(self) -> None:
@@ -292,8 +335,8 @@ class Host:
                 request = self.requests.get_nowait()
             except queue.Empty:
                 return
-            request.reply.put({"error": {"class": "GenericError",
-                                         "desc": "every VM has ended"}})
+            if request is not self._wake:
+                request.reply.put(_error_reply("every VM has ended"))
 
     def _execute(self, request: Request):
         from .host_commands import COMMANDS

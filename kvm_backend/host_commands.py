@@ -8,9 +8,8 @@ from typing import Callable
 
 from vmstate.errors import UsageError
 
-from .host import EXIT_QUIT, CommandError, Host, HostedVm, Stopped
+from .host import EXIT_QUIT, AwaitHandOver, CommandError, Host, HostedVm, Stopped
 from .session import save_to_file
-from machine.outcome import Saved
 
 
 def _argument(arguments: dict, name: str) -> str:
@@ -54,7 +53,7 @@ def _snapshot(host: Host, arguments: dict) -> dict:
 
 
 def _save(host: Host, arguments: dict) -> dict:
-    hosted = host.find(arguments)
+    hosted = _not_handing_over(host.find(arguments))
     path = arguments.get("path") or hosted.entry.image
     if not isinstance(path, str):
         raise CommandError("argument 'path' must be a string")
@@ -66,19 +65,16 @@ def _save(host: Host, arguments: dict) -> dict:
 
 
 def _migrate(host: Host, arguments: dict) -> dict:
-    hosted, address = host.find(arguments), _argument(arguments, "address")
+    hosted, address = _not_handing_over(host.find(arguments)), _argument(arguments, "address")
     from vmstate.migration.protocol import parse_address
     target = parse_address(address)
     if arguments.get("live"):
         return _migrate_live(hosted, target, address, arguments)
     hosted.vm.pause()
-    from vmstate.migration.send import send_to
-    state = hosted.vm.capture()
-    message = send_to(target, float(arguments.get("connect_timeout", 5)), state,
-                      [hosted.vm.memory.view], bool(arguments.get("with_files", False)),
-                      hosted.entry.root)
-    host.end(hosted, Saved(f"migrated to {address}: {message}"))
-    return {"description": message}
+    from machine.live import ColdSend
+    hosted.vm.send_away(ColdSend(hosted.vm, target, float(arguments.get("connect_timeout", 5)),
+                                 bool(arguments.get("with_files", False)), hosted.entry.root))
+    return AwaitHandOver(hosted)
 
 
 def _migrate_live(hosted, target, address: str, arguments: dict) -> dict:
@@ -103,6 +99,15 @@ def _quit(host: Host, arguments: dict) -> dict:
         if not hosted.ended:
             host.end(hosted, Stopped("ended by quit", EXIT_QUIT))
     return {}
+
+
+def _not_handing_over(hosted: HostedVm) -> HostedVm:
+    """A VM handing over to a migration receiver may be running there already: it is not
+    saved or sent elsewhere until the receiver has answered."""
+    if hosted.vm.handing_over is not None:
+        raise CommandError(f"VM {hosted.name} is handing over to a migration receiver (which "
+                           "has not answered yet)")
+    return hosted
 
 
 def _refuse_over_program(hosted: HostedVm, path: str) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import signal
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from linux_personality.options import GuestOptions
 from vmstate.background import BackgroundCall
 from vmstate.errors import KvmNotAvailableError, UsageError
+from vmstate.record import record
 from vmstate.state import VmState
 from vmstate.units import format_size
 from vmstate.validate import MIN_MEMORY
@@ -27,7 +27,7 @@ if TYPE_CHECKING:             # imported where used: run does not need the image
 DEFAULT_IMAGE = "vm_image.sav"
 
 
-@dataclass(frozen=True)
+@record
 class SaveOptions:
     image: str = DEFAULT_IMAGE
     on_signal: bool = False          # save on SIGUSR1

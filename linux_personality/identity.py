@@ -29,6 +29,7 @@ CPU_MASK_BYTES = 8
 
 @dataclass
 class Identity:
+    """Who the guest is: its host name, user and group ids, and resource limits."""
     hostname: str = "vmstate"
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)

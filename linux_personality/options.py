@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from vmstate.record import record
 from vmstate.state import GuestLimits
 
 
-@dataclass(frozen=True)
+@record
 class GuestOptions:
     cwd: str = "/"                       # the guest's starting directory, inside the root
     hostname: str = "vmstate"

@@ -61,6 +61,7 @@ ITIMERVAL = struct.Struct("<qqqq")      # interval (s, us), value (s, us)
 
 @dataclass
 class SignalState:
+    """The guest process's signal state: handlers, masks, pending signals, alarm."""
     actions: dict[int, bytes] = field(default_factory=dict)   # signal: struct sigaction
     blocked: int = 0
     pending: int = 0

@@ -4,7 +4,7 @@ and captures them into one, and gives the run loop its shape: serve system calls
 guest exits, faults or is saved, stop on request, hand over to a live migration.
 
 A backend (kvm_backend.vm.VirtualMachine, soft_backend.vm.SoftMachine) adds the CPU: it sets
-`cpu` and `stop`, and defines _enter_vcpu, run_slice, capture_vcpu, return_to_user,
+`cpu` and `stop`, and defines _enter_vcpu, run_slice, end_slice, capture_vcpu, return_to_user,
 _rewind_to_syscall, pause, present_pages and _close_cpu, and for a live migration's sender
 start_tracking, take_dirty and stop_tracking (machine/live.py).
 """
@@ -34,8 +34,8 @@ from linux_personality.signals import SignalState
 
 from .memory import GuestMemory
 from .outcome import (
-    SEGV_ACCERR, SEGV_MAPERR, Exited, Faulted, LiveMigration, LiveSave, Outcome, SaveHandler,
-    Saved)
+    SEGV_ACCERR, SEGV_MAPERR, Exited, Faulted, HandOver, LiveMigration, LiveSave, Outcome,
+    SaveHandler, Saved)
 from .stop import StopRequest
 from .timing import timing_mark
 
@@ -76,7 +76,9 @@ class Machine:
         self.forked_child = False             # this VMM process runs a guest's fork child
         self.name = "vm"                      # tags its para-call output and its lines on a host
         self.serving: int | None = None       # the system call being served, if any
-        self.migration: LiveMigration | None = None
+        self.migration: LiveMigration | None = None     # sending while the guest runs
+        self.handing_over: HandOver | None = None       # stopped while a sender sends it
+        self.on_migration_end: Callable[[], None] = _nothing   # from the sender's thread
         self._running: Running | None = None
         self._image_present: tuple = ()       # the restored image's runs (present_pages starts there)
 
@@ -124,7 +126,10 @@ class Machine:
         self.start(trace, save, gate, paracalls)
         try:
             while (outcome := self.run_slice()) is None:
-                pass
+                if self.handing_over is not None:
+                    outcome = self.end_hand_over()      # waits for the receiver's answer
+                    if outcome is not None:
+                        break
         finally:
             self.stop.stopped()
             self.abandon_migration("the guest ended on this host first")
@@ -238,6 +243,8 @@ class Machine:
     def _on_stop(self, save, pending: PendingCall | None) -> Outcome | None:
         """A stop request reached the run loop (a signal, or a live migration's last round,
         whatever started it); None: the guest carries on (a rewound call is re-issued)."""
+        if self.handing_over is not None:
+            return None                   # stopped until the receiver answers: end_hand_over
         if self.migration is not None and self.migration.wants_pause.is_set():
             self.stop.reset()             # before the hand-over: a request from now on is kept
             return self._final_copy(pending)
@@ -287,24 +294,44 @@ class Machine:
         self._begin_live(save)
 
     def abandon_migration(self, why: str) -> None:
-        if self.migration is not None:
-            self.migration.abandon(why)
-            self.migration = None
+        for migration in (self.migration, self.handing_over):
+            if migration is not None:
+                migration.abandon(why)
+        self.migration = self.handing_over = None
 
     def _begin_live(self, save: LiveSave) -> None:
-        if self.migration is not None and not self.migration.finished.is_set():
+        if self.handing_over is not None or (self.migration is not None
+                                             and not self.migration.finished.is_set()):
             return                        # one at a time: this request joins it
         self.migration = save.begin(self)
 
-    def _final_copy(self, pending: PendingCall | None) -> Outcome | None:
-        """Stop the guest for the live migration's last pages and state. If the migration
-        then fails, the guest carries on here as if nothing happened."""
+    def _final_copy(self, pending: PendingCall | None) -> None:
+        """Stop the guest for the live migration's last pages and state and give them to the
+        sender; the slice ends. The guest stays stopped (`handing_over`) until the run loop
+        calls end_hand_over: the run loop never waits for the receiver here, so a host goes
+        on with its other VMs and its control socket."""
         timing_mark("save-start")
         stopped_at = time.monotonic()
         self.stop.stopped()
         self.pause()
-        migration, self.migration = self.migration, None
-        where = migration.hand_over(self.capture(pending), stopped_at)
+        self.handing_over, self.migration = self.migration, None
+        self.handing_over.hand_over(self.capture(pending), stopped_at)
+        self.end_slice()                  # KVM: the next KVM_RUN returns at once
+
+    def send_away(self, hand_over: HandOver) -> None:
+        """Between slices (paused): the VM stays stopped while `hand_over` sends it (a host's
+        cold `migrate`), until end_hand_over."""
+        self.handing_over = hand_over
+
+    def hand_over_ended(self) -> bool:
+        """The receiver has answered the hand-over under way (or the connection failed)."""
+        return self.handing_over is not None and self.handing_over.finished.is_set()
+
+    def end_hand_over(self) -> Outcome | None:
+        """Wait for the hand-over under way to end: Saved if the receiver has the VM, else
+        None (the migration failed and the guest carries on here as if nothing happened)."""
+        migration, self.handing_over = self.handing_over, None
+        where = migration.result()
         self.stop.reset()
         if where is None:
             timing_mark("resumed-here")
@@ -323,6 +350,10 @@ class Machine:
     def run_slice(self) -> Outcome | None:
         raise NotImplementedError
 
+    def end_slice(self) -> None:
+        """End the slice under way (any thread, or a signal handler): the run loop returns."""
+        raise NotImplementedError
+
     def pause(self) -> None:
         """Between slices (or before a capture): leave the CPU so that capture() or a save
         sees the guest as it will resume."""
@@ -337,6 +368,10 @@ class Machine:
     def present_pages(self):
         """Pages ever written (one byte per page, non-zero if present)."""
         raise NotImplementedError
+
+
+def _nothing() -> None:
+    pass
 
 
 def check_restorable(state: VmState) -> None:

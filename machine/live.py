@@ -1,7 +1,10 @@
 """Live migration from the VMM's side: the guest keeps running in the main thread while a
 sender thread streams its memory (vmstate/migration/live_send.py); for the last pages the
-sender asks the run loop to pause the vCPU, and the run loop hands it the final state. If
-anything fails, the guest carries on here as if nothing had happened."""
+sender asks the run loop to pause the vCPU, and the run loop hands it the final state and
+goes on (a host runs its other VMs and serves its control socket) until the sender has the
+receiver's answer. If anything fails, the guest carries on here as if nothing had
+happened. A host's cold `migrate` (ColdSend) is a hand-over alone: the VM stopped, its state
+sent by a thread while the host goes on."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import numpy as np
 
 from vmstate.errors import describe_error
 from vmstate.migration.live_send import LiveOptions, migrate_live
-from vmstate.migration.send import connect
+from vmstate.migration.send import close_files, connect, guest_files, send_vm
 from vmstate.state import VmState
 
 from .base import Machine
@@ -42,7 +45,8 @@ class Migration:
         self._paused = threading.Event()
         self._result: str | None = None
         self._socket: socket.socket | None = None
-        self._cancelled = False
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
         timing_mark("live-start")
         print(f"vmstate: live migration to {address[0]}:{address[1]} begins; the guest runs "
               "on", file=log, flush=True)
@@ -56,20 +60,26 @@ class Migration:
     def _send(self, connect_timeout: float, with_files: bool, root: str,
               options: LiveOptions) -> None:
         try:
-            self._socket = connect(self.address, connect_timeout, self.log)
-            message = migrate_live(self._socket, self, with_files, root, options, self.log)
+            sock = connect(self.address, connect_timeout, self.log, self._cancelled)
+            with self._lock:              # abandon shuts down the socket it finds here
+                self._socket = sock
+            if self._cancelled.is_set():
+                raise ConnectionAbortedError("abandoned")
+            message = migrate_live(sock, self, with_files, root, options, self.log)
             self._result = f"migrated live to {self.address[0]}:{self.address[1]}: {message}"
         except (Exception, KeyboardInterrupt) as e:
-            if not self._cancelled:
+            if not self._cancelled.is_set():
                 print(f"vmstate: live migration to {self.address[0]}:{self.address[1]} failed "
                       f"({describe_error(e)}); the VM carries on here", file=self.log,
                       flush=True)
         finally:
             self.vm.stop_tracking()
-            if self._socket is not None:
-                self._socket.close()
+            with self._lock:
+                if self._socket is not None:
+                    self._socket.close()
             self.finished.set()
             self._paused.set()           # a pause that never came no longer waits
+            self.vm.on_migration_end()
 
     # LiveSource, called from the sender thread
     def start_tracking(self) -> np.ndarray:
@@ -88,22 +98,86 @@ class Migration:
 
     # -- the run loop's side -------------------------------------------------------------------
 
-    def hand_over(self, state: VmState, stopped_at: float) -> str | None:
+    def hand_over(self, state: VmState, stopped_at: float) -> None:
+        """The vCPU stopped at `stopped_at`: the sender sends the rest (result() waits)."""
         self.stopped_at = stopped_at
         self._state = state
         self._paused.set()
+
+    def result(self) -> str | None:
+        """Wait for the sender to end: where the VM went, or None if it did not get there."""
         self._thread.join()
         return self._result
 
     def abandon(self, why: str) -> None:
-        self._cancelled = not self.finished.is_set()
-        if self._cancelled:
+        """Cancel the migration and wait for the sender, which every blocking step of it
+        notices at once (the connection is shut down, the connect retries watch the event)."""
+        if not self.finished.is_set():
+            self._cancelled.set()
             print(f"vmstate: live migration to {self.address[0]}:{self.address[1]} abandoned: "
                   f"{why}", file=self.log, flush=True)
-        if self._socket is not None:
-            try:
-                self._socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        with self._lock:
+            if self._socket is not None:
+                try:
+                    self._socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self._paused.set()
+        self._thread.join()
+
+
+class ColdSend:
+    """A cold migration of a VM stopped between slices, sent by a thread (a HandOver: set as
+    the VM's `handing_over` by Machine.send_away, it ends like a live migration's)."""
+
+    def __init__(self, vm: Machine, address: tuple[str, int], connect_timeout: float,
+                 with_files: bool, root: str):
+        self.address = address
+        self.finished = threading.Event()
+        self.message: str | None = None        # the receiver's, once it has the VM
+        self.error = ""                        # why it did not get there
+        self._cancelled = threading.Event()
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._send, args=(vm, vm.capture(), connect_timeout, with_files, root),
+            daemon=True, name="migration")
+        self._thread.start()
+
+    def _send(self, vm: Machine, state: VmState, connect_timeout: float, with_files: bool,
+              root: str) -> None:
+        try:
+            files = guest_files(state, root) if with_files else []
+            try:
+                sock = connect(self.address, connect_timeout, cancelled=self._cancelled)
+                with self._lock:
+                    self._socket = sock
+                if self._cancelled.is_set():
+                    raise ConnectionAbortedError("abandoned")
+                self.message = send_vm(sock, state, [vm.memory.view], files)
+            finally:
+                close_files(files)
+        except (Exception, KeyboardInterrupt) as e:
+            self.error = describe_error(e)
+        finally:
+            with self._lock:
+                if self._socket is not None:
+                    self._socket.close()
+            self.finished.set()
+            vm.on_migration_end()
+
+    def result(self) -> str | None:
+        self._thread.join()
+        if self.message is None:
+            return None
+        return f"migrated to {self.address[0]}:{self.address[1]}: {self.message}"
+
+    def abandon(self, why: str) -> None:
+        self._cancelled.set()
+        with self._lock:
+            if self._socket is not None:
+                try:
+                    self._socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self._thread.join()

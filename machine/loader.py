@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
 from vmstate import elf
 from vmstate.errors import ProgramError
 from vmstate.fd import open_to_read
+from vmstate.record import record
 from vmstate.state import PAGE_SIZE
 
 from linux_personality.address_space import page_up
@@ -27,7 +27,7 @@ AT_UID, AT_EUID, AT_GID, AT_EGID, AT_CLKTCK, AT_SECURE, AT_RANDOM, AT_EXECFN = (
 AT_SYSINFO_EHDR = 33
 
 
-@dataclass(frozen=True)
+@record
 class Segment:
     vaddr: int
     file_offset: int
@@ -35,7 +35,7 @@ class Segment:
     mem_size: int
 
 
-@dataclass(frozen=True)
+@record
 class Program:
     path: str
     entry: int

@@ -4,21 +4,21 @@ for both CPUs."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from vmstate import x86
+from vmstate.record import record
 from vmstate.state import PAGE_SIZE, VmState
 
 SEGV_MAPERR, SEGV_ACCERR = 1, 2          # si_code of a SIGSEGV: no mapping, no permission
 
 
-@dataclass(frozen=True)
+@record
 class Exited:
     status: int
 
 
-@dataclass(frozen=True)
+@record
 class Faulted:
     """The guest took an exception (or the CPU could not run it); `signal` is what Linux
     would have sent a process, so the command can exit with 128 + signal."""
@@ -26,7 +26,7 @@ class Faulted:
     signal: int
 
 
-@dataclass(frozen=True)
+@record
 class Saved:
     """The VM was stopped and its state handed to the save handler, which said where it went
     ("saved to vm_image.sav (...)", "migrated to host:4040: ...")."""
@@ -37,19 +37,27 @@ Outcome = Exited | Faulted | Saved
 SaveHandler = Callable[[VmState, list[memoryview]], str]
 
 
-class LiveMigration(Protocol):
-    """A live migration under way (machine/live.py), as the run loop sees it."""
-    wants_pause: threading.Event     # the sender is ready for the final stop-and-copy
-    finished: threading.Event        # it ended (failed) without stopping the guest
+class HandOver(Protocol):
+    """A VM stopped while a sender thread sends it away (machine/live.py), as the run loop
+    sees it: it ends the VM once `finished`, or resumes it if result() is None."""
+    finished: threading.Event        # the sender has ended (the receiver answered, or not)
 
-    def hand_over(self, state: VmState, stopped_at: float) -> str | None:
-        """The vCPU stopped at `stopped_at` (time.monotonic()): send the rest; where the VM
-        went, or None if it failed."""
+    def result(self) -> str | None:
+        """Wait for the end: where the VM went, or None if it did not get there."""
     def abandon(self, why: str) -> None:
         """The guest ended here first: cancel the migration."""
 
 
-@dataclass(frozen=True)
+class LiveMigration(HandOver, Protocol):
+    """A live migration under way: its pre-copy runs beside the guest, then it hands over."""
+    wants_pause: threading.Event     # the sender is ready for the final stop-and-copy
+
+    def hand_over(self, state: VmState, stopped_at: float) -> None:
+        """The vCPU stopped at `stopped_at` (time.monotonic()): send the rest (without
+        waiting; `finished` is set once the receiver has answered)."""
+
+
+@record
 class LiveSave:
     """Save by live migration: `begin(vm)` starts sending while the guest runs on."""
     begin: Callable[[object], LiveMigration]

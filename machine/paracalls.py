@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import sys
 
 from vmstate.errors import VmstateError
@@ -175,7 +174,7 @@ def _errno_of(error: BaseException, default: int) -> int:
     while error is not None:
         if isinstance(error, OSError) and error.errno:
             return error.errno
-        if isinstance(error, socket.timeout):
+        if isinstance(error, TimeoutError):         # socket.timeout is TimeoutError
             return errno.ETIMEDOUT
         error = error.__context__
     return default

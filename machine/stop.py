@@ -78,12 +78,10 @@ class StopRequest:
             if self._kicker is not None:
                 self._kicker.join()
                 self._kicker = None
-            os.set_blocking(self.cancel_fd, False)
             try:
                 os.read(self.cancel_fd, 64)
             except BlockingIOError:
                 pass
-            os.set_blocking(self.cancel_fd, True)
             self.run_page.immediate_exit = 0
             self.requested.clear()
             self._stopped.clear()

@@ -225,8 +225,9 @@ class SoftMachine(Machine):
         if self._budget:
             save = self._running.save
             return self._save(save, None) if save is not None else None
-        if self._takes_page_fault():          # unicorn may end on a fault without a word
-            return self._fault(14)
+        found = self._page_fault_at_rip()     # unicorn may end on a fault without a word
+        if found is not None:
+            return self._fault(14, found)
         if count or timeout_us:
             return None
         return self._fault(None)
@@ -291,22 +292,24 @@ class SoftMachine(Machine):
             self._exception = vector
         uc.emu_stop()
 
-    def _takes_page_fault(self) -> bool:
-        """The instruction at RIP would take a page fault."""
+    def _page_fault_at_rip(self) -> tuple[int, int] | None:
+        """(address, error code) of the page fault the instruction at RIP would take, if any
+        (decoded from the instruction and the page tables)."""
         rip, cr3 = self.uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_CR3])
         return page_fault(self.memory.read_phys, self._read_register, cr3, rip,
-                          bool(self.template.sregs.efer & EFER_NXE)) is not None
+                          bool(self.template.sregs.efer & EFER_NXE))
 
-    def _fault(self, vector: int | None) -> Outcome | None:
+    def _fault(self, vector: int | None, found: tuple[int, int] | None = None
+               ) -> Outcome | None:
         """Report as KVM would, or (the guest handles the signal) enter its handler and go
         on (None). Unicorn may report a page fault as vector 8, or stop with no reason:
-        both are decoded from the instruction and the page tables."""
-        rip, rsp, cr3 = self.uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_RSP,
-                                                X.UC_X86_REG_CR3])
+        both are decoded from the instruction and the page tables, unless the caller already
+        did (`found`)."""
+        rip, rsp = self.uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_RSP])
         error_code, address = 0, rip
         if vector in (None, 8, 14):
-            found = page_fault(self.memory.read_phys, self._read_register, cr3, rip,
-                               bool(self.template.sregs.efer & EFER_NXE))
+            if found is None:
+                found = self._page_fault_at_rip()
             if found is None and vector is None:
                 return Faulted(f"guest stopped at rip {rip:#x} for no reason the software "
                                "CPU gave", x86.SIGSEGV)

@@ -11,11 +11,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
 
 from helpers import one_line_error
+from vmstate.migration import protocol as P
 from test_migration import Receiver
 
 pytestmark = pytest.mark.kvm
@@ -163,15 +165,22 @@ def test_a_client_of_another_uid_is_refused(started, guest):
     directory = tempfile.mkdtemp(prefix="vmstate-ctl-")     # pytest's own are closed to others
     os.chmod(directory, 0o755)
     path = os.path.join(directory, "vmm.sock")
+    host = None
     try:
-        _refuse_nobody(started, guest, path)
+        host = started("host", "--control", path, "-v", f"{guest('ticker')} 100000 20 0",
+                       socket_path=path)
+        _refuse_nobody(path)
+        out, err = host.communicate(timeout=60)
+        assert host.returncode == 137, err
     finally:
+        if host is not None:       # the VMM removes its socket as it ends: not under rmtree
+            if host.poll() is None:
+                host.kill()
+            host.wait()
         shutil.rmtree(directory)
 
 
-def _refuse_nobody(started, guest, path):
-    started("host", "--control", path, "-v", f"{guest('ticker')} 100000 20 0", socket_path=path)
-
+def _refuse_nobody(path):
     def as_nobody() -> dict:
         result = subprocess.run([sys.executable, "-c", CONNECT_AS_NOBODY, path],
                                 capture_output=True, timeout=60)
@@ -288,3 +297,153 @@ def test_migrate_live_from_the_control_socket(started, vmstate_cmd, guest, tmp_p
             if line.startswith("[ticker] ")]
     assert here + received == [f"tick {i}" for i in range(60)], (here, received)
     assert b"live migration to 127.0.0.1" in err
+
+
+class FailingReceiver:
+    """A real TCP peer that speaks live migration (protocol 3.0) until the sender's END, then
+    closes the connection without a verdict; with `stall`, it first stops answering until
+    `release`."""
+
+    def __init__(self, stall: bool):
+        self.stall = stall
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.got_end = threading.Event()
+        self._release = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.listener.settimeout(60)
+            conn, _ = self.listener.accept()
+            with conn:
+                conn.settimeout(60)
+                P.recv_exact(conn, P.HELLO.size, "hello")
+                P.send_reply(conn, P.STATUS_OK, "protocol 3.0")
+                while not self.got_end.is_set():
+                    kind, _, _, _, length = P.FRAME.unpack(P.recv_exact(conn, P.FRAME.size,
+                                                                        "frame"))
+                    P.recv_exact(conn, length, "payload")
+                    if kind == P.FRAME_SYNC:
+                        P.send_reply(conn, P.STATUS_OK, "synced")
+                    if kind == P.FRAME_END:
+                        self.got_end.set()
+                if self.stall:
+                    self._release.wait(120)      # no verdict
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.listener.close()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(60)
+
+
+@pytest.mark.parametrize("cpu", ["kvm", "soft"])
+def test_a_live_migration_failing_at_the_hand_over_leaves_the_vm_running_here(
+        started, guest, tmp_path, cpu):
+    """The receiver takes the last pages and state, then hangs up: the VM goes on here, no
+    tick lost or repeated, and the host goes on serving its control socket."""
+    ticker, spin = guest("ticker"), 20 if cpu == "kvm" else 1
+    host = started("host", "--cpu", cpu, "--control", "vmm.sock", "-v",
+                   f"{ticker} 100000 {spin} 6", "-v", f"{ticker} 100000 {spin} 7")
+    client = Client(tmp_path / "vmm.sock")
+    peer = FailingReceiver(stall=False)
+    client.ok("migrate", vm="ticker", address=f"127.0.0.1:{peer.port}", live=True)
+    assert peer.got_end.wait(60), peer.error
+    peer.release()
+    assert peer.error is None, peer.error
+    before = query(client)["ticker"]["slices"]
+    wait_until(lambda: query(client)["ticker"]["slices"] > before, "the VM did not go on here")
+    assert query(client)["ticker"]["state"] == "running"
+    client.ok("quit")
+    client.close()
+    out, err = host.communicate(timeout=60)
+    here = [line for line in out.decode().splitlines() if line.startswith("[ticker] ")]
+    assert here == [f"[ticker] tick {i}" for i in range(len(here))]
+    assert f"live migration to 127.0.0.1:{peer.port} failed".encode() in err, err
+
+
+@pytest.mark.parametrize("cpu", ["kvm", "soft"])
+def test_a_stalled_live_migration_receiver_holds_up_only_its_vm(started, guest, tmp_path,
+                                                                  cpu):
+    """The receiver takes the last pages and state, then never answers. The host does not
+    wait for it: the control socket answers, the other VM runs on, the migrating VM stays
+    stopped and is not saved elsewhere meanwhile; when the connection closes, the migration
+    fails and the VM goes on here, no tick lost or repeated."""
+    ticker, spin = guest("ticker"), 20 if cpu == "kvm" else 1
+    host = started("host", "--cpu", cpu, "--control", "vmm.sock", "-v",
+                   f"{ticker} 100000 {spin} 6", "-v", f"{ticker} 100000 {spin} 7")
+    client = Client(tmp_path / "vmm.sock")
+    peer = FailingReceiver(stall=True)
+    try:
+        client.ok("migrate", vm="ticker", address=f"127.0.0.1:{peer.port}", live=True)
+        assert peer.got_end.wait(60), peer.error
+        first = query(client)                      # this query went unanswered before
+        assert first["ticker"]["description"] == "running, handing over to a migration receiver"
+        assert "handing over" in client.execute("save", vm="ticker")["error"]["desc"]
+        wait_until(lambda: query(client)["ticker-2"]["slices"] > first["ticker-2"]["slices"],
+                   "the other VM did not run")
+        assert query(client)["ticker"]["slices"] == first["ticker"]["slices"]   # stopped
+    finally:
+        peer.release()
+    assert peer.error is None, peer.error
+    wait_until(lambda: query(client)["ticker"]["slices"] > first["ticker"]["slices"],
+               "the VM did not go on here")
+    assert query(client)["ticker"]["state"] == "running"
+    client.ok("quit")
+    client.close()
+    out, err = host.communicate(timeout=60)
+    here = [line for line in out.decode().splitlines() if line.startswith("[ticker] ")]
+    assert here == [f"[ticker] tick {i}" for i in range(len(here))]
+    assert f"live migration to 127.0.0.1:{peer.port} failed".encode() in err, err
+
+
+def test_a_cold_migration_to_a_stalled_receiver_holds_up_only_its_vm(started, guest,
+                                                                      tmp_path):
+    """`migrate` (cold) to a receiver that takes the VM and never answers: the reply waits,
+    but the host does not: another client is served and the other VM runs; when the
+    connection closes the reply is the failure and the VM goes on here."""
+    ticker = guest("ticker")
+    host = started("host", "--control", "vmm.sock", "-v", f"{ticker} 100000 20 6", "-v",
+                   f"{ticker} 100000 20 7")
+    migrating, client = Client(tmp_path / "vmm.sock"), Client(tmp_path / "vmm.sock")
+    peer = FailingReceiver(stall=True)
+    try:
+        migrating.stream.write(json.dumps({"execute": "migrate", "arguments": {
+            "vm": "ticker", "address": f"127.0.0.1:{peer.port}"}}).encode() + b"\n")
+        assert peer.got_end.wait(60), peer.error
+        first = query(client)                      # this query went unanswered before
+        assert first["ticker"]["description"] == "running, handing over to a migration receiver"
+        assert "handing over" in client.execute("migrate", vm="ticker",
+                                                address="127.0.0.1:1")["error"]["desc"]
+        wait_until(lambda: query(client)["ticker-2"]["slices"] > first["ticker-2"]["slices"],
+                   "the other VM did not run")
+        assert query(client)["ticker"]["slices"] == first["ticker"]["slices"]   # stopped
+    finally:
+        peer.release()
+    assert peer.error is None, peer.error
+    failure = migrating.read()["error"]["desc"]
+    assert failure.startswith("migration failed (") and failure.endswith("the VM goes on")
+    wait_until(lambda: query(client)["ticker"]["slices"] > first["ticker"]["slices"],
+               "the VM did not go on here")
+    client.ok("quit")
+    client.close()
+    migrating.close()
+    out, err = host.communicate(timeout=60)
+    here = [line for line in out.decode().splitlines() if line.startswith("[ticker] ")]
+    assert here == [f"[ticker] tick {i}" for i in range(len(here))]
+
+
+def query(client) -> dict[str, dict]:
+    return {vm["name"]: vm for vm in client.ok("query-vms")}
+
+
+def wait_until(condition, failure: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)

@@ -5,11 +5,14 @@ import base64
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from strategies import memory_views, sample_state
 from vmstate.hwxml import from_xml
+from vmstate.image.writer import write_image
 
 pytestmark = pytest.mark.kvm
 
@@ -32,6 +35,17 @@ def test_info_escapes_guest_text_and_works_in_an_ascii_locale(vmstate, saved, ex
     program = next(line for line in text.splitlines() if line.startswith("Program"))
     assert program.split(None, 1)[1] == (
         f"{example('lab_app')} caf\\xc3\\xa9 \\x1b[31mred not utf-8 \\xff")
+
+
+def test_info_escapes_an_unknown_saved_by_value(vmstate, tmp_path):
+    """The reader does not check vmm-saved-by's text (image-format.md 6.16): a crafted image
+    must not reach the terminal with it."""
+    state, contents = sample_state()
+    state = replace(state, vmm=replace(state.vmm, saved_by="\x1b]0;owned\x07"))
+    write_image(str(tmp_path / "crafted.sav"), state, memory_views(contents))
+    result = vmstate("info", "crafted.sav", env=ASCII)
+    assert result.returncode == 0, result.stderr
+    assert "Saved by  \\x1b]0;owned\\x07" in result.stdout.decode("ascii").splitlines()
 
 
 def test_info_json_is_valid_utf8_and_keeps_names_that_are_not(vmstate, saved):

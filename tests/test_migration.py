@@ -3,6 +3,7 @@ and a hostile or broken stream on either side (nothing half-written, nothing sta
 receiver goes on serving, the sender's VM state survives)."""
 
 import os
+import re
 import select
 import signal
 import socket
@@ -29,9 +30,11 @@ def free_port() -> int:
 
 
 class Receiver:
+    """`vmstate receive` on a port the kernel picks (--port 0: no other test can take it
+    between choosing and binding); `port` is the one its first line names."""
+
     def __init__(self, vmstate_cmd, cwd, *args, netns=None):
-        self.port = free_port()
-        command = [vmstate_cmd, "receive", "--port", str(self.port), *map(str, args)]
+        command = [vmstate_cmd, "receive", "--port", "0", *map(str, args)]
         if netns is None:
             command += ["--bind", "127.0.0.1"]
         else:
@@ -39,7 +42,10 @@ class Receiver:
         self.process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, bufsize=0)  # select-safe
         self.log = [self.process.stderr.readline().decode()]
-        assert self.log[0] == f"Waiting for VM image on port {self.port}...\n", self.log
+        listening = re.fullmatch(r"Waiting for VM image on port ([1-9][0-9]*)\.\.\.\n",
+                                 self.log[0])
+        assert listening, self.log
+        self.port = int(listening[1])
 
     def read_log_until(self, text: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
@@ -80,6 +86,26 @@ def test_lab_flow_across_two_processes(vmstate, example, receivers, two_dirs):
     assert any(line.startswith("Received ") and line.endswith(" bytes\n") for line in receiver.log)
     assert (sender_dir / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
     assert sorted(p.name for p in sender_dir.iterdir()) == ["ay_caramba.txt"]   # no image
+
+
+def test_port_0_reports_the_port_the_system_chose(vmstate_cmd, vmstate, example, two_dirs):
+    sender_dir, receiver_dir = two_dirs
+    receiver = subprocess.Popen([vmstate_cmd, "receive", "--port", "0", "--bind", "127.0.0.1",
+                                 "-o", "got.sav", "--once"], cwd=receiver_dir,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        line = receiver.stderr.readline()
+        port = int(line.removeprefix("Waiting for VM image on port ").removesuffix("...\n"))
+        assert port != 0, line
+        sent = vmstate("run", "--migrate-to", f"127.0.0.1:{port}", example("lab_app"),
+                       cwd=sender_dir)
+        assert sent.returncode == 0, sent.stderr
+        assert receiver.wait(timeout=60) == 0
+        assert (receiver_dir / "got.sav").exists()
+    finally:
+        receiver.kill()
+        receiver.wait()
+        receiver.stderr.close()
 
 
 @pytest.mark.both_cpus

@@ -53,3 +53,12 @@ def test_bad_arguments_raise_type_error_as_for_a_dataclass(args, kwargs):
         DATACLASS(*args, **kwargs)
     with pytest.raises(TypeError):
         RECORD(*args, **kwargs)
+
+
+def test_a_record_keeps_its_docstring_or_gets_one_naming_its_fields():
+    @record
+    class Described:
+        """What it holds."""
+        x: int
+    assert Described.__doc__ == "What it holds."
+    assert RECORD.__doc__ == "Entry(kind, fd, offsets, notes)"

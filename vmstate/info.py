@@ -165,7 +165,7 @@ def render_text(info: dict, verified: str) -> str:
     argv = [escape(from_json_text(arg, "value")) for arg in info["program"]["argv"]]
     add(f"Program   {' '.join(argv) or '(unknown)'}")
     if info["saved_by"]:
-        add(f"Saved by  {SAVED_BY_NAMES.get(info['saved_by'], info['saved_by'])}")
+        add(f"Saved by  {SAVED_BY_NAMES.get(info['saved_by'], escape(info['saved_by']))}")
     for i, region in enumerate(info["memory"]):
         add(f"Memory    region {i}: guest physical {region['guest_phys_addr']}, "
             f"{format_size(region['size'])}, {region['present_pages']} of {region['pages']} pages "

@@ -15,10 +15,10 @@ Two levels:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 from . import x86, xsave
 from .image import layout as L
+from .record import record
 from .rootfs import MODE_BITS, normalize_guest_path
 from .state import FD_FILE, PAGE_SIZE, VcpuState, VmState
 
@@ -42,7 +42,7 @@ VMM = f"{ROOT}/vmm"
 SPACE = f"{VMM}/address-space"
 
 
-@dataclass(frozen=True)
+@record
 class Problem:
     xpath: str          # where in the hardware XML, e.g. /vmstate-hardware/vcpu[@id='0']/...
     message: str

@@ -5,7 +5,8 @@ The same 512 bytes are Linux's `user_fpregs_struct` (the NT_FPREGSET note of a c
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from .record import record
 
 LEGACY_SIZE = 512
 XSAVE_HEADER_OFFSET, XSAVE_HEADER_SIZE = 512, 64
@@ -16,7 +17,7 @@ ST_COUNT, XMM_COUNT = 8, 16
 CONTROL_FIELDS = ("fcw", "fsw", "ftw", "fop", "fip", "fdp", "mxcsr", "mxcsr_mask")
 
 
-@dataclass(frozen=True)
+@record
 class FpuState:
     fcw: int
     fsw: int

@@ -1,9 +1,12 @@
 """split and join of a QEMU 7.2 stream of a 1 GiB guest whose RAM is all written, as whole
 commands, against copying the same stream in the same run: `cp`, `cp --sparse=always`, and `cp`
 plus a sync of the copy (split and join, like cp, do not fsync their outputs: README,
-"Durability"; the synced cp shows what waiting for the disk costs). Runs are interleaved so
-that load from other processes falls on all of them alike; the load average is printed with
-the figures. Run with `make bench`."""
+"Durability"; the synced cp shows what waiting for the disk costs). Each command writes its
+outputs under new names, the previous round's removed (untimed) first: replacing a 1 GiB file
+costs freeing it, and on ext4 a rename over an existing file first writes the new one out, a
+cost that depends on how the file is replaced rather than on how fast it was made. Runs are
+interleaved so that load from other processes falls on all of them alike; the load average is
+printed with the figures. Run with `make bench`."""
 
 import os
 import shutil
@@ -24,7 +27,10 @@ import qemu_vm  # noqa: E402
 RUNS = 7
 
 
-def seconds(command, cwd) -> float:
+def seconds(command, cwd, outputs=()) -> float:
+    """Wall time of `command`, after removing its `outputs` (untimed)."""
+    for name in outputs:
+        (cwd / name).unlink(missing_ok=True)
     start = time.perf_counter()
     subprocess.run(command, cwd=cwd, check=True, capture_output=True)
     return time.perf_counter() - start
@@ -37,21 +43,20 @@ def test_split_and_join_of_a_1g_all_written_guest(vmstate_cmd, tmp_path):
                                fill=True)
     size = (tmp_path / "vm.state").stat().st_size
     cp, cp_sparse, cp_sync, split, join = [], [], [], [], []
-    # Each round runs these steps, starting one step later than the round before, so that
-    # no command always runs right after the same one. join always follows a split (it reads
-    # the core split has just written around the page cache).
+    copy = ("copy.state",)
     steps = [
-        [(cp, ["sh", "-c", "cp vm.state copy.new && mv copy.new copy.state"])],
+        [(cp, ["sh", "-c", "cp vm.state copy.new && mv copy.new copy.state"], copy)],
         [(cp_sparse, ["sh", "-c", "cp --sparse=always vm.state copy.new && "
-                      "mv copy.new copy.state"])],
+                      "mv copy.new copy.state"], copy)],
         [(cp_sync, ["sh", "-c", "cp vm.state copy.new && sync copy.new && "
-                    "mv copy.new copy.state"])],
-        [(split, [vmstate_cmd, "split", "vm.state"]),
-         (join, [vmstate_cmd, "join", "vm.core", "hw.xml", "-o", "new.state"])]]
+                    "mv copy.new copy.state"], copy)],
+        [(split, [vmstate_cmd, "split", "vm.state"], ("vm.core", "hw.xml")),
+         (join, [vmstate_cmd, "join", "vm.core", "hw.xml", "-o", "new.state"],
+          ("new.state",))]]
     for round_ in range(RUNS):
         for step in steps[round_ % len(steps):] + steps[:round_ % len(steps)]:
-            for times, command in step:
-                times.append(seconds(command, tmp_path))
+            for times, command, outputs in step:
+                times.append(seconds(command, tmp_path, outputs))
     same = (tmp_path / "new.state").read_bytes() == (tmp_path / "vm.state").read_bytes()
     load = os.getloadavg()
     cp, cp_sparse, cp_sync, split, join = (statistics.median(x) for x in

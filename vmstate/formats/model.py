@@ -4,10 +4,10 @@ its own layout onto it (vmstate images from KVM's, QEMU streams from QEMU's vmst
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..record import record
 
 
-@dataclass(frozen=True)
+@record
 class ArchSegment:
     selector: int
     base: int
@@ -15,7 +15,7 @@ class ArchSegment:
     attributes: dict            # type, s, dpl, present, avl, l, db, g (descriptor fields)
 
 
-@dataclass(frozen=True)
+@record
 class ArchVcpu:
     """x86-64 architectural registers, named as in the hardware XML of either format."""
     id: int
@@ -25,7 +25,7 @@ class ArchVcpu:
     control: dict               # cr0, cr2, cr3, cr4, efer (and more where a format has them)
 
 
-@dataclass(frozen=True)
+@record
 class MemoryBlock:
     """A named block of guest memory; `placements` are (offset in block, guest physical
     address, length) where the block is seen in guest physical memory (none for ROM blobs)."""
@@ -35,15 +35,15 @@ class MemoryBlock:
     stored_pages: int = 0       # pages the file holds bytes for (the rest read as zero)
 
 
-@dataclass(frozen=True)
+@record
 class Device:
     name: str
     instance: int
     version: int
-    fields: tuple = field(default=())     # (dotted path, value as text)
+    fields: tuple = ()     # (dotted path, value as text)
 
 
-@dataclass(frozen=True)
+@record
 class Machine:
     format: str
     path: str

@@ -7,7 +7,6 @@ import json
 from ..errors import FormatError
 from ..qemu.prefetch import BackgroundMapping
 from .model import ArchSegment, ArchVcpu, Device, Machine, MemoryBlock
-from .registry import Format
 
 
 def read(path: str) -> Machine:
@@ -61,7 +60,3 @@ def join(core: str, xml: str, xml_data: bytes, output: str | None, symbols) -> s
     mapped = BackgroundMapping(core, "core file", FormatError)     # before the imports
     from ..qemu.join import join_stream
     return join_stream(core, xml, xml_data, output, symbols, mapped)
-
-
-FORMAT = Format("qemu-stream", "QEMU 7.2 migration stream", b"QEVM", "qemu-state", read, info,
-                split, join, ".state")

@@ -3,9 +3,7 @@ join and info, wrapped; `read` maps the image's KVM-shaped state onto the shared
 
 from __future__ import annotations
 
-from ..image.layout import MAGIC
 from .model import ArchSegment, ArchVcpu, Machine, MemoryBlock
-from .registry import Format
 
 SEGMENT_ATTRIBUTES = ("type", "s", "dpl", "present", "avl", "l", "db", "g")
 
@@ -64,7 +62,3 @@ def join(core: str, xml: str, xml_data: bytes, output: str | None, symbols) -> s
     finally:
         joined.close()
     return summary
-
-
-FORMAT = Format("vmstate-image", "vmstate image", MAGIC, "vmstate-hardware", read, info, split,
-                join, ".sav")

@@ -436,7 +436,8 @@ def serve(bind: str, port: int, handle: Callable[[Connection], None], once: bool
     has the deadlines of PacedSocket. A failure is logged in one line. With `once`, returns
     the failures (0 or 1) after the first sender; otherwise serves until interrupted."""
     with socket.create_server((bind, port), backlog=BACKLOG) as listener:
-        print(f"Waiting for VM image on port {port}...", file=log, flush=True)
+        print(f"Waiting for VM image on port {listener.getsockname()[1]}...", file=log,
+              flush=True)                      # --port 0: the port the kernel chose
         if once or senders == 1:
             while True:
                 failed = _serve_one(*listener.accept(), handle, min_rate, log)

@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import sys
+import threading
 import time
 from array import array
 from dataclasses import dataclass
@@ -88,12 +89,16 @@ def send_to(address: tuple[str, int], connect_timeout: float, state: VmState,
         close_files(files)
 
 
-def connect(address: tuple[str, int], timeout: float, log=sys.stderr) -> socket.socket:
-    """Connect, retrying once a second until `timeout` seconds have passed."""
+def connect(address: tuple[str, int], timeout: float, log=sys.stderr,
+            cancelled: threading.Event | None = None) -> socket.socket:
+    """Connect, retrying once a second until `timeout` seconds have passed. With `cancelled`,
+    each attempt lasts at most a second and setting it ends the retries
+    (ConnectionAbortedError)."""
     deadline = time.monotonic() + timeout
+    attempt = max(1.0, timeout) if cancelled is None else RETRY_INTERVAL
     while True:
         try:
-            sock = socket.create_connection(address, timeout=max(1.0, timeout))
+            sock = socket.create_connection(address, timeout=attempt)
             sock.settimeout(REPLY_TIMEOUT)
             return sock
         except OSError as e:
@@ -101,7 +106,10 @@ def connect(address: tuple[str, int], timeout: float, log=sys.stderr) -> socket.
                 raise MigrationFailed(f"cannot connect to {address[0]}:{address[1]}: "
                                       f"{e.strerror or e}") from None
             print("connect failed, retry in 1 second...", file=log, flush=True)
-            time.sleep(RETRY_INTERVAL)
+            if cancelled is None:
+                time.sleep(RETRY_INTERVAL)
+            elif cancelled.wait(RETRY_INTERVAL):
+                raise ConnectionAbortedError("cancelled") from None
 
 
 def send_vm(sock: socket.socket, state: VmState, region_views: list[memoryview],

@@ -23,11 +23,10 @@ import numpy as np
 from .. import elf, x86
 from ..atomic import atomic_output
 from ..errors import FormatError, VmstateError
-from ..image.writer import pwrite_all
 from ..paging import Mapping, PageTables, clip
 from . import cpu, layout
 from .description import encode_group
-from .directio import DirectWriter
+from .gather import GatherWriter
 from .machine import placements
 from .prefetch import BackgroundMapping
 from .stream import QemuStream
@@ -220,20 +219,17 @@ def guest_mappings(stream: QemuStream, view: cpu.VcpuView, read_phys) -> list[Ma
 
 # -- writing (split) -------------------------------------------------------------------------
 
-def write_blocks(fd: int, stream: QemuStream, blocks: list[CoreBlock], digest_pages) -> None:
-    """Every PAGE record's bytes to its block's place in the core, gathered from the mapped
-    stream in bulk, and non-zero fills; ZERO pages stay holes. `digest_pages(views)` sees every
-    stored page once, in stream order (in a thread of its own)."""
-    with DirectWriter(fd) as out:
-        for section in stream.sections:
-            for run in section.runs:
-                start = blocks[run.block].offset + run.first_page * layout.PAGE_SIZE
-                if not run.zero:
-                    out.write_pages_at(stream.page_payloads(run), start, digest_pages)
-                elif run.fill:
-                    fill = np.broadcast_to(np.uint8(run.fill), (run.count, layout.PAGE_SIZE))
-                    out.write_pages_at(fill, start)
-        out.drain()
+def write_blocks(out: GatherWriter, stream: QemuStream, blocks: list[CoreBlock]) -> None:
+    """Every PAGE record's bytes to its block's place in the core, copied by the kernel
+    from the mapped stream, and non-zero fills; ZERO pages stay holes."""
+    for section in stream.sections:
+        for run in section.runs:
+            start = blocks[run.block].offset + run.first_page * layout.PAGE_SIZE
+            if not run.zero:
+                out.write_pages_at(stream.page_payloads(run), start)
+            elif run.fill:
+                page = np.full((1, layout.PAGE_SIZE), run.fill, dtype=np.uint8)
+                out.write_pages_at(np.broadcast_to(page, (run.count, layout.PAGE_SIZE)), start)
 
 
 # -- reading (join) --------------------------------------------------------------------------
@@ -340,13 +336,15 @@ class QemuCore:
         self.close()
 
 
-def write_core_file(path: str, plan: CorePlan, stream: QemuStream, digest_pages) -> None:
+def write_core_file(path: str, plan: CorePlan, stream: QemuStream) -> None:
     """Write the core atomically: it gets its name only once complete (a derived output:
     not fsynced, see vmstate.atomic)."""
     try:
         with atomic_output(path, durable=False) as f:
             f.truncate(plan.file_size)
-            pwrite_all(f.fileno(), plan.header, 0)
-            write_blocks(f.fileno(), stream, plan.blocks, digest_pages)
+            out = GatherWriter(f.fileno())
+            out.write(plan.header)
+            out.finish()
+            write_blocks(out, stream, plan.blocks)
     except OSError as e:
         raise VmstateError(f"cannot write {path}: {e.strerror}") from None

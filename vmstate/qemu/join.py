@@ -8,20 +8,20 @@ EFER, RFLAGS or CS/SS/DS/ES recomputes QEMU's hflags (cpu.derived_hflags)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import xxhash
 
 from ..atomic import atomic_output
+from ..background import BackgroundCall
 from ..errors import VmstateError
 from . import cpu, layout
 from .core import QemuCore, QemuCoreError
 from .description import Decoder, DescriptionError, Leaf, leaves
-from .directio import DirectWriter
+from .digests import page_digests, sharing_the_gil, unpack_digests
+from .gather import GatherWriter
 from .machine import placements
 from .prefetch import BackgroundMapping
 from .statexml import StateDocument, format_leaf, from_xml
@@ -71,16 +71,20 @@ def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | No
 def _write_finding_page_changes(output: str, stream: QemuStream, memory, digests: bytes,
                                 result: JoinResult) -> None:
     """Write the joined stream while a thread hashes the pages to find the changed ones (the
-    hashing runs while the writes wait on the disk); an error in either leaves no output."""
+    hashing runs while the kernel copies pages); an error in either leaves no output."""
+    checking = BackgroundCall(lambda: _page_changes(stream, memory, digests, result),
+                              "page-changes")
     try:
-        with atomic_output(output, durable=False) as f, DirectWriter(f.fileno()) as out, \
-                ThreadPoolExecutor(1, thread_name_prefix="page-changes") as pool:
-            changes = pool.submit(_page_changes, stream, memory, digests, result)
+        with sharing_the_gil(), atomic_output(output, durable=False) as f:
+            out = GatherWriter(f.fileno())
             write_stream(out, stream, memory)
             out.finish()
-            changes.result()
+            checking.result()
     except OSError as e:
         raise JoinError(f"cannot write {output}: {e.strerror}") from None
+    finally:
+        with contextlib.suppress(BaseException):
+            checking.result()           # done with the core's mapping before it is closed
 
 
 def _check_matches(core: QemuCore, document: StateDocument, core_path: str, xml_path: str):
@@ -208,25 +212,24 @@ def _page_changes(stream: QemuStream, memory, digests: bytes, result: JoinResult
     """Pages whose bytes differ from split's: PAGE-run pages by digest, ZERO-run pages by fill."""
     if len(digests) % 8:
         raise JoinError("the XML's page digests are cut short")
-    expected = struct.unpack(f"<{len(digests) // 8}Q", digests)
+    expected = unpack_digests(digests)
     position = 0
     for section in stream.sections:
         for run in section.runs:
-            pages = memory[run.block][run.first_page * layout.PAGE_SIZE:
-                                      (run.first_page + run.count) * layout.PAGE_SIZE]
             if run.zero:
+                pages = memory[run.block][run.first_page * layout.PAGE_SIZE:
+                                          (run.first_page + run.count) * layout.PAGE_SIZE]
                 grid = pages.reshape(run.count, layout.PAGE_SIZE)
                 for index in np.flatnonzero(changed_pages(grid, run.fill)).tolist():
                     _record_page(stream, run.block, run.first_page + index, result)
                 continue
             if position + run.count > len(expected):
                 raise JoinError("the XML has fewer page digests than PAGE records")
-            view = memoryview(pages)
-            for index in range(run.count):
-                digest = xxhash.xxh3_64_intdigest(view[index * layout.PAGE_SIZE:
-                                                       (index + 1) * layout.PAGE_SIZE])
-                if digest != expected[position + index]:
-                    _record_page(stream, run.block, run.first_page + index, result)
+            found = page_digests(memory[run.block], run.first_page * layout.PAGE_SIZE,
+                                 layout.PAGE_SIZE, run.count)
+            changed = np.flatnonzero(found != expected[position:position + run.count])
+            for index in changed.tolist():
+                _record_page(stream, run.block, run.first_page + index, result)
             position += run.count
     if position != len(expected):
         raise JoinError("the XML has more page digests than PAGE records")

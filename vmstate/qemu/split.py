@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import struct
 
+import numpy as np
 import xxhash
 
 from ..atomic import atomic_output
+from ..background import BackgroundCall
 from ..errors import VmstateError
 from . import cpu, layout
+from .digests import pack_digests, page_digests, sharing_the_gil
 from .core import QemuCore, guest_mappings, plan_core, write_core_file
 from .description import encode_group, leaves
 from .machine import placements
@@ -82,6 +86,14 @@ class StreamMemory:
         return bytes(self.stream.page_payloads(run)[page - run.first_page][within:within + length])
 
 
+def stream_page_digests(stream: QemuStream) -> np.ndarray:
+    """The digest of every PAGE record's page, in stream order (what join compares)."""
+    found = [page_digests(stream.data, run.source + run.record_size(stream.blocks)
+                          - layout.PAGE_SIZE, run.record_size(stream.blocks), run.count)
+             for section in stream.sections for run in section.runs if not run.zero]
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
+
+
 def split_stream(path: str, core_path: str, xml_path: str,
                  mapped: BackgroundMapping | None = None) -> str:
     """`mapped`: the stream's mapping, if the caller started it (prefetch)."""
@@ -94,11 +106,17 @@ def split_stream(path: str, core_path: str, xml_path: str,
         mappings = guest_mappings(stream, views[0], StreamMemory(stream).read_phys)
         plan = plan_core(stream, views, digest, mappings)
 
-        digests: list[int] = []
-        write_core_file(core_path, plan, stream,
-                        lambda pages: digests.extend(map(xxhash.xxh3_64_intdigest, pages)))
+        hashing = BackgroundCall(lambda: stream_page_digests(stream), "page-digests")
+        try:
+            with sharing_the_gil():
+                write_core_file(core_path, plan, stream)
+                digests = hashing.result()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                hashing.result()        # done with the mapping before it is closed
+            raise
         provenance = Provenance(digest, os.path.basename(path), os.path.basename(core_path),
-                                struct.pack(f"<{len(digests)}Q", *digests))
+                                pack_digests(digests))
         document = to_xml(stream, provenance, views)
         with atomic_output(xml_path, durable=False) as f:
             f.write(document)

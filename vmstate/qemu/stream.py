@@ -356,7 +356,7 @@ WRITE_CHUNK_PAGES = 8192               # page records prepared at a time
 
 
 def write_stream(out, stream: QemuStream, memory: list[np.ndarray]) -> None:
-    """Write `stream` through `out` (a directio.DirectWriter, or anything with its `write`
+    """Write `stream` through `out` (a gather.GatherWriter, or anything with its `write`
     and `write_records`), the pages of block i from `memory[i]` (a flat uint8 array of the
     block's size). A ZERO record whose page is no longer all its fill byte becomes a PAGE
     record."""
@@ -427,7 +427,7 @@ def changed_pages(pages: np.ndarray, fill: int) -> np.ndarray:
 
 def _write_records(out, blocks: list[RamBlock], run: PageRun, pages: np.ndarray | None) -> None:
     """The records of a run: a named run is one record per page, each naming the block; the
-    pages of PAGE records go from `pages` (the core's mapping) to the file by writev."""
+    pages of PAGE records go from `pages` (the core's mapping) to the file by pwritev."""
     kind = layout.RAM_ZERO if run.zero else layout.RAM_PAGE
     if run.named:
         name = blocks[run.block].name.encode("latin-1")
