@@ -4,11 +4,10 @@ and run it."""
 
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 import sys
-from typing import Callable
+from functools import partial
 
 import numpy as np
 
@@ -17,10 +16,10 @@ from vmstate.image.reader import ImageMetadata
 from vmstate.image.writer import write_image
 from vmstate.migration import protocol as P
 from vmstate.migration.page_copy import runs, scatter
+from vmstate.migration.placing import PART_PAGES, Placing, Staging
 from vmstate.migration.receive import (
     Connection, Received, commit_files, discard_files, receive_vm)
 from vmstate.migration.send import MigrationFailed, send_to
-from vmstate.mapping import close_mapping
 from vmstate.rootfs import open_root
 from vmstate.state import PAGE_SIZE, VmState
 
@@ -57,8 +56,7 @@ class GuestMemorySink:
 
     def __init__(self):
         self.memory: GuestMemory | None = None
-        self._staging: mmap.mmap | None = None     # two frames: one read, one scattered
-        self._turn = 0
+        self._staging = Staging()
         self.metadata: ImageMetadata | None = None
 
     def prepare(self, metadata: ImageMetadata) -> None:
@@ -85,29 +83,27 @@ class GuestMemorySink:
             raise RestoreError("the final state's memory is not the size announced")
         self.metadata = metadata
 
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) \
-            -> tuple[list, Callable[[], None] | None]:
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]],
+                placing: Placing) -> None:
         """A frame of a few runs is read straight into their places in guest memory; one of
-        many short runs into one of two staging buffers, then (`place`) scattered by numpy (a
-        scattered read of a thousand 4 KiB buffers per call costs more than the copy)."""
+        many short runs a part at a time into staging buffers, each then scattered by numpy
+        in the worker (a scattered read of a thousand 4 KiB buffers per call costs more than
+        the copy)."""
         (_, numbers), = pieces                   # check_restorable: one region
         view = self.memory.view
         if np.count_nonzero(np.diff(numbers) != 1) < SCATTER_MAX_RUNS:
             places = [view[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
                       for _, first, count in runs(numbers)]
             P.recv_into_buffers(sock, list(places), "guest memory")
-            return places, None
-        if self._staging is None:
-            self._staging = mmap.mmap(-1, 2 * P.MAX_MEMORY_FRAME)
-        start = self._turn * P.MAX_MEMORY_FRAME
-        self._turn ^= 1
-        staged = memoryview(self._staging)[start:start + len(numbers) * PAGE_SIZE]
-        P.recv_exact_into(sock, staged, "guest memory")
-
-        def place() -> None:
-            pages = np.frombuffer(view, np.uint8).reshape(-1, PAGE_SIZE)
-            scatter(pages, numbers, np.frombuffer(staged, np.uint8).reshape(-1, PAGE_SIZE))
-        return [staged], place
+            placing.add(places, None)
+            return
+        pages = np.frombuffer(view, np.uint8).reshape(-1, PAGE_SIZE)
+        for start in range(0, len(numbers), PART_PAGES):
+            part = numbers[start:start + PART_PAGES]
+            staged = self._staging.next(len(part) * PAGE_SIZE)
+            P.recv_exact_into(sock, staged, "guest memory")
+            placing.add([staged], partial(
+                scatter, pages, part, np.frombuffer(staged, np.uint8).reshape(-1, PAGE_SIZE)))
 
     def discard(self) -> None:
         if self.memory is not None:
@@ -116,9 +112,7 @@ class GuestMemorySink:
         self.release_staging()
 
     def release_staging(self) -> None:
-        if self._staging is not None:
-            close_mapping(self._staging)
-            self._staging = None
+        self._staging.close()
 
 
 def receive_and_run(connection: Connection, backend, root: str, max_size: int,

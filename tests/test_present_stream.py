@@ -58,17 +58,21 @@ def _receive(state, data: bytes, lengths: list[int]):
     return np.concatenate(filled), hashes.hashes
 
 
+@pytest.mark.parametrize("frame_pages", [64, 1000])     # 1000: gathered in several pieces
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_sent_frames_carry_the_present_pages_and_hash_to_the_image_checksums(layout):
+def test_sent_frames_carry_the_present_pages_and_hash_to_the_image_checksums(layout,
+                                                                              frame_pages):
     state, views, plan = _layout(layout)
     stream = PresentStream(state.memory)
     hashes = StreamChunkHashes(stream, state.memory)
     data, position = bytearray(), 0
-    for at, buffers, length in memory_frames(stream, views, frame_bytes=64 * PAGE_SIZE):
-        assert at == position and length == sum(len(b) for b in buffers)
-        hashes.feed(buffers)
-        data += b"".join(bytes(b) for b in buffers)
+    for at, length, pieces in memory_frames(stream, views, frame_bytes=frame_pages * PAGE_SIZE):
+        assert at == position
+        for buffers in pieces:
+            hashes.feed(buffers)
+            data += b"".join(bytes(b) for b in buffers)
         position += length
+        assert len(data) == position
     present = page_numbers(state.memory[0].present)
     pages = np.frombuffer(views[0], np.uint8).reshape(-1, PAGE_SIZE)
     assert bytes(data) == pages[present].tobytes()

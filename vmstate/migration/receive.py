@@ -9,7 +9,6 @@ Guest files carried with --with-files have no name until the whole VM has been v
 
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 import sys
@@ -17,23 +16,23 @@ import threading
 import time
 from array import array
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Protocol
 
 import numpy as np
 import xxhash
 
 from ..atomic import PendingFile
-from ..background import BackgroundCall
 from ..errors import FormatError, ImageError, describe_error
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata, checksum
 from ..image.writer import pwrite_all, with_chunk_hashes
-from ..mapping import close_mapping
 from ..rootfs import MODE_BITS, open_directory_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE
 from ..validate import is_inside_root
 from . import protocol as P
 from .page_copy import runs
+from .placing import PART_PAGES, Placing, Staging
 from .present_stream import PresentStream, StreamChunkHashes, chunk_address, first_difference
 
 HELLO_TIMEOUT = 3.0          # seconds from the connection to a complete hello
@@ -105,13 +104,13 @@ class MemorySink(Protocol):
 
     def prepare(self, metadata: ImageMetadata) -> None: ...
 
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) \
-            -> tuple[list, Callable[[], None] | None]:
-        """Read the next pages of the stream, `pieces` (region index, its page numbers):
-        returns the bytes read, as contiguous buffers in stream order (their chunk checksums
-        are taken from them), and what puts them in their places if the read did not (run
-        in another thread while the next frame is read). The buffers must stay valid until
-        the next call but one."""
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]],
+                placing: Placing) -> None:
+        """Read the next pages of the stream, `pieces` (region index, its page numbers), and
+        hand them to `placing` part by part, in stream order: the bytes read, as contiguous
+        buffers (their chunk checksums are taken from them), and what puts them in their
+        places if the read did not (run in the worker thread while the next part is read).
+        Staged parts go through a placing.Staging."""
 
     def discard(self) -> None: ...
 
@@ -259,7 +258,7 @@ def _receive_frames_in_order(sock: socket.socket, received: Received, root_fd: i
                 raise P.ProtocolError(f"unexpected memory frame ({length} bytes at stream offset "
                                       f"{offset:#x}): not the next whole pages of the "
                                       f"{stream.total} bytes of present memory")
-            placing.add(*received.sink.receive(sock, stream.take(length)))
+            received.sink.receive(sock, stream.take(length), placing)
             received.image_bytes += length
         elif kind == P.FRAME_CHUNKS and stream.position == stream.total \
                 and not received.final_metadata:
@@ -285,32 +284,6 @@ def _receive_frames_in_order(sock: socket.socket, received: Received, root_fd: i
             return
         else:
             raise P.ProtocolError(f"unexpected frame of type {kind} ({length} bytes) here")
-
-
-class Placing:
-    """Memory frames put in their places and hashed in a background thread, one frame
-    behind the socket: the next frame is read (the socket read releases the GIL) while the
-    previous one is scattered (numpy releases it too) and hashed."""
-
-    def __init__(self, hashes: StreamChunkHashes):
-        self.hashes = hashes
-        self._job: BackgroundCall | None = None
-
-    def add(self, buffers: list, place: Callable[[], None] | None) -> None:
-        """Place and hash a frame once the previous one is done."""
-        self.wait()
-
-        def work() -> None:
-            if place is not None:
-                place()
-            self.hashes.feed(buffers)
-        self._job = BackgroundCall(work, "place-frame")
-
-    def wait(self) -> None:
-        """The frames added so far are placed and hashed."""
-        job, self._job = self._job, None
-        if job is not None:
-            job.result()
 
 
 def _receive_chunks(sock: socket.socket, metadata: ImageMetadata, hashes: StreamChunkHashes,
@@ -382,41 +355,34 @@ class ImageFileSink:
     """Received memory goes into a new image file with no name yet; it becomes `output`
     only after the whole file has been checked like any image."""
 
-    STAGING = P.MAX_MEMORY_FRAME          # two of them: one is read into, one written out
-
     def __init__(self, output: str):
         self.output = output
         self.file: PendingFile | None = None
         self.metadata: ImageMetadata | None = None
-        self._staging = None
+        self._staging = Staging()
 
     def prepare(self, metadata: ImageMetadata) -> None:
         self.metadata = metadata
         self.file = PendingFile(os.path.dirname(os.path.abspath(self.output)),
                                 os.path.basename(self.output))
         os.ftruncate(self.file.fd, metadata.file_size)
-        self._staging = mmap.mmap(-1, 2 * self.STAGING)
-        self._turn = 0
 
-    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]]) \
-            -> tuple[list, Callable[[], None]]:
-        """Into a staging buffer; then (`write`) each run of pages to its place in the file."""
-        length = sum(len(numbers) for _, numbers in pieces) * PAGE_SIZE
-        start = self._turn * self.STAGING
-        self._turn ^= 1
-        staged = memoryview(self._staging)[start:start + length]
-        P.recv_exact_into(sock, staged, "memory")
+    def receive(self, sock: socket.socket, pieces: list[tuple[int, np.ndarray]],
+                placing: Placing) -> None:
+        """Into staging buffers; then (in the worker) each run of pages to its place in the
+        file."""
+        for region, numbers in pieces:
+            base = self.metadata.region_data[region].data_offset
+            for start in range(0, len(numbers), PART_PAGES):
+                part = numbers[start:start + PART_PAGES]
+                staged = self._staging.next(len(part) * PAGE_SIZE)
+                P.recv_exact_into(sock, staged, "memory")
+                placing.add([staged], partial(self._write, staged, part, base))
 
-        def write() -> None:
-            at = 0
-            for region, numbers in pieces:
-                base = self.metadata.region_data[region].data_offset
-                for position, first, count in runs(numbers):
-                    pwrite_all(self.file.fd, staged[(at + position) * PAGE_SIZE:
-                                                    (at + position + count) * PAGE_SIZE],
-                               base + first * PAGE_SIZE)
-                at += len(numbers)
-        return [staged], write
+    def _write(self, staged: memoryview, numbers: np.ndarray, base: int) -> None:
+        for position, first, count in runs(numbers):
+            pwrite_all(self.file.fd, staged[position * PAGE_SIZE:(position + count) * PAGE_SIZE],
+                       base + first * PAGE_SIZE)
 
     def finish(self, final_metadata: bytes) -> None:
         """Write the metadata with its chunk checksums (the memory was checked against them);
@@ -427,18 +393,13 @@ class ImageFileSink:
 
     def keep(self) -> str:
         self.file.commit(os.path.basename(self.output))
-        self._release_staging()
+        self._staging.close()
         return self.output
 
     def discard(self) -> None:
         if self.file is not None:
             self.file.discard()
-        self._release_staging()
-
-    def _release_staging(self) -> None:
-        if self._staging is not None:
-            close_mapping(self._staging)
-            self._staging = None
+        self._staging.close()
 
 
 class Connection:

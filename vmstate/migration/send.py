@@ -31,6 +31,7 @@ from .present_stream import PresentStream, StreamChunkHashes, chunk_address, fir
 REPLY_TIMEOUT = 600          # the receiver verifies the whole VM before it answers
 RETRY_INTERVAL = 1.0
 IN_PLACE_MAX_RUNS = 64       # a frame of pages in at most this many runs is sent from guest memory itself
+GATHER_PAGES = 256           # pages gathered at a time from a frame of more runs (1 MiB)
 
 
 class MigrationFailed(P.ProtocolError):
@@ -129,10 +130,12 @@ def send_vm(sock: socket.socket, state: VmState, region_views: list[memoryview],
             raise MigrationFailed(f"the receiver refused the VM: {message}")
         P.send_frame(sock, P.FRAME_IMAGE, 0, plan.metadata)
         with progress_bar("sending memory", stream.total) as advance:
-            for position, buffers, length in memory_frames(stream, region_views):
-                hashes.feed(buffers)
-                P.send_buffers(sock, [memoryview(P.FRAME.pack(P.FRAME_MEMORY, 0, 0, position,
-                                                              length)), *buffers])
+            for position, length, pieces in memory_frames(stream, region_views):
+                header = [memoryview(P.FRAME.pack(P.FRAME_MEMORY, 0, 0, position, length))]
+                for buffers in pieces:
+                    hashes.feed(buffers)
+                    P.send_buffers(sock, header + buffers)
+                    header = []
                 if advance is not None:
                     advance(length)
         if image is not None:
@@ -172,26 +175,38 @@ def acknowledgement(sock: socket.socket) -> str:
 def memory_frames(stream: PresentStream, region_views: list[memoryview],
                   frame_bytes: int = P.MEMORY_FRAME):
     """The present pages of every region in order, as memory frames: (stream position,
-    buffers, length), `frame_bytes` long but a region's last. A frame whose pages lie in a few
-    runs is sent from guest memory itself; one of many runs is gathered by numpy into one of
-    two buffers (valid until the next frame but one)."""
+    length, pieces), `frame_bytes` long but a region's last. The pieces are lists of buffers
+    that together hold the frame's bytes in order; each is valid until the next is taken. A
+    frame whose pages lie in a few runs is one piece, sent from guest memory itself; one of
+    many runs comes in pieces of GATHER_PAGES pages that numpy gathers into one reused
+    buffer (small enough to stay in the cache, and no fresh memory to fault in per frame)."""
     frame_pages = frame_bytes // PAGE_SIZE
-    gathered = [np.empty((frame_pages, PAGE_SIZE), np.uint8) for _ in range(2)]
+    gathered = np.empty((GATHER_PAGES, PAGE_SIZE), np.uint8)
     position = 0
     for index, numbers in enumerate(stream.regions):
         view = region_views[index]
         for start in range(0, len(numbers), frame_pages):
             frame = numbers[start:start + frame_pages]
             if np.count_nonzero(np.diff(frame) != 1) < IN_PLACE_MAX_RUNS:
-                buffers = [view[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
-                           for _, first, count in runs(frame)]
+                pieces = iter([[view[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+                                for _, first, count in runs(frame)]])
             else:
-                out = gathered[start // frame_pages % 2][:len(frame)]
-                pages = np.frombuffer(view, np.uint8).reshape(-1, PAGE_SIZE)
-                np.take(pages, frame, axis=0, out=out)
-                buffers = [memoryview(out).cast("B")]
-            yield position, buffers, len(frame) * PAGE_SIZE
+                pieces = gathered_pieces(view, frame, gathered)
+            yield position, len(frame) * PAGE_SIZE, pieces
             position += len(frame) * PAGE_SIZE
+
+
+def gathered_pieces(view: memoryview, numbers: np.ndarray, buffer: np.ndarray):
+    """The pages `numbers` of `view`, gathered by numpy into `buffer` a piece at a time. The
+    gather uses mode="clip" (the numbers come from the region's own present set, so none is
+    out of range): with the default mode="raise" numpy gathers into a temporary array and
+    copies that into `buffer`."""
+    pages = np.frombuffer(view, np.uint8).reshape(-1, PAGE_SIZE)
+    for start in range(0, len(numbers), len(buffer)):
+        piece = numbers[start:start + len(buffer)]
+        out = buffer[:len(piece)]
+        np.take(pages, piece, axis=0, out=out, mode="clip")
+        yield [memoryview(out).cast("B")]
 
 
 def _early_reply(sock: socket.socket) -> str | None:
