@@ -19,7 +19,6 @@ from .core import QemuCore, guest_mappings, plan_core, write_core_file
 from .description import encode_group, leaves
 from .machine import placements
 from .prefetch import BackgroundMapping
-from .statexml import Provenance, to_xml
 from .stream import QemuStream, StreamError, open_stream
 
 
@@ -94,6 +93,15 @@ def stream_page_digests(stream: QemuStream) -> np.ndarray:
     return np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
 
 
+def _document_tree(stream: QemuStream, path: str, core_path: str, digest: int,
+                   views: list[cpu.VcpuView]):
+    """The XML's tree, its page digests to come. Run in a thread beside the core's writing,
+    with the import of lxml and the XML modules."""
+    from .statexml import Provenance, document_tree
+    provenance = Provenance(digest, os.path.basename(path), os.path.basename(core_path), b"")
+    return document_tree(stream, provenance, views)
+
+
 def split_stream(path: str, core_path: str, xml_path: str,
                  mapped: BackgroundMapping | None = None) -> str:
     """`mapped`: the stream's mapping, if the caller started it (prefetch)."""
@@ -107,17 +115,20 @@ def split_stream(path: str, core_path: str, xml_path: str,
         plan = plan_core(stream, views, digest, mappings)
 
         hashing = BackgroundCall(lambda: stream_page_digests(stream), "page-digests")
+        describing = BackgroundCall(lambda: _document_tree(stream, path, core_path, digest,
+                                                           views), "document-tree")
         try:
             with sharing_the_gil():
                 write_core_file(core_path, plan, stream)
                 digests = hashing.result()
+                tree = describing.result()
         except BaseException:
-            with contextlib.suppress(BaseException):
-                hashing.result()        # done with the mapping before it is closed
+            for call in (hashing, describing):
+                with contextlib.suppress(BaseException):
+                    call.result()       # done with the stream before it is closed
             raise
-        provenance = Provenance(digest, os.path.basename(path), os.path.basename(core_path),
-                                pack_digests(digests))
-        document = to_xml(stream, provenance, views)
+        from .statexml import render
+        document = render(tree, pack_digests(digests))
         with atomic_output(xml_path, durable=False) as f:
             f.write(document)
         records = sum(len(s.runs) for s in stream.sections)

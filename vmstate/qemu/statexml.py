@@ -57,6 +57,12 @@ class _Invalid(Exception):
 # -- writing -------------------------------------------------------------------------------------
 
 def to_xml(stream: QemuStream, provenance: Provenance, views: list[VcpuView]) -> bytes:
+    return render(document_tree(stream, provenance, views), provenance.page_digests)
+
+
+def document_tree(stream: QemuStream, provenance: Provenance, views: list[VcpuView]):
+    """The document as an element tree, its <page-digests> left empty (provenance's are not
+    read): `render` fills them in, so split can build the tree while it still takes them."""
     root = etree.Element(ROOT, version=VERSION, machine=stream.machine)
     root.append(etree.Comment(
         " Written by `vmstate split` from a QEMU migration stream. Edit register values in "
@@ -72,8 +78,14 @@ def to_xml(stream: QemuStream, provenance: Provenance, views: list[VcpuView]) ->
     sections = etree.SubElement(root, "sections")
     for section in stream.sections:
         sections.append(_section_element(stream, section))
-    etree.SubElement(root, "page-digests").text = _base64(provenance.page_digests)
+    etree.SubElement(root, "page-digests")
     etree.SubElement(root, "description").text = _base64(stream.description)
+    return root
+
+
+def render(root, page_digests: bytes) -> bytes:
+    """The bytes of a `document_tree`, with its page digests."""
+    root.find("page-digests").text = _base64(page_digests)
     etree.indent(root, "  ")
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
 
