@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchlib import median_seconds, report, save_guest
+from benchlib import interleaved_medians, median_seconds, report, save_guest
 
 pytestmark = pytest.mark.kvm
 CALLS = 20000
@@ -35,22 +35,24 @@ def test_syscall_round_trip(vmstate_cmd, guest):
 def test_start_up(vmstate_cmd, example, guest, tmp_path):
     save_guest(vmstate_cmd, example("fill_memory"), "contiguous quarter", 64, tmp_path,
                exit_at_once=True)
-    python = median_seconds([sys.executable, "-c", "pass"], runs=11)
-    run = median_seconds([vmstate_cmd, "run", guest("exit_now")], runs=11)
-    restore = median_seconds([vmstate_cmd, "restore", "vm_image.sav"], runs=11, cwd=tmp_path)
-    help_only = median_seconds([vmstate_cmd, "run", "--help"], runs=11)
-    tools = {command: median_seconds([vmstate_cmd, *arguments], runs=11, cwd=tmp_path)
-             for command, arguments in (
-                 ("info", ["info", "vm_image.sav"]),
-                 ("split", ["split", "vm_image.sav"]),          # writes vm.core, hw.xml
-                 ("join", ["join", "vm.core", "hw.xml", "-o", "joined.sav"]))}
-    report("start-up, whole process, median of 11 runs", [
+    medians = interleaved_medians({
+        "python": [sys.executable, "-c", "pass"],
+        "run": [vmstate_cmd, "run", guest("exit_now")],
+        "restore": [vmstate_cmd, "restore", "vm_image.sav"],
+        "run --help": [vmstate_cmd, "run", "--help"],
+        "info": [vmstate_cmd, "info", "vm_image.sav"],
+        "split": [vmstate_cmd, "split", "vm_image.sav"],        # writes vm.core, hw.xml
+        "join": [vmstate_cmd, "join", "vm.core", "hw.xml", "-o", "joined.sav"]},
+        runs=11, cwd=tmp_path)
+    python = medians["python"]
+
+    def against_python(name: str, target: str = "") -> str:
+        return f"{medians[name] * 1e3:.1f} ms, {medians[name] / python:.2f}x{target}"
+    report("start-up, whole process, median of 11 interleaved runs", [
         ("baseline: python3 -c pass (the same interpreter)", f"{python * 1e3:.1f} ms"),
-        ("vmstate run of a program that exits at once", f"{run * 1e3:.1f} ms, "
-                                                         f"{run / python:.1f}x (target <= 4)"),
+        ("vmstate run of a program that exits at once", against_python("run", " (target <= 4)")),
         ("vmstate restore of a 64 MiB guest that exits at once",
-         f"{restore * 1e3:.1f} ms, {restore / python:.1f}x (target <= 4)"),
-        ("vmstate run --help (interpreter and command line only)",
-         f"{help_only * 1e3:.1f} ms, {help_only / python:.1f}x"),
-        *((f"vmstate {command} of that 64 MiB image (16 MiB stored)",
-           f"{seconds * 1e3:.1f} ms, {seconds / python:.1f}x") for command, seconds in tools.items())])
+         against_python("restore", " (target <= 4)")),
+        ("vmstate run --help (interpreter and command line only)", against_python("run --help")),
+        *((f"vmstate {command} of that 64 MiB image (16 MiB stored)", against_python(command))
+          for command in ("info", "split", "join"))])

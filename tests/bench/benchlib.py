@@ -21,6 +21,23 @@ def median_seconds(command: list[str], runs: int = 7, **kwargs) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(commands: dict[str, list[str]], runs: int = 11, **kwargs
+                        ) -> dict[str, float]:
+    """Median wall time of each whole command, after one warm-up run of each. A round runs
+    every command once (in reverse order every other round), so a change in the machine's load
+    during the measurement reaches all of them alike, and ratios between them hold."""
+    for command in commands.values():
+        subprocess.run(command, check=True, capture_output=True, **kwargs)
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    order = list(commands.items())
+    for round_ in range(runs):
+        for name, command in order if round_ % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True, **kwargs)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def report(title: str, rows: list[tuple[str, str]]) -> None:
     width = max(len(label) for label, _ in rows)
     print(f"\n== {title}")
