@@ -75,7 +75,7 @@ def test_memory_bit_flips_are_detected_in_extents_and_in_holes(sample_image):
     with Image(str(sample_image)) as image:
         data_offset = image.region_data[0].data_offset
         region = image.state.memory[0]
-    present = {first + i for first, count in region.present for i in range(count)}
+    present = {first + i for first, count in region.present.runs for i in range(count)}
     absent = set(range(region.page_count)) - present
     assert present and absent
     for page, expected in ((min(present), "fails its checksum"),
@@ -233,7 +233,7 @@ def test_every_layout_round_trips_and_damage_is_found(tmp_path, layout):
         data_offset = image.region_data[0].data_offset
         region_section = next(e for e in image.sections if e.type == L.MEMORY_REGION)
         assert region_section.size == 32 + 4096 // 8 + 8 * (4096 // 256)
-    runs = state.memory[0].present
+    runs = state.memory[0].present.runs
     first, count = runs[len(runs) // 2]
     page = first + count - 1
     chunk_start = page // 256 * 256 * PAGE_SIZE
@@ -258,7 +258,7 @@ def test_the_memory_check_in_shares_finds_what_verify_memory_finds(tmp_path, lay
     with Image(str(path)) as image:
         data_offset = image.region_data[0].data_offset
         image.start_memory_check().result()
-    runs = state.memory[0].present
+    runs = state.memory[0].present.runs
     damaged = [runs[0][0], sum(runs[-1]) - 1]
     if layout != "fully written":
         damaged += [runs[0][0] - 1 if runs[0][0] else sum(runs[0]), 4095 if sum(runs[-1]) < 4096

@@ -19,7 +19,7 @@ from ..errors import ImageError
 from ..fd import FdOwner, open_to_read
 from ..chunks import CHUNK_SHIFT, chunk_pages, first_bad_chunk, share_of_chunks
 from ..mapping import FilePages, close_mapping, prefetch_runs
-from ..pages import Runs, clip_runs
+from ..pages import Runs
 from ..sparse import nonzero_pages_outside
 from ..validate import problems
 from ..state import PAGE_SIZE, ExtraSection, MemoryRegion, VcpuState, VmmState, VmState
@@ -282,10 +282,8 @@ class ImageMetadata:
         region = self.state.memory[index]
         pages = region.size // PAGE_SIZE
         chunks = share_of_chunks(pages, share, shares)
-        if shares == 1:
-            return chunks, region.present
-        return chunks, clip_runs(region.present, chunks.start << CHUNK_SHIFT,
-                                 min(chunks.stop << CHUNK_SHIFT, pages))
+        return chunks, region.present.runs_in(chunks.start << CHUNK_SHIFT,
+                                              chunks.stop << CHUNK_SHIFT)
 
 
 class Image(ImageMetadata, FdOwner):
