@@ -261,22 +261,6 @@ class ImageMetadata:
         program, argv = parts.pop("program", ("", ()))
         return VmmState(program=program, argv=argv, **parts)
 
-
-
-    def bad_chunk(self, region_views: list, share: int = 0, shares: int = 1
-                  ) -> tuple[int, int, int] | None:
-        """The first chunk whose present pages in `region_views` (each region's memory,
-        wherever it is, as memoryviews or FilePages) fail their checksum, as (region index, first page, page count);
-        None if all pass. Only share `share` of `shares` shares of each region's chunks is
-        looked at (all of it by default)."""
-        for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
-            pages = region.size // PAGE_SIZE
-            chunks, runs = self._share_runs(index, share, shares)
-            bad = first_bad_chunk(region_views[index], runs, pages, data.chunk_hashes, chunks)
-            if bad is not None:
-                return (index, *chunk_pages(bad, pages))
-        return None
-
     def _share_runs(self, index: int, share: int, shares: int) -> tuple[range, Runs]:
         """Share `share` of region `index`'s chunks, and its present pages in them."""
         region = self.state.memory[index]
@@ -322,23 +306,18 @@ class Image(ImageMetadata, FdOwner):
         raise ImageError(f"guest physical {address:#x}+{length:#x} is outside guest memory",
                          self.path)
 
-    def _check_holes(self, share: int = 0, shares: int = 1) -> None:
-        """Pages outside the present set were never touched and must read as zero (in share
-        `share` of `shares` shares of each region's pages, all of them by default)."""
-        for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
-            chunks, runs = self._share_runs(index, share, shares)
-            first = chunks.start << CHUNK_SHIFT
-            end = min(chunks.stop << CHUNK_SHIFT, region.size // PAGE_SIZE)
-            if first:
-                runs = tuple((page - first, count) for page, count in runs)
-            stray = nonzero_pages_outside(self.fd, data.data_offset + first * PAGE_SIZE,
-                                          self.region_view(index)[first * PAGE_SIZE:
-                                                                  end * PAGE_SIZE], runs)
-            if stray:
-                page = first + stray[0][0]
-                raise self._error(f"guest memory {region.guest_phys_addr + page * PAGE_SIZE:#x}: "
-                                  "a page recorded as never touched holds data (the memory is "
-                                  "corrupt)", data.data_offset + page * PAGE_SIZE)
+    def _check_holes(self, index: int, chunks: range, runs: Runs) -> None:
+        """Pages of region `index` outside the present set were never touched and must read
+        as zero (in the pages of `chunks`, whose present pages are `runs`)."""
+        region, data = self.state.memory[index], self.region_data[index]
+        stray = nonzero_pages_outside(self.fd, data.data_offset, self.region_view(index), runs,
+                                      chunks.start << CHUNK_SHIFT,
+                                      min(chunks.stop << CHUNK_SHIFT, region.page_count))
+        if stray:
+            page = stray[0][0]
+            raise self._error(f"guest memory {region.guest_phys_addr + page * PAGE_SIZE:#x}: "
+                              "a page recorded as never touched holds data (the memory is "
+                              "corrupt)", data.data_offset + page * PAGE_SIZE)
 
     def start_memory_check(self) -> MemoryCheck:
         """verify_memory, started now in child processes: restore starts it before the
@@ -349,17 +328,18 @@ class Image(ImageMetadata, FdOwner):
         """Check every chunk checksum, and that absent pages read as zero; ImageError names
         the first bad place. With `shares`, only share `share` of each region's chunks (and
         their absent pages)."""
-        self._check_holes(share, shares)
-        for index, data in enumerate(self.region_data):
-            prefetch_runs(self._map, data.data_offset, self._share_runs(index, share, shares)[1])
-        bad = self.bad_chunk([FilePages(self.fd, data.data_offset, self.region_view(i))
-                              for i, data in enumerate(self.region_data)], share, shares)
-        if bad is not None:
-            index, first, count = bad
-            gpa = self.state.memory[index].guest_phys_addr + first * PAGE_SIZE
-            end = gpa + count * PAGE_SIZE
-            raise self._error(f"guest memory {gpa:#x}-{end:#x} fails its checksum (the memory is "
-                              "corrupt)", self.region_data[index].data_offset + first * PAGE_SIZE)
+        for index, (region, data) in enumerate(zip(self.state.memory, self.region_data)):
+            chunks, runs = self._share_runs(index, share, shares)
+            self._check_holes(index, chunks, runs)
+            prefetch_runs(self._map, data.data_offset, runs)
+            bad = first_bad_chunk(FilePages(self.fd, data.data_offset, self.region_view(index)),
+                                  runs, region.page_count, data.chunk_hashes, chunks)
+            if bad is not None:
+                first, count = chunk_pages(bad, region.page_count)
+                gpa = region.guest_phys_addr + first * PAGE_SIZE
+                end = gpa + count * PAGE_SIZE
+                raise self._error(f"guest memory {gpa:#x}-{end:#x} fails its checksum (the memory "
+                                  "is corrupt)", data.data_offset + first * PAGE_SIZE)
 
 
 # Child processes a restore verifies memory in. Each gets a core of its own beside the VMM's
