@@ -17,8 +17,9 @@ import xxhash
 from ..background import ForkedCall
 from ..errors import ImageError
 from ..fd import FdOwner, open_to_read
-from ..chunks import CHUNK_SHIFT, chunk_pages, first_bad_chunk, share_of_chunks
-from ..mapping import FilePages, close_mapping, prefetch_runs
+from ..chunks import (
+    CHUNK_SHIFT, chunk_pages, file_chunk_checksums, first_bad_chunk, share_of_chunks)
+from ..mapping import close_mapping, prefetch_runs
 from ..pages import Runs
 from ..sparse import nonzero_pages_outside
 from ..validate import problems
@@ -332,8 +333,9 @@ class Image(ImageMetadata, FdOwner):
             chunks, runs = self._share_runs(index, share, shares)
             self._check_holes(index, chunks, runs)
             prefetch_runs(self._map, data.data_offset, runs)
-            bad = first_bad_chunk(FilePages(self.fd, data.data_offset, self.region_view(index)),
-                                  runs, region.page_count, data.chunk_hashes, chunks)
+            actual = file_chunk_checksums(self.fd, data.data_offset, self.region_view(index),
+                                          runs, region.page_count)
+            bad = first_bad_chunk(actual, data.chunk_hashes, chunks)
             if bad is not None:
                 first, count = chunk_pages(bad, region.page_count)
                 gpa = region.guest_phys_addr + first * PAGE_SIZE
