@@ -247,17 +247,24 @@ def test_every_layout_round_trips_and_damage_is_found(tmp_path, layout):
             _open_and_verify(_damaged(path, data_offset + hole * PAGE_SIZE + 7, 0x01))
 
 
+@pytest.mark.parametrize("thread_max", [0, 64 << 20], ids=["children", "thread"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_the_memory_check_in_shares_finds_what_verify_memory_finds(tmp_path, layout):
-    """Restore verifies memory in two child processes, one share of the chunks each: damage
-    in a present page or a hole of any chunk fails the share that holds it, with
-    verify_memory's own message, and the check as a whole; the other share passes."""
+def test_the_memory_check_in_shares_finds_what_verify_memory_finds(tmp_path, monkeypatch,
+                                                                   layout, thread_max):
+    """Restore verifies a large image's memory in two child processes, one share of the
+    chunks each, a small one's in a thread: damage in a present page or a hole of any chunk
+    fails the share that holds it, with verify_memory's own message, and the check as a
+    whole, either way; the other share passes."""
+    import vmstate.image.reader
+    monkeypatch.setattr(vmstate.image.reader, "MEMORY_CHECK_THREAD_MAX", thread_max)
     state, contents = layout_state(layout)
     path = tmp_path / "image.sav"
     write_image(str(path), state, memory_views(contents))
     with Image(str(path)) as image:
         data_offset = image.region_data[0].data_offset
-        image.start_memory_check().result()
+        check = image.start_memory_check()
+        assert bool(check._children) == (thread_max == 0)
+        check.result()
     runs = state.memory[0].present.runs
     damaged = [runs[0][0], sum(runs[-1]) - 1]
     if layout != "fully written":
