@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from vmstate import x86
 from vmstate.errors import KvmNotAvailableError, RestoreError
-from vmstate.pages import bytemap_from_runs
 from vmstate.state import PAGE_SIZE, PendingCall, VcpuState
 
 from linux_personality import GuestKilled
@@ -327,8 +326,7 @@ class VirtualMachine(Machine):
         with self._written_lock:
             pages = self._page_count
             if self._present is None:
-                self._present = np.frombuffer(bytemap_from_runs(self._image_present, pages),
-                                              np.uint8)
+                self._present = np.frombuffer(bytearray(self._image_bytemap()), np.uint8)
             bits = np.frombuffer(self.vm.get_dirty_log(0, pages), np.uint8)
             written = np.unpackbits(bits, bitorder="little")[:pages]
             written |= np.frombuffer(self.memory.take_written(), np.uint8)

@@ -22,8 +22,9 @@ from typing import Callable
 
 from vmstate import x86
 from vmstate.errors import RestoreError
-from vmstate.pages import runs_from_bytemap
-from vmstate.state import GuestLimits, MemoryRegion, PendingCall, VcpuState, VmmState, VmState
+from vmstate.pages import PageSet
+from vmstate.state import (
+    PAGE_SIZE, GuestLimits, MemoryRegion, PendingCall, VcpuState, VmmState, VmState)
 
 from linux_personality import (
     CallInterrupted, GuestExit, GuestKilled, Personality, SaveRequested, signals, snapshot)
@@ -80,7 +81,8 @@ class Machine:
         self.handing_over: HandOver | None = None       # stopped while a sender sends it
         self.on_migration_end: Callable[[], None] = _nothing   # from the sender's thread
         self._running: Running | None = None
-        self._image_present: tuple = ()       # the restored image's runs (present_pages starts there)
+        self._image_present: PageSet | None = None    # the restored image's pages, where
+                                                       # present_pages starts
 
     def close(self) -> None:
         if self.files is not None:
@@ -282,7 +284,7 @@ class Machine:
                        saved_by=self.saved_by, limits=self.limits,
                        sleep_left_ns=None if pending is None or self._running is None
                        else self._running.syscalls.sleep_left_ns)
-        region = MemoryRegion(0, self.memory.size, runs_from_bytemap(self.present_pages()))
+        region = MemoryRegion(0, self.memory.size, PageSet.from_bytemap(self.present_pages()))
         return VmState(vcpus=(vcpu,), memory=(region,), vmm=vmm)
 
     # -- live migration ------------------------------------------------------------------------
@@ -364,6 +366,12 @@ class Machine:
 
     def capture_vcpu(self) -> VcpuState:
         raise NotImplementedError
+
+    def _image_bytemap(self) -> bytes:
+        """One byte per page of guest memory, 1 where the restored image had a page."""
+        if self._image_present is None:
+            return bytes(self.memory.size // PAGE_SIZE)
+        return self._image_present.bytemap()
 
     def present_pages(self):
         """Pages ever written (one byte per page, non-zero if present)."""

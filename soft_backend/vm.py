@@ -35,7 +35,7 @@ from machine.outcome import Exited, Faulted, LiveSave, Outcome, Saved, describe_
 from machine.stop import KICK_INTERVAL, StopRequest
 from vmstate import x86
 from vmstate.errors import UsageError
-from vmstate.pages import bytemap_from_runs, union
+from vmstate.pages import union
 from vmstate.state import PAGE_SIZE, PendingCall, VcpuState, VmState
 
 from . import dirty, unicorn_state
@@ -387,8 +387,7 @@ class SoftMachine(Machine):
         process, and the VMM's own writes), or present in the image restored from."""
         with self._written_lock:
             if self._present is None:
-                self._present = bytes(bytemap_from_runs(self._image_present,
-                                                        self.memory.size // PAGE_SIZE))
+                self._present = self._image_bytemap()
             written = written_pages(self.memory.view, self.memory.host_address)
             self._present = union(union(self._present, written), self._take_vmm_writes())
             return self._present

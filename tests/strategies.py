@@ -9,7 +9,7 @@ from dataclasses import replace
 from hypothesis import strategies as st
 
 from vmstate.image import layout as L
-from vmstate.pages import runs_from_bytemap
+from vmstate.pages import PageSet, runs_from_bytemap
 from vmstate.state import (
     PAGE_SIZE, AddressSpace, CpuidEntry, DebugRegisters, Descriptor, DescriptorTable,
     ExtraSection, GuestLimits, GuestOs, MemoryRegion, OpenFile, PendingCall, Pipe, Registers, Segment,
@@ -73,7 +73,8 @@ def regions(draw, index: int) -> tuple[MemoryRegion, bytes]:
         seed = draw(st.binary(min_size=1, max_size=16))
         contents[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = \
             (seed * (count * PAGE_SIZE // len(seed) + 1))[:count * PAGE_SIZE]
-    return MemoryRegion(index * (64 << 20), pages * PAGE_SIZE, tuple(runs)), bytes(contents)
+    return MemoryRegion(index * (64 << 20), pages * PAGE_SIZE,
+                        PageSet.from_runs(tuple(runs), pages)), bytes(contents)
 
 
 open_files = st.builds(
@@ -169,7 +170,8 @@ def sample_state(pages: int = 32, user_start: int = 0x2000) -> tuple[VmState, li
                    address_space=_sample_address_space(pages * PAGE_SIZE, user_start),
                    pending=PendingCall(1, (1, 0x3000, 10, 0, 0, 0), 0x401000))
     extra = (ExtraSection(0x7F00, 0, L.SECTION_OPTIONAL, b"from a newer vmstate"),)
-    state = VmState(vcpus=(vcpu,), memory=(MemoryRegion(0, pages * PAGE_SIZE, runs),), vmm=vmm,
+    state = VmState(vcpus=(vcpu,), memory=(MemoryRegion(0, pages * PAGE_SIZE,
+                                                          PageSet.from_runs(runs, pages)),), vmm=vmm,
                     extra=extra)
     return state, [bytes(contents)]
 
@@ -204,7 +206,7 @@ def layout_state(layout: str, pages: int = 4096) -> tuple[VmState, list[bytes]]:
         for page in range(first, first + count):
             contents[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = \
                 page.to_bytes(8, "little") + bytes([page % 251 + 1]) * (PAGE_SIZE - 8)
-    region = MemoryRegion(0, pages * PAGE_SIZE, runs)
+    region = MemoryRegion(0, pages * PAGE_SIZE, PageSet.from_runs(runs, pages))
     return replace(state, memory=(region,)), [bytes(contents)]
 
 

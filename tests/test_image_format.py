@@ -75,7 +75,7 @@ def test_memory_bit_flips_are_detected_in_extents_and_in_holes(sample_image):
     with Image(str(sample_image)) as image:
         data_offset = image.region_data[0].data_offset
         region = image.state.memory[0]
-    present = {first + i for first, count in region.present for i in range(count)}
+    present = {first + i for first, count in region.present.runs for i in range(count)}
     absent = set(range(region.page_count)) - present
     assert present and absent
     for page, expected in ((min(present), "fails its checksum"),
@@ -233,7 +233,7 @@ def test_every_layout_round_trips_and_damage_is_found(tmp_path, layout):
         data_offset = image.region_data[0].data_offset
         region_section = next(e for e in image.sections if e.type == L.MEMORY_REGION)
         assert region_section.size == 32 + 4096 // 8 + 8 * (4096 // 256)
-    runs = state.memory[0].present
+    runs = state.memory[0].present.runs
     first, count = runs[len(runs) // 2]
     page = first + count - 1
     chunk_start = page // 256 * 256 * PAGE_SIZE
@@ -247,18 +247,25 @@ def test_every_layout_round_trips_and_damage_is_found(tmp_path, layout):
             _open_and_verify(_damaged(path, data_offset + hole * PAGE_SIZE + 7, 0x01))
 
 
+@pytest.mark.parametrize("thread_max", [0, 64 << 20], ids=["children", "thread"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_the_memory_check_in_shares_finds_what_verify_memory_finds(tmp_path, layout):
-    """Restore verifies memory in two child processes, one share of the chunks each: damage
-    in a present page or a hole of any chunk fails the share that holds it, with
-    verify_memory's own message, and the check as a whole; the other share passes."""
+def test_the_memory_check_in_shares_finds_what_verify_memory_finds(tmp_path, monkeypatch,
+                                                                   layout, thread_max):
+    """Restore verifies a large image's memory in two child processes, one share of the
+    chunks each, a small one's in a thread: damage in a present page or a hole of any chunk
+    fails the share that holds it, with verify_memory's own message, and the check as a
+    whole, either way; the other share passes."""
+    import vmstate.image.reader
+    monkeypatch.setattr(vmstate.image.reader, "MEMORY_CHECK_THREAD_MAX", thread_max)
     state, contents = layout_state(layout)
     path = tmp_path / "image.sav"
     write_image(str(path), state, memory_views(contents))
     with Image(str(path)) as image:
         data_offset = image.region_data[0].data_offset
-        image.start_memory_check().result()
-    runs = state.memory[0].present
+        check = image.start_memory_check()
+        assert bool(check._children) == (thread_max == 0)
+        check.result()
+    runs = state.memory[0].present.runs
     damaged = [runs[0][0], sum(runs[-1]) - 1]
     if layout != "fully written":
         damaged += [runs[0][0] - 1 if runs[0][0] else sum(runs[0]), 4095 if sum(runs[-1]) < 4096
@@ -276,26 +283,42 @@ def test_the_memory_check_in_shares_finds_what_verify_memory_finds(tmp_path, lay
             image.verify_memory(1 - share, 2)
 
 
-def test_file_pages_slices_read_what_the_mapping_holds(tmp_path):
-    """FilePages hands out the file's bytes for any slice: short ones by pread (into one
-    reused buffer), long ones from the mapping; a file that shrank gives a shorter slice."""
+@pytest.mark.parametrize("runs", [
+    (), ((0, 1),), ((3, 1), (9, 2), (250, 12), (300, 1)),      # 250+12 crosses into chunk 1
+    ((0, 1024),), ((1, 1023),), tuple((page, 1) for page in range(0, 1024, 4)),
+    ((200, 600), (900, 1), (1020, 4))])
+def test_checksums_read_from_the_file_are_the_checksums_of_the_memory(tmp_path, runs):
+    """file_chunk_checksums (a chunk of one run hashed from the mapping, any other read with
+    one pread per run) gives what chunk_checksums gives over the same bytes, for runs
+    within, across and filling chunks."""
     import mmap
-    from vmstate.mapping import PREFETCH_MIN_PAGES, FilePages
-    data = random.Random(9).randbytes(3 * PREFETCH_MIN_PAGES * PAGE_SIZE)
+    from vmstate.chunks import chunk_checksums, file_chunk_checksums
+    pages = 1024
+    data = random.Random(len(runs)).randbytes(pages * PAGE_SIZE)
     path = tmp_path / "data"
     path.write_bytes(bytes(PAGE_SIZE) + data)
     fd = os.open(path, os.O_RDONLY)
     try:
         with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mapping:
-            pages = FilePages(fd, PAGE_SIZE, memoryview(mapping)[PAGE_SIZE:])
-            long = PREFETCH_MIN_PAGES * PAGE_SIZE
-            assert len(pages) == len(data)
-            for start, stop in [(0, PAGE_SIZE), (5 * PAGE_SIZE, 7 * PAGE_SIZE), (0, long - 1),
-                                (PAGE_SIZE, PAGE_SIZE + long), (len(data) - 3, len(data)),
-                                (9, 9)]:
-                assert bytes(pages[start:stop]) == data[start:stop]
-            os.truncate(path, PAGE_SIZE + 2 * PAGE_SIZE + 100)
-            assert bytes(pages[PAGE_SIZE:3 * PAGE_SIZE]) == data[PAGE_SIZE:2 * PAGE_SIZE + 100]
-            del pages
+            view = memoryview(mapping)[PAGE_SIZE:]
+            assert file_chunk_checksums(fd, PAGE_SIZE, view, runs, pages) == \
+                chunk_checksums(memoryview(data), runs, pages)
+            del view
     finally:
         os.close(fd)
+
+
+def test_checksums_read_from_a_file_that_shrank_fail_where_it_ends(tmp_path):
+    from vmstate.chunks import chunk_checksums, file_chunk_checksums
+    pages, runs = 1024, tuple((page, 1) for page in range(0, 1024, 4))   # all read by pread
+    data = random.Random(5).randbytes(pages * PAGE_SIZE)
+    path = tmp_path / "data"
+    path.write_bytes(bytes(PAGE_SIZE) + data[:600 * PAGE_SIZE + 100])       # ends in chunk 2
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        shrunk = file_chunk_checksums(fd, PAGE_SIZE, None, runs, pages)
+    finally:
+        os.close(fd)
+    expected = chunk_checksums(memoryview(data), runs, pages)
+    assert shrunk[:2] == expected[:2]
+    assert shrunk[2] != expected[2] and shrunk[3] != expected[3]

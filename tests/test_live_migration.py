@@ -242,7 +242,7 @@ def _live_stream(vmstate, example, directory):
         metadata = plan_image(replace(image.state, memory=()), []).metadata
         region = image.state.memory[0]
         view = image.region_view(0)
-        numbers = [page for first, count in region.present for page in range(first,
+        numbers = [page for first, count in region.present.runs for page in range(first,
                                                                              first + count)]
         data = b"".join(bytes(view[n * 4096:(n + 1) * 4096]) for n in numbers)
         size = region.size

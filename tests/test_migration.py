@@ -142,7 +142,7 @@ def test_fragmented_memory_arrives_byte_for_byte(vmstate, receivers, two_dirs, l
     sender_dir, receiver_dir = two_dirs
     state, contents = layout_state(layout, pages=32768)
     write_image(str(sender_dir / "frag.sav"), state, memory_views(contents))
-    assert len(state.memory[0].present) > 1000
+    assert len(state.memory[0].present.runs) > 1000
     receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
     sent = vmstate("send", "frag.sav", f"127.0.0.1:{receiver.port}", cwd=sender_dir)
     assert sent.returncode == 0, sent.stderr
@@ -161,7 +161,7 @@ def test_sending_a_corrupt_image_stops_before_its_checksums(vmstate, receivers, 
     path = sender_dir / "frag.sav"
     write_image(str(path), state, memory_views(contents))
     with Image(str(path)) as image:
-        first, _ = image.state.memory[0].present[100]
+        first, _ = image.state.memory[0].present.runs[100]
         offset = image.region_data[0].data_offset + first * 4096 + 7
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -255,7 +255,7 @@ def _lab_stream(vmstate, example, directory):
         present = b"".join(image[d.data_offset + first * 4096:
                                  d.data_offset + (first + count) * 4096]
                            for d, region in zip(img.region_data, img.state.memory)
-                           for first, count in region.present)
+                           for first, count in region.present.runs)
         final = img.metadata()
     memory = _frame(P.FRAME_MEMORY, 0, present) + \
         _frame(P.FRAME_CHUNKS, 0, b"".join(h.tobytes() for h in hashes))

@@ -4,13 +4,14 @@ the bitmap (the fast decoder is checked against the byte-map one)."""
 from unittest.mock import patch
 
 import numpy  # noqa: F401 (loaded, as in the commands that use numpy: its paths are taken)
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import vmstate.pages
 
 from vmstate.pages import (
-    NUMPY_MIN_PAGES, bits_from_runs, bytemap_from_bits, bytemap_from_runs, clip_runs,
-    page_numbers, runs_from_bits, runs_from_bytemap)
+    NUMPY_MIN_PAGES, PageSet, bits_from_runs, bytemap_from_bits, bytemap_from_runs, clip_runs,
+    runs_from_bits, runs_from_bytemap)
 
 
 def _bitmaps():
@@ -73,9 +74,36 @@ def test_large_byte_maps_give_the_runs_of_their_non_zero_bytes(first, stretches,
                 bytes(bool(value) for value in bytemap)
 
 
-def test_page_numbers_of_runs():
-    assert page_numbers(((2, 3), (10, 2))).tolist() == [2, 3, 4, 10, 11]
-    assert page_numbers(()).tolist() == []
+def test_page_numbers_of_a_page_set():
+    assert PageSet.from_runs(((2, 3), (10, 2)), 13).page_numbers().tolist() == [2, 3, 4, 10, 11]
+    assert PageSet.from_runs((), 9).page_numbers().tolist() == []
+
+
+@given(bitmap=_bitmaps(), spare=st.integers(0, 7), first=st.integers(0, 60),
+       end=st.integers(0, 600))
+def test_a_page_set_holds_its_bitmap_and_decodes_any_part_of_it(bitmap, spare, first, end):
+    """runs, runs_in (from the bitmap, or clipped from runs already decoded), count, bytemap
+    and from_bytemap agree with the byte map, with numpy loaded or not."""
+    pages = max(len(bitmap) * 8 - spare, 0)
+    bitmap = bits_from_runs(runs_from_bits(bitmap, pages), pages)    # padding bits zero
+    bytemap = bytemap_from_bits(bitmap, pages)
+    pages_set = PageSet(bitmap, pages)
+    first *= 8
+    expected = runs_from_bytemap(bytemap[first:end], first) if first < min(end, pages) else ()
+    assert pages_set.runs_in(first, end) == expected
+    assert pages_set.runs == runs_from_bytemap(bytemap)
+    assert pages_set.runs_in(first, end) == expected            # runs at hand: clipped
+    assert pages_set.count == sum(bytemap)
+    assert pages_set.bytemap() == bytemap
+    for numpy_loaded in (True, False):
+        with patch.object(vmstate.pages, "_numpy_pays", lambda: numpy_loaded):
+            assert PageSet.from_bytemap(bytemap) == pages_set
+    assert PageSet.from_runs(pages_set.runs, pages) == pages_set
+
+
+def test_a_bitmap_of_the_wrong_length_is_refused():
+    with pytest.raises(ValueError, match="a bitmap of 2 bytes for 20 pages"):
+        PageSet(b"\0\0", 20)
 
 
 @given(bitmap=_bitmaps(), first=st.integers(0, 500), end=st.integers(0, 500))
@@ -95,4 +123,5 @@ def test_many_runs_round_trip_through_the_byte_map():
     runs = runs_from_bytemap(bytemap)
     assert len(runs) > 5000
     assert bytemap_from_runs(runs, len(bytemap)) == bytes(bool(v) for v in bytemap)
-    assert page_numbers(runs).tolist() == [i for i, v in enumerate(bytemap) if v]
+    assert PageSet.from_runs(runs, len(bytemap)).page_numbers().tolist() == \
+        [i for i, v in enumerate(bytemap) if v]

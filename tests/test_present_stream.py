@@ -15,7 +15,6 @@ from vmstate.image.writer import plan_image, with_chunk_hashes
 from vmstate.migration.present_stream import (
     PresentStream, StreamChunkHashes, chunk_address, first_difference)
 from vmstate.migration.send import memory_frames
-from vmstate.pages import page_numbers
 from vmstate.state import PAGE_SIZE
 
 
@@ -73,7 +72,7 @@ def test_sent_frames_carry_the_present_pages_and_hash_to_the_image_checksums(lay
             data += b"".join(bytes(b) for b in buffers)
         position += length
         assert len(data) == position
-    present = page_numbers(state.memory[0].present)
+    present = state.memory[0].present.page_numbers()
     pages = np.frombuffer(views[0], np.uint8).reshape(-1, PAGE_SIZE)
     assert bytes(data) == pages[present].tobytes()
     assert hashes.complete and first_difference(hashes.hashes, plan_hashes(plan)) is None
@@ -82,7 +81,7 @@ def test_sent_frames_carry_the_present_pages_and_hash_to_the_image_checksums(lay
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_frames_of_any_size_fill_the_present_pages_with_the_same_checksums(layout):
     state, views, plan = _layout(layout)
-    present = page_numbers(state.memory[0].present)
+    present = state.memory[0].present.page_numbers()
     data = np.frombuffer(views[0], np.uint8).reshape(-1, PAGE_SIZE)[present].tobytes()
     filled, hashes = _receive(state, data, _frame_lengths(len(data), 1))
     assert filled.tolist() == present.tolist()
@@ -92,7 +91,7 @@ def test_frames_of_any_size_fill_the_present_pages_with_the_same_checksums(layou
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_one_changed_byte_shows_in_its_chunk(layout):
     state, views, plan = _layout(layout)
-    present = page_numbers(state.memory[0].present)
+    present = state.memory[0].present.page_numbers()
     data = bytearray(np.frombuffer(views[0], np.uint8).reshape(-1, PAGE_SIZE)[present].tobytes())
     position = random.Random(layout).randrange(len(data))
     data[position] ^= 0x40

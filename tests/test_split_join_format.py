@@ -12,7 +12,8 @@ from vmstate.image.reader import Image
 from vmstate.state import PAGE_SIZE
 from vmstate.image.writer import write_image
 from vmstate.join import join
-from vmstate.state import AddressSpace
+from vmstate.pages import PageSet
+from vmstate.state import AddressSpace, MemoryRegion
 from vmstate.validate import USER_START
 from vmstate.split import split
 
@@ -35,7 +36,8 @@ def runnable(state, contents):
     if pending is not None:
         pending = replace(pending, rip=pending.rip & 0x7FFF_FFFF_FFFF)
         vcpu = replace(vcpu, regs=replace(vcpu.regs, rip=pending.rip, rax=pending.nr))
-    region = replace(state.memory[0], guest_phys_addr=0, size=MACHINE_MEMORY)
+    region = MemoryRegion(0, MACHINE_MEMORY, PageSet.from_runs(state.memory[0].present.runs,
+                                                               MACHINE_MEMORY // PAGE_SIZE))
     a = state.vmm.address_space
     if USER_START + a.user_end <= MACHINE_MEMORY:
         space = AddressSpace(*(USER_START + value for value in (
@@ -80,7 +82,8 @@ def test_round_trip_and_one_patched_page_on_every_layout(tmp_path, layout):
     patched in the core is reported as exactly its page, and lands in the new image."""
     state, contents = layout_state(layout)
     round_trip(tmp_path, state, contents)
-    first, count = state.memory[0].present[len(state.memory[0].present) // 2]
+    runs = state.memory[0].present.runs
+    first, count = runs[len(runs) // 2]
     page = first + count - 1
     with Core(str(tmp_path / "vm.core")) as core:
         offset = next(s.offset for s in core.segments if s.vaddr == DIRECT_MAP_BASE)

@@ -32,7 +32,7 @@ from lxml import etree
 from vmstate import xsave
 from vmstate.record import record
 from vmstate.errors import FormatError, shorten
-from vmstate.pages import bits_from_runs, runs_from_bits
+from vmstate.pages import PageSet
 from vmstate.state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_REGISTERS, VCPU_EVENT_FIELDS, AddressSpace,
     PAGE_SIZE, CpuidEntry, DebugRegisters, Descriptor, DescriptorTable, ExtraSection, GuestLimits,
@@ -309,8 +309,7 @@ def _write_memory(root, regions: tuple[MemoryRegion, ...],
     for index, (region, digests) in enumerate(zip(regions, page_digests, strict=True)):
         element = _child(memory, "region", index=str(index))
         _set_numbers(element, region, REGION_FIELDS)
-        _set_base64(_child(element, "present-pages"),
-                    bits_from_runs(region.present, region.size // PAGE_SIZE))
+        _set_base64(_child(element, "present-pages"), region.present.bits)
         _set_base64(_child(element, "page-digests", algorithm="xxh3-64"), digests)
 
 
@@ -552,7 +551,7 @@ def _read_memory(memory) -> tuple[tuple[MemoryRegion, ...], tuple[bytes, ...]]:
 
 
 def _read_present_pages(element, pages: int):
-    """The present-page bitmap (bit i of byte i // 8 = page i) as runs."""
+    """The present-page bitmap (bit i of byte i // 8 = page i)."""
     bitmap = _get_base64(element)
     if len(bitmap) != (pages + 7) // 8:
         raise _Invalid(element, f"<present-pages> holds {len(bitmap)} bytes, expected "
@@ -560,7 +559,7 @@ def _read_present_pages(element, pages: int):
                                 "pages)")
     if pages % 8 and bitmap[-1] >> pages % 8:
         raise _Invalid(element, f"<present-pages> marks pages past the region's {pages} pages")
-    return runs_from_bits(bitmap, pages)
+    return PageSet(bitmap, pages)
 
 
 def _read_page_digests(region_element, region: MemoryRegion) -> bytes:

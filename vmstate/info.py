@@ -51,9 +51,9 @@ def describe(image: Image, instructions: int = 8) -> dict:
         "vcpus": [describe_vcpu(image, vcpu, instructions) for vcpu in state.vcpus],
         "memory": [{"guest_phys_addr": hexa(r.guest_phys_addr), "size": r.size,
                     "pages": r.page_count, "present_pages": r.present_pages,
-                    "present_bytes": r.present_pages * PAGE_SIZE, "extents": len(r.present),
+                    "present_bytes": r.present_pages * PAGE_SIZE, "extents": len(r.present.runs),
                     "present_runs": [{"first_page": first, "pages": count}
-                                     for first, count in r.present]}
+                                     for first, count in r.present.runs]}
                    for r in state.memory],
         "address_space": {**{name: hexa(getattr(space, name)) for name in
                              ("user_start", "user_end", "brk_start", "brk", "mmap_low",

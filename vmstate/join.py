@@ -21,7 +21,7 @@ from .chunks import chunk_checksums, chunk_pages
 from .image.reader import ImageMetadata
 from .image.writer import write_image
 from .mapping import close_mapping, prefetch_runs
-from .pages import merge_runs
+from .pages import PageSet, merge_runs
 from .sparse import nonzero_pages_outside
 from .state import PAGE_SIZE, MemoryRegion, VmState
 from .validate import restore_problems
@@ -52,7 +52,7 @@ class _CoreMemory:
         self.offsets = [self._direct_map_offset(i, r) for i, r in enumerate(regions)]
         if self._map is not None:
             for offset, region in zip(self.offsets, regions):
-                prefetch_runs(self._map, offset, region.present)
+                prefetch_runs(self._map, offset, region.present.runs)
         self.views = [memoryview(self._map)[off:off + r.size]
                       for off, r in zip(self.offsets, regions)]
         self._check_aliases(regions)
@@ -142,13 +142,13 @@ class _Joined:
     def __init__(self, core: Core, memory: _CoreMemory, document: HardwareDocument,
                  source: ImageMetadata):
         self.core, self.memory, self.document, self.source = core, memory, document, source
-        self.added = [nonzero_pages_outside(core.fd, offset, view, region.present)
+        self.added = [nonzero_pages_outside(core.fd, offset, view, region.present.runs)
                       for region, offset, view in zip(source.state.memory, memory.offsets,
                                                       memory.views)]
         self.state = replace(document.state, memory=self._present_regions())
         # Chunk checksums of the core's bytes over the source's present pages: compared with
         # the source's to find changes, and written as they are where no page was added.
-        self.core_hashes = [chunk_checksums(view, region.present, region.size // PAGE_SIZE)
+        self.core_hashes = [chunk_checksums(view, region.present.runs, region.size // PAGE_SIZE)
                             for region, view in zip(source.state.memory, memory.views)]
 
     def close(self) -> None:
@@ -157,7 +157,9 @@ class _Joined:
 
     def _present_regions(self) -> tuple[MemoryRegion, ...]:
         """The source's present pages, plus never-touched pages the core now holds data in."""
-        return tuple(replace(region, present=merge_runs(tuple(sorted(region.present + added))))
+        return tuple(replace(region, present=PageSet.from_runs(
+                         merge_runs(tuple(sorted(region.present.runs + added))),
+                         region.page_count))
                      for region, added in zip(self.source.state.memory, self.added))
 
     def result(self) -> JoinResult:
@@ -191,7 +193,7 @@ class _Joined:
             return []
         digests = memoryview(self.document.provenance.page_digests[index]).cast("Q") \
             if self.document.provenance.page_digests[index] else None
-        position = _PresentIndex(region.present)
+        position = _PresentIndex(region.present.runs)
         changed = []
         for chunk, (now, before) in enumerate(zip(self.core_hashes[index], source_hashes)):
             if now == before:

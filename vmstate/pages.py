@@ -1,6 +1,7 @@
-"""Sets of guest pages as byte maps (one byte per page, 1 = present) and as runs
-(first_page, page_count). Scans use bytes.find and whole-buffer integer operations, so the
-Python-level work is per run, never per page."""
+"""Sets of guest pages: PageSet (a region's present pages, held as the bitmap images and the
+XML store), byte maps (one byte per page, 1 = present) and runs (first_page, page_count).
+Scans use bytes.find and whole-buffer integer operations, so the Python-level work is per
+run, never per page, and a PageSet makes its runs only when asked for them."""
 
 from __future__ import annotations
 
@@ -27,28 +28,101 @@ def bytemap_from_bits(bitmap: bytes, page_count: int) -> bytes:
     return bytes(bytemap[:page_count])
 
 
-def runs_from_bits(bitmap: bytes, page_count: int) -> Runs:
+class PageSet:
+    """An immutable set of a region's pages, held as a bitmap: bit b of byte k is page 8k + b
+    (the image's and the XML's form), `page_count` bits, the padding bits of the last byte
+    zero. The runs are decoded when first asked for and kept: reading an image, restoring
+    it or counting its pages builds no Python object per run."""
+
+    __slots__ = ("bits", "page_count", "_runs")
+
+    def __init__(self, bits: bytes, page_count: int):
+        if len(bits) != (page_count + 7) // 8:
+            raise ValueError(f"a bitmap of {len(bits)} bytes for {page_count} pages")
+        self.bits, self.page_count, self._runs = bytes(bits), page_count, None
+
+    @classmethod
+    def from_runs(cls, runs: Runs, page_count: int) -> PageSet:
+        """The pages of sorted, disjoint runs inside [0, page_count)."""
+        return cls(bits_from_runs(runs, page_count), page_count)
+
+    @classmethod
+    def from_bytemap(cls, bytemap) -> PageSet:
+        """The pages whose byte is non-zero."""
+        if _numpy_pays():
+            import numpy as np
+            present = np.frombuffer(bytemap, np.uint8).astype(bool)
+            return cls(np.packbits(present, bitorder="little").tobytes(), len(present))
+        return cls.from_runs(runs_from_bytemap(bytemap), len(bytemap))
+
+    @property
+    def runs(self) -> Runs:
+        """The set as sorted, maximal runs."""
+        if self._runs is None:
+            self._runs = runs_from_bits(self.bits, self.page_count)
+        return self._runs
+
+    def runs_in(self, first: int, end: int) -> Runs:
+        """The runs of the pages in [first, end) (first a multiple of 8), decoding only that
+        part of the bitmap unless the whole set's runs are at hand."""
+        end = min(end, self.page_count)
+        if self._runs is not None or first % 8:
+            return clip_runs(self.runs, first, end)
+        if first >= end:
+            return ()
+        return runs_from_bits(self.bits[first // 8:(end + 7) // 8], end - first, offset=first)
+
+    @property
+    def count(self) -> int:
+        """How many pages the set holds."""
+        return int.from_bytes(self.bits, "little").bit_count()
+
+    def bytemap(self) -> bytes:
+        """One byte per page, 1 = present."""
+        return bytemap_from_bits(self.bits, self.page_count)
+
+    def page_numbers(self):
+        """The pages, in order, as one numpy int64 array."""
+        import numpy as np
+        bits = np.unpackbits(np.frombuffer(self.bits, np.uint8), bitorder="little")
+        return np.flatnonzero(bits[:self.page_count]).astype(np.int64)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, PageSet):
+            return NotImplemented
+        return self.page_count == other.page_count and self.bits == other.bits
+
+    def __hash__(self) -> int:
+        return hash((self.page_count, self.bits))
+
+    def __repr__(self) -> str:
+        return f"PageSet.from_runs({self.runs!r}, {self.page_count})"
+
+
+def runs_from_bits(bitmap: bytes, page_count: int, offset: int = 0) -> Runs:
     """The runs of a page bitmap (page 8k + b is bit b of byte k), pages past page_count
-    left out. Blocks of BITMAP_BLOCK bytes are classed by one comparison each: empty ones are
-    skipped, full ones are runs, and each stretch of other blocks goes through the byte map
-    in one piece. So a large sparse or fully written bitmap (restore reads one for every
-    image) costs next to nothing, and a fragmented one what the byte map costs."""
+    left out, their first pages counted from `offset`. Blocks of BITMAP_BLOCK bytes are
+    classed by one comparison each: empty ones are skipped, full ones are runs, and each
+    stretch of other blocks goes through the byte map in one piece. So a large sparse or
+    fully written bitmap costs next to nothing, and a fragmented one what the byte map
+    costs."""
     runs: list[tuple[int, int]] = []
     for kind, start, end in _bitmap_stretches(bitmap):
         if kind == "full":
-            pieces = [(start * 8, (end - start) * 8)]
+            pieces = [(offset + start * 8, (end - start) * 8)]
         else:
             pieces = runs_from_bytemap(bytemap_from_bits(bitmap[start:end], (end - start) * 8),
-                                       offset=start * 8)
+                                       offset=offset + start * 8)
         if runs and pieces and runs[-1][0] + runs[-1][1] == pieces[0][0]:
             runs[-1] = (runs[-1][0], runs[-1][1] + pieces[0][1])
             runs.extend(itertools.islice(pieces, 1, None))
         else:
             runs.extend(pieces)
-    while runs and runs[-1][0] >= page_count:            # padding bits of the last byte
+    end = offset + page_count
+    while runs and runs[-1][0] >= end:                   # padding bits of the last byte
         runs.pop()
     if runs:
-        runs[-1] = (runs[-1][0], min(runs[-1][1], page_count - runs[-1][0]))
+        runs[-1] = (runs[-1][0], min(runs[-1][1], end - runs[-1][0]))
     return tuple(runs)
 
 
@@ -128,17 +202,6 @@ def _numpy_pays() -> bool:
     about 90 ms here, more than the Python loops cost even for 4 GiB of one-page runs, so a
     command that does not otherwise need it (restore, info, split) does not import it."""
     return "numpy" in sys.modules
-
-
-def page_numbers(runs: Runs):
-    """The pages of sorted runs, in order, as one numpy int64 array."""
-    import numpy as np
-    if not runs:
-        return np.zeros(0, np.int64)
-    table = _run_table(runs)
-    firsts, counts = table[:, 0], table[:, 1]
-    starts = np.cumsum(counts) - counts              # where each run begins in the result
-    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(firsts - starts, counts)
 
 
 def _run_table(runs: Runs):

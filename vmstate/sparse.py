@@ -77,13 +77,17 @@ def _seek_segments(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return segments
 
 
-def nonzero_pages_outside(fd: int, file_offset: int, view: memoryview, present: Runs) -> Runs:
+def nonzero_pages_outside(fd: int, file_offset: int, view: memoryview, present: Runs,
+                          first_page: int = 0, end_page: int | None = None) -> Runs:
     """Runs of pages of `view` (the file's bytes from `file_offset`) that are not in `present`
-    but hold non-zero bytes, at page granularity. A stored part inside one present run (the
-    usual case: the writer stores exactly the present pages) costs a comparison; only the
-    others are looked at page by page."""
+    but hold non-zero bytes, at page granularity. Only pages [first_page, end_page) are looked
+    at (all by default), and `present` need hold only those. A stored part inside one present
+    run (the usual case: the writer stores exactly the present pages) costs a comparison;
+    only the others are looked at page by page."""
     page_count = len(view) // PAGE_SIZE
-    segments = data_segments(fd, file_offset, file_offset + len(view))
+    end_page = page_count if end_page is None else end_page
+    segments = data_segments(fd, file_offset + first_page * PAGE_SIZE,
+                             file_offset + end_page * PAGE_SIZE)
     if segments == [(file_offset + first * PAGE_SIZE, file_offset + (first + count) * PAGE_SIZE)
                     for first, count in present]:
         return ()                       # the usual case, checked in one comparison

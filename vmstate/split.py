@@ -41,7 +41,7 @@ def page_digests(image: Image) -> tuple[bytes, ...]:
             continue
         view = image.region_view(index)
         values = array("Q", [digest(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
-                             for first, count in region.present
+                             for first, count in region.present.runs
                              for page in range(first, first + count)])
         digests.append(values.tobytes())
     return tuple(digests)

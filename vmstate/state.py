@@ -7,6 +7,7 @@ the live KVM structures.
 
 from __future__ import annotations
 
+from .pages import PageSet
 from .record import record
 
 PAGE_SIZE = 4096
@@ -161,12 +162,13 @@ class VcpuState:
 class MemoryRegion:
     """A range of guest physical memory and which of its pages are present.
 
-    `present` holds (first_page, page_count) runs, page numbers relative to the region start.
-    Pages outside every run were never touched and read as zero; a present page may be zero.
+    `present` is the set of present pages (vmstate.pages.PageSet: a bitmap; its `runs` are
+    (first_page, page_count), page numbers relative to the region start). Pages outside it
+    were never touched and read as zero; a present page may be zero.
     """
     guest_phys_addr: int
     size: int
-    present: tuple[tuple[int, int], ...] = ()
+    present: PageSet
 
     @property
     def page_count(self) -> int:
@@ -174,7 +176,7 @@ class MemoryRegion:
 
     @property
     def present_pages(self) -> int:
-        return sum(count for _, count in self.present)
+        return self.present.count
 
 
 # Kinds of guest file descriptors.

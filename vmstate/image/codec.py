@@ -9,7 +9,7 @@ from array import array
 from dataclasses import astuple, fields
 
 from ..chunks import CHUNK_PAGES, chunk_count
-from ..pages import bits_from_runs, runs_from_bits
+from ..pages import PageSet
 
 from ..state import (
     CONTROL_REGISTERS, GP_REGISTERS, SEGMENT_FIELDS, SEGMENT_REGISTERS, AddressSpace, CpuidEntry,
@@ -172,8 +172,10 @@ REQUIRED_VCPU_SECTIONS = (L.VCPU_REGS, L.VCPU_SREGS)
 
 def encode_region(region: MemoryRegion, data_offset: int, hashes: array) -> bytes:
     """The memory-region payload: the region, its present-page bitmap, its chunk checksums."""
-    pages = region.size // L.PAGE
-    bitmap = bits_from_runs(region.present, pages)
+    if region.present.page_count != region.page_count:
+        raise ValueError(f"a present-page set of {region.present.page_count} pages for a "
+                         f"region of {region.page_count}")
+    bitmap = region.present.bits
     return (L.REGION.pack(region.guest_phys_addr, region.size, data_offset, CHUNK_PAGES)
             + bitmap.ljust(L.align(len(bitmap)), b"\0") + hashes.tobytes())
 
@@ -203,8 +205,7 @@ def decode_region(data: bytes) -> tuple[MemoryRegion, int, array]:
         raise ValueError(f"the present bitmap marks pages past the region's {pages} pages")
     hashes = array("Q", r.take_bytes(L.CHUNK_HASH.size * chunk_count(pages)))
     r.end()
-    present = runs_from_bits(bitmap, pages)
-    return MemoryRegion(gpa, size, present), data_offset, hashes
+    return MemoryRegion(gpa, size, PageSet(bitmap, pages)), data_offset, hashes
 
 
 # -- VMM state --------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def plan_image(state: VmState, region_views: list[memoryview],
     has it, is region i's chunk checksums of exactly these bytes (not computed again)."""
     known_hashes = known_hashes or [None] * len(state.memory)
     hashes = [known if known is not None else
-              chunk_checksums(view, region.present, region.size // PAGE_SIZE)
+              chunk_checksums(view, region.present.runs, region.size // PAGE_SIZE)
               for region, view, known in zip(state.memory, region_views, known_hashes)]
 
     sections: list[tuple[int, int, int, bytes | None]] = []   # type, flags, instance, payload
@@ -89,7 +89,7 @@ def plan_image(state: VmState, region_views: list[memoryview],
         kind, flags, instance, _ = sections[region_at + i]
         sections[region_at + i] = (kind, flags, instance,
                                    codec.encode_region(region, data_offset, hashes[i]))
-        regions.append(RegionMemory(data_offset, region_views[i], region.present))
+        regions.append(RegionMemory(data_offset, region_views[i], region.present.runs))
         data_offset += L.align(region.size, L.PAGE)
     file_size = data_offset if state.memory else offset
 

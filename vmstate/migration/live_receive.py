@@ -15,7 +15,7 @@ import numpy as np
 import xxhash
 
 from ..image.reader import ImageMetadata
-from ..pages import runs_from_bytemap
+from ..pages import PageSet
 from ..state import PAGE_SIZE, MemoryRegion
 from . import protocol as P
 from .page_copy import few_runs, runs, scatter
@@ -182,4 +182,4 @@ class LivePages:
     def region(self) -> MemoryRegion:
         """The memory received, as the final state's memory region."""
         return MemoryRegion(self.guest_phys_addr, self.memory.nbytes,
-                            runs_from_bytemap(self.digests.present))
+                            PageSet.from_bytemap(self.digests.present))

@@ -18,7 +18,6 @@ import numpy as np
 import xxhash
 
 from ..chunks import CHUNK_PAGES, EMPTY, chunk_count
-from ..pages import page_numbers
 from ..state import PAGE_SIZE, MemoryRegion
 
 
@@ -26,7 +25,7 @@ class PresentStream:
     """Which pages of which region each next piece of the stream fills."""
 
     def __init__(self, regions: tuple[MemoryRegion, ...]):
-        self.regions = [page_numbers(region.present) for region in regions]
+        self.regions = [region.present.page_numbers() for region in regions]
         self.starts = np.cumsum([0] + [len(n) for n in self.regions])   # in pages, per region
         self.total = int(self.starts[-1]) * PAGE_SIZE
         self.position = 0
