@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 from typing import Callable
 
 from . import elf, xsave
@@ -30,6 +29,7 @@ from .image.writer import RegionMemory, pwrite_all, write_runs
 from .paging import Mapping, PageTables, clip
 from .process import FileMapping, auxiliary_vector, guest_memory, program_mappings
 from .progress import progress_bar
+from .record import record
 from .state import PAGE_SIZE, VcpuState, VmState
 
 NOTE_NAME = b"VMSTATE"
@@ -46,7 +46,7 @@ class CoreError(FormatError):
     pass
 
 
-@dataclass(frozen=True)
+@record
 class Segment:
     vaddr: int
     paddr: int
@@ -112,7 +112,7 @@ def _file_note(state: VmState, mappings: list[FileMapping]) -> bytes:
             + name * len(mappings))
 
 
-@dataclass(frozen=True)
+@record
 class Process:
     """What the guest's memory says about the process: the auxiliary vector the loader built
     (None if the initial stack was not found) and the program's file mappings."""
@@ -187,7 +187,7 @@ def _flags(m: Mapping) -> int:
     return elf.PF_R | (elf.PF_W if m.writable else 0) | (elf.PF_X if m.executable else 0)
 
 
-@dataclass(frozen=True)
+@record
 class CoreLayout:
     header: bytes            # ELF header, program headers, notes
     segments: list[Segment]

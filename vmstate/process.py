@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
 from .elf import PHDR, PT_LOAD
 from .errors import VmstateError
 from .paging import PageTables
+from .record import record
 from .state import PAGE_SIZE, VmState
 
 AT_NULL, AT_PHDR, AT_PHNUM = 0, 3, 5
@@ -28,7 +28,7 @@ WORD = struct.Struct("<Q")
 AUXV_ENTRY = struct.Struct("<QQ")    # type, value
 
 
-@dataclass(frozen=True)
+@record
 class FileMapping:
     start: int
     end: int

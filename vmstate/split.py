@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 from array import array
-from dataclasses import dataclass
 
 import xxhash
 
@@ -13,13 +12,14 @@ from .background import BackgroundCall
 from .core import CoreLayout, write_core
 from .errors import ImageError
 from .image.reader import Image
+from .record import record
 from .state import PAGE_SIZE
 
 
 DEFAULT_CORE, DEFAULT_XML = "vm.core", "hw.xml"
 
 
-@dataclass(frozen=True)
+@record
 class SplitResult:
     core: CoreLayout
     xml_bytes: int

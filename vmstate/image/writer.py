@@ -11,13 +11,13 @@ import errno
 import fcntl
 import os
 from array import array
-from dataclasses import dataclass
 
 from ..atomic import atomic_output
 from ..chunks import chunk_checksums
 from ..errors import VmstateError
 from ..pages import Runs
 from ..progress import progress_bar
+from ..record import record
 from ..state import PAGE_SIZE, VmState
 from . import codec
 from . import layout as L
@@ -28,7 +28,7 @@ DIRECT_MIN_PAGES = 256       # runs from 1 MiB up bypass the page cache (O_DIREC
 PROGRESS_STEP = 64 << 20     # bytes of short runs between progress reports
 
 
-@dataclass(frozen=True)
+@record
 class RegionMemory:
     """One region's memory to store: its bytes (wherever they are) and its present pages,
     which go to file offset `file_offset` + their offset in the region."""
@@ -41,7 +41,7 @@ class RegionMemory:
         return sum(count for _, count in self.runs) * PAGE_SIZE
 
 
-@dataclass(frozen=True)
+@record
 class ImagePlan:
     metadata: bytes                     # header, table, payloads, padding: file bytes 0..len
     regions: tuple[RegionMemory, ...]   # present memory, at page-aligned file offsets
