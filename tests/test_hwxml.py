@@ -347,7 +347,7 @@ def test_billion_laughs_fails_fast():
             ).encode()
     started = time.monotonic()
     message = _error(data)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 10           # expanded, it would take minutes
     assert re.match(rf"{SOURCE}:\d+: ", message) and len(message) < 300
 
 
