@@ -1,4 +1,6 @@
-"""Assertions shared by the tests."""
+"""Assertions and waits shared by the tests."""
+
+import time
 
 
 def one_line_error(result) -> str:
@@ -13,3 +15,19 @@ def one_line_error(result) -> str:
 
 
 NETNS_SENDER, NETNS_RECEIVER = "10.231.0.1", "10.231.0.2"   # the `namespaces` fixture's hosts
+
+
+def wait_until_blocked(pid: int, still: float = 0.4, timeout: float = 60) -> None:
+    """Until the VMM process has slept for `still` seconds on end: the guest is then blocked
+    in its call (a fixed sleep could end before a loaded machine got there, and a signal
+    that came before the VMM's handler would kill it)."""
+    deadline, asleep_since = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        now = time.monotonic()
+        asleep_since = (asleep_since or now) if state == "S" else None
+        if asleep_since is not None and now - asleep_since >= still:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the VMM (pid {pid}) never blocked")

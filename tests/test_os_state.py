@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from helpers import wait_until_blocked
+
 pytestmark = pytest.mark.kvm
 
 AFTER = [b"save 0 pipe buffered", b"cwd /sub umask 027", b"shared defg offset 7 cloexec 0 1",
@@ -62,22 +64,6 @@ def test_unedited_split_join_restores_the_same(vmstate, guest, root):
     assert vmstate("restore", "--root", root, "new.sav").stdout.splitlines() == AFTER
 
 
-def _wait_until_blocked(pid: int, still: float = 0.4, timeout: float = 30) -> None:
-    """Until the VMM process has slept for `still` seconds on end: the guest is then blocked
-    in its call (a fixed sleep could end before a loaded machine got there, and a signal
-    that came before the VMM's handler would kill it)."""
-    deadline, asleep_since = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-        now = time.monotonic()
-        asleep_since = (asleep_since or now) if state == "S" else None
-        if asleep_since is not None and now - asleep_since >= still:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the VMM (pid {pid}) never blocked")
-
-
 @pytest.mark.parametrize("script", [
     "read -t 5 line; echo status $?",          # a read with a timeout, on an empty stdin pipe
     "read line < /fifo; echo got $line",       # open of a FIFO with no writer yet
@@ -91,7 +77,7 @@ def test_sigusr1_during_a_blocking_call_saves_it_pending(vmstate_cmd, root, scri
     run = subprocess.Popen([vmstate_cmd, "run", "--save-on-signal", "--root", root,
                             root / "busybox", "sh", "-c", script], cwd=root,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_until_blocked(run.pid)
+    wait_until_blocked(run.pid)
     run.send_signal(signal.SIGUSR1)
     run.wait(timeout=30)                # stdin stays open: no end of file races the save
     out, err = run.stdout.read(), run.stderr.read()

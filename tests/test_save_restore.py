@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from helpers import wait_until_blocked
 from vmstate.image.reader import Image
 
 pytestmark = pytest.mark.kvm
@@ -141,7 +142,7 @@ def test_reader_blocked_in_read_is_saved_with_its_pending_call(vmstate_cmd, vmst
                      stdin=read_end)
     os.write(write_end, b"first\n")
     assert process.stdout.readline() == b"line 1: first (5 bytes)\n"
-    time.sleep(0.2)                                   # now blocked reading the next line
+    wait_until_blocked(process.pid)                   # now blocked reading the next line
     process.send_signal(signal.SIGUSR1)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err

@@ -5,10 +5,10 @@ from a KVM sender to a software receiver, and exact instruction counts."""
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
+from helpers import wait_until_blocked
 from vmstate.image.reader import Image
 
 OTHER = {"kvm": "soft", "soft": "kvm"}
@@ -38,7 +38,7 @@ def test_a_guest_moves_between_cpus_at_every_save(vmstate, vmstate_cmd, guest, t
         stderr=subprocess.PIPE)
     os.close(read_end)
     lines.append(process.stdout.readline().decode().rstrip("\n"))
-    time.sleep(0.5)                                   # now blocked reading stdin
+    wait_until_blocked(process.pid)                   # now blocked reading stdin
     process.send_signal(signal.SIGUSR1)
     _, err = process.communicate(timeout=60)
     os.close(write_end)
