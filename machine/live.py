@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -131,11 +132,16 @@ class ColdSend:
     the VM's `handing_over` by Machine.send_away, it ends like a live migration's)."""
 
     def __init__(self, vm: Machine, address: tuple[str, int], connect_timeout: float,
-                 with_files: bool, root: str):
+                 with_files: bool, root: str,
+                 failed: Callable[[BaseException], None] | None = None):
+        """`failed` is called by result() (in its caller's thread) if the VM did not get
+        there, with the exception."""
         self.address = address
         self.finished = threading.Event()
         self.message: str | None = None        # the receiver's, once it has the VM
         self.error = ""                        # why it did not get there
+        self._failure: BaseException | None = None
+        self._failed = failed
         self._cancelled = threading.Event()
         self._socket: socket.socket | None = None
         self._lock = threading.Lock()
@@ -158,7 +164,7 @@ class ColdSend:
             finally:
                 close_files(files)
         except (Exception, KeyboardInterrupt) as e:
-            self.error = describe_error(e)
+            self.error, self._failure = describe_error(e), e
         finally:
             with self._lock:
                 if self._socket is not None:
@@ -169,6 +175,8 @@ class ColdSend:
     def result(self) -> str | None:
         self._thread.join()
         if self.message is None:
+            if self._failed is not None and self._failure is not None:
+                self._failed(self._failure)
             return None
         return f"migrated to {self.address[0]}:{self.address[1]}: {self.message}"
 

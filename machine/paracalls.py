@@ -20,8 +20,7 @@ import sys
 from vmstate.errors import VmstateError
 from linux_personality.cpu import GuestFault
 
-from .base import Machine
-from .outcome import Outcome, Saved
+from .base import SLICE_ENDED, Machine
 
 PARACALL_DUMP_PROCESSOR_STATE = 401
 PARACALL_SNAPSHOT = 402
@@ -48,8 +47,9 @@ class ParaCalls:
     def serves(self, nr: int) -> bool:
         return nr in self._handlers
 
-    def serve(self, nr: int, args: tuple[int, ...], trace=None) -> Outcome | None:
-        """Serve the para-call the vCPU stopped on; an Outcome if the VM ends (migrated).
+    def serve(self, nr: int, args: tuple[int, ...], trace=None) -> str | None:
+        """Serve the para-call the vCPU stopped on; SLICE_ENDED if the VM is being sent (a
+        cold MIGRATE: the VM stays stopped until the receiver answers, Machine.handing_over).
         `trace` (a text stream) gets a line like --trace's."""
         try:
             result = self._handlers[nr](args[0])
@@ -64,7 +64,8 @@ class ParaCalls:
         if trace is not None:
             shown = "" if nr == PARACALL_DUMP_PROCESSOR_STATE else self._string_argument(args[0])
             print(f"{NAMES[nr]}({shown}) = " + (str(result) if isinstance(result, int)
-                                                 else "(the VM has left)"), file=trace, flush=True)
+                                                 else "(the VM is being sent)"), file=trace,
+                  flush=True)
         if isinstance(result, int):
             self.vm.return_to_user(result)
             return None
@@ -118,9 +119,8 @@ class ParaCalls:
 
     # -- 403 ------------------------------------------------------------------------------------
 
-    def _migrate(self, address_addr: int) -> int | Outcome:
+    def _migrate(self, address_addr: int) -> int | str:
         from vmstate.migration.protocol import parse_address
-        from vmstate.migration.send import send_to
         text = self.vm.memory.read_cstring(address_addr, ADDRESS_MAX).decode(errors="replace")
         try:
             address = parse_address(text)
@@ -129,15 +129,15 @@ class ParaCalls:
         if self.live is not None:
             return self._migrate_live(address)
         self.vm.settle(RESTORED)
-        try:
-            state = self.vm.capture()
-            message = send_to(address, self.connect_timeout, state, [self.vm.memory.view],
-                              self.with_files, self.vm.files.root)
-        except (VmstateError, OSError) as e:
+
+        def failed(e: BaseException) -> None:
             print(f"vmstate: [{self.vm.name}] MIGRATE to {text} failed: {e}; the VM goes on",
                   file=self.log, flush=True)
-            return -_errno_of(e, errno.ECONNREFUSED)
-        return Saved(f"migrated to {text}: {message}")
+            self.vm.return_to_user(-_errno_of(e, errno.ECONNREFUSED))
+        from .live import ColdSend
+        self.vm.send_away(ColdSend(self.vm, address, self.connect_timeout, self.with_files,
+                                   self.vm.files.root, failed))
+        return SLICE_ENDED      # the run loop goes on; the receiver's answer ends the VM
 
 
     def _migrate_live(self, address: tuple[str, int]) -> int:

@@ -438,6 +438,38 @@ def test_a_cold_migration_to_a_stalled_receiver_holds_up_only_its_vm(started, gu
     assert here == [f"[ticker] tick {i}" for i in range(len(here))]
 
 
+def test_a_guests_migrate_para_call_to_a_stalled_receiver_holds_up_only_its_vm(
+        started, guest, tmp_path):
+    """MIGRATE (para-call 403) in a host, to a receiver that takes the VM and never answers:
+    the host serves and runs the other VM meanwhile; when the connection closes the call
+    fails in the guest, which goes on here."""
+    peer = FailingReceiver(stall=True)
+    host = started("host", "--control", "vmm.sock", "-v",
+                   f"{guest('paracalls')} 127.0.0.1:{peer.port}", "-v",
+                   f"{guest('ticker')} 100000 20 7")
+    client = Client(tmp_path / "vmm.sock")
+    try:
+        assert peer.got_end.wait(60), peer.error
+        first = query(client)                      # this query went unanswered before
+        assert first["paracalls"]["description"] == \
+            "running, handing over to a migration receiver"
+        wait_until(lambda: query(client)["ticker"]["slices"] > first["ticker"]["slices"],
+                   "the other VM did not run")
+        assert query(client)["paracalls"]["slices"] == first["paracalls"]["slices"]
+    finally:
+        peer.release()
+    assert peer.error is None, peer.error
+    wait_until(lambda: query(client)["paracalls"]["state"] == "exited",
+               "the VM did not go on here")
+    client.ok("quit")
+    client.close()
+    out, err = host.communicate(timeout=60)
+    lines = [line for line in out.decode().splitlines() if line.startswith("[paracalls] ")]
+    assert lines[-2].startswith("[paracalls] migrate=-") and \
+        lines[-1] == "[paracalls] original goes on, marker Original", lines
+    assert f"[paracalls] MIGRATE to 127.0.0.1:{peer.port} failed".encode() in err, err
+
+
 def query(client) -> dict[str, dict]:
     return {vm["name"]: vm for vm in client.ok("query-vms")}
 

@@ -195,14 +195,14 @@ def test_sender_retries_until_the_receiver_listens(vmstate_cmd, example, two_dir
     sender = subprocess.Popen([vmstate_cmd, "run", "--migrate-to", f"127.0.0.1:{port}",
                                example("lab_app")], cwd=sender_dir, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
-    time.sleep(2.5)
+    retries = [sender.stderr.readline() for _ in range(2)]     # it has retried twice by now
+    assert retries == [b"connect failed, retry in 1 second...\n"] * 2, retries
     receiver = subprocess.Popen([vmstate_cmd, "receive", "--bind", "127.0.0.1", "--port",
                                  str(port), "--root", sender_dir, "--run", "--once"],
                                 cwd=receiver_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = sender.communicate(timeout=60)
     receiver.communicate(timeout=60)
     assert sender.returncode == 0, err
-    assert err.decode().count("connect failed, retry in 1 second...") >= 2
     assert (sender_dir / "ay_caramba.txt").read_bytes() == b"Hello World !!!\nBye Bye !!!\n"
 
 
@@ -340,7 +340,6 @@ def test_a_slow_sender_costs_a_slot_for_seconds_never_the_service(vmstate, examp
     receiver = receivers(receiver_dir, "-o", "got.sav")
     stop = threading.Event()
     with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as slow:
-        connected = time.monotonic()
         if case == "one byte at a time":
             slow.sendall(_hello(len(image)))
             assert P.recv_reply(slow)[0] == P.STATUS_OK
@@ -351,11 +350,15 @@ def test_a_slow_sender_costs_a_slot_for_seconds_never_the_service(vmstate, examp
         assert sent.returncode == 0, sent.stderr
         assert (receiver_dir / "got.sav").read_bytes() == image
         line = receiver.read_log_until("rejected VM from 127.0.0.1", timeout=60)
-        dropped_after = time.monotonic() - connected
         stop.set()
-    expected = "no complete hello within 3 s" if case == "silent" else "too slow"
-    assert expected in line, line
-    assert dropped_after < 30, dropped_after     # dropped (about 3 s; loaded, the send delays it)
+    # The receiver's own clock says when it dropped the slow one (the test's would count the
+    # honest sender's run too, which a loaded machine can make last longer than the deadline).
+    if case == "silent":
+        assert "no complete hello within 3 s" in line, line
+    else:
+        dropped = re.search(r"too slow: [0-9]+ bytes in ([0-9.]+) s \(--min-rate is 1048576 "
+                            r"bytes/s after 3 s\)", line)
+        assert dropped and float(dropped[1]) >= 3, line      # after the grace, not before
     assert not any("rejected" in entry for entry in receiver.log[:-1]), receiver.log
 
 
