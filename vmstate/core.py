@@ -237,7 +237,7 @@ def write_core(path: str, image: Image, before_commit: Callable[[], object]) -> 
     see vmstate.atomic), memory straight from the image.
     `before_commit` runs once the bytes are written; if it raises, the core is discarded."""
     layout = plan_core(image)
-    memory = [RegionMemory(offset, image.region_view(index), region.present.runs)
+    memory = [RegionMemory(offset, image.region_view(index), region.present)
               for index, (region, offset) in enumerate(zip(image.state.memory,
                                                            layout.region_offsets))]
     total = sum(m.present_bytes for m in memory)

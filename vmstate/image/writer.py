@@ -15,7 +15,7 @@ from array import array
 from ..atomic import atomic_output
 from ..chunks import chunk_checksums
 from ..errors import VmstateError
-from ..pages import Runs
+from ..pages import PageSet, Runs
 from ..progress import progress_bar
 from ..record import record
 from ..state import PAGE_SIZE, VmState
@@ -31,14 +31,19 @@ PROGRESS_STEP = 64 << 20     # bytes of short runs between progress reports
 @record
 class RegionMemory:
     """One region's memory to store: its bytes (wherever they are) and its present pages,
-    which go to file offset `file_offset` + their offset in the region."""
+    which go to file offset `file_offset` + their offset in the region. The pages' runs are
+    decoded only when the memory is written (a migration's plan needs only the metadata)."""
     file_offset: int
     view: memoryview
-    runs: Runs
+    present: PageSet
+
+    @property
+    def runs(self) -> Runs:
+        return self.present.runs
 
     @property
     def present_bytes(self) -> int:
-        return sum(count for _, count in self.runs) * PAGE_SIZE
+        return self.present.count * PAGE_SIZE
 
 
 @record
@@ -89,7 +94,7 @@ def plan_image(state: VmState, region_views: list[memoryview],
         kind, flags, instance, _ = sections[region_at + i]
         sections[region_at + i] = (kind, flags, instance,
                                    codec.encode_region(region, data_offset, hashes[i]))
-        regions.append(RegionMemory(data_offset, region_views[i], region.present.runs))
+        regions.append(RegionMemory(data_offset, region_views[i], region.present))
         data_offset += L.align(region.size, L.PAGE)
     file_size = data_offset if state.memory else offset
 
