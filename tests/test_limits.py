@@ -6,11 +6,11 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
 from helpers import one_line_error
+from test_os_state import _wait_until_blocked
 
 # ulimit -n: the fd cap; a write past the file-size cap fails; six background sleeps: under a
 # cap of 3 processes the shell and two children fit, and the third fork fails (busybox's sh
@@ -32,7 +32,7 @@ def _saved_while_reading(vmstate_cmd, root, *options):
     run = subprocess.Popen([vmstate_cmd, "run", "--save-on-signal", *options, "--root", root,
                             root / "busybox", "sh", "-c", SCRIPT], cwd=root,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.5)                 # the guest is blocked in read by then
+    _wait_until_blocked(run.pid)    # the guest is blocked in read by then
     run.send_signal(signal.SIGUSR1)
     run.wait(timeout=30)
     err = run.stderr.read()
