@@ -6,6 +6,8 @@ from dataclasses import replace
 import pytest
 
 from helpers import one_line_error
+from test_qemu import kernel, saved  # noqa: F401 - the QEMU streams' fixtures
+from vmstate import elf
 from vmstate.image.reader import Image
 from vmstate.image.writer import write_image
 
@@ -40,3 +42,31 @@ def test_a_region_beyond_the_cores_direct_map_is_refused_by_split(vmstate, lab_i
     assert "high.sav: memory region 0 at guest physical 0x8000000000000000" in message
     assert "direct map" in message
     assert _files(tmp_path) == before
+
+
+def _qemu_split(vmstate, saved, tmp_path):
+    """A QEMU stream split into q.core and q.xml in tmp_path."""
+    stream = saved("pc")
+    result = vmstate("split", stream, "--core", "q.core", "--xml", "q.xml")
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "q.core", tmp_path / "q.xml"
+
+
+def test_a_qemu_core_whose_note_runs_past_its_segment_is_refused(vmstate, saved, tmp_path):
+    """The first note's descriptor size made larger than its segment: join said 'internal
+    error: ValueError: note ... runs past the end of its segment'."""
+    core, xml = _qemu_split(vmstate, saved, tmp_path)
+    data = bytearray(core.read_bytes())
+    header = elf.EHDR.unpack_from(data)
+    phoff, phnum = header[5], header[10]
+    note_offset = next(offset for p_type, _, offset, *_ in (
+        elf.PHDR.unpack_from(data, phoff + i * elf.PHDR.size) for i in range(phnum))
+        if p_type == elf.PT_NOTE)
+    namesz, descsz, kind = elf.NHDR.unpack_from(data, note_offset)
+    elf.NHDR.pack_into(data, note_offset, namesz, descsz + (1 << 30), kind)
+    (tmp_path / "bad.core").write_bytes(bytes(data))
+    before = _files(tmp_path)
+    message = one_line_error(vmstate("join", "bad.core", "q.xml", "-o", "new.state"))
+    assert f"bad.core: offset {note_offset:#x}: broken note segment" in message
+    assert _files(tmp_path) == before
+
