@@ -70,3 +70,16 @@ def test_a_qemu_core_whose_note_runs_past_its_segment_is_refused(vmstate, saved,
     assert f"bad.core: offset {note_offset:#x}: broken note segment" in message
     assert _files(tmp_path) == before
 
+
+def test_a_qemu_cpu_field_of_another_type_is_refused(vmstate, saved, tmp_path):
+    """A cpu field read to derive hflags given a type that is not an integer: join said
+    'internal error: KeyError: env.gdt.limit, here env.segs[0].limit'."""
+    _, xml = _qemu_split(vmstate, saved, tmp_path)
+    text = xml.read_text()
+    limit = '<field name="limit" type="uint32" size="4" in-vcpu="yes"/>'
+    assert limit in text
+    xml.write_text(text.replace(limit, limit.replace("uint32", "int32x"), 1))
+    before = _files(tmp_path)
+    message = one_line_error(vmstate("join", "q.core", "q.xml", "-o", "new.state"))
+    assert "cpu.env.segs[0].limit: type or size changed (uint32/4x1 -> int32x/4x1)" in message
+    assert _files(tmp_path) == before

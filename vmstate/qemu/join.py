@@ -147,23 +147,29 @@ def _device_changes(core: QemuCore, document: StateDocument, result: JoinResult)
         except DescriptionError as e:
             raise JoinError(f"section {section.name!r}: the core's copy does not parse: {e}") \
                 from None
-        if section.name == cpu.CPU_SECTION:
-            _fix_hflags(section, original, result)
-        now = dict(leaves(section.device))
         before = dict(leaves(original))
-        if set(now) != set(before):
-            missing = sorted(set(before) ^ set(now))[:3]
-            raise JoinError(f"section {section.name!r}: fields differ from the stream's: "
-                            f"{', '.join(missing)} (fields cannot be added or removed)")
-        for path, leaf in now.items():
+        _check_same_fields(section.name, dict(leaves(section.device)), before)
+        if section.name == cpu.CPU_SECTION:        # after the check: it reads typed fields
+            _fix_hflags(section, original, result)
+        for path, leaf in leaves(section.device):
             old = before[path]
-            if (leaf.type, leaf.size, leaf.count) != (old.type, old.size, old.count):
-                raise JoinError(f"{section.name}.{path}: type or size changed "
-                                f"({old.type}/{old.size}x{old.count} -> "
-                                f"{leaf.type}/{leaf.size}x{leaf.count})")
             if leaf.data != old.data:
                 result.field_changes += _leaf_changes(f"{_device_name(section)}.{path}", old,
                                                       leaf, section.name == cpu.CPU_SECTION)
+
+
+def _check_same_fields(name: str, now: dict, before: dict) -> None:
+    """The edited section has the stream's fields, each of its type, size and count."""
+    if set(now) != set(before):
+        missing = sorted(set(before) ^ set(now))[:3]
+        raise JoinError(f"section {name!r}: fields differ from the stream's: "
+                        f"{', '.join(missing)} (fields cannot be added or removed)")
+    for path, leaf in now.items():
+        old = before[path]
+        if (leaf.type, leaf.size, leaf.count) != (old.type, old.size, old.count):
+            raise JoinError(f"{name}.{path}: type or size changed "
+                            f"({old.type}/{old.size}x{old.count} -> "
+                            f"{leaf.type}/{leaf.size}x{leaf.count})")
 
 
 def _leaf_changes(what: str, old: Leaf, new: Leaf, is_cpu: bool) -> list[tuple[str, str, str]]:
