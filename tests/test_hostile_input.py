@@ -44,7 +44,7 @@ def test_a_region_beyond_the_cores_direct_map_is_refused_by_split(vmstate, lab_i
     assert _files(tmp_path) == before
 
 
-def _qemu_split(vmstate, saved, tmp_path):
+def _qemu_split(vmstate, saved, tmp_path):  # noqa: F811 - the fixture
     """A QEMU stream split into q.core and q.xml in tmp_path."""
     stream = saved("pc")
     result = vmstate("split", stream, "--core", "q.core", "--xml", "q.xml")
@@ -52,7 +52,8 @@ def _qemu_split(vmstate, saved, tmp_path):
     return tmp_path / "q.core", tmp_path / "q.xml"
 
 
-def test_a_qemu_core_whose_note_runs_past_its_segment_is_refused(vmstate, saved, tmp_path):
+def test_a_qemu_core_whose_note_runs_past_its_segment_is_refused(
+        vmstate, saved, tmp_path):  # noqa: F811 - the fixture
     """The first note's descriptor size made larger than its segment: join said 'internal
     error: ValueError: note ... runs past the end of its segment'."""
     core, xml = _qemu_split(vmstate, saved, tmp_path)
@@ -71,7 +72,8 @@ def test_a_qemu_core_whose_note_runs_past_its_segment_is_refused(vmstate, saved,
     assert _files(tmp_path) == before
 
 
-def test_a_qemu_cpu_field_of_another_type_is_refused(vmstate, saved, tmp_path):
+def test_a_qemu_cpu_field_of_another_type_is_refused(
+        vmstate, saved, tmp_path):  # noqa: F811 - the fixture
     """A cpu field read to derive hflags given a type that is not an integer: join said
     'internal error: KeyError: env.gdt.limit, here env.segs[0].limit'."""
     _, xml = _qemu_split(vmstate, saved, tmp_path)
