@@ -85,3 +85,16 @@ def test_a_qemu_cpu_field_of_another_type_is_refused(
     message = one_line_error(vmstate("join", "q.core", "q.xml", "-o", "new.state"))
     assert "cpu.env.segs[0].limit: type or size changed (uint32/4x1 -> int32x/4x1)" in message
     assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("line", ["vm_root = a\0b", "vm_image = a\0b", "control = a\0b",
+                                  "vm_binary = a\0b", "vm_snapshot = a\0b", "vm_na\0me = x"])
+def test_a_nul_character_in_the_hosts_configuration_is_refused(vmstate, example, tmp_path,
+                                                               line):
+    """os calls refuse a path with a NUL: host said 'internal error: ValueError: embedded null
+    byte'."""
+    (tmp_path / "host.conf").write_text(f"vm_binary = {example('hello')}\n{line}\n")
+    message = one_line_error(vmstate("host", "--config", "host.conf"))
+    assert message == ("vmstate: host.conf:2: a NUL character (no path, command or name can "
+                       "hold one)")
+    assert _files(tmp_path) == ["host.conf"]
