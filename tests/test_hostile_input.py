@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 from helpers import one_line_error
+from test_control import Client, started  # noqa: F401 - the host's fixture
 from test_qemu import kernel, saved  # noqa: F401 - the QEMU streams' fixtures
 from vmstate import elf
 from vmstate.image.reader import Image
@@ -98,3 +99,35 @@ def test_a_nul_character_in_the_hosts_configuration_is_refused(vmstate, example,
     assert message == ("vmstate: host.conf:2: a NUL character (no path, command or name can "
                        "hold one)")
     assert _files(tmp_path) == ["host.conf"]
+
+
+BAD_REQUESTS = [
+    ("migrate", {"address": "127.0.0.1:1", "connect_timeout": "abc"},
+     "argument 'connect_timeout' must be a number from 0 to 1e+09"),
+    ("migrate", {"address": "127.0.0.1:1", "connect_timeout": True, "live": True},
+     "argument 'connect_timeout' must be a number from 0 to 1e+09"),
+    ("migrate", {"address": "127.0.0.1:1", "connect_timeout": [1]},
+     "argument 'connect_timeout' must be a number from 0 to 1e+09"),
+    ("snapshot", {"path": "a\0b"}, "argument 'path' holds a NUL character"),
+    ("save", {"path": "a\0b"}, "argument 'path' holds a NUL character"),
+    ("migrate", {"address": "127.0.0.1:1\0"}, "argument 'address' holds a NUL character"),
+]
+
+
+def test_bad_control_arguments_get_an_error_and_the_host_goes_on(
+        started, guest, tmp_path):  # noqa: F811 - the fixture
+    """A string for connect_timeout, or a NUL in a path, raised ValueError in the host's main
+    loop: the VMM ended with an internal error, and every VM with it."""
+    host = started("host", "--control", "vmm.sock", "-v", f"{guest('ticker')} 100000 20 0")
+    client = Client(tmp_path / "vmm.sock")
+    try:
+        for command, arguments, desc in BAD_REQUESTS:
+            assert client.execute(command, **arguments) == {
+                "error": {"class": "GenericError", "desc": desc}}
+        assert [vm["state"] for vm in client.ok("query-vms")] == ["running"]
+        client.ok("quit")
+    finally:
+        client.close()
+    assert host.wait(timeout=60) == 137
+    assert "internal error" not in host.stderr.read().decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
