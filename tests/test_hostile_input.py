@@ -117,10 +117,13 @@ BAD_REQUESTS = [
 def test_bad_control_arguments_get_an_error_and_the_host_goes_on(
         started, guest, tmp_path):  # noqa: F811 - the fixture
     """A string for connect_timeout, or a NUL in a path, raised ValueError in the host's main
-    loop: the VMM ended with an internal error, and every VM with it."""
+    loop: the VMM ended with an internal error, and every VM with it. JSON nested too deeply
+    raised RecursionError in the client's thread: a traceback, and no reply."""
     host = started("host", "--control", "vmm.sock", "-v", f"{guest('ticker')} 100000 20 0")
     client = Client(tmp_path / "vmm.sock")
     try:
+        assert client.send_line(b"[" * 20_000) == {       # under MAX_LINE: parsed
+            "error": {"class": "GenericError", "desc": "not a request: JSON nested too deeply"}}
         for command, arguments, desc in BAD_REQUESTS:
             assert client.execute(command, **arguments) == {
                 "error": {"class": "GenericError", "desc": desc}}
