@@ -134,3 +134,17 @@ def test_bad_control_arguments_get_an_error_and_the_host_goes_on(
     assert host.wait(timeout=60) == 137
     assert "internal error" not in host.stderr.read().decode()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["vm.core", "hw.xml"])
+def test_gdb_never_splits_an_image_over_itself(vmstate, lab_image, tmp_path, name):
+    """`vmstate gdb IMAGE` splits into vm.core and hw.xml: an image of either name was
+    replaced by its own split."""
+    image = lab_image.rename(tmp_path / name)
+    data = image.read_bytes()
+    message = one_line_error(vmstate("gdb", name, "--", "-batch"))
+    kind = "core" if name == "vm.core" else "XML"
+    assert message == (f"vmstate: the {kind} {name} is the same file as the image {name}: an "
+                       "output never replaces an input or another output")
+    assert image.read_bytes() == data
+    assert _files(tmp_path) == ["ay_caramba.txt", name]
