@@ -148,3 +148,26 @@ def test_gdb_never_splits_an_image_over_itself(vmstate, lab_image, tmp_path, nam
                        "output never replaces an input or another output")
     assert image.read_bytes() == data
     assert _files(tmp_path) == ["ay_caramba.txt", name]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (('name="serial" instance="0" version="3"', 'name="serial" instance="0"'),
+     '<device name="serial"> of kind \'full\' needs instance= and version='),
+    (('name="serial" instance="0"', 'name="seri\u20acl" instance="0"'),
+     "<device> name='seri\u20acl' is not Latin-1 text"),
+    (('<block name="pc.ram"', '<block name="pc.r\u20acm"'),
+     "<block> name='pc.r\u20acm' is not Latin-1 text"),
+])
+def test_qemu_xml_a_stream_cannot_hold_is_refused(
+        vmstate, saved, tmp_path, edit, words):  # noqa: F811 - the fixture
+    """A full section without its version, or a name outside Latin-1, passed the schema and
+    join failed writing the stream: 'internal error: error: argument out of range' (struct)
+    and 'internal error: UnicodeEncodeError'."""
+    _, xml = _qemu_split(vmstate, saved, tmp_path)
+    text = xml.read_text()
+    assert edit[0] in text
+    xml.write_text(text.replace(edit[0], edit[1], 1))
+    before = _files(tmp_path)
+    message = one_line_error(vmstate("join", "q.core", "q.xml", "-o", "new.state"))
+    assert message.startswith("vmstate: q.xml:") and words in message
+    assert _files(tmp_path) == before
