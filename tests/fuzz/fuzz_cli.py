@@ -4,8 +4,9 @@ Not part of the default test run. Usage, from the worktree:
 
     .venv/bin/python tests/fuzz/fuzz_cli.py TARGET SEED COUNT WORKDIR
 
-TARGET is `xml` (hw.xml edited, then `join --dry-run`), `state` (the image's decoded state
-edited and re-encoded by vmstate.image.writer, then `info` and `split`), `qemu-xml` (as `xml`,
+TARGET is `xml` (hw.xml edited, then `join -o`), `state` (the image's decoded state
+edited and re-encoded by vmstate.image.writer, then `info` and `split`), `restore` (as
+`state`, then `vmstate restore` in a process of its own, 30 s at most), `qemu-xml` (as `xml`,
 for a QEMU stream's split), or one of BYTE_TARGETS (bit flips and truncations: `bytes` for the
 image, `core`, `qemu` for the stream, `qemu-core`). WORKDIR must hold vm_image.sav, vm.core and
 hw.xml (`vmstate run examples/lab_app && vmstate split vm_image.sav`), and for the QEMU targets
@@ -50,6 +51,17 @@ def run_cli(arguments: list[str]) -> tuple[int, str]:
             import traceback
             return -1, f"TRACEBACK {type(e).__name__}: {e}\n{traceback.format_exc()}"
     return status, err.getvalue()
+
+
+def run_command(arguments: list[str]) -> tuple[int, str]:
+    """`vmstate ARGUMENTS` in a process of its own (a restored guest may never end)."""
+    command = [str(Path(sys.executable).parent / "vmstate"), *arguments]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return 0, ""                   # the guest runs on: not the VMM's error
+    stderr = done.stderr.decode(errors="replace")
+    return (-1 if "Traceback" in stderr else done.returncode), stderr
 
 
 def is_defect(status: int, stderr: str) -> bool:
@@ -180,8 +192,8 @@ def fuzz(target: str, seed: int, count: int, workdir: Path) -> int:
         if target == "xml":
             path = scratch / "hw.xml"
             path.write_bytes(mutate_xml(xml, rng))
-            runs = [["join", str(workdir / "vm.core"), str(path), "--dry-run"]]
-        elif target == "state":
+            runs = [["join", str(workdir / "vm.core"), str(path), "-o", str(scratch / "out")]]
+        elif target in ("state", "restore"):
             from vmstate.image.reader import Image
             from vmstate.image.writer import write_image
             path = scratch / "fuzz.sav"
@@ -194,11 +206,13 @@ def fuzz(target: str, seed: int, count: int, workdir: Path) -> int:
                                 [image.region_view(0)] * len(state.memory), durable=False)
                 except Exception:  # noqa: BLE001 - the writer refused the value: no input
                     continue
-            runs = [["info", str(path)], ["split", str(path)]]
+            runs = ([["info", str(path)], ["split", str(path)]] if target == "state"
+                    else [["restore", str(path)]])
         elif target == "qemu-xml":
             path = scratch / "hw.xml"
             path.write_bytes(mutate_xml((workdir / "qemu" / "hw.xml").read_bytes(), rng))
-            runs = [["join", str(workdir / "qemu" / "vm.core"), str(path), "--dry-run"]]
+            runs = [["join", str(workdir / "qemu" / "vm.core"), str(path), "-o",
+                     str(scratch / "out")]]
         else:
             source, name, commands = BYTE_TARGETS[target]
             path = scratch / name
@@ -207,7 +221,10 @@ def fuzz(target: str, seed: int, count: int, workdir: Path) -> int:
                        or word.endswith((".core", ".xml")) else word for word in command)]
                     for command in commands]
         for arguments in runs:
-            status, stderr = run_cli(arguments)
+            status, stderr = (run_command if target == "restore" else run_cli)(arguments)
+            if status and (scratch / "out").exists():
+                stderr = f"output written by a run that failed: {stderr}"
+                status = -1
             if is_defect(status, stderr):
                 key = stderr.splitlines()[0][:120] if stderr else "?"
                 if key in seen:
