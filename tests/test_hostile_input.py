@@ -1,6 +1,10 @@
 """Crafted inputs that fuzzing (tests/fuzz/) found ending in an internal error: each must get
 one line naming what and where, a non-zero exit, and leave no output behind."""
 
+import base64
+import json
+import re
+import struct
 from dataclasses import replace
 
 import pytest
@@ -170,4 +174,55 @@ def test_qemu_xml_a_stream_cannot_hold_is_refused(
     before = _files(tmp_path)
     message = one_line_error(vmstate("join", "q.core", "q.xml", "-o", "new.state"))
     assert message.startswith("vmstate: q.xml:") and words in message
+    assert _files(tmp_path) == before
+
+
+def _with_description(stream: bytes, description: bytes) -> bytes:
+    """The stream with its JSON description (0x06, be32 length, JSON, at the end) replaced."""
+    marker = stream.rfind(b"\x06")
+    return stream[:marker + 1] + struct.pack(">I", len(description)) + description
+
+
+def _edited_description(stream: bytes, edit) -> bytes:
+    marker = stream.rfind(b"\x06")
+    description = json.loads(stream[marker + 5:])
+    edit(description)
+    return json.dumps(description).encode()
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda stream: b"[" * 100_000, "the JSON description cannot be read: JSON nested too "
+                                    "deeply"),
+    (lambda stream: _edited_description(stream, lambda d: d.update(devices=[1] * 40)),
+     'the JSON description cannot be read: expected {"devices": [OBJECT, ...], ...}'),
+    (lambda stream: _edited_description(stream, lambda d: d["devices"][0].update(fields=5)),
+     "section 'timer' (id 0): description: expected a list of objects, got 5"),
+])
+def test_a_qemu_stream_with_a_hostile_description_is_refused(
+        vmstate, saved, tmp_path, make, words):  # noqa: F811 - the fixture
+    """json and the section decoder met values of other types than they expect: 'internal
+    error: RecursionError', 'AttributeError' and 'TypeError'."""
+    stream = saved("pc").read_bytes()
+    (tmp_path / "bad.state").write_bytes(_with_description(stream, make(stream)))
+    for command in (["info"], ["split"]):
+        message = one_line_error(vmstate(*command, "bad.state"))
+        assert message.startswith("vmstate: bad.state: offset 0x") and words in message
+    assert _files(tmp_path) == ["bad.state"]
+
+
+@pytest.mark.parametrize("description, words", [
+    (b"xx", "Expecting value"), (b"[" * 100_000, "JSON nested too deeply"),
+    (b'{"devices": 5}', 'expected {"devices": [OBJECT, ...], ...}')])
+def test_a_qemu_xml_whose_description_is_not_one_is_refused(
+        vmstate, saved, tmp_path, description, words):  # noqa: F811 - the fixture
+    """join parsed the XML's <description> unchecked: 'internal error: JSONDecodeError' and
+    the like."""
+    _, xml = _qemu_split(vmstate, saved, tmp_path)
+    text = re.sub(r"<description>[^<]*</description>", "<description>"
+                  + base64.b64encode(description).decode() + "</description>", xml.read_text())
+    xml.write_text(text)
+    before = _files(tmp_path)
+    message = one_line_error(vmstate("join", "q.core", "q.xml", "-o", "new.state"))
+    assert message.startswith("vmstate: q.xml: <description> cannot be read: ")
+    assert words in message
     assert _files(tmp_path) == before

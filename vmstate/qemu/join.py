@@ -9,7 +9,6 @@ EFER, RFLAGS or CS/SS/DS/ES recomputes QEMU's hflags (cpu.derived_hflags)."""
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..background import BackgroundCall
 from ..errors import VmstateError
 from . import cpu, layout
 from .core import QemuCore, QemuCoreError
-from .description import Decoder, DescriptionError, Leaf, leaves
+from .description import Decoder, DescriptionError, Leaf, leaves, parse_description
 from .digests import page_digests, sharing_the_gil, unpack_digests
 from .gather import GatherWriter
 from .machine import placements
@@ -53,7 +52,7 @@ def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | No
         memory = [core.block_memory(block.name) for block in stream.blocks]
         try:
             result = JoinResult()
-            _device_changes(core, document, result)
+            _device_changes(core, document, xml_path, result)
             digests = document.provenance.page_digests
             if output is None:
                 _page_changes(stream, memory, digests, result)
@@ -131,10 +130,14 @@ def _check_complete(core: QemuCore, stream: QemuStream, xml_path: str) -> None:
                             f"({len(wrong)} such pages); every page must be sent once")
 
 
-def _device_changes(core: QemuCore, document: StateDocument, result: JoinResult) -> None:
+def _device_changes(core: QemuCore, document: StateDocument, xml_path: str,
+                    result: JoinResult) -> None:
     """Compare every device section with the original bytes the core kept; recompute hflags
     where the derived registers changed."""
-    descriptions = json.loads(document.stream.description)["devices"]
+    try:
+        descriptions = parse_description(document.stream.description)["devices"]
+    except ValueError as e:
+        raise JoinError(f"{xml_path}: <description> cannot be read: {e}") from None
     stream = document.stream
     for section, entry in zip(stream.device_sections(), descriptions):
         original_bytes = core.devices.get(section.section_id)
@@ -143,7 +146,7 @@ def _device_changes(core: QemuCore, document: StateDocument, result: JoinResult)
                             "core's record of the stream")
         try:
             decoder = Decoder(original_bytes, 0, len(original_bytes))
-            original = decoder.group(entry.get("fields", []), entry.get("subsections", []))
+            original = decoder.device(entry)
         except DescriptionError as e:
             raise JoinError(f"section {section.name!r}: the core's copy does not parse: {e}") \
                 from None
