@@ -6,7 +6,8 @@ Not part of the default test run. Usage, from the worktree:
 
 TARGET is `xml` (hw.xml edited, then `join -o`), `state` (the image's decoded state
 edited and re-encoded by vmstate.image.writer, then `info` and `split`), `restore` (as
-`state`, then `vmstate restore` in a process of its own, 30 s at most), `qemu-xml` (as `xml`,
+`state`, then `vmstate restore` in a process of its own, 30 s at most), `qemu-desc` (a
+value of a QEMU stream's JSON description changed, then `info` and `split`), `qemu-xml` (as `xml`,
 for a QEMU stream's split), or one of BYTE_TARGETS (bit flips and truncations: `bytes` for the
 image, `core`, `qemu` for the stream, `qemu-core`). WORKDIR must hold vm_image.sav, vm.core and
 hw.xml (`vmstate run examples/lab_app && vmstate split vm_image.sav`), and for the QEMU targets
@@ -119,6 +120,28 @@ def mutate_file(source: Path, path: Path, rng: random.Random) -> None:
                 f.write((rng.choice(HOSTILE_INTS[:12]) % (1 << 64)).to_bytes(8, "little"))
 
 
+def mutate_description(stream: bytes, rng: random.Random) -> bytes:
+    """The stream with one value of its JSON description (at its end) set to a hostile one."""
+    import json
+    import struct
+    marker = stream.rfind(b"\x06")
+    description = json.loads(stream[marker + 5:])
+    node, key = description if rng.random() < 0.1 else description["devices"], None
+    while True:
+        keys = list(range(len(node))) if isinstance(node, list) else list(node)
+        if not keys:
+            break
+        key = rng.choice(keys)
+        if not isinstance(node[key], (dict, list)) or rng.random() < 0.15:
+            break
+        node = node[key]
+    if key is not None:
+        node[key] = rng.choice([0, -1, 2**64, 10**12, "x", None, True, [], {}, [1], {"a": 1},
+                                1.5, "", "struct"])
+    text = json.dumps(description).encode()
+    return stream[:marker + 1] + struct.pack(">I", len(text)) + text
+
+
 def _hostile_number(rng: random.Random) -> str:
     value = rng.choice(HOSTILE_INTS)
     return rng.choice((hex(value), str(value)))
@@ -208,6 +231,11 @@ def fuzz(target: str, seed: int, count: int, workdir: Path) -> int:
                     continue
             runs = ([["info", str(path)], ["split", str(path)]] if target == "state"
                     else [["restore", str(path)]])
+        elif target == "qemu-desc":
+            path = scratch / "fuzz.state"
+            path.write_bytes(mutate_description((workdir / "qemu" / "pc.state").read_bytes(),
+                                                rng))
+            runs = [["info", str(path)], ["split", str(path)]]
         elif target == "qemu-xml":
             path = scratch / "hw.xml"
             path.write_bytes(mutate_xml((workdir / "qemu" / "hw.xml").read_bytes(), rng))
