@@ -92,6 +92,8 @@ class ControlServer:
             message = json.loads(line)
         except (ValueError, UnicodeDecodeError) as e:
             return _error("GenericError", f"not JSON: {e}")
+        except RecursionError:
+            return _error("GenericError", "not a request: JSON nested too deeply")
         if not isinstance(message, dict) or not isinstance(message.get("execute"), str):
             return _error("GenericError", 'expected {"execute": COMMAND, "arguments": {...}}')
         arguments = message.get("arguments", {})

@@ -11,12 +11,28 @@ from vmstate.errors import UsageError
 from .host import EXIT_QUIT, AwaitHandOver, CommandError, Host, HostedVm, Stopped
 from .session import save_to_file
 
+MAX_CONNECT_TIMEOUT = 1e9          # seconds, as the command line's --connect-timeout
+
 
 def _argument(arguments: dict, name: str) -> str:
     value = arguments.get(name)
     if not isinstance(value, str) or not value:
         raise CommandError(f"argument {name!r} (a string) is needed")
+    return _without_nul(name, value)
+
+
+def _without_nul(name: str, value: str) -> str:
+    if "\0" in value:
+        raise CommandError(f"argument {name!r} holds a NUL character")
     return value
+
+
+def _number(arguments: dict, name: str, default: float, high: float) -> float:
+    """A JSON number from 0 to `high` (a client's string or true is not one)."""
+    value = arguments.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+        raise CommandError(f"argument {name!r} must be a number from 0 to {high:g}")
+    return float(value)
 
 
 def _query_vms(host: Host, arguments: dict) -> list[dict]:
@@ -57,7 +73,7 @@ def _save(host: Host, arguments: dict) -> dict:
     path = arguments.get("path") or hosted.entry.image
     if not isinstance(path, str):
         raise CommandError("argument 'path' must be a string")
-    _refuse_over_program(hosted, path)
+    _refuse_over_program(hosted, _without_nul("path", path))
     hosted.vm.pause()
     outcome = hosted.vm.save_now(save_to_file(path))
     host.end(hosted, outcome)
@@ -66,18 +82,19 @@ def _save(host: Host, arguments: dict) -> dict:
 
 def _migrate(host: Host, arguments: dict) -> dict:
     hosted, address = _not_handing_over(host.find(arguments)), _argument(arguments, "address")
+    timeout = _number(arguments, "connect_timeout", 5, MAX_CONNECT_TIMEOUT)
     from vmstate.migration.protocol import parse_address
     target = parse_address(address)
     if arguments.get("live"):
-        return _migrate_live(hosted, target, address, arguments)
+        return _migrate_live(hosted, target, address, timeout, arguments)
     hosted.vm.pause()
     from machine.live import ColdSend
-    hosted.vm.send_away(ColdSend(hosted.vm, target, float(arguments.get("connect_timeout", 5)),
+    hosted.vm.send_away(ColdSend(hosted.vm, target, timeout,
                                  bool(arguments.get("with_files", False)), hosted.entry.root))
     return AwaitHandOver(hosted)
 
 
-def _migrate_live(hosted, target, address: str, arguments: dict) -> dict:
+def _migrate_live(hosted, target, address: str, timeout: float, arguments: dict) -> dict:
     """Pre-copy while the VM runs on in its slices; the host ends it once it is handed over
     (or it runs on here if the migration fails, which the VMM's stderr says)."""
     max_downtime = arguments.get("max_downtime_ms", 50)
@@ -86,7 +103,7 @@ def _migrate_live(hosted, target, address: str, arguments: dict) -> dict:
     from vmstate.migration.live_send import LiveOptions
     from machine.live import live_migrate_to
     hosted.vm.begin_live_migration(live_migrate_to(
-        target, float(arguments.get("connect_timeout", 5)),
+        target, timeout,
         bool(arguments.get("with_files", False)), hosted.entry.root,
         LiveOptions(max_downtime / 1000)))
     return {"description": f"live migration to {address} begins; the VM runs on until the "

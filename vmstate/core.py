@@ -22,7 +22,7 @@ from typing import Callable
 
 from . import elf, xsave
 from .atomic import atomic_output
-from .errors import FormatError, VmstateError
+from .errors import FormatError, ImageError, VmstateError
 from .fd import FdOwner, open_to_read
 from .image.reader import Image, ImageMetadata
 from .image.writer import RegionMemory, pwrite_all, write_runs
@@ -38,6 +38,7 @@ NT_VMSTATE_IMAGE = 0x564D5354     # "VMST": BFD reads small note types as Linux 
 IMAGE_NOTE = struct.Struct("<II")      # note format version, reserved; image metadata follows
 IMAGE_NOTE_VERSION = 1
 DIRECT_MAP_BASE = 0xFFFF_8880_0000_0000
+DIRECT_MAP_SIZE = (1 << 64) - DIRECT_MAP_BASE       # the guest physical addresses it can show
 SIGSTOP, SI_USER = 19, 0
 PID_BASE = 1
 
@@ -195,8 +196,19 @@ class CoreLayout:
     file_size: int
 
 
+def _check_direct_map(image: Image) -> None:
+    """Every region must have a direct-map address: a virtual address has 64 bits."""
+    for index, region in enumerate(image.state.memory):
+        if region.guest_phys_addr + region.size > DIRECT_MAP_SIZE:
+            raise ImageError(f"memory region {index} at guest physical "
+                             f"{region.guest_phys_addr:#x}+{region.size:#x} ends beyond "
+                             f"{DIRECT_MAP_SIZE:#x}, the most an ELF core's direct map at "
+                             f"{DIRECT_MAP_BASE:#x} can show", image.path)
+
+
 def plan_core(image: Image) -> CoreLayout:
     state = image.state
+    _check_direct_map(image)
     process = find_process(image)
     notes = _notes(image, process)
     mappings = _split_at_files(guest_mappings(image, image.read_phys), process.files)

@@ -28,6 +28,9 @@ def run_gdb(target: str, program: str | None, extra: list[str]) -> None:
         saved = probe(f.read(PROBE_BYTES))
     core = target
     if saved is not None:
+        from .atomic import refuse_clobbering
+        refuse_clobbering({"the core": DEFAULT_CORE, "the XML": DEFAULT_XML},
+                          {"the image": target})
         saved.split(target, DEFAULT_CORE, DEFAULT_XML)
         core = DEFAULT_CORE
         print(f"vmstate: split {target} into {DEFAULT_CORE} and {DEFAULT_XML}; after editing: "

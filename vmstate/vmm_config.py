@@ -115,6 +115,8 @@ def parse(text: str, filename: str) -> HostConfig:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if "\0" in line:
+            raise UsageError(f"{where}: a NUL character (no path, command or name can hold one)")
         key, equals, value = (part.strip() for part in line.partition("="))
         if not equals:
             raise UsageError(f"{where}: expected KEY = VALUE, got {line!r}")

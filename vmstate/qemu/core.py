@@ -274,7 +274,11 @@ class QemuCore:
                 continue
             if offset + filesz > len(self.data):
                 raise self._error("the note segment runs past the end of the file", offset)
-            for name, kind, desc in elf.iter_notes(self.data[offset:offset + filesz]):
+            try:
+                notes = list(elf.iter_notes(self.data[offset:offset + filesz]))
+            except ValueError as e:
+                raise self._error(f"broken note segment: {e}", offset) from None
+            for name, kind, desc in notes:
                 if name == NOTE_NAME and kind == NT_VMSTATE_QEMU:
                     note = (desc, offset)
         if note is None:

@@ -8,6 +8,7 @@ raw big-endian bytes of each leaf; writing the tree back gives the same bytes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from . import layout
@@ -103,9 +104,16 @@ class Decoder:
         self.offset += length
         return chunk
 
+    def device(self, entry: dict) -> Group:
+        """The body of a device section that the description's `entry` describes."""
+        try:
+            return self.group(entry.get("fields", []), entry.get("subsections", []))
+        except RecursionError:
+            raise DescriptionError("the description nests too deeply", self.offset) from None
+
     def group(self, fields: list, subsections: list) -> Group:
-        body = Group([self.field(entry) for entry in fields])
-        for entry in subsections:
+        body = Group([self.field(entry) for entry in _entries(fields, self.offset)])
+        for entry in _entries(subsections, self.offset):
             body.subsections.append(self.subsection(entry))
         return body
 
@@ -120,7 +128,7 @@ class Decoder:
                                    self.offset)
         if kind in NESTED_TYPES:
             inner = entry.get("struct", entry) if kind == "struct" else entry
-            if "fields" not in inner:
+            if not isinstance(inner, dict) or "fields" not in inner:
                 raise DescriptionError(f"field {name}: a {kind} with no fields described",
                                        self.offset)
             elements = []
@@ -131,8 +139,12 @@ class Decoder:
                     raise DescriptionError(
                         f"field {name}: its fields take {self.offset - start} bytes, the "
                         f"description says {size}", start)
-            return Nested(name, kind, size, str(inner.get("vmsd_name", "")),
-                          int(inner.get("version", 0)), elements, index, "array_len" in entry)
+            version = inner.get("version", 0)
+            if not isinstance(version, int):
+                raise DescriptionError(f"field {name}: version {version!r} is not a number",
+                                       self.offset)
+            return Nested(name, kind, size, str(inner.get("vmsd_name", "")), version, elements,
+                          index, "array_len" in entry)
         if entry.get("struct") or entry.get("fields"):
             raise DescriptionError(f"field {name}: type {kind!r} with nested fields is not "
                                    "handled", self.offset)
@@ -152,6 +164,25 @@ class Decoder:
                                    f"{marker:#x})", start)
         return Subsection(name, version, self.group(entry.get("fields", []),
                                                     entry.get("subsections", [])))
+
+
+def _entries(value, offset: int) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise DescriptionError(f"description: expected a list of objects, got {value!r:.80}",
+                               offset)
+    return value
+
+
+def parse_description(description: bytes) -> dict:
+    """QEMU's JSON description, its "devices" a list of objects (ValueError if not)."""
+    try:
+        parsed = json.loads(description)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    devices = parsed.get("devices") if isinstance(parsed, dict) else None
+    if not isinstance(devices, list) or not all(isinstance(entry, dict) for entry in devices):
+        raise ValueError('expected {"devices": [OBJECT, ...], ...}')
+    return parsed
 
 
 def _required(entry: dict, key: str, kind: type, offset: int):

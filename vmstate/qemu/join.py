@@ -9,7 +9,6 @@ EFER, RFLAGS or CS/SS/DS/ES recomputes QEMU's hflags (cpu.derived_hflags)."""
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..background import BackgroundCall
 from ..errors import VmstateError
 from . import cpu, layout
 from .core import QemuCore, QemuCoreError
-from .description import Decoder, DescriptionError, Leaf, leaves
+from .description import Decoder, DescriptionError, Leaf, leaves, parse_description
 from .digests import page_digests, sharing_the_gil, unpack_digests
 from .gather import GatherWriter
 from .machine import placements
@@ -53,7 +52,7 @@ def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | No
         memory = [core.block_memory(block.name) for block in stream.blocks]
         try:
             result = JoinResult()
-            _device_changes(core, document, result)
+            _device_changes(core, document, xml_path, result)
             digests = document.provenance.page_digests
             if output is None:
                 _page_changes(stream, memory, digests, result)
@@ -131,10 +130,14 @@ def _check_complete(core: QemuCore, stream: QemuStream, xml_path: str) -> None:
                             f"({len(wrong)} such pages); every page must be sent once")
 
 
-def _device_changes(core: QemuCore, document: StateDocument, result: JoinResult) -> None:
+def _device_changes(core: QemuCore, document: StateDocument, xml_path: str,
+                    result: JoinResult) -> None:
     """Compare every device section with the original bytes the core kept; recompute hflags
     where the derived registers changed."""
-    descriptions = json.loads(document.stream.description)["devices"]
+    try:
+        descriptions = parse_description(document.stream.description)["devices"]
+    except ValueError as e:
+        raise JoinError(f"{xml_path}: <description> cannot be read: {e}") from None
     stream = document.stream
     for section, entry in zip(stream.device_sections(), descriptions):
         original_bytes = core.devices.get(section.section_id)
@@ -143,27 +146,33 @@ def _device_changes(core: QemuCore, document: StateDocument, result: JoinResult)
                             "core's record of the stream")
         try:
             decoder = Decoder(original_bytes, 0, len(original_bytes))
-            original = decoder.group(entry.get("fields", []), entry.get("subsections", []))
+            original = decoder.device(entry)
         except DescriptionError as e:
             raise JoinError(f"section {section.name!r}: the core's copy does not parse: {e}") \
                 from None
-        if section.name == cpu.CPU_SECTION:
-            _fix_hflags(section, original, result)
-        now = dict(leaves(section.device))
         before = dict(leaves(original))
-        if set(now) != set(before):
-            missing = sorted(set(before) ^ set(now))[:3]
-            raise JoinError(f"section {section.name!r}: fields differ from the stream's: "
-                            f"{', '.join(missing)} (fields cannot be added or removed)")
-        for path, leaf in now.items():
+        _check_same_fields(section.name, dict(leaves(section.device)), before)
+        if section.name == cpu.CPU_SECTION:        # after the check: it reads typed fields
+            _fix_hflags(section, original, result)
+        for path, leaf in leaves(section.device):
             old = before[path]
-            if (leaf.type, leaf.size, leaf.count) != (old.type, old.size, old.count):
-                raise JoinError(f"{section.name}.{path}: type or size changed "
-                                f"({old.type}/{old.size}x{old.count} -> "
-                                f"{leaf.type}/{leaf.size}x{leaf.count})")
             if leaf.data != old.data:
                 result.field_changes += _leaf_changes(f"{_device_name(section)}.{path}", old,
                                                       leaf, section.name == cpu.CPU_SECTION)
+
+
+def _check_same_fields(name: str, now: dict, before: dict) -> None:
+    """The edited section has the stream's fields, each of its type, size and count."""
+    if set(now) != set(before):
+        missing = sorted(set(before) ^ set(now))[:3]
+        raise JoinError(f"section {name!r}: fields differ from the stream's: "
+                        f"{', '.join(missing)} (fields cannot be added or removed)")
+    for path, leaf in now.items():
+        old = before[path]
+        if (leaf.type, leaf.size, leaf.count) != (old.type, old.size, old.count):
+            raise JoinError(f"{name}.{path}: type or size changed "
+                            f"({old.type}/{old.size}x{old.count} -> "
+                            f"{leaf.type}/{leaf.size}x{leaf.count})")
 
 
 def _leaf_changes(what: str, old: Leaf, new: Leaf, is_cpu: bool) -> list[tuple[str, str, str]]:

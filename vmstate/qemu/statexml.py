@@ -27,6 +27,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from ..errors import shorten
 from ..hwxml import XmlError, parse_xml
 from . import cpu, layout
 from .cpu import VcpuView
@@ -233,6 +234,7 @@ def _int(element, attribute: str, bits: int = 64) -> int:
 
 
 def _document(root) -> StateDocument:
+    _check_names(root)
     provenance_element = root.find("provenance")
     blocks = [RamBlock(element.get("name"), _int(element, "size"))
               for element in root.find("ram-blocks")]
@@ -279,9 +281,26 @@ def _vcpu_view(element) -> VcpuView:
     return VcpuView(int(element.get("id")), values, element.get("hflags") == "derived")
 
 
+def _check_names(root) -> None:
+    """The stream holds names as Latin-1 bytes: a name of other characters cannot be written."""
+    for element in root.iter():
+        for attribute in ("name", "machine"):
+            value = element.get(attribute)
+            if value is None:
+                continue
+            try:
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise _Invalid(element, f"<{element.tag}> {attribute}={shorten(value)!r} is not "
+                                        "Latin-1 text (the stream holds names as bytes)") from None
+
+
 def _section(element, blocks: list[RamBlock], views: dict[int, VcpuView]) -> Section:
     kind = layout.SECTION_KINDS[element.get("kind")]
     named = kind in layout.NAMED_SECTIONS
+    if named and (element.get("instance") is None or element.get("version") is None):
+        raise _Invalid(element, f"<{element.tag} name=\"{element.get('name')}\"> of kind "
+                                f"{element.get('kind')!r} needs instance= and version=")
     section = Section(kind, int(element.get("id")), element.get("name"),
                       int(element.get("instance", -1)) if named else -1,
                       int(element.get("version", -1)) if named else -1)

@@ -15,7 +15,6 @@ not account for) is refused with the section and offset: it never guesses.
 from __future__ import annotations
 
 import itertools
-import json
 import mmap
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import layout
-from .description import Decoder, DescriptionError, Group, encode_group
+from .description import Decoder, DescriptionError, Group, encode_group, parse_description
 from .prefetch import BackgroundMapping
 
 
@@ -205,10 +204,9 @@ class _Reader:
         self.description = bytes(self.data[marker + 5:self.end])
         self.description_at = marker
         try:
-            parsed = json.loads(self.description)
-            devices = list(parsed["devices"])
-            page_size = parsed.get("page_size", layout.PAGE_SIZE)
-        except (ValueError, KeyError, TypeError) as e:
+            parsed = parse_description(self.description)
+            devices, page_size = parsed["devices"], parsed.get("page_size", layout.PAGE_SIZE)
+        except ValueError as e:
             raise self.error(f"the JSON description cannot be read: {e}", marker + 5) from None
         if page_size != layout.PAGE_SIZE:
             raise self.error(f"page size {page_size}, only {layout.PAGE_SIZE} is handled",
@@ -260,7 +258,7 @@ class _Reader:
                              f"version {section.version}", start)
         decoder = Decoder(self.data, start, self.description_at)
         try:
-            body = decoder.group(entry.get("fields", []), entry.get("subsections", []))
+            body = decoder.device(entry)
         except DescriptionError as e:
             raise self.error(str(e), e.offset) from None
         self.offset = decoder.offset
