@@ -1,6 +1,8 @@
 """Which pages of guest memory were written, without a write hook: a page this process wrote
 is private to it (copied on write from the image, or a fresh anonymous page), which
-/proc/self/pagemap shows (present, exclusively mapped, not a file page).
+/proc/self/pagemap shows (present, exclusively mapped, not a file page), or it is an
+anonymous page the kernel has swapped out or is moving (compaction): a swap entry, not a file
+page, whose exclusive bit the kernel leaves clear meanwhile.
 
 Fresh guest memory uses transparent huge pages, so one write makes 512 pages private: of
 those, the pages still all zero are not counted (an absent page reads as zero anyway)."""
@@ -14,7 +16,7 @@ import numpy as np
 from vmstate.pages import runs_from_bytemap
 from vmstate.state import PAGE_SIZE
 
-PRESENT, FILE_OR_SHARED, EXCLUSIVE = 1 << 63, 1 << 61, 1 << 56
+PRESENT, SWAPPED, FILE_OR_SHARED, EXCLUSIVE = 1 << 63, 1 << 62, 1 << 61, 1 << 56
 WORDS_PER_PAGE = PAGE_SIZE // 8
 CHECK_PAGES = 8192                  # zero check in pieces of 32 MiB (bounded temporaries)
 
@@ -28,11 +30,18 @@ def written_pages(view: memoryview, address: int) -> bytes:
         data = os.pread(fd, 8 * pages, 8 * (address // PAGE_SIZE))
     finally:
         os.close(fd)
-    entries = np.frombuffer(data, dtype="<u8")
-    private = (entries & np.uint64(PRESENT | FILE_OR_SHARED | EXCLUSIVE)) == np.uint64(
-        PRESENT | EXCLUSIVE)
+    private = private_pages(np.frombuffer(data, dtype="<u8"))
     drop_zero_pages(view, private)
     return private.astype(np.uint8).tobytes()
+
+
+def private_pages(entries: np.ndarray) -> np.ndarray:
+    """True for each pagemap entry of an anonymous page this process holds alone, present or
+    swapped (a page in migration is a swap entry: counting only present pages lost it)."""
+    present = (entries & np.uint64(PRESENT | FILE_OR_SHARED | EXCLUSIVE)) == np.uint64(
+        PRESENT | EXCLUSIVE)
+    swapped = (entries & np.uint64(PRESENT | SWAPPED | FILE_OR_SHARED)) == np.uint64(SWAPPED)
+    return present | swapped
 
 
 def drop_zero_pages(view: memoryview, marked: np.ndarray) -> None:

@@ -223,3 +223,21 @@ def test_live_migration_with_an_instruction_budget_is_refused(vmstate, guest):
     lines = result.stderr.decode().strip().splitlines()
     assert lines == ["vmstate: --max-instructions saves at an exact instruction: it cannot end "
                      "in a live migration (leave out --live)"]
+
+
+def test_a_page_swapped_or_in_migration_counts_as_written():
+    """The software CPU finds written pages in /proc/self/pagemap. An anonymous page the
+    kernel is moving (compaction) or has swapped out is a swap entry, without the present
+    and exclusive bits: it holds the guest's data and must be saved (counting only present
+    pages lost 34 pages of a save once, under memory pressure). Entries as
+    Documentation/admin-guide/mm/pagemap.rst lays them out."""
+    import numpy as np
+    from soft_backend.written import EXCLUSIVE, FILE_OR_SHARED, PRESENT, SWAPPED, private_pages
+    entries = np.array([0,                                   # never touched
+                        PRESENT | EXCLUSIVE | 0x1234,         # written here
+                        PRESENT | FILE_OR_SHARED,             # read from the image file
+                        PRESENT,                              # shared with a forked copy
+                        SWAPPED | 0x5678,                     # anonymous, being moved
+                        SWAPPED | FILE_OR_SHARED],            # a file page being moved
+                       dtype=np.uint64)
+    assert private_pages(entries).tolist() == [False, True, False, False, True, False]
