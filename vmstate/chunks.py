@@ -105,7 +105,8 @@ def _split_at_chunks(runs):
     return pieces
 
 
-def first_bad_chunk(actual: array, expected: array, chunks: range | None = None) -> int | None:
+def first_bad_chunk(actual: array, expected: array,
+                    chunks: range | None = None) -> int | None:
     """The index of the first chunk (of `chunks`, all by default) whose checksum in `actual`
     differs from `expected`; None if none."""
     chunks = range(len(expected)) if chunks is None else chunks
