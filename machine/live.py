@@ -118,11 +118,7 @@ class Migration:
             print(f"vmstate: live migration to {self.address[0]}:{self.address[1]} abandoned: "
                   f"{why}", file=self.log, flush=True)
         with self._lock:
-            if self._socket is not None:
-                try:
-                    self._socket.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut_down(self._socket)
         self._paused.set()
         self._thread.join()
 
@@ -183,9 +179,14 @@ class ColdSend:
     def abandon(self, why: str) -> None:
         self._cancelled.set()
         with self._lock:
-            if self._socket is not None:
-                try:
-                    self._socket.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut_down(self._socket)
         self._thread.join()
+
+
+def _shut_down(sock: socket.socket | None) -> None:
+    """End a sender's connection: its blocking send or receive returns at once."""
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
