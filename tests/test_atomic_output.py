@@ -71,22 +71,3 @@ def test_save_is_durable_and_split_and_join_are_not(vmstate, example, tmp_path, 
     assert fsyncs == []
     assert (tmp_path / "joined.sav").read_bytes() == (tmp_path / "vm_image.sav").read_bytes()
     assert (tmp_path / "saved.sav").read_bytes() == (tmp_path / "vm_image.sav").read_bytes()
-
-
-def test_a_derived_output_replaces_a_file_as_a_rename_does(tmp_path):
-    """A derived output takes the place of an existing file by swapping names with it (no
-    write-out of its data first, see PendingFile._exchange): a reader of the old file keeps
-    its bytes, nothing else is left behind, and a directory under the name stays."""
-    target = tmp_path / "out.bin"
-    target.write_bytes(b"old")
-    with open(target, "rb") as reader:
-        with atomic_output(str(target), durable=False) as f:
-            f.write(b"new")
-        assert reader.read() == b"old"
-    assert target.read_bytes() == b"new"
-    assert os.listdir(tmp_path) == ["out.bin"]
-    (tmp_path / "dir").mkdir()
-    with pytest.raises(IsADirectoryError):
-        with atomic_output(str(tmp_path / "dir"), durable=False) as f:
-            f.write(b"new")
-    assert sorted(os.listdir(tmp_path)) == ["dir", "out.bin"]

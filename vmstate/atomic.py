@@ -1,6 +1,5 @@
 """Atomic output files: the data has no name until it is complete, and is then renamed over
-the target (a derived output swaps names with the file it replaces, see
-PendingFile._exchange). With O_TMPFILE a killed writer leaves nothing at all behind; where the file
+the target. With O_TMPFILE a killed writer leaves nothing at all behind; where the file
 system lacks it, a hidden `.NAME.*.part` file (never a half file under the final name).
 
 Durability is a choice per output. A durable output (the default: a saved or received VM,
@@ -16,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import stat
 from contextlib import contextmanager
 
 from .errors import UsageError, VmstateError
@@ -53,32 +51,11 @@ class PendingFile:
         if self.temporary is None:
             self.temporary = self._hidden_name()
             _link_fd(self.fd, self.dir_fd, self.temporary)
-        if durable or not self._exchange(name):
-            os.rename(self.temporary, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        os.rename(self.temporary, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
         self.temporary = None
         if durable:
             os.fsync(self.dir_fd)
         self.close()
-
-    def _exchange(self, name: str) -> bool:
-        """Put the data under `name` in place of the regular file there by swapping the two
-        names, then unlink the old file: False (nothing done) if `name` is not a regular
-        file or the file system cannot swap. ext4 writes a file's data out before renaming it
-        over another (auto_da_alloc): the wait of an fsync, without its promise, which a
-        derived output does not make."""
-        try:
-            if not stat.S_ISREG(os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False).st_mode):
-                return False
-        except FileNotFoundError:
-            return False
-        if _libc.renameat2(self.dir_fd, os.fsencode(self.temporary), self.dir_fd,
-                           os.fsencode(name), RENAME_EXCHANGE) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.EINVAL, errno.ENOENT, errno.ENOSYS, errno.EOPNOTSUPP):
-                return False
-            raise OSError(err, os.strerror(err), name)
-        os.unlink(self.temporary, dir_fd=self.dir_fd)       # now the old file
-        return True
 
     def discard(self) -> None:
         if self.temporary is not None:
@@ -136,7 +113,6 @@ def atomic_output(path: str, durable: bool = True):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD, AT_SYMLINK_FOLLOW = -100, 0x400
-RENAME_EXCHANGE = 2
 
 
 def _link_fd(fd: int, dir_fd: int, name: str) -> None:
