@@ -5,6 +5,7 @@ import os
 import random
 import re
 import subprocess
+import time
 from dataclasses import replace
 from unittest.mock import patch
 
@@ -281,6 +282,23 @@ def test_the_memory_check_in_shares_finds_what_verify_memory_finds(tmp_path, mon
             with pytest.raises(ImageError):
                 image.verify_memory(share, 2)
             image.verify_memory(1 - share, 2)
+
+
+def test_closing_a_memory_check_ends_its_thread_before_the_image_closes(tmp_path, monkeypatch):
+    """Restore closes the check, then the image: a check thread still running would go on
+    reading a closed descriptor, which a long-lived host may have given to another file.
+    (The check is slowed down so that it is still running when close() is called.)"""
+    import threading
+    state, contents = layout_state("fully written")
+    path = tmp_path / "image.sav"
+    write_image(str(path), state, memory_views(contents))
+    with Image(str(path)) as image:
+        verify = image.verify_memory
+        monkeypatch.setattr(image, "verify_memory", lambda: (time.sleep(0.5), verify()))
+        check = image.start_memory_check()
+        assert check._thread is not None                      # a small image: a thread
+        check.close()
+        assert not any(t.name == "verify-memory" for t in threading.enumerate())
 
 
 @pytest.mark.parametrize("runs", [

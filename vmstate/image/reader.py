@@ -5,6 +5,7 @@ by `Image.verify_memory`, which restore runs in a child process while it starts 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from array import array
@@ -359,7 +360,7 @@ class MemoryCheck:
     """Image.verify_memory started at once: in a thread for a small image, else split into
     `processes` shares, each in a child process. result() waits and raises the ImageError
     of the first share that fails (in the order of the shares); close() ends the children
-    still running (a thread ends with the process)."""
+    still running, or waits for the thread (it reads the image, which is closed next)."""
 
     def __init__(self, image: Image, processes: int):
         stored = sum(region.present_pages for region in image.state.memory) * PAGE_SIZE
@@ -376,6 +377,9 @@ class MemoryCheck:
             call.result()
 
     def close(self) -> None:
+        if self._thread is not None:
+            with contextlib.suppress(BaseException):    # its error is result()'s to report
+                self._thread.result()
         for call in self._children:
             call.close()
 
