@@ -64,12 +64,13 @@ class BackgroundMapping:
             fd = open_to_read(path, what, error)
             size = os.fstat(fd).st_size
             self._mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
+            address = _address(self._mapping) if size else 0    # before the caller may close it
         except BaseException as e:          # handed to the caller of result()
             self._error = e
         self._mapped.set()
         try:
             if self._error is None and size:
-                self._populate(fd, self._mapping, _address(self._mapping), size)
+                self._populate(fd, self._mapping, address, size)
         finally:
             if fd is not None:
                 os.close(fd)
