@@ -39,8 +39,8 @@ class BackgroundCall(Generic[T]):
 class ForkedCall:
     """Runs `function()` in a child process forked at once, for CPU-bound work that holds the
     GIL (xxhash on page-sized buffers does): beside this process's threads it gets a core of
-    its own instead of taking turns with them. result() waits, then raises the child's exception (pickled back)
-    in the caller's thread; the function's return value is not kept. close() ends a child
+    its own instead of taking turns with them. result() waits, then raises the child's
+    exception (pickled back) in the caller's thread; the function's return value is not kept. close() ends a child
     still running. Fork with no other thread running (or none holding a lock the function
     needs): the child has only the forking thread."""
 

@@ -57,10 +57,6 @@ class _Invalid(Exception):
 
 # -- writing -------------------------------------------------------------------------------------
 
-def to_xml(stream: QemuStream, provenance: Provenance, views: list[VcpuView]) -> bytes:
-    return render(document_tree(stream, provenance, views), provenance.page_digests)
-
-
 def document_tree(stream: QemuStream, provenance: Provenance, views: list[VcpuView]):
     """The document as an element tree, its <page-digests> left empty (provenance's are not
     read): `render` fills them in, so split can build the tree while it still takes them."""
