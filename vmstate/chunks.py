@@ -60,7 +60,9 @@ def file_chunk_checksums(fd: int, offset: int, view, runs, page_count: int) -> a
     other chunk are read with one pread each and hashed as they come, both loops running in
     C (map), so the Python work is per chunk, not per run, and a scattered page costs one
     system call and no page fault (a fault costs more here, and its page-table entry a
-    teardown at exit). A file that shrank gives short reads: its chunks fail."""
+    teardown at exit). A file that shrank after it was mapped gives short reads in the
+    scattered chunks (they fail) but SIGBUS in a one-run chunk read through `view`, as any
+    read of a mapping past the end of its file does."""
     hashes = array("Q", [EMPTY]) * chunk_count(page_count)
     if not runs:
         return hashes
