@@ -332,10 +332,13 @@ class Machine:
     def end_hand_over(self) -> Outcome | None:
         """Wait for the hand-over under way to end: Saved if the receiver has the VM, else
         None (the migration failed and the guest carries on here as if nothing happened)."""
-        migration, self.handing_over = self.handing_over, None
-        where = migration.result()
+        where = self.handing_over.result()
+        self.handing_over = None          # only now: an interrupted wait leaves it abandonable
+        asked = self.stop.reason if self.stop.requested.is_set() else None
         self.stop.reset()
         if where is None:
+            if asked is not None:         # a save signal that came during the hand-over
+                self.stop.request(asked)
             timing_mark("resumed-here")
             return None
         timing_mark("save-done")

@@ -40,6 +40,7 @@ class StopRequest:
                 return
             self.reason = reason
             self.requested.set()
+            self.run_page.immediate_exit = 1        # KVM: the next KVM_RUN returns at once
             os.write(self._cancel_w, b"x")
             self._kicker = threading.Thread(target=self._kick, daemon=True, name="vcpu-kick")
             self._kicker.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -468,6 +469,27 @@ def test_a_guests_migrate_para_call_to_a_stalled_receiver_holds_up_only_its_vm(
     assert lines[-2].startswith("[paracalls] migrate=-") and \
         lines[-1] == "[paracalls] original goes on, marker Original", lines
     assert f"[paracalls] MIGRATE to 127.0.0.1:{peer.port} failed".encode() in err, err
+
+
+def test_a_save_signal_during_a_failed_migrate_para_call_still_saves(vmstate_cmd, guest,
+                                                                     tmp_path):
+    """SIGUSR1 while the guest's MIGRATE waits for a receiver's verdict: when the migration
+    fails, the guest goes on here and the signal's save is made (the wait used to forget
+    it, and the guest ran on unsaved)."""
+    peer = FailingReceiver(stall=True)
+    run = subprocess.Popen([vmstate_cmd, "run", "--save-on-signal", guest("paracalls"),
+                            f"127.0.0.1:{peer.port}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    try:
+        assert peer.got_end.wait(60), peer.error
+        run.send_signal(signal.SIGUSR1)
+    finally:
+        peer.release()
+    out, err = run.communicate(timeout=60)
+    assert peer.error is None, peer.error
+    assert run.returncode == 0, err
+    assert b"VM saved to vm_image.sav" in err, err
+    assert (tmp_path / "vm_image.sav").exists()
 
 
 def query(client) -> dict[str, dict]:
