@@ -97,8 +97,8 @@ def _migrate(host: Host, arguments: dict) -> dict:
 def _migrate_live(hosted, target, address: str, timeout: float, arguments: dict) -> dict:
     """Pre-copy while the VM runs on in its slices; the host ends it once it is handed over
     (or it runs on here if the migration fails, which the VMM's stderr says)."""
-    max_downtime = arguments.get("max_downtime_ms", 50)
-    if not isinstance(max_downtime, (int, float)) or not 0 < max_downtime <= 60_000:
+    max_downtime = _number(arguments, "max_downtime_ms", 50, 60_000)
+    if max_downtime == 0:
         raise CommandError("argument 'max_downtime_ms' must be a number from 0 to 60000")
     from vmstate.migration.live_send import LiveOptions
     from machine.live import live_migrate_to
