@@ -115,6 +115,8 @@ BAD_REQUESTS = [
     ("snapshot", {"path": "a\0b"}, "argument 'path' holds a NUL character"),
     ("save", {"path": "a\0b"}, "argument 'path' holds a NUL character"),
     ("migrate", {"address": "127.0.0.1:1\0"}, "argument 'address' holds a NUL character"),
+    ("migrate", {"address": "127.0.0.1:1", "live": True, "max_downtime_ms": True},
+     "argument 'max_downtime_ms' must be a number from 0 to 60000"),
 ]
 
 
