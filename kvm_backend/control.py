@@ -22,7 +22,7 @@ import threading
 
 from vmstate.errors import UsageError
 
-from .host import Host, Request, quiet_thread
+from .host import Host, Request, error_reply, quiet_thread
 
 MAX_LINE = 1 << 16
 MAX_CLIENTS = 64         # replies under way that close() waits for
@@ -70,8 +70,8 @@ class ControlServer:
             _pid, uid, _gid = PEERCRED.unpack(
                 conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
             if uid != os.geteuid():
-                _send(stream, _error("PermissionDenied", f"uid {uid} may not control this VMM "
-                                     f"(only its owner, uid {os.geteuid()})"))
+                _send(stream, error_reply(f"uid {uid} may not control this VMM (only its "
+                                          f"owner, uid {os.geteuid()})", "PermissionDenied"))
                 return
             _send(stream, {"vmstate": {"version": PROTOCOL_VERSION,
                                        "vms": [h.name for h in self.host.vms]}})
@@ -80,7 +80,7 @@ class ControlServer:
                 if not line:
                     return
                 if len(line) > MAX_LINE:
-                    _send(stream, _error("GenericError", f"line longer than {MAX_LINE} bytes"))
+                    _send(stream, error_reply(f"line longer than {MAX_LINE} bytes"))
                     return
                 if not line.strip():
                     continue
@@ -91,23 +91,19 @@ class ControlServer:
         try:
             message = json.loads(line)
         except (ValueError, UnicodeDecodeError) as e:
-            return _error("GenericError", f"not JSON: {e}")
+            return error_reply(f"not JSON: {e}")
         except RecursionError:
-            return _error("GenericError", "not a request: JSON nested too deeply")
+            return error_reply("not a request: JSON nested too deeply")
         if not isinstance(message, dict) or not isinstance(message.get("execute"), str):
-            return _error("GenericError", 'expected {"execute": COMMAND, "arguments": {...}}')
+            return error_reply('expected {"execute": COMMAND, "arguments": {...}}')
         arguments = message.get("arguments", {})
         if not isinstance(arguments, dict):
-            return _error("GenericError", '"arguments" must be an object')
+            return error_reply('"arguments" must be an object')
         if self.host.quitting:
-            return _error("GenericError", "the VMM is quitting")
+            return error_reply("the VMM is quitting")
         request = Request(message["execute"], arguments)
         self.host.submit(request)
         return request.reply.get()
-
-
-def _error(kind: str, description: str) -> dict:
-    return {"error": {"class": kind, "desc": description}}
 
 
 def _send(stream, message: dict) -> None:

@@ -150,8 +150,9 @@ class AwaitHandOver:
     hosted: HostedVm
 
 
-def _error_reply(description: str) -> dict:
-    return {"error": {"class": "GenericError", "desc": description}}
+def error_reply(description: str, kind: str = "GenericError") -> dict:
+    """A control-protocol error reply."""
+    return {"error": {"class": kind, "desc": description}}
 
 
 class Host:
@@ -252,7 +253,7 @@ class Host:
                 if hosted.awaiting is not None:
                     hosted.awaiting.reply.put(
                         {"return": {"description": sent.message}} if outcome is not None else
-                        _error_reply(f"migration failed ({sent.error}); the VM goes on"))
+                        error_reply(f"migration failed ({sent.error}); the VM goes on"))
                     hosted.awaiting = None
                 if outcome is not None:
                     self.end(hosted, outcome)
@@ -293,7 +294,7 @@ class Host:
         hosted.vm.stop.stopped()
         hosted.vm.abandon_migration("the guest ended on this host first")   # if under way
         if hosted.awaiting is not None:
-            hosted.awaiting.reply.put(_error_reply(f"the VM ended here ({hosted.describe()}) "
+            hosted.awaiting.reply.put(error_reply(f"the VM ended here ({hosted.describe()}) "
                                                    "before its receiver answered"))
             hosted.awaiting = None
         if len(self.vms) > 1:
@@ -323,9 +324,9 @@ class Host:
                     continue
                 reply = {"return": result}
             except CommandError as e:
-                reply = _error_reply(str(e))
+                reply = error_reply(str(e))
             except VmstateError as e:
-                reply = _error_reply(describe_error(e))
+                reply = error_reply(describe_error(e))
             request.reply.put(reply)
 
     def refuse_requests(self) -> None:
@@ -336,7 +337,7 @@ class Host:
             except queue.Empty:
                 return
             if request is not self._wake:
-                request.reply.put(_error_reply("every VM has ended"))
+                request.reply.put(error_reply("every VM has ended"))
 
     def _execute(self, request: Request):
         from .host_commands import COMMANDS

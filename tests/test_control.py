@@ -482,7 +482,12 @@ def test_a_save_signal_during_a_failed_migrate_para_call_still_saves(vmstate_cmd
                            stderr=subprocess.PIPE)
     try:
         assert peer.got_end.wait(60), peer.error
+        threads = len(os.listdir(f"/proc/{run.pid}/task"))
         run.send_signal(signal.SIGUSR1)
+        # The VMM has taken the request once it starts the thread that kicks its vCPU loop
+        # (the signal is read by a watcher thread, which could come after the release).
+        wait_until(lambda: len(os.listdir(f"/proc/{run.pid}/task")) > threads,
+                   "the VMM did not take the save request")
     finally:
         peer.release()
     out, err = run.communicate(timeout=60)
