@@ -439,6 +439,27 @@ def test_a_cold_migration_to_a_stalled_receiver_holds_up_only_its_vm(started, gu
     assert here == [f"[ticker] tick {i}" for i in range(len(here))]
 
 
+def test_quit_during_a_cold_migration_answers_its_client(started, guest, tmp_path):
+    """`quit` while a `migrate` waits for a receiver that never answers: the VM ends with the
+    host, the migration is abandoned, and its client gets an error reply, not a closed
+    connection."""
+    host = started("host", "--control", "vmm.sock", "-v", f"{guest('ticker')} 100000 20 6")
+    migrating, client = Client(tmp_path / "vmm.sock"), Client(tmp_path / "vmm.sock")
+    peer = FailingReceiver(stall=True)
+    try:
+        migrating.stream.write(json.dumps({"execute": "migrate", "arguments": {
+            "vm": "ticker", "address": f"127.0.0.1:{peer.port}"}}).encode() + b"\n")
+        assert peer.got_end.wait(60), peer.error
+        client.ok("quit")
+        assert migrating.read() == {"error": {"class": "GenericError", "desc": (
+            "the VM ended here (ended by quit) before its receiver answered")}}
+    finally:
+        peer.release()
+        client.close()
+        migrating.close()
+    host.communicate(timeout=60)
+
+
 def test_a_guests_migrate_para_call_to_a_stalled_receiver_holds_up_only_its_vm(
         started, guest, tmp_path):
     """MIGRATE (para-call 403) in a host, to a receiver that takes the VM and never answers:
