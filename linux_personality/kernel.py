@@ -15,6 +15,7 @@ import select
 import stat
 import struct
 
+from vmstate.fd import drain
 from vmstate.state import DEFAULT_MAX_PROCESSES, FD_FILE
 
 from .address_space import UserAddressSpace
@@ -264,11 +265,7 @@ class Personality:
             signals.mirror_on_host(self, sig)
 
     def drain_signal_wake(self) -> None:
-        try:
-            while os.read(self.signal_wake_fd, 64):
-                pass
-        except BlockingIOError:
-            pass
+        drain(self.signal_wake_fd)
 
     def close(self) -> None:
         self._close_wake_pipe()

@@ -15,6 +15,8 @@ import os
 import signal
 import threading
 
+from vmstate.fd import drain
+
 KICK_SIGNAL = signal.SIGRTMIN
 KICK_INTERVAL = 0.005
 
@@ -53,11 +55,7 @@ class StopRequest:
 
     def clear_interrupted_call(self) -> None:
         """Before the guest runs again: forget interrupt_call's wake-ups (never a stop's)."""
-        try:
-            while os.read(self.cancel_fd, 64):
-                pass
-        except BlockingIOError:
-            pass
+        drain(self.cancel_fd)
         if self.requested.is_set():          # a request that came meanwhile keeps its wake-up
             os.write(self._cancel_w, b"x")
 

@@ -1,4 +1,5 @@
-"""Objects that own one file descriptor, and opening the regular files they read."""
+"""Objects that own one file descriptor, opening the regular files they read, and emptying a
+wake-up pipe."""
 
 import os
 import stat
@@ -37,3 +38,12 @@ def open_to_read(path: str, what: str, error: type[VmstateError]) -> int:
         os.close(fd)
         raise error(f"{path}: not a regular file")
     return fd
+
+
+def drain(fd: int) -> None:
+    """Read out whatever the non-blocking pipe `fd` holds (wake-up bytes), without waiting."""
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
