@@ -45,9 +45,7 @@ class Migration:
         self._state: VmState | None = None
         self._paused = threading.Event()
         self._result: str | None = None
-        self._socket: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._cancelled = threading.Event()
+        self._connection = SenderConnection()
         timing_mark("live-start")
         print(f"vmstate: live migration to {address[0]}:{address[1]} begins; the guest runs "
               "on", file=log, flush=True)
@@ -61,23 +59,17 @@ class Migration:
     def _send(self, connect_timeout: float, with_files: bool, root: str,
               options: LiveOptions) -> None:
         try:
-            sock = connect(self.address, connect_timeout, self.log, self._cancelled)
-            with self._lock:              # abandon shuts down the socket it finds here
-                self._socket = sock
-            if self._cancelled.is_set():
-                raise ConnectionAbortedError("abandoned")
+            sock = self._connection.open(self.address, connect_timeout, self.log)
             message = migrate_live(sock, self, with_files, root, options, self.log)
             self._result = f"migrated live to {self.address[0]}:{self.address[1]}: {message}"
         except (Exception, KeyboardInterrupt) as e:
-            if not self._cancelled.is_set():
+            if not self._connection.cancelled.is_set():
                 print(f"vmstate: live migration to {self.address[0]}:{self.address[1]} failed "
                       f"({describe_error(e)}); the VM carries on here", file=self.log,
                       flush=True)
         finally:
             self.vm.stop_tracking()
-            with self._lock:
-                if self._socket is not None:
-                    self._socket.close()
+            self._connection.close()
             self.finished.set()
             self._paused.set()           # a pause that never came no longer waits
             self.vm.on_migration_end()
@@ -114,11 +106,9 @@ class Migration:
         """Cancel the migration and wait for the sender, which every blocking step of it
         notices at once (the connection is shut down, the connect retries watch the event)."""
         if not self.finished.is_set():
-            self._cancelled.set()
             print(f"vmstate: live migration to {self.address[0]}:{self.address[1]} abandoned: "
                   f"{why}", file=self.log, flush=True)
-        with self._lock:
-            _shut_down(self._socket)
+        self._connection.cancel()
         self._paused.set()
         self._thread.join()
 
@@ -138,9 +128,7 @@ class ColdSend:
         self.error = ""                        # why it did not get there
         self._failure: BaseException | None = None
         self._failed = failed
-        self._cancelled = threading.Event()
-        self._socket: socket.socket | None = None
-        self._lock = threading.Lock()
+        self._connection = SenderConnection()
         self._thread = threading.Thread(
             target=self._send, args=(vm, vm.capture(), connect_timeout, with_files, root),
             daemon=True, name="migration")
@@ -151,20 +139,14 @@ class ColdSend:
         try:
             files = guest_files(state, root) if with_files else []
             try:
-                sock = connect(self.address, connect_timeout, cancelled=self._cancelled)
-                with self._lock:
-                    self._socket = sock
-                if self._cancelled.is_set():
-                    raise ConnectionAbortedError("abandoned")
+                sock = self._connection.open(self.address, connect_timeout, sys.stderr)
                 self.message = send_vm(sock, state, [vm.memory.view], files)
             finally:
                 close_files(files)
         except (Exception, KeyboardInterrupt) as e:
             self.error, self._failure = describe_error(e), e
         finally:
-            with self._lock:
-                if self._socket is not None:
-                    self._socket.close()
+            self._connection.close()
             self.finished.set()
             vm.on_migration_end()
 
@@ -177,16 +159,38 @@ class ColdSend:
         return f"migrated to {self.address[0]}:{self.address[1]}: {self.message}"
 
     def abandon(self, why: str) -> None:
-        self._cancelled.set()
-        with self._lock:
-            _shut_down(self._socket)
+        self._connection.cancel()
         self._thread.join()
 
 
-def _shut_down(sock: socket.socket | None) -> None:
-    """End a sender's connection: its blocking send or receive returns at once."""
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+class SenderConnection:
+    """A sender thread's connection, which another thread may cancel at any step: a connect
+    under way stops retrying, an open connection is shut down (its blocking send or receive
+    returns at once)."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def open(self, address: tuple[str, int], timeout: float, log) -> socket.socket:
+        sock = connect(address, timeout, log, self.cancelled)
+        with self._lock:                  # cancel shuts down the socket it finds here
+            self._socket = sock
+        if self.cancelled.is_set():
+            raise ConnectionAbortedError("abandoned")
+        return sock
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        with self._lock:
+            if self._socket is not None:
+                try:
+                    self._socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close()
