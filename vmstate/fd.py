@@ -47,3 +47,11 @@ def drain(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def write_all_at(fd: int, data, offset: int) -> None:
+    """pwrite all of `data` (bytes-like) at `offset`, resuming after short writes."""
+    with memoryview(data) as view, view.cast("B") as rest:
+        while rest:
+            written = os.pwrite(fd, rest, offset)
+            rest, offset = rest[written:], offset + written

@@ -51,9 +51,8 @@ def info(path: str, as_json: bool, instructions: int = 0) -> str:
 
 
 def split(path: str, core: str, xml: str) -> str:
-    mapped = BackgroundMapping(path, "QEMU stream", FormatError)   # before the imports
     from ..qemu.split import split_stream
-    return split_stream(path, core, xml, mapped)
+    return split_stream(path, core, xml)
 
 
 def join(core: str, xml: str, xml_data: bytes, output: str | None, symbols) -> str:

@@ -1,7 +1,11 @@
 """The ELF core of a split QEMU stream (schemas/qemu-core.md): every RAM block's bytes once,
 as its own PT_LOAD(s), plus the vCPUs' notes, so gdb and crash-dump tools read it.
 
-    ELF header | program headers | notes | block 0 | block 1 | ...   (blocks page aligned)
+    ELF header | block 0 | block 1 | ... | program headers | notes   (blocks page aligned)
+
+The headers come last because they are known last: split writes each page where it belongs
+as the stream is read, and only then reads the device sections and the page tables that the
+notes and the virtual mappings need.
 
 - PT_LOAD per guest-physical placement of a block (system RAM, the BIOS): p_paddr the guest
   physical address, p_vaddr the same while paging is off; blocks with no guest physical
@@ -18,18 +22,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import numpy as np
-
 from .. import elf, x86
-from ..atomic import atomic_output
 from ..errors import FormatError, VmstateError
+from ..fd import write_all_at
 from ..paging import Mapping, PageTables, clip
 from . import cpu, layout
 from .description import encode_group
-from .gather import GatherWriter
 from .machine import placements
 from .prefetch import BackgroundMapping
-from .stream import QemuStream
+from .stream import PageRun, QemuStream, RamBlock
 
 EM_386 = 3
 UNPLACED_BASE = 0x8000_0000_0000_0000     # up to CANONICAL_HIGH: no guest virtual address
@@ -67,10 +68,23 @@ class CoreBlock:
 
 @dataclass(frozen=True)
 class CorePlan:
-    header: bytes                 # ELF header, program headers, notes
-    blocks: list[CoreBlock]
-    file_size: int
+    header: bytes                 # the ELF header, at 0
+    tail: bytes                   # program headers and notes, at tail_offset (after the blocks)
+    tail_offset: int
     segments: int
+
+
+FILL_PAGES = 256                      # pages of a non-zero fill written per call
+BLOCKS_OFFSET = layout.PAGE_SIZE      # the first block's offset: the ELF header's page
+
+
+def block_offsets(blocks: list[RamBlock]) -> list[int]:
+    """Each block's file offset: back to back from BLOCKS_OFFSET, page aligned."""
+    offsets, offset = [], BLOCKS_OFFSET
+    for block in blocks:
+        offsets.append(offset)
+        offset += _page_up(block.size)
+    return offsets
 
 
 # i386 struct elf_prstatus (for EM_386 cores, as gdb reads them): siginfo, cursig, sigpend,
@@ -142,51 +156,44 @@ def long_mode(view: cpu.VcpuView) -> bool:
 
 def plan_core(stream: QemuStream, views: list[cpu.VcpuView], digest: int,
               mappings: list[Mapping]) -> CorePlan:
-    """Offsets of every block and the header bytes (mappings: virtual runs for long mode)."""
+    """The ELF header, program headers and notes (mappings: virtual runs for long mode)."""
     placed, unplaced_at = [], UNPLACED_BASE
-    block_note = _block_note(stream, digest, [CoreBlock(b.name, b.size, 0)
-                                               for b in stream.blocks])
-    notes_estimate = 4096 + 1024 * len(views) + len(block_note)
-    phnum = 1 + len(mappings) + sum(max(1, len(placements(stream.machine, b)))
-                                    for b in stream.blocks)
-    if phnum > elf.MAX_PHNUM:
-        raise VmstateError(f"the guest's page tables have {len(mappings)} separate mappings, "
-                           "more than an ELF core can describe")
-    offset = _page_up(elf.EHDR.size + elf.PHDR.size * phnum + notes_estimate)
-    blocks = []
-    for block in stream.blocks:
-        blocks.append(CoreBlock(block.name, block.size, offset))
+    blocks = [CoreBlock(block.name, block.size, offset)
+              for block, offset in zip(stream.blocks, block_offsets(stream.blocks))]
+    for block, core_block in zip(stream.blocks, blocks):
         parts = placements(stream.machine, block)
         if parts:
             for part in parts:
-                placed.append((offset + part.offset, part.address, part.address, part.length))
+                placed.append((core_block.offset + part.offset, part.address, part.address,
+                               part.length))
         else:
-            placed.append((offset, unplaced_at, 0, block.size))
+            placed.append((core_block.offset, unplaced_at, 0, block.size))
             unplaced_at += _page_up(block.size)
-        offset += _page_up(block.size)
     for m in mappings:
         file_offset = _physical_offset(stream, blocks, m.physical)
         if file_offset is not None:
             placed.append((file_offset, m.virtual, m.physical, m.size))
+    phnum = 1 + len(placed)
+    if phnum > elf.MAX_PHNUM:
+        raise VmstateError(f"the guest's page tables have {len(mappings)} separate mappings, "
+                           "more than an ELF core can describe")
     machine = elf.EM_X86_64 if views and long_mode(views[0]) else EM_386
     prstatus = _prstatus if machine == elf.EM_X86_64 else _prstatus_i386
     notes = b"".join(
         [elf.note(b"CORE", elf.NT_PRSTATUS, prstatus(view)) for view in views]
         + [elf.note(QEMU_NOTE_NAME, 0, _qemu_cpu_state(view)) for view in views]
         + [elf.note(NOTE_NAME, NT_VMSTATE_QEMU, _block_note(stream, digest, blocks))])
-    phnum = 1 + len(placed)
-    notes_offset = elf.EHDR.size + elf.PHDR.size * phnum
-    if blocks and notes_offset + len(notes) > blocks[0].offset:
-        raise VmstateError("internal: core notes outgrew their room")
+    tail_offset = blocks[-1].offset + _page_up(blocks[-1].size) if blocks else BLOCKS_OFFSET
+    notes_offset = tail_offset + elf.PHDR.size * phnum
     ident = elf.ELF_MAGIC + bytes([elf.ELFCLASS64, elf.ELFDATA2LSB, elf.EV_CURRENT,
                                    elf.ELFOSABI_SYSV]) + bytes(8)
-    header = elf.EHDR.pack(ident, elf.ET_CORE, machine, elf.EV_CURRENT, 0, elf.EHDR.size, 0, 0,
+    header = elf.EHDR.pack(ident, elf.ET_CORE, machine, elf.EV_CURRENT, 0, tail_offset, 0, 0,
                            elf.EHDR.size, elf.PHDR.size, phnum, 0, 0, 0)
-    header += elf.PHDR.pack(elf.PT_NOTE, 0, notes_offset, 0, 0, len(notes), len(notes), 0)
+    tail = elf.PHDR.pack(elf.PT_NOTE, 0, notes_offset, 0, 0, len(notes), len(notes), 0)
     rwx = elf.PF_R | elf.PF_W | elf.PF_X
-    header += b"".join(elf.PHDR.pack(elf.PT_LOAD, rwx, file_offset, vaddr, paddr, size, size, 0)
-                       for file_offset, vaddr, paddr, size in placed)
-    return CorePlan(header + notes, blocks, offset, len(placed))
+    tail += b"".join(elf.PHDR.pack(elf.PT_LOAD, rwx, file_offset, vaddr, paddr, size, size, 0)
+                     for file_offset, vaddr, paddr, size in placed)
+    return CorePlan(header, tail + notes, tail_offset, len(placed))
 
 
 def _page_up(n: int) -> int:
@@ -219,17 +226,37 @@ def guest_mappings(stream: QemuStream, view: cpu.VcpuView, read_phys) -> list[Ma
 
 # -- writing (split) -------------------------------------------------------------------------
 
-def write_blocks(out: GatherWriter, stream: QemuStream, blocks: list[CoreBlock]) -> None:
-    """Every PAGE record's bytes to its block's place in the core, copied by the kernel
-    from the mapped stream, and non-zero fills; ZERO pages stay holes."""
-    for section in stream.sections:
-        for run in section.runs:
-            start = blocks[run.block].offset + run.first_page * layout.PAGE_SIZE
-            if not run.zero:
-                out.write_pages_at(stream.page_payloads(run), start)
-            elif run.fill:
-                page = np.full((1, layout.PAGE_SIZE), run.fill, dtype=np.uint8)
-                out.write_pages_at(np.broadcast_to(page, (run.count, layout.PAGE_SIZE)), start)
+class CorePages:
+    """Puts pages in their places in the core as the stream is read (`write` is the stream
+    reader's page sink); ZERO pages stay holes, but for a fill other than 0."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, blocks: list[RamBlock], run: PageRun, index: int, payloads,
+              count: int) -> None:
+        offset = block_offsets(blocks)[run.block] + (run.first_page + index) * layout.PAGE_SIZE
+        with memoryview(payloads) as view:
+            write_all_at(self.fd, view[:count * layout.PAGE_SIZE], offset)
+
+    def write_fills(self, stream: QemuStream) -> None:
+        """The pages of ZERO records whose fill is not 0."""
+        offsets = block_offsets(stream.blocks)
+        for section in stream.sections:
+            for run in section.runs:
+                if run.zero and run.fill:
+                    start = offsets[run.block] + run.first_page * layout.PAGE_SIZE
+                    step = min(run.count, FILL_PAGES)
+                    pages = bytes([run.fill]) * (step * layout.PAGE_SIZE)
+                    for first in range(0, run.count, step):
+                        n = min(step, run.count - first)
+                        write_all_at(self.fd, pages[:n * layout.PAGE_SIZE],
+                                     start + first * layout.PAGE_SIZE)
+
+
+def write_headers(fd: int, plan: CorePlan) -> None:
+    write_all_at(fd, plan.header, 0)
+    write_all_at(fd, plan.tail, plan.tail_offset)
 
 
 # -- reading (join) --------------------------------------------------------------------------
@@ -323,7 +350,8 @@ class QemuCore:
             raise self._error("the VMSTATE-QEMU note is cut short", where) from None
         return digest, blocks
 
-    def block_memory(self, name: str) -> np.ndarray:
+    def block_memory(self, name: str):
+        import numpy as np
         block = self.blocks[name]
         return np.frombuffer(self.data, dtype=np.uint8, count=block.size, offset=block.offset)
 
@@ -338,17 +366,3 @@ class QemuCore:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def write_core_file(path: str, plan: CorePlan, stream: QemuStream) -> None:
-    """Write the core atomically: it gets its name only once complete (a derived output:
-    not fsynced, see vmstate.atomic)."""
-    try:
-        with atomic_output(path, durable=False) as f:
-            f.truncate(plan.file_size)
-            out = GatherWriter(f.fileno())
-            out.write(plan.header)
-            out.finish()
-            write_blocks(out, stream, plan.blocks)
-    except OSError as e:
-        raise VmstateError(f"cannot write {path}: {e.strerror}") from None

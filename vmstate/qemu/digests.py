@@ -8,7 +8,6 @@ import sys
 from array import array
 from contextlib import contextmanager
 
-import numpy as np
 import xxhash
 
 from . import layout
@@ -17,9 +16,9 @@ BATCH_PAGES = 1024          # pages hashed per call into C: the GIL can change h
 SWITCH_SECONDS = 0.0005     # GIL switch interval while a digest thread runs beside writes
 
 
-def page_digests(buffer, first: int, stride: int, count: int) -> np.ndarray:
+def page_digests(buffer, first: int, stride: int, count: int) -> array:
     """XXH3-64 of `count` pages of `buffer` (bytes-like), the first at `first`, the next ones
-    `stride` bytes apart, as uint64."""
+    `stride` bytes apart, as an array of u64."""
     digests = array("Q")
     size = layout.PAGE_SIZE
     with memoryview(buffer) as view:
@@ -30,15 +29,11 @@ def page_digests(buffer, first: int, stride: int, count: int) -> np.ndarray:
                                map(view.__getitem__, map(slice, starts,
                                                          range(starts.start + size,
                                                                starts.stop + size, stride)))))
-    return np.frombuffer(digests, dtype=np.uint64)
+    return digests
 
 
-def pack_digests(digests: np.ndarray) -> bytes:
-    """The digests as the XML holds them: little-endian u64s."""
-    return digests.astype("<u8").tobytes()
-
-
-def unpack_digests(data: bytes) -> np.ndarray:
+def unpack_digests(data: bytes):
+    import numpy as np
     return np.frombuffer(data, dtype="<u8").astype(np.uint64)
 
 

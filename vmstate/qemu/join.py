@@ -24,7 +24,8 @@ from .gather import GatherWriter
 from .machine import placements
 from .prefetch import BackgroundMapping
 from .statexml import StateDocument, format_leaf, from_xml
-from .stream import QemuStream, changed_pages, write_stream
+from .stream import QemuStream
+from .streamwrite import changed_pages, write_stream
 
 
 class JoinError(VmstateError):
@@ -234,8 +235,9 @@ def _page_changes(stream: QemuStream, memory, digests: bytes, result: JoinResult
                 continue
             if position + run.count > len(expected):
                 raise JoinError("the XML has fewer page digests than PAGE records")
-            found = page_digests(memory[run.block], run.first_page * layout.PAGE_SIZE,
-                                 layout.PAGE_SIZE, run.count)
+            found = np.frombuffer(page_digests(memory[run.block],
+                                               run.first_page * layout.PAGE_SIZE,
+                                               layout.PAGE_SIZE, run.count), np.uint64)
             changed = np.flatnonzero(found != expected[position:position + run.count])
             for index in changed.tolist():
                 _record_page(stream, run.block, run.first_page + index, result)

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 import os
 import struct
+import sys
+from array import array
+from functools import partial
 
-import numpy as np
 import xxhash
 
 from ..atomic import atomic_output
-from ..background import BackgroundCall
+from ..background import ForkedCall
 from ..errors import VmstateError
+from ..fd import write_all_at
 from . import cpu, layout
-from .digests import pack_digests, page_digests, sharing_the_gil
-from .core import QemuCore, guest_mappings, plan_core, write_core_file
+from .core import CorePages, QemuCore, guest_mappings, plan_core, write_headers
 from .description import encode_group, leaves
+from .digests import page_digests
 from .machine import placements
-from .prefetch import BackgroundMapping
 from .stream import QemuStream, StreamError, open_stream
 
 
@@ -82,59 +83,60 @@ class StreamMemory:
         run = runs[i]
         if run.zero:
             return bytes([run.fill]) * length
-        return bytes(self.stream.page_payloads(run)[page - run.first_page][within:within + length])
+        return self.stream.page(run, page - run.first_page)[within:within + length]
 
 
-def stream_page_digests(stream: QemuStream) -> np.ndarray:
-    """The digest of every PAGE record's page, in stream order (what join compares)."""
-    found = [page_digests(stream.data, run.source + run.record_size(stream.blocks)
-                          - layout.PAGE_SIZE, run.record_size(stream.blocks), run.count)
-             for section in stream.sections for run in section.runs if not run.zero]
-    return np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
+def _write_xml(path: str, core_path: str, fd: int) -> None:
+    """hw.xml into `fd`, from a reading of the stream of its own (run in a forked child, so
+    the page digests are taken on the other core while the parent writes the core)."""
+    digests = array("Q")
+    with open_stream(path, partial(_hash_pages, digests)) as stream:
+        views = vcpu_views(stream)
+        from .statexml import Provenance, document_tree, render
+        provenance = Provenance(stream_digest(stream), os.path.basename(path),
+                                os.path.basename(core_path), b"")
+        tree = document_tree(stream, provenance, views)
+    if sys.byteorder != "little":
+        digests.byteswap()
+    write_all_at(fd, render(tree, digests.tobytes()), 0)
 
 
-def _document_tree(stream: QemuStream, path: str, core_path: str, digest: int,
-                   views: list[cpu.VcpuView]):
-    """The XML's tree, its page digests to come. Run in a thread beside the core's writing,
-    with the import of lxml and the XML modules."""
-    from .statexml import Provenance, document_tree
-    provenance = Provenance(digest, os.path.basename(path), os.path.basename(core_path), b"")
-    return document_tree(stream, provenance, views)
+def _hash_pages(digests: array, blocks, run, index: int, payloads, count: int) -> None:
+    digests.extend(page_digests(payloads, 0, layout.PAGE_SIZE, count))
 
 
-def split_stream(path: str, core_path: str, xml_path: str,
-                 mapped: BackgroundMapping | None = None) -> str:
-    """`mapped`: the stream's mapping, if the caller started it (prefetch)."""
-    for output in (core_path, xml_path):
-        if os.path.exists(output) and os.path.samefile(output, path):
-            raise VmstateError(f"{output}: is the input stream; choose another output name")
-    with open_stream(path, mapped) as stream:
+def _write_core(path: str, fd: int) -> tuple[QemuStream, int]:
+    """The core into `fd`: the pages as the stream is read, then the headers (which need
+    the device sections after the pages, and the page tables among them). Returns the
+    stream and the number of PT_LOAD segments."""
+    pages = CorePages(fd)
+    with open_stream(path, pages.write) as stream:
+        pages.write_fills(stream)
         views = vcpu_views(stream)
         digest = stream_digest(stream)
         mappings = guest_mappings(stream, views[0], StreamMemory(stream).read_phys)
         plan = plan_core(stream, views, digest, mappings)
+        write_headers(fd, plan)
+    return stream, plan.segments
 
-        hashing = BackgroundCall(lambda: stream_page_digests(stream), "page-digests")
-        describing = BackgroundCall(lambda: _document_tree(stream, path, core_path, digest,
-                                                           views), "document-tree")
+
+def split_stream(path: str, core_path: str, xml_path: str) -> str:
+    for output in (core_path, xml_path):
+        if os.path.exists(output) and os.path.samefile(output, path):
+            raise VmstateError(f"{output}: is the input stream; choose another output name")
+    with atomic_output(core_path, durable=False) as core_file, \
+            atomic_output(xml_path, durable=False) as xml_file:
+        describing = ForkedCall(partial(_write_xml, path, core_path, xml_file.fileno()),
+                                "hw.xml")
         try:
-            with sharing_the_gil():
-                write_core_file(core_path, plan, stream)
-                digests = hashing.result()
-                tree = describing.result()
-        except BaseException:
-            for call in (hashing, describing):
-                with contextlib.suppress(BaseException):
-                    call.result()       # done with the stream before it is closed
-            raise
-        from .statexml import render
-        document = render(tree, pack_digests(digests))
-        with atomic_output(xml_path, durable=False) as f:
-            f.write(document)
+            stream, segments = _write_core(path, core_file.fileno())
+            describing.result()
+        finally:
+            describing.close()
         records = sum(len(s.runs) for s in stream.sections)
-        return (f"wrote {core_path} ({len(stream.blocks)} RAM blocks, {plan.segments} segments, "
-                f"{stream.machine}) and {xml_path} ({len(stream.device_sections())} device "
-                f"sections, {records} page-record runs)")
+        return (f"wrote {core_path} ({len(stream.blocks)} RAM blocks, {segments} "
+                f"segments, {stream.machine}) and {xml_path} ({len(stream.device_sections())} "
+                f"device sections, {records} page-record runs)")
 
 
 __all__ = ["QemuCore", "split_stream", "stream_digest", "vcpu_views"]

@@ -1,11 +1,10 @@
-"""Reading and writing QEMU 7.2 migration streams (see schemas/qemu-stream.md).
+"""Reading QEMU 7.2 migration streams (see schemas/qemu-stream.md; streamwrite.py writes them).
 
-`read_stream` parses a whole stream, mapped read-only, into a `QemuStream`: the machine type,
-every section in order (device sections as field trees through the JSON description, the
-"ram" section as runs of page records) and the description itself. Page bytes are not copied:
-each run remembers where its records start, and `page_payloads` gives them as a strided
-array. `write_stream` turns the same model plus guest memory back into a stream; with
-memory unchanged the bytes are those read.
+`open_stream` parses a whole stream into a `QemuStream`: the machine type, every section in
+order (device sections as field trees through the JSON description, the "ram" section as
+runs of page records) and the description itself. Page bytes are not kept: each run
+remembers where its records start, and a sink given to `open_stream` gets the pages as they
+are read.
 
 Anything the reader does not handle (another version, an iterative section other than RAM,
 compressed or XBZRLE pages, a stream without its description, a field the description does
@@ -14,16 +13,17 @@ not account for) is refused with the section and offset: it never guesses.
 
 from __future__ import annotations
 
-import itertools
 import mmap
+import os
 from dataclasses import dataclass, field
-
-import numpy as np
+from functools import partial
+from collections.abc import Callable
 
 from ..errors import FormatError
+from ..fd import open_to_read
 from . import layout
-from .description import Decoder, DescriptionError, Group, encode_group, parse_description
-from .prefetch import BackgroundMapping
+from .description import Decoder, DescriptionError, Group, parse_description
+from .records import RecordStaging, read_run
 
 
 class StreamError(FormatError):
@@ -59,6 +59,12 @@ class PageRun:
         return size + (1 + len(blocks[self.block].name.encode("latin-1")) if self.named else 0)
 
 
+# sink(blocks, run, index, payloads, count): `count` pages of `run` (of block
+# blocks[run.block]) from its page `index` on, back to back in `payloads`, valid during the
+# call only
+PageSink = Callable[[list[RamBlock], PageRun, int, object, int], None]
+
+
 @dataclass
 class Section:
     kind: int                     # layout.SECTION_START / PART / END / FULL
@@ -83,13 +89,10 @@ class QemuStream:
     def device_sections(self) -> list[Section]:
         return [s for s in self.sections if s.device is not None]
 
-    def page_payloads(self, run: PageRun) -> np.ndarray:
-        """The pages of a PAGE run read from the stream, as a (count, 4096) strided view."""
-        stride = run.record_size(self.blocks)
-        buffer = np.frombuffer(self.data, dtype=np.uint8)
-        start = run.source + stride - layout.PAGE_SIZE
-        return np.lib.stride_tricks.as_strided(buffer[start:], shape=(run.count, layout.PAGE_SIZE),
-                                               strides=(stride, 1), writeable=False)
+    def page(self, run: PageRun, index: int) -> bytes:
+        """Page `index` of a PAGE run, read from the stream's mapping."""
+        end = run.source + (index + 1) * run.record_size(self.blocks)
+        return bytes(self.data[end - layout.PAGE_SIZE:end])
 
     def close(self) -> None:
         if isinstance(self.data, mmap.mmap):
@@ -105,32 +108,41 @@ class QemuStream:
 
 # -- reading ------------------------------------------------------------------------------------
 
-def open_stream(path: str, mapped: BackgroundMapping | None = None) -> QemuStream:
-    """Map and parse the stream at `path` (refused with a one-line StreamError if bad); its
-    mapping is `mapped`'s where the caller started it early."""
-    if mapped is None:
-        mapped = BackgroundMapping(path, "QEMU stream", StreamError)
-    data = mapped.result()
+def open_stream(path: str, sink: PageSink | None = None) -> QemuStream:
+    """Parse the stream at `path` (refused with a one-line StreamError if bad). Its page
+    records are read in bulk (records.read_run), not through the mapping the rest is read
+    from; `sink` (a PageSink), if given, gets every PAGE record's page as read."""
+    fd = open_to_read(path, "QEMU stream", StreamError)
     try:
-        return read_stream(path, data)
-    except BaseException:
-        if isinstance(data, mmap.mmap):
-            data.close()
-        raise
-
-
-def read_stream(path: str, data) -> QemuStream:
-    return _Reader(path, data).read()
+        size = os.fstat(fd).st_size
+        data = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
+        try:
+            return _Reader(path, data, fd, sink).read()
+        except BaseException:
+            if isinstance(data, mmap.mmap):
+                data.close()
+            raise
+    finally:
+        os.close(fd)
 
 
 class _Reader:
-    def __init__(self, path: str, data):
+    def __init__(self, path: str, data, fd: int, sink: PageSink | None):
         self.path, self.data, self.end = path, data, len(data)
+        self.fd, self.sink = fd, sink
+        self.staging: dict[int, RecordStaging] = {}     # by payload size
         self.offset = 0
         self.blocks: list[RamBlock] = []
         self.names: dict[int, str] = {}
         self.current_block: int | None = None        # of the last ram record read
         self.section = "stream header"
+
+    def read(self) -> QemuStream:
+        try:
+            return self._read()
+        finally:
+            for staging in self.staging.values():
+                staging.close()
 
     def error(self, message: str, offset: int | None = None) -> StreamError:
         where = self.offset if offset is None else offset
@@ -156,7 +168,7 @@ class _Reader:
     def name(self, what: str) -> str:
         return self.take(self.u8(what), what).decode("latin-1")
 
-    def read(self) -> QemuStream:
+    def _read(self) -> QemuStream:
         magic, version = layout.HEADER.unpack(self.take(layout.HEADER.size, "header"))
         if magic != layout.MAGIC:
             raise self.error(f"magic {magic!r}, expected {layout.MAGIC!r}: not a QEMU "
@@ -301,40 +313,35 @@ class _Reader:
                                  f"{self.blocks[block].name!r} ({self.blocks[block].size:#x} "
                                  "bytes)", start)
             zero = kind == layout.RAM_ZERO
+            named = not flags & layout.RAM_CONTINUE
+            run = PageRun(block, page, 1, zero, 0, named, start)
             fill = self.u8("zero page fill byte") if zero else 0
-            if not zero:
-                self.take(layout.PAGE_SIZE, "page data")
-            run = PageRun(block, page, 1, zero, fill, not flags & layout.RAM_CONTINUE, start)
+            run.fill = fill
+            if named:
+                if not zero:
+                    page_data = self.take(layout.PAGE_SIZE, "page data")
+                    if self.sink is not None:
+                        self.sink(self.blocks, run, 0, page_data, 1)
+            else:
+                run.count = self._continued(run, header)
+                if run.count == 0:                      # the first record is cut short
+                    self.take(run.record_size(self.blocks) - layout.U64.size, "page data")
+                    raise self.error("a page record cannot be read", start)
+                self.offset = start + run.count * run.record_size(self.blocks)
             section.runs.append(run)
-            if run.named:
-                continue
-            run.count += self._continued(run)
-            self.offset = start + run.count * run.record_size(self.blocks)
 
-    def _continued(self, run: PageRun) -> int:
-        """How many records after `run`'s first one continue it exactly (next page, same kind
-        and fill, CONTINUE flag): checked in bulk on strided views of the stream."""
-        stride = run.record_size(self.blocks)
-        flags = (layout.RAM_ZERO if run.zero else layout.RAM_PAGE) | layout.RAM_CONTINUE
-        buffer = np.frombuffer(self.data, dtype=np.uint8)
-        limit = self.blocks[run.block].pages - run.first_page - 1
-        found = 0
-        while found < limit:
-            first = run.source + (found + 1) * stride
-            n = min(limit - found, (self.end - first) // stride, 1 << 16)
-            if n <= 0:
-                break
-            headers = np.ndarray((n,), ">u8", buffer, first, (stride,)).astype(np.uint64)
-            pages = np.arange(run.first_page + found + 1, run.first_page + found + 1 + n,
-                              dtype=np.uint64)
-            match = headers == (pages << np.uint64(12)) | np.uint64(flags)
-            if run.zero:
-                match &= np.ndarray((n,), np.uint8, buffer, first + 8, (stride,)) == run.fill
-            bad = np.flatnonzero(~match)
-            if len(bad):
-                return found + int(bad[0])
-            found += n
-        return found
+    def _continued(self, run: PageRun, header: int) -> int:
+        """How many records from `run`'s first one on continue it exactly (next page, same
+        kind and fill, CONTINUE flag), read in bulk; each stretch of PAGE records goes to
+        the sink as read."""
+        size = 1 if run.zero else layout.PAGE_SIZE
+        staging = self.staging.get(size) or self.staging.setdefault(size, RecordStaging(size))
+        sink = None
+        if self.sink is not None and not run.zero:
+            sink = partial(self.sink, self.blocks, run)
+        return read_run(self.fd, staging, run.source, header,
+                        self.blocks[run.block].pages - run.first_page,
+                        run.fill if run.zero else None, sink)
 
     def _ram_blocks(self, total: int) -> None:
         remaining = total
@@ -346,103 +353,3 @@ class _Reader:
                                  f"exceeds the total {total:#x}")
             self.blocks.append(RamBlock(name, size))
             remaining -= size
-
-
-# -- writing ------------------------------------------------------------------------------------
-
-WRITE_CHUNK_PAGES = 8192               # page records prepared at a time
-
-
-def write_stream(out, stream: QemuStream, memory: list[np.ndarray]) -> None:
-    """Write `stream` through `out` (a gather.GatherWriter, or anything with its `write`
-    and `write_records`), the pages of block i from `memory[i]` (a flat uint8 array of the
-    block's size). A ZERO record whose page is no longer all its fill byte becomes a PAGE
-    record."""
-    out.write(layout.HEADER.pack(layout.MAGIC, layout.VERSION))
-    machine = stream.machine.encode("latin-1")
-    out.write(bytes([layout.CONFIGURATION]) + layout.U32.pack(len(machine)) + machine)
-    for section in stream.sections:
-        out.write(_section_header(section))
-        if section.device is not None:
-            parts: list[bytes] = []
-            encode_group(section.device, parts)
-            out.write(b"".join(parts))
-        else:
-            if section.mem_size:
-                out.write(_block_list(stream.blocks))
-            for run in section.runs:
-                _write_run(out, stream.blocks, run, memory[run.block])
-            out.write(layout.U64.pack(layout.RAM_EOS))
-        out.write(bytes([layout.FOOTER]) + layout.U32.pack(section.section_id))
-    out.write(bytes([layout.EOF_MARK, layout.VMDESCRIPTION]) +
-              layout.U32.pack(len(stream.description)) + stream.description)
-
-
-def _section_header(section: Section) -> bytes:
-    header = bytes([section.kind]) + layout.U32.pack(section.section_id)
-    if section.kind in layout.NAMED_SECTIONS:
-        name = section.name.encode("latin-1")
-        header += bytes([len(name)]) + name + layout.SECTION_IDS.pack(section.instance,
-                                                                      section.version)
-    return header
-
-
-def _block_list(blocks: list[RamBlock]) -> bytes:
-    parts = [layout.U64.pack(sum(b.size for b in blocks) | layout.RAM_MEM_SIZE)]
-    for block in blocks:
-        name = block.name.encode("latin-1")
-        parts.append(bytes([len(name)]) + name + layout.U64.pack(block.size))
-    return b"".join(parts)
-
-
-def _write_run(out, blocks: list[RamBlock], run: PageRun, block_memory: np.ndarray) -> None:
-    pages = block_memory[run.first_page * layout.PAGE_SIZE:
-                         (run.first_page + run.count) * layout.PAGE_SIZE]
-    pages = pages.reshape(run.count, layout.PAGE_SIZE)
-    if not run.zero:
-        _write_records(out, blocks, run, pages)
-        return
-    changed = changed_pages(pages, run.fill)
-    if not changed.any():
-        _write_records(out, blocks, run, None)
-        return
-    # Split into stretches that stay ZERO records and stretches that become PAGE records.
-    edges = np.flatnonzero(np.diff(changed.astype(np.int8))) + 1
-    bounds = [0, *edges.tolist(), run.count]
-    for begin, end in itertools.pairwise(bounds):
-        piece = PageRun(run.block, run.first_page + begin, end - begin, not changed[begin],
-                        run.fill, run.named and begin == 0)
-        _write_records(out, blocks, piece, None if piece.zero else pages[begin:end])
-
-
-def changed_pages(pages: np.ndarray, fill: int) -> np.ndarray:
-    """Per page of a (count, 4096) array: does it hold anything but `fill`? (For fill 0, no
-    page-sized temporaries.)"""
-    if fill == 0:
-        return pages.view(np.uint64).max(axis=1) != 0
-    return np.array([(chunk != fill).any() for chunk in pages], dtype=bool)
-
-
-def _write_records(out, blocks: list[RamBlock], run: PageRun, pages: np.ndarray | None) -> None:
-    """The records of a run: a named run is one record per page, each naming the block; the
-    pages of PAGE records go from `pages` (the core's mapping) to the file by pwritev."""
-    kind = layout.RAM_ZERO if run.zero else layout.RAM_PAGE
-    if run.named:
-        name = blocks[run.block].name.encode("latin-1")
-        for i in range(run.count):
-            header = layout.U64.pack((run.first_page + i) * layout.PAGE_SIZE | kind)
-            body = bytes([run.fill]) if run.zero else pages[i].tobytes()
-            out.write(header + bytes([len(name)]) + name + body)
-        return
-    flags = np.uint64(kind | layout.RAM_CONTINUE)
-    for begin in range(0, run.count, WRITE_CHUNK_PAGES):
-        n = min(WRITE_CHUNK_PAGES, run.count - begin)
-        numbers = np.arange(run.first_page + begin, run.first_page + begin + n, dtype=np.uint64)
-        headers = ((numbers << np.uint64(12)) | flags).astype(">u8").view(np.uint8).reshape(n, 8)
-        if run.zero:
-            records = np.empty((n, layout.ZERO_RECORD), dtype=np.uint8)
-            records[:, :8] = headers
-            records[:, 8] = run.fill
-            out.write(records)
-            continue
-        out.write_records(headers, pages[begin:begin + n])
