@@ -237,6 +237,19 @@ def test_bad_streams_are_refused_and_nothing_is_written(vmstate, pc_stream, tmp_
     assert not (tmp_path / "vm.core").exists() and not (tmp_path / "hw.xml").exists()
 
 
+def test_a_full_disk_while_splitting_is_one_line_and_leaves_nothing(vmstate_cmd, pc_stream,
+                                                                    tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the core's write fails part way."""
+    (tmp_path / "vm.state").write_bytes(pc_stream)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))"
+    result = subprocess.run([sys.executable, "-c", f"{limit}; import os, sys; "
+                             f"os.execv(sys.argv[1], sys.argv[1:])", vmstate_cmd, "split",
+                             "vm.state"], cwd=tmp_path, capture_output=True, timeout=120)
+    line = refused(result, "cannot write", "vm.core", "too large")
+    assert "Traceback" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.state"]
+
+
 def test_section_footer_mismatch_is_refused(vmstate, pc_stream, tmp_path):
     data = bytearray(pc_stream)
     name = data.index(b"\x05timer")                  # the timer section: 3 fields, 24 bytes

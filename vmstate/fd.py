@@ -1,6 +1,7 @@
 """Objects that own one file descriptor, opening the regular files they read, and emptying a
 wake-up pipe."""
 
+import ctypes
 import os
 import stat
 
@@ -51,7 +52,22 @@ def drain(fd: int) -> None:
 
 def write_all_at(fd: int, data, offset: int) -> None:
     """pwrite all of `data` (bytes-like) at `offset`, resuming after short writes."""
-    with memoryview(data) as view, view.cast("B") as rest:
-        while rest:
-            written = os.pwrite(fd, rest, offset)
-            rest, offset = rest[written:], offset + written
+    with memoryview(data) as whole, whole.cast("B") as view:
+        done = 0
+        while done < len(view):
+            with view[done:] as rest:        # released even when pwrite raises
+                done += os.pwrite(fd, rest, offset + done)
+
+
+def allocate(fd: int, offset: int, length: int) -> None:
+    """Allocate a file's blocks before writing them (fallocate, mode 0): a write over
+    allocated blocks skips ext4's delayed-allocation work per page, about a third of the
+    cost of writing through the page cache here. Best effort: where it fails (a file system
+    without fallocate, no space, a file size limit) the write that follows allocates as
+    usual or reports the error itself. The system call, not glibc's posix_fallocate, which
+    would write zeros where the file system lacks it."""
+    _libc.fallocate(fd, 0, offset, length)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

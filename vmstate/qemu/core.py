@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .. import elf, x86
 from ..errors import FormatError, VmstateError
-from ..fd import write_all_at
+from ..fd import allocate, write_all_at
 from ..paging import Mapping, PageTables, clip
 from . import cpu, layout
 from .description import encode_group
@@ -227,17 +227,26 @@ def guest_mappings(stream: QemuStream, view: cpu.VcpuView, read_phys) -> list[Ma
 # -- writing (split) -------------------------------------------------------------------------
 
 class CorePages:
-    """Puts pages in their places in the core as the stream is read (`write` is the stream
-    reader's page sink); ZERO pages stay holes, but for a fill other than 0."""
+    """Puts pages in their places in the core `path` (open as `fd`) as the stream is read
+    (`write` is the stream reader's page sink), each stretch's blocks allocated first;
+    ZERO pages stay holes, but for a fill other than 0. A failed write is a VmstateError
+    naming the core."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
 
     def write(self, blocks: list[RamBlock], run: PageRun, index: int, payloads,
               count: int) -> None:
         offset = block_offsets(blocks)[run.block] + (run.first_page + index) * layout.PAGE_SIZE
-        with memoryview(payloads) as view:
-            write_all_at(self.fd, view[:count * layout.PAGE_SIZE], offset)
+        with memoryview(payloads) as view, view[:count * layout.PAGE_SIZE] as pages:
+            self._write(pages, offset)
+
+    def _write(self, data, offset: int) -> None:
+        try:
+            allocate(self.fd, offset, len(data))
+            write_all_at(self.fd, data, offset)
+        except OSError as e:
+            raise VmstateError(f"cannot write {self.path}: {e.strerror}") from None
 
     def write_fills(self, stream: QemuStream) -> None:
         """The pages of ZERO records whose fill is not 0."""
@@ -250,13 +259,12 @@ class CorePages:
                     pages = bytes([run.fill]) * (step * layout.PAGE_SIZE)
                     for first in range(0, run.count, step):
                         n = min(step, run.count - first)
-                        write_all_at(self.fd, pages[:n * layout.PAGE_SIZE],
-                                     start + first * layout.PAGE_SIZE)
+                        self._write(pages[:n * layout.PAGE_SIZE],
+                                    start + first * layout.PAGE_SIZE)
 
-
-def write_headers(fd: int, plan: CorePlan) -> None:
-    write_all_at(fd, plan.header, 0)
-    write_all_at(fd, plan.tail, plan.tail_offset)
+    def write_headers(self, plan: CorePlan) -> None:
+        self._write(plan.header, 0)
+        self._write(plan.tail, plan.tail_offset)
 
 
 # -- reading (join) --------------------------------------------------------------------------

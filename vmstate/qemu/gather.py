@@ -1,10 +1,9 @@
-"""Writing guest pages from where they lie in a mapped input (a stream's page records, a
-core's blocks) to an output file through the page cache, with pwritev: the kernel copies
-each page straight from the input's mapping into the output's page cache, one copy per byte
-as `cp` makes, with no staging buffer in user space. A QEMU stream's pages are 4104 bytes
-apart (an 8-byte record header before each), so neither file's pages are contiguous in the
-other: copy_file_range or sendfile would take one call per page, pwritev takes one per
-IOV_MAX pages.
+"""Writing a stream of page records (join's output) from where the pages lie in a mapped
+input (the core's blocks) through the page cache, with pwritev: the kernel copies each page
+straight from the input's mapping into the output's page cache, one copy per byte as `cp`
+makes, with no staging buffer in user space. A QEMU stream's pages are 4104 bytes apart (an
+8-byte record header before each), so copy_file_range or sendfile would take one call per
+page, pwritev takes one per IOV_MAX / 2 records.
 
 An iovec array is rows of (address, length), built with numpy from a view's data pointer
 and strides; the memory a row points into must stay mapped until the write returns."""
@@ -16,6 +15,8 @@ import errno
 import os
 
 import numpy as np
+
+from ..fd import allocate
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")          # iovecs per pwritev (1024 on Linux)
 COALESCE_BYTES = 1 << 16                     # small writes are gathered into one buffer
@@ -60,7 +61,7 @@ def pwritev_all(fd: int, iovecs: np.ndarray, offset: int) -> int:
 
 def page_iovecs_each(rows: np.ndarray) -> np.ndarray:
     """One iovec per row of a (count, size) array whose rows are each contiguous (any row
-    stride: the pages of a stream's records, or one page repeated)."""
+    stride)."""
     count, size = rows.shape
     if rows.strides[1] != 1 and size > 1:
         raise ValueError("each row must be contiguous")
@@ -71,34 +72,15 @@ def page_iovecs_each(rows: np.ndarray) -> np.ndarray:
     return iovecs
 
 
-def page_iovecs(pages: np.ndarray) -> np.ndarray:
-    """The iovecs of a (count, size) array's rows: one for all of them when they are
-    contiguous with each other, else one per row."""
-    count, size = pages.shape
-    if pages.strides == (size, 1):
-        return np.array([[pages.ctypes.data, count * size]], dtype=np.uint64)
-    return page_iovecs_each(pages)
-
-
 class GatherWriter:
-    """An output file descriptor written through the page cache: whole pages at file offsets
-    (`write_pages_at`), or a sequential stream from `position` (`write`, `write_records`,
-    then `finish`). Small sequential writes are gathered into one buffer and go out with the
-    next large one."""
+    """An output file descriptor written through the page cache as a sequential stream from
+    `position` (`write`, `write_records`, then `finish`), each write's blocks allocated
+    first. Small writes are gathered into one buffer and go out with the next large one."""
 
     def __init__(self, fd: int, position: int = 0):
         self.fd = fd
         self.position = position        # file offset of the next sequential byte
         self.small = bytearray()        # sequential bytes not written yet
-
-    # -- positional: whole pages (the core) --
-
-    def write_pages_at(self, pages: np.ndarray, offset: int) -> None:
-        """Write a (count, 4096) array of pages (rows contiguous, any row stride) at
-        `offset`."""
-        pwritev_all(self.fd, page_iovecs(pages), offset)
-
-    # -- sequential: a stream of records (join's output) --
 
     def write(self, data) -> None:
         self.small += memoryview(data).cast("B")
@@ -113,10 +95,12 @@ class GatherWriter:
         iovecs[:, 0] = page_iovecs_each(headers)
         iovecs[:, 1] = page_iovecs_each(pages)
         self._flush_small()
+        allocate(self.fd, self.position, int(iovecs[:, :, 1].sum()))
         self.position += pwritev_all(self.fd, iovecs.reshape(2 * count, 2), self.position)
 
     def _flush_small(self) -> None:
         if self.small:
+            allocate(self.fd, self.position, len(self.small))
             view = memoryview(self.small)
             while view:
                 written = os.pwrite(self.fd, view, self.position)

@@ -16,7 +16,7 @@ from ..background import ForkedCall
 from ..errors import VmstateError
 from ..fd import write_all_at
 from . import cpu, layout
-from .core import CorePages, QemuCore, guest_mappings, plan_core, write_headers
+from .core import CorePages, QemuCore, guest_mappings, plan_core
 from .description import encode_group, leaves
 from .digests import page_digests
 from .machine import placements
@@ -105,18 +105,18 @@ def _hash_pages(digests: array, blocks, run, index: int, payloads, count: int) -
     digests.extend(page_digests(payloads, 0, layout.PAGE_SIZE, count))
 
 
-def _write_core(path: str, fd: int) -> tuple[QemuStream, int]:
+def _write_core(path: str, core_path: str, fd: int) -> tuple[QemuStream, int]:
     """The core into `fd`: the pages as the stream is read, then the headers (which need
     the device sections after the pages, and the page tables among them). Returns the
     stream and the number of PT_LOAD segments."""
-    pages = CorePages(fd)
+    pages = CorePages(fd, core_path)
     with open_stream(path, pages.write) as stream:
         pages.write_fills(stream)
         views = vcpu_views(stream)
         digest = stream_digest(stream)
         mappings = guest_mappings(stream, views[0], StreamMemory(stream).read_phys)
         plan = plan_core(stream, views, digest, mappings)
-        write_headers(fd, plan)
+        pages.write_headers(plan)
     return stream, plan.segments
 
 
@@ -129,7 +129,7 @@ def split_stream(path: str, core_path: str, xml_path: str) -> str:
         describing = ForkedCall(partial(_write_xml, path, core_path, xml_file.fileno()),
                                 "hw.xml")
         try:
-            stream, segments = _write_core(path, core_file.fileno())
+            stream, segments = _write_core(path, core_path, core_file.fileno())
             describing.result()
         finally:
             describing.close()
