@@ -1,4 +1,5 @@
-"""vmstate.background.ForkedCall: a function run in a forked child, its exception brought back."""
+"""vmstate.background.ForkedCall: a function run in a forked child, its value or its exception
+brought back."""
 
 import os
 import time
@@ -16,6 +17,12 @@ def test_the_function_runs_in_another_process_and_succeeds(tmp_path):
     call.result()                       # collected once, answered again
     assert int(marker.read_text()) != os.getpid()
     call.close()
+
+
+def test_the_functions_value_comes_back():
+    call = ForkedCall(lambda: [(os.getpid(), "pages"), (2, 3)], "value")
+    (child, what), rest = call.result()
+    assert child != os.getpid() and what == "pages" and rest == (2, 3)
 
 
 def test_the_childs_exception_is_raised_in_the_caller():

@@ -1,48 +1,58 @@
-"""vmstate.qemu.gather: pages and records written from where they lie in memory with pwritev,
-checked against the bytes a plain concatenation gives, on real files."""
+"""vmstate.qemu.gather: page records written from where the pages lie in memory with
+pwritev, checked against the bytes a plain concatenation gives, on real files."""
 
+import ctypes
 import errno
 import os
+import struct
 import subprocess
 import sys
 
-import numpy as np
+from vmstate.qemu import layout
+from vmstate.qemu.gather import RECORDS_PER_CALL, GatherWriter
 
-from vmstate.qemu.gather import IOV_MAX, GatherWriter
-
-
-def _records(count: int, stride: int) -> np.ndarray:
-    """`count` records of `stride` bytes, each a distinct 8-byte header then a page."""
-    rng = np.random.default_rng(11)
-    return rng.integers(0, 256, size=(count, stride), dtype=np.uint8)
+FLAGS = layout.RAM_PAGE | layout.RAM_CONTINUE
 
 
-def test_a_stream_of_records_between_small_writes(tmp_path):
-    records = _records(IOV_MAX + 5, 4104)            # more records than one pwritev takes
+def pages_in_memory(count: int):
+    """`count` distinct pages back to back in a ctypes buffer (kept alive by the caller)."""
+    data = b"".join(bytes([i % 251]) * 7 + os.urandom(layout.PAGE_SIZE - 7)
+                    for i in range(count))
+    return ctypes.create_string_buffer(data, len(data)), data
+
+
+def records(first_page: int, data: bytes) -> bytes:
+    pages = [data[i:i + layout.PAGE_SIZE] for i in range(0, len(data), layout.PAGE_SIZE)]
+    return b"".join(struct.pack(">Q", (first_page + i) * layout.PAGE_SIZE | FLAGS) + page
+                    for i, page in enumerate(pages))
+
+
+def test_page_records_between_small_writes(tmp_path):
+    count = RECORDS_PER_CALL + 5                        # more records than one pwritev takes
+    buffer, data = pages_in_memory(count)
     path = tmp_path / "out"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         out = GatherWriter(fd)
         out.write(b"head")
-        out.write_records(np.ascontiguousarray(records[:, :8]), records[:, 8:])
+        out.write_page_records(3 * layout.PAGE_SIZE | FLAGS, ctypes.addressof(buffer), count)
         out.write(b"tail")
         size = out.finish()
     finally:
         os.close(fd)
-    assert path.read_bytes() == b"head" + records.tobytes() + b"tail"
+    assert path.read_bytes() == b"head" + records(3, data) + b"tail"
     assert size == len(path.read_bytes())
 
 
 CHILD = """
-import os, resource, signal, sys
-import numpy as np
+import ctypes, os, resource, signal, sys
 from vmstate.qemu.gather import GatherWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))
-records = np.arange(4 * 4104, dtype=np.uint32).astype(np.uint8).reshape(4, 4104)
+pages = ctypes.create_string_buffer(bytes(range(256)) * 64, 4 * 4096)
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
 try:
-    GatherWriter(fd).write_records(np.ascontiguousarray(records[:, :8]), records[:, 8:])
+    GatherWriter(fd).write_page_records(0x28, ctypes.addressof(pages), 4)
 except OSError as e:
     print(e.errno)
 """
@@ -55,5 +65,6 @@ def test_a_short_write_goes_on_where_it_stopped(tmp_path):
     result = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == str(errno.EFBIG)
-    records = np.arange(4 * 4104, dtype=np.uint32).astype(np.uint8).reshape(4, 4104)
-    assert path.read_bytes() == records.tobytes()[:10000]
+    page = bytes(range(256)) * 16
+    expected = b"".join(struct.pack(">Q", i * layout.PAGE_SIZE | 0x28) + page for i in range(4))
+    assert path.read_bytes() == expected[:10000]

@@ -39,9 +39,9 @@ class BackgroundCall(Generic[T]):
 class ForkedCall:
     """Runs `function()` in a child process forked at once, for CPU-bound work that holds the
     GIL (xxhash on page-sized buffers does): beside this process's threads it gets a core of
-    its own instead of taking turns with them. result() waits, then raises the child's
-    exception (pickled back) in the caller's thread; the function's return value is not kept. close() ends a child
-    still running. Fork with no other thread running (or none holding a lock the function
+    its own instead of taking turns with them. result() waits, then returns the function's
+    value or raises its exception (either pickled back) in the caller's thread. close() ends
+    a child still running. Fork with no other thread running (or none holding a lock the function
     needs): the child has only the forking thread."""
 
     def __init__(self, function: Callable[[], object], name: str):
@@ -54,16 +54,18 @@ class ForkedCall:
         os.close(write_end)
         self._pipe: int | None = read_end
         self._error: BaseException | None = None
+        self._value = None
         self._collecting = threading.Lock()    # one reader of the pipe at a time
         self._reaping = threading.Lock()       # no kill once the child is reaped (pid reuse)
         self._reaped = False
 
-    def result(self) -> None:
+    def result(self):
         with self._collecting:
             if self._pipe is not None:
-                self._error = self._collect()
+                self._error, self._value = self._collect()
         if self._error is not None:
             raise self._error
+        return self._value
 
     def close(self) -> None:
         with self._reaping:
@@ -71,9 +73,10 @@ class ForkedCall:
                 os.kill(self._pid, signal.SIGKILL)
         with self._collecting:          # after a result() under way in another thread, if any
             if self._pipe is not None:
-                self._error = self._collect()
+                self._error, self._value = self._collect()
 
-    def _collect(self) -> BaseException | None:
+    def _collect(self) -> tuple[BaseException | None, object]:
+        """(error, value) from the child's report and wait status."""
         report = bytearray()
         while data := os.read(self._pipe, 1 << 16):
             report += data
@@ -82,30 +85,30 @@ class ForkedCall:
         with self._reaping:
             _, status = os.waitpid(self._pid, 0)
             self._reaped = True
-        if report:
-            import pickle
-            return pickle.loads(report)
-        if status != 0:
+        if status != 0 or not report:
             return ChildProcessError(f"{self.name}: the child process ended with wait status "
-                                     f"{status:#x}")
-        return None
+                                     f"{status:#x}"), None
+        import pickle
+        ok, outcome = pickle.loads(report)
+        return (None, outcome) if ok else (outcome, None)
 
 
 def _run_child(function: Callable[[], object], report: int) -> None:
-    """The child's life: the function, then its exception (if any) down the pipe; never
-    returns (os._exit: none of the parent's exit handlers or buffered output runs twice)."""
+    """The child's life: the function, then (True, its value) or (False, its exception)
+    down the pipe; never returns (os._exit: none of the parent's exit handlers or buffered
+    output runs twice)."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
+        import pickle
         try:
-            function()
+            data = pickle.dumps((True, function()))
         except BaseException as e:
-            import pickle
             try:
-                data = pickle.dumps(e)
+                data = pickle.dumps((False, e))
             except Exception:               # an exception that does not pickle: its text
-                data = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(report, view):]
+                data = pickle.dumps((False, RuntimeError(f"{type(e).__name__}: {e}")))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(report, view):]
     finally:
         os._exit(0)

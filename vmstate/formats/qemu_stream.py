@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from ..errors import FormatError
-from ..qemu.prefetch import BackgroundMapping
 from .model import ArchSegment, ArchVcpu, Device, Machine, MemoryBlock
 
 
@@ -56,6 +54,5 @@ def split(path: str, core: str, xml: str) -> str:
 
 
 def join(core: str, xml: str, xml_data: bytes, output: str | None, symbols) -> str:
-    mapped = BackgroundMapping(core, "core file", FormatError)     # before the imports
     from ..qemu.join import join_stream
-    return join_stream(core, xml, xml_data, output, symbols, mapped)
+    return join_stream(core, xml, xml_data, output, symbols)

@@ -29,8 +29,9 @@ from ..paging import Mapping, PageTables, clip
 from . import cpu, layout
 from .description import encode_group
 from .machine import placements
-from .prefetch import BackgroundMapping
+from .prefetch import BackgroundMapping, mapping_address
 from .stream import PageRun, QemuStream, RamBlock
+from .streamwrite import BlockMemory
 
 EM_386 = 3
 UNPLACED_BASE = 0x8000_0000_0000_0000     # up to CANONICAL_HIGH: no guest virtual address
@@ -358,10 +359,11 @@ class QemuCore:
             raise self._error("the VMSTATE-QEMU note is cut short", where) from None
         return digest, blocks
 
-    def block_memory(self, name: str):
-        import numpy as np
+    def block_memory(self, name: str) -> BlockMemory:
+        """The block's bytes in the mapping; release its view before closing the core."""
         block = self.blocks[name]
-        return np.frombuffer(self.data, dtype=np.uint8, count=block.size, offset=block.offset)
+        return BlockMemory(memoryview(self.data)[block.offset:block.offset + block.size],
+                           mapping_address(self.data) + block.offset)
 
     def close(self) -> None:
         try:

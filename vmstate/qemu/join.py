@@ -8,24 +8,29 @@ EFER, RFLAGS or CS/SS/DS/ES recomputes QEMU's hflags (cpu.derived_hflags)."""
 
 from __future__ import annotations
 
-import contextlib
+import os
+import sys
+from array import array
+from bisect import bisect_right
 from dataclasses import dataclass, field
-
-import numpy as np
+from functools import partial
 
 from ..atomic import atomic_output
-from ..background import BackgroundCall
+from ..background import ForkedCall
 from ..errors import VmstateError
+from ..fd import open_to_read
+from ..pages import is_zero
+from ..sparse import data_segments
 from . import cpu, layout
 from .core import QemuCore, QemuCoreError
 from .description import Decoder, DescriptionError, Leaf, leaves, parse_description
-from .digests import page_digests, sharing_the_gil, unpack_digests
+from .digests import page_digests
 from .gather import GatherWriter
 from .machine import placements
 from .prefetch import BackgroundMapping
 from .statexml import StateDocument, format_leaf, from_xml
-from .stream import QemuStream
-from .streamwrite import changed_pages, write_stream
+from .stream import PageRun, QemuStream
+from .streamwrite import BlockMemory, write_stream
 
 
 class JoinError(VmstateError):
@@ -43,48 +48,54 @@ def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | No
                 symbols=None, mapped_core: BackgroundMapping | None = None) -> str:
     """Validate, summarise and (unless output is None) write the joined stream.
     `mapped_core`: the core's mapping, if the caller started it (prefetch)."""
+    document = from_xml(xml_data, xml_path)
     if mapped_core is None:
         mapped_core = BackgroundMapping(core_path, "core file", QemuCoreError)
-    document = from_xml(xml_data, xml_path)
     stream = document.stream
     with QemuCore(core_path, mapped_core) as core:
         _check_matches(core, document, core_path, xml_path)
         _check_complete(core, stream, xml_path)
+        digests = document.provenance.page_digests
+        _check_digest_count(stream, digests, xml_path)
+        result = JoinResult()
+        _device_changes(core, document, xml_path, result)
         memory = [core.block_memory(block.name) for block in stream.blocks]
         try:
-            result = JoinResult()
-            _device_changes(core, document, xml_path, result)
-            digests = document.provenance.page_digests
-            if output is None:
-                _page_changes(stream, memory, digests, result)
-            else:
-                _write_finding_page_changes(output, stream, memory, digests, result)
+            runs = [run for section in stream.sections for run in section.runs]
+            zero_changes = _zero_run_changes(core, stream, runs, memory)
+            checking = ForkedCall(partial(_changed_page_records, runs, memory, digests),
+                                  "page digests")
+            try:
+                if output is not None:
+                    changed = {id(runs[number]): pages for number, pages in zero_changes.items()}
+                    _write(output, stream, memory, lambda run: changed.get(id(run), []))
+                page_changes = checking.result()
+            finally:
+                checking.close()
+            page_changes += [(number, index) for number, pages in zero_changes.items()
+                             for index in pages]
+            for number, index in sorted(page_changes):
+                _record_page(stream, runs[number].block, runs[number].first_page + index,
+                             result)
             result.page_changes = [(block, offset, physical,
                                     core.virtual_addresses(physical) if physical is not None
                                     else []) for block, offset, physical, _ in result.page_changes]
             summary = render_summary(result, stream.machine, symbols)
         finally:
-            memory.clear()          # the arrays borrow the core's mapping
+            for block in memory:
+                block.view.release()        # they borrow the core's mapping
     return summary
 
 
-def _write_finding_page_changes(output: str, stream: QemuStream, memory, digests: bytes,
-                                result: JoinResult) -> None:
-    """Write the joined stream while a thread hashes the pages to find the changed ones (the
-    hashing runs while the kernel copies pages); an error in either leaves no output."""
-    checking = BackgroundCall(lambda: _page_changes(stream, memory, digests, result),
-                              "page-changes")
+def _write(output: str, stream: QemuStream, memory: list[BlockMemory], changed) -> None:
+    """The joined stream, named only when complete."""
     try:
-        with sharing_the_gil(), atomic_output(output, durable=False) as f:
+        with atomic_output(output, durable=False) as f:
             out = GatherWriter(f.fileno())
-            write_stream(out, stream, memory)
+            write_stream(out, stream, memory, changed)
             out.finish()
-            checking.result()
     except OSError as e:
         raise JoinError(f"cannot write {output}: {e.strerror}") from None
-    finally:
-        with contextlib.suppress(BaseException):
-            checking.result()           # done with the core's mapping before it is closed
 
 
 def _check_matches(core: QemuCore, document: StateDocument, core_path: str, xml_path: str):
@@ -118,17 +129,40 @@ def _check_complete(core: QemuCore, stream: QemuStream, xml_path: str) -> None:
             "device sections were added or reordered"
         raise JoinError(f"{xml_path}: {what} (the stream had ids {list(core.devices)}); QEMU "
                         "would reset a device whose section is missing")
-    covered = [np.zeros(block.pages, dtype=np.int32) for block in stream.blocks]   # no wrap at 256
-    for section in stream.sections:
-        for run in section.runs:
-            covered[run.block][run.first_page:run.first_page + run.count] += 1
-    for block, counts in zip(stream.blocks, covered):
-        wrong = np.flatnonzero(counts != 1)
-        if len(wrong):
-            page = int(wrong[0])
-            state = "in no run" if counts[page] == 0 else "in more than one run"
-            raise JoinError(f"{xml_path}: page {page:#x} of RAM block {block.name!r} is {state} "
-                            f"({len(wrong)} such pages); every page must be sent once")
+    for index, block in enumerate(stream.blocks):
+        runs = [(run.first_page, run.count) for section in stream.sections
+                for run in section.runs if run.block == index]
+        wrong, first = _pages_not_sent_once(runs, block.pages)
+        if wrong:
+            state = "in no run" if first[1] == 0 else "in more than one run"
+            raise JoinError(f"{xml_path}: page {first[0]:#x} of RAM block {block.name!r} is "
+                            f"{state} ({wrong} such pages); every page must be sent once")
+
+
+def _pages_not_sent_once(runs: list[tuple[int, int]], pages: int) -> tuple[int, tuple]:
+    """How many of a block's `pages` the (first page, count) runs cover other than once,
+    and (page, times covered) of the first such page: a sweep over the runs' ends."""
+    edges: dict[int, int] = {0: 0, pages: 0}
+    for first, count in runs:
+        edges[first] = edges.get(first, 0) + 1
+        edges[first + count] = edges.get(first + count, 0) - 1
+    wrong, first_wrong, depth = 0, None, 0
+    points = sorted(edges)
+    for start, end in zip(points, points[1:]):
+        depth += edges[start]
+        if depth != 1 and start < pages:
+            wrong += min(end, pages) - start
+            first_wrong = first_wrong or (start, depth)
+    return wrong, first_wrong
+
+
+def _check_digest_count(stream: QemuStream, digests: bytes, xml_path: str) -> None:
+    """One digest per PAGE record, as split wrote them."""
+    expected = sum(run.count for section in stream.sections for run in section.runs
+                   if not run.zero)
+    if len(digests) % 8 or len(digests) // 8 != expected:
+        raise JoinError(f"{xml_path}: {len(digests) / 8:g} page digests for {expected} PAGE "
+                        "records: the XML's <page-digests> were cut short or added to")
 
 
 def _device_changes(core: QemuCore, document: StateDocument, xml_path: str,
@@ -218,32 +252,86 @@ def _fix_hflags(section, original, result: JoinResult) -> None:
 
 # -- pages ---------------------------------------------------------------------------------------
 
-def _page_changes(stream: QemuStream, memory, digests: bytes, result: JoinResult) -> None:
-    """Pages whose bytes differ from split's: PAGE-run pages by digest, ZERO-run pages by fill."""
-    if len(digests) % 8:
-        raise JoinError("the XML's page digests are cut short")
-    expected = unpack_digests(digests)
-    position = 0
-    for section in stream.sections:
-        for run in section.runs:
-            if run.zero:
-                pages = memory[run.block][run.first_page * layout.PAGE_SIZE:
-                                          (run.first_page + run.count) * layout.PAGE_SIZE]
-                grid = pages.reshape(run.count, layout.PAGE_SIZE)
-                for index in np.flatnonzero(changed_pages(grid, run.fill)).tolist():
-                    _record_page(stream, run.block, run.first_page + index, result)
-                continue
-            if position + run.count > len(expected):
-                raise JoinError("the XML has fewer page digests than PAGE records")
-            found = np.frombuffer(page_digests(memory[run.block],
-                                               run.first_page * layout.PAGE_SIZE,
-                                               layout.PAGE_SIZE, run.count), np.uint64)
-            changed = np.flatnonzero(found != expected[position:position + run.count])
-            for index in changed.tolist():
-                _record_page(stream, run.block, run.first_page + index, result)
-            position += run.count
-    if position != len(expected):
-        raise JoinError("the XML has more page digests than PAGE records")
+def _changed_page_records(runs: list[PageRun], memory: list[BlockMemory],
+                          digests: bytes) -> list[tuple[int, int]]:
+    """(run number, page in the run) of each PAGE-run page whose digest differs from the
+    one split took (run in a forked child: the hashing holds the GIL)."""
+    expected = array("Q")
+    expected.frombytes(digests)
+    if sys.byteorder != "little":
+        expected.byteswap()
+    changed, position = [], 0
+    for number, run in enumerate(runs):
+        if run.zero:
+            continue
+        found = page_digests(memory[run.block].view, run.first_page * layout.PAGE_SIZE,
+                             layout.PAGE_SIZE, run.count)
+        wanted = expected[position:position + run.count]
+        if found != wanted:
+            changed += [(number, i) for i, (a, b) in enumerate(zip(found, wanted)) if a != b]
+        position += run.count
+    return changed
+
+
+def _zero_run_changes(core: QemuCore, stream: QemuStream, runs: list[PageRun],
+                      memory: list[BlockMemory]) -> dict[int, list[int]]:
+    """Run number -> pages (in the run) of each ZERO run no longer all its fill byte. For a
+    fill of 0 only what the core's file system stores is looked at: split leaves such
+    pages as holes, so a core nobody wrote to costs one FIEMAP, not a read of its zeros."""
+    fd = open_to_read(core.path, "core file", QemuCoreError)
+    try:
+        segments = data_segments(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    starts = [start for start, _ in segments]
+    offsets = [core.blocks[block.name].offset for block in stream.blocks]
+    changes = {}
+    for number, run in enumerate(runs):
+        if not run.zero:
+            continue
+        block = memory[run.block]
+        begin = run.first_page * layout.PAGE_SIZE
+        end = begin + run.count * layout.PAGE_SIZE
+        if run.fill:
+            stored = [(begin, end)]
+        else:
+            base = offsets[run.block]
+            stored = _overlaps(segments, starts, base + begin, base + end, base)
+        pages = [page for first, last in stored
+                 for page in _pages_not_filled(block.view, first, last, run.fill)]
+        if pages:
+            changes[number] = [page - run.first_page for page in pages]
+    return changes
+
+
+def _overlaps(segments, starts: list[int], begin: int, end: int, base: int):
+    """The parts of [begin, end) inside `segments` (sorted (start, end) pairs), less
+    `base`, widened to whole pages."""
+    found = []
+    for start, stop in segments[max(0, bisect_right(starts, begin) - 1):]:
+        if start >= end:
+            break
+        if stop > begin:
+            first = (max(start, begin) - base) // layout.PAGE_SIZE * layout.PAGE_SIZE
+            last = min(stop, end) - base
+            found.append((first, -(-last // layout.PAGE_SIZE) * layout.PAGE_SIZE))
+    return found
+
+
+def _pages_not_filled(view: memoryview, begin: int, end: int, fill: int) -> list[int]:
+    """Page numbers in [begin, end) (page-aligned offsets in `view`) holding anything but
+    `fill`; the whole range is compared first, page by page only if it differs."""
+    size = layout.PAGE_SIZE
+    if fill == 0:
+        if is_zero(view[begin:end]):
+            return []
+        return [offset // size for offset in range(begin, end, size)
+                if not is_zero(view[offset:offset + size])]
+    page = bytes([fill]) * size
+    if view[begin:end] == page * ((end - begin) // size):
+        return []
+    return [offset // size for offset in range(begin, end, size)
+            if view[offset:offset + size] != page]
 
 
 def _record_page(stream: QemuStream, block: int, page: int, result: JoinResult) -> None:

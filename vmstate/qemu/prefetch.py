@@ -14,7 +14,7 @@ import threading
 from ..errors import VmstateError
 from ..fd import open_to_read
 
-POPULATE_STEP = 32 << 20        # bytes of the mapping filled in per madvise call
+POPULATE_STEP = 32 << 20       # bytes of the mapping filled in per madvise call
 MADV_POPULATE_READ = 22         # Linux 5.14
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -31,7 +31,8 @@ class _Buffer(ctypes.Structure):
                 ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
 
 
-def _address(mapping: mmap.mmap) -> int:
+def mapping_address(mapping: mmap.mmap) -> int:
+    """Where a mapping (read-only ones too) lies in this process."""
     view = _Buffer()
     ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(mapping), ctypes.byref(view), 0)
     try:
@@ -64,7 +65,7 @@ class BackgroundMapping:
             fd = open_to_read(path, what, error)
             size = os.fstat(fd).st_size
             self._mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
-            address = _address(self._mapping) if size else 0    # before the caller may close it
+            address = mapping_address(self._mapping) if size else 0    # before the caller may close it
         except BaseException as e:          # handed to the caller of result()
             self._error = e
         self._mapped.set()

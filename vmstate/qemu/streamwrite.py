@@ -4,21 +4,30 @@ reads plus guest memory: with memory unchanged the bytes are those read."""
 from __future__ import annotations
 
 import itertools
-
-import numpy as np
+import struct
+from dataclasses import dataclass
+from typing import Callable
 
 from . import layout
 from .description import encode_group
 from .stream import PageRun, QemuStream, RamBlock, Section
 
-WRITE_CHUNK_PAGES = 8192               # page records prepared at a time
+ZERO_RECORDS_PER_WRITE = 4096          # ZERO records packed at a time
 
 
-def write_stream(out, stream: QemuStream, memory: list[np.ndarray]) -> None:
-    """Write `stream` through `out` (a gather.GatherWriter, or anything with its `write`
-    and `write_records`), the pages of block i from `memory[i]` (a flat uint8 array of the
-    block's size). A ZERO record whose page is no longer all its fill byte becomes a PAGE
-    record."""
+@dataclass(frozen=True)
+class BlockMemory:
+    """A RAM block's bytes as mapped: `view` to read, `address` for the kernel to copy
+    from (mapped as long as the stream is written)."""
+    view: memoryview
+    address: int
+
+
+def write_stream(out, stream: QemuStream, memory: list[BlockMemory],
+                 changed: Callable[[PageRun], list[int]]) -> None:
+    """Write `stream` through `out` (a gather.GatherWriter), the pages of block i from
+    `memory[i]`. `changed(run)` lists the pages of a ZERO run (indices in the run, in
+    order) no longer all its fill byte: each becomes a PAGE record."""
     out.write(layout.HEADER.pack(layout.MAGIC, layout.VERSION))
     machine = stream.machine.encode("latin-1")
     out.write(bytes([layout.CONFIGURATION]) + layout.U32.pack(len(machine)) + machine)
@@ -32,7 +41,8 @@ def write_stream(out, stream: QemuStream, memory: list[np.ndarray]) -> None:
             if section.mem_size:
                 out.write(_block_list(stream.blocks))
             for run in section.runs:
-                _write_run(out, stream.blocks, run, memory[run.block])
+                for piece in _pieces(run, changed(run) if run.zero else []):
+                    _write_records(out, stream.blocks, piece, memory[run.block])
             out.write(layout.U64.pack(layout.RAM_EOS))
         out.write(bytes([layout.FOOTER]) + layout.U32.pack(section.section_id))
     out.write(bytes([layout.EOF_MARK, layout.VMDESCRIPTION]) +
@@ -56,54 +66,54 @@ def _block_list(blocks: list[RamBlock]) -> bytes:
     return b"".join(parts)
 
 
-def _write_run(out, blocks: list[RamBlock], run: PageRun, block_memory: np.ndarray) -> None:
-    pages = block_memory[run.first_page * layout.PAGE_SIZE:
-                         (run.first_page + run.count) * layout.PAGE_SIZE]
-    pages = pages.reshape(run.count, layout.PAGE_SIZE)
-    if not run.zero:
-        _write_records(out, blocks, run, pages)
-        return
-    changed = changed_pages(pages, run.fill)
-    if not changed.any():
-        _write_records(out, blocks, run, None)
-        return
-    # Split into stretches that stay ZERO records and stretches that become PAGE records.
-    edges = np.flatnonzero(np.diff(changed.astype(np.int8))) + 1
-    bounds = [0, *edges.tolist(), run.count]
-    for begin, end in itertools.pairwise(bounds):
-        piece = PageRun(run.block, run.first_page + begin, end - begin, not changed[begin],
-                        run.fill, run.named and begin == 0)
-        _write_records(out, blocks, piece, None if piece.zero else pages[begin:end])
+def _pieces(run: PageRun, changed: list[int]) -> list[PageRun]:
+    """A ZERO run cut into stretches that stay ZERO records and stretches of `changed`
+    pages that become PAGE records; any other run whole."""
+    if not changed:
+        return [run]
+    stretches: list[list[int]] = []         # [start, end) of consecutive changed pages
+    for index in changed:
+        if stretches and index == stretches[-1][1]:
+            stretches[-1][1] = index + 1
+        else:
+            stretches.append([index, index + 1])
+    pieces, begin = [], 0
+    for start, end in stretches:
+        if begin < start:
+            pieces.append(_piece(run, begin, start, True))
+        pieces.append(_piece(run, start, end, False))
+        begin = end
+    if begin < run.count:
+        pieces.append(_piece(run, begin, run.count, True))
+    return pieces
 
 
-def changed_pages(pages: np.ndarray, fill: int) -> np.ndarray:
-    """Per page of a (count, 4096) array: does it hold anything but `fill`? (For fill 0, no
-    page-sized temporaries.)"""
-    if fill == 0:
-        return pages.view(np.uint64).max(axis=1) != 0
-    return np.array([(chunk != fill).any() for chunk in pages], dtype=bool)
+def _piece(run: PageRun, begin: int, end: int, zero: bool) -> PageRun:
+    return PageRun(run.block, run.first_page + begin, end - begin, zero, run.fill,
+                   run.named and begin == 0)
 
 
-def _write_records(out, blocks: list[RamBlock], run: PageRun, pages: np.ndarray | None) -> None:
-    """The records of a run: a named run is one record per page, each naming the block; the
-    pages of PAGE records go from `pages` (the core's mapping) to the file by pwritev."""
+def _write_records(out, blocks: list[RamBlock], run: PageRun, memory: BlockMemory) -> None:
+    """The records of a run: a named run is one record per page, each naming the block;
+    the pages of PAGE records are copied by the kernel from `memory`."""
     kind = layout.RAM_ZERO if run.zero else layout.RAM_PAGE
     if run.named:
         name = blocks[run.block].name.encode("latin-1")
         for i in range(run.count):
-            header = layout.U64.pack((run.first_page + i) * layout.PAGE_SIZE | kind)
-            body = bytes([run.fill]) if run.zero else pages[i].tobytes()
+            page = run.first_page + i
+            header = layout.U64.pack(page * layout.PAGE_SIZE | kind)
+            body = bytes([run.fill]) if run.zero else \
+                memory.view[page * layout.PAGE_SIZE:(page + 1) * layout.PAGE_SIZE]
             out.write(header + bytes([len(name)]) + name + body)
         return
-    flags = np.uint64(kind | layout.RAM_CONTINUE)
-    for begin in range(0, run.count, WRITE_CHUNK_PAGES):
-        n = min(WRITE_CHUNK_PAGES, run.count - begin)
-        numbers = np.arange(run.first_page + begin, run.first_page + begin + n, dtype=np.uint64)
-        headers = ((numbers << np.uint64(12)) | flags).astype(">u8").view(np.uint8).reshape(n, 8)
-        if run.zero:
-            records = np.empty((n, layout.ZERO_RECORD), dtype=np.uint8)
-            records[:, :8] = headers
-            records[:, 8] = run.fill
-            out.write(records)
-            continue
-        out.write_records(headers, pages[begin:begin + n])
+    first_header = run.first_page * layout.PAGE_SIZE | kind | layout.RAM_CONTINUE
+    if not run.zero:
+        out.write_page_records(first_header, memory.address + run.first_page * layout.PAGE_SIZE,
+                               run.count)
+        return
+    for begin in range(0, run.count, ZERO_RECORDS_PER_WRITE):
+        n = min(ZERO_RECORDS_PER_WRITE, run.count - begin)
+        header = first_header + begin * layout.PAGE_SIZE
+        headers = range(header, header + n * layout.PAGE_SIZE, layout.PAGE_SIZE)
+        out.write(struct.pack(">" + "QB" * n, *itertools.chain.from_iterable(
+            zip(headers, itertools.repeat(run.fill)))))
