@@ -1,19 +1,16 @@
 """The per-page digests split records in the XML (XXH3-64 of each PAGE record's page, in
-stream order) and join compares to find the pages that changed; and running them in a thread
-beside the writes."""
+stream order) and join compares to find the pages that changed. Both take them in a forked
+child, beside the process that writes: xxhash holds the GIL for page-sized buffers."""
 
 from __future__ import annotations
 
-import sys
 from array import array
-from contextlib import contextmanager
 
 import xxhash
 
 from . import layout
 
-BATCH_PAGES = 1024          # pages hashed per call into C: the GIL can change hands between
-SWITCH_SECONDS = 0.0005     # GIL switch interval while a digest thread runs beside writes
+BATCH_PAGES = 1024          # pages hashed per call into C
 
 
 def page_digests(buffer, first: int, stride: int, count: int) -> array:
@@ -30,22 +27,3 @@ def page_digests(buffer, first: int, stride: int, count: int) -> array:
                                                          range(starts.start + size,
                                                                starts.stop + size, stride)))))
     return digests
-
-
-def unpack_digests(data: bytes):
-    import numpy as np
-    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
-
-
-@contextmanager
-def sharing_the_gil():
-    """While a digest thread runs beside a thread that writes: a short GIL switch interval.
-    The writer gives the GIL up in every pwritev and needs it back for a moment after each;
-    with the default 5 ms it would wait that long each time for the hashing thread (which
-    never blocks) to hand it over."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, SWITCH_SECONDS))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)

@@ -19,6 +19,7 @@ from . import layout
 
 RECORDS_PER_CALL = os.sysconf("SC_IOV_MAX") // 2     # (header, page) iovec pairs per pwritev
 COALESCE_BYTES = 1 << 16                            # small writes are gathered into one buffer
+ALLOCATE_BYTES = 32 << 20                           # the output's blocks allocated at a time
 IOVEC_WORDS = 2                                     # struct iovec: base, length
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -26,12 +27,13 @@ _libc.pwritev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_
 _libc.pwritev.restype = ctypes.c_ssize_t
 
 
-def pwritev_all(fd: int, iovecs, count: int, offset: int) -> int:
+def pwritev_all(fd: int, iovecs, count: int, offset: int, length: int) -> None:
     """Write the buffers of the first `count` iovecs of `iovecs` (a ctypes u64 array of
-    base, length pairs) back to back from `offset`, resuming after a short write (the array
-    is changed then); returns the bytes written. ctypes releases the GIL for each call."""
-    start, first = offset, 0
-    while first < count:
+    base, length pairs; `length` bytes in all) back to back from `offset`, resuming after a
+    short write (on a copy of the rest). ctypes releases the GIL for each call."""
+    first, end = 0, offset + length
+    copied = False
+    while offset < end:
         written = _libc.pwritev(fd, ctypes.byref(iovecs, first * IOVEC_WORDS * 8),
                                 count - first, offset)
         if written <= 0:
@@ -40,26 +42,39 @@ def pwritev_all(fd: int, iovecs, count: int, offset: int) -> int:
                 continue
             raise OSError(err, os.strerror(err))
         offset += written
+        if offset == end:
+            return
         while first < count and written >= iovecs[first * IOVEC_WORDS + 1]:
             written -= iovecs[first * IOVEC_WORDS + 1]
             first += 1
         if written:                         # a short write ended inside this buffer
+            if not copied:
+                words = (count - first) * IOVEC_WORDS
+                rest = (ctypes.c_uint64 * words)(*iovecs[first * IOVEC_WORDS:count * IOVEC_WORDS])
+                iovecs, count, first, copied = rest, count - first, 0, True
             iovecs[first * IOVEC_WORDS] += written
             iovecs[first * IOVEC_WORDS + 1] -= written
-    return offset - start
 
 
 class GatherWriter:
     """An output file descriptor written through the page cache as a sequential stream from
-    `position` (`write`, `write_page_records`, then `finish`), each write's blocks allocated
-    first. Small writes are gathered into one buffer and go out with the next large one."""
+    `position` (`write`, `write_page_records`, then `finish`), its blocks allocated
+    ALLOCATE_BYTES ahead of the writes (`finish` cuts the file back to what was written).
+    Small writes are gathered into one buffer and go out with the next large one."""
 
     def __init__(self, fd: int, position: int = 0):
         self.fd = fd
         self.position = position        # file offset of the next sequential byte
         self.small = bytearray()        # sequential bytes not written yet
+        self._allocated = position      # blocks allocated up to here
+        # A header and a page iovec per record: the headers' and the lengths never change.
         self._headers = ctypes.create_string_buffer(RECORDS_PER_CALL * layout.U64.size)
         self._iovecs = (ctypes.c_uint64 * (RECORDS_PER_CALL * 2 * IOVEC_WORDS))()
+        headers_at = ctypes.addressof(self._headers)
+        self._iovecs[0::4] = range(headers_at, headers_at + RECORDS_PER_CALL * layout.U64.size,
+                                   layout.U64.size)
+        self._iovecs[1::4] = [layout.U64.size] * RECORDS_PER_CALL
+        self._iovecs[3::4] = [layout.PAGE_SIZE] * RECORDS_PER_CALL
 
     def write(self, data) -> None:
         self.small += memoryview(data).cast("B")
@@ -70,25 +85,26 @@ class GatherWriter:
         """`count` PAGE records: headers `first_header`, then one page more each; their
         pages back to back in memory from `pages_address`."""
         self._flush_small()
-        size, header_size = layout.PAGE_SIZE, layout.U64.size
-        headers_address = ctypes.addressof(self._headers)
+        size = layout.PAGE_SIZE
         for begin in range(0, count, RECORDS_PER_CALL):
             n = min(RECORDS_PER_CALL, count - begin)
             header = first_header + begin * size
             struct.pack_into(f">{n}Q", self._headers, 0, *range(header, header + n * size, size))
-            iovecs, end = self._iovecs, 2 * IOVEC_WORDS * n
-            iovecs[0:end:4] = range(headers_address, headers_address + header_size * n,
-                                    header_size)
-            iovecs[1:end:4] = [header_size] * n
             page = pages_address + begin * size
-            iovecs[2:end:4] = range(page, page + size * n, size)
-            iovecs[3:end:4] = [size] * n
-            allocate(self.fd, self.position, n * layout.PAGE_RECORD)
-            self.position += pwritev_all(self.fd, iovecs, 2 * n, self.position)
+            self._iovecs[2:2 * IOVEC_WORDS * n:4] = range(page, page + size * n, size)
+            self._allocate(n * layout.PAGE_RECORD)
+            pwritev_all(self.fd, self._iovecs, 2 * n, self.position, n * layout.PAGE_RECORD)
+            self.position += n * layout.PAGE_RECORD
+
+    def _allocate(self, length: int) -> None:
+        if self.position + length > self._allocated:
+            start = max(self.position, self._allocated)
+            self._allocated = self.position + max(length, ALLOCATE_BYTES)
+            allocate(self.fd, start, self._allocated - start)
 
     def _flush_small(self) -> None:
         if self.small:
-            allocate(self.fd, self.position, len(self.small))
+            self._allocate(len(self.small))
             view = memoryview(self.small)
             while view:
                 written = os.pwrite(self.fd, view, self.position)
@@ -97,6 +113,9 @@ class GatherWriter:
             self.small = bytearray()
 
     def finish(self) -> int:
-        """Write what is gathered; returns the file size."""
+        """Write what is gathered, free the blocks allocated past it; returns the file
+        size."""
         self._flush_small()
+        if self._allocated > self.position:
+            os.ftruncate(self.fd, self.position)
         return self.position
