@@ -206,10 +206,17 @@ def from_xml(data: bytes, source: str) -> StateDocument:
     root = parse_xml(data, source)
     if root.tag != ROOT:
         raise XmlError(f"root element <{root.tag}>, expected <{ROOT}>", f"{source}:1")
+    # The page digests' base64 is checked by _document's strict decoding instead of the
+    # schema's base64Binary: that check took 25 ms of a 1 GiB guest's join.
+    digests = root.find("page-digests")
+    digests_text = digests.text if digests is not None else None
+    if digests is not None:
+        digests.text = None
     validator = schema()
     if not validator.validate(root):
         error = validator.error_log[0]
         raise XmlError(f"does not match the schema: {error.message}", f"{source}:{error.line}")
+    digests.text = digests_text
     try:
         return _document(root)
     except _Invalid as e:
@@ -229,14 +236,20 @@ def _int(element, attribute: str, bits: int = 64) -> int:
     return value
 
 
+def _strict_base64(text: str) -> bytes:
+    """base64 as XML Schema's base64Binary has it: whitespace anywhere, any other character
+    outside the alphabet an error (b64decode's default would skip it)."""
+    return base64.b64decode("".join(text.split()), validate=True)
+
+
 def _document(root) -> StateDocument:
     _check_names(root)
     provenance_element = root.find("provenance")
     blocks = [RamBlock(element.get("name"), _int(element, "size"))
               for element in root.find("ram-blocks")]
     try:
-        digests = base64.b64decode(root.findtext("page-digests"))
-        description = base64.b64decode(root.findtext("description"))
+        digests = _strict_base64(root.findtext("page-digests") or "")
+        description = _strict_base64(root.findtext("description") or "")
     except binascii.Error:
         raise _Invalid(root.find("description"), "page-digests or description is not "
                                                  "base64") from None
