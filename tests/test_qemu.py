@@ -90,6 +90,41 @@ def test_join_of_split_is_the_stream_byte_for_byte(vmstate, saved, tmp_path, mac
         assert stream.stat().st_size > 120 << 20
 
 
+def test_a_zero_page_stored_in_two_pieces_is_one_changed_page(vmstate, saved, tmp_path,
+                                                               monkeypatch):
+    """On a file system with blocks smaller than a page, FIEMAP can report two stored parts
+    inside one hole page that was written to: join makes that page one PAGE record, once."""
+    from vmstate.qemu import join as qemu_join
+    from vmstate.qemu.core import QemuCore
+    from vmstate.qemu.statexml import from_xml
+    core, xml = split(vmstate, saved("pc"), tmp_path)
+    document = from_xml(xml.read_bytes(), str(xml))
+    with QemuCore(str(core)) as opened:
+        base = opened.blocks["pc.ram"].offset
+    ram = document.stream.blocks.index(next(b for b in document.stream.blocks
+                                            if b.name == "pc.ram"))
+    run = next(r for section in document.stream.sections for r in section.runs
+               if r.zero and r.block == ram and r.count > 1 and r.fill == 0)
+    page = base + (run.first_page + 1) * 4096
+    with open(core, "r+b") as f:                      # two stored pieces of one page
+        f.seek(page)
+        f.write(b"\x11" * 1024)
+        f.seek(page + 3000)
+        f.write(b"\x22" * 1024)
+    monkeypatch.setattr(qemu_join, "data_segments", lambda fd, start, end: [
+        (page, page + 1024), (page + 2048, page + 4096)])
+    output = tmp_path / "new.state"
+    summary = qemu_join.join_stream(str(core), str(xml), xml.read_bytes(), str(output))
+    assert summary.count("changed") == 1, summary
+    monkeypatch.undo()
+    assert vmstate("info", output).returncode == 0
+    again = tmp_path / "again"
+    again.mkdir()
+    core2, xml2 = split(vmstate, output, again)
+    assert vmstate("join", core2, xml2, "-o", again / "new.state").returncode == 0
+    assert (again / "new.state").read_bytes() == output.read_bytes()
+
+
 def test_info_shows_machine_vcpu_blocks_and_devices(vmstate, saved):
     result = vmstate("info", "--json", saved("q35"))
     assert result.returncode == 0, result.stderr.decode()

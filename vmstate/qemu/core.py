@@ -76,6 +76,7 @@ class CorePlan:
 
 
 FILL_PAGES = 256                      # pages of a non-zero fill written per call
+ALLOCATE_MIN = 64 << 10               # smaller stretches are written without fallocate first
 BLOCKS_OFFSET = layout.PAGE_SIZE      # the first block's offset: the ELF header's page
 
 
@@ -229,39 +230,43 @@ def guest_mappings(stream: QemuStream, view: cpu.VcpuView, read_phys) -> list[Ma
 
 class CorePages:
     """Puts pages in their places in the core `path` (open as `fd`) as the stream is read
-    (`write` is the stream reader's page sink), each stretch's blocks allocated first;
-    ZERO pages stay holes, but for a fill other than 0. A failed write is a VmstateError
-    naming the core."""
+    (`write` is the stream reader's page sink, `write_fill` its fills); ZERO pages stay
+    holes, but for a fill other than 0. Stretches of ALLOCATE_MIN bytes or more get their
+    blocks allocated before they are written. A failed write is a VmstateError naming the
+    core."""
 
     def __init__(self, fd: int, path: str):
         self.fd, self.path = fd, path
+        self._offsets: list[int] | None = None
 
     def write(self, blocks: list[RamBlock], run: PageRun, index: int, payloads,
               count: int) -> None:
-        offset = block_offsets(blocks)[run.block] + (run.first_page + index) * layout.PAGE_SIZE
+        offset = self._block_offset(blocks, run.block) + \
+            (run.first_page + index) * layout.PAGE_SIZE
         with memoryview(payloads) as view, view[:count * layout.PAGE_SIZE] as pages:
             self._write(pages, offset)
 
+    def write_fill(self, blocks: list[RamBlock], run: PageRun) -> None:
+        """The pages of a run of ZERO records whose fill is not 0."""
+        start = self._block_offset(blocks, run.block) + run.first_page * layout.PAGE_SIZE
+        step = min(run.count, FILL_PAGES)
+        pages = bytes([run.fill]) * (step * layout.PAGE_SIZE)
+        for first in range(0, run.count, step):
+            n = min(step, run.count - first)
+            self._write(pages[:n * layout.PAGE_SIZE], start + first * layout.PAGE_SIZE)
+
+    def _block_offset(self, blocks: list[RamBlock], block: int) -> int:
+        if self._offsets is None:           # the blocks are known before any page is read
+            self._offsets = block_offsets(blocks)
+        return self._offsets[block]
+
     def _write(self, data, offset: int) -> None:
         try:
-            allocate(self.fd, offset, len(data))
+            if len(data) >= ALLOCATE_MIN:
+                allocate(self.fd, offset, len(data))
             write_all_at(self.fd, data, offset)
         except OSError as e:
             raise VmstateError(f"cannot write {self.path}: {e.strerror}") from None
-
-    def write_fills(self, stream: QemuStream) -> None:
-        """The pages of ZERO records whose fill is not 0."""
-        offsets = block_offsets(stream.blocks)
-        for section in stream.sections:
-            for run in section.runs:
-                if run.zero and run.fill:
-                    start = offsets[run.block] + run.first_page * layout.PAGE_SIZE
-                    step = min(run.count, FILL_PAGES)
-                    pages = bytes([run.fill]) * (step * layout.PAGE_SIZE)
-                    for first in range(0, run.count, step):
-                        n = min(step, run.count - first)
-                        self._write(pages[:n * layout.PAGE_SIZE],
-                                    start + first * layout.PAGE_SIZE)
 
     def write_headers(self, plan: CorePlan) -> None:
         self._write(plan.header, 0)
@@ -278,6 +283,7 @@ class QemuCore:
         if mapped is None:
             mapped = BackgroundMapping(path, "core file", QemuCoreError)
         self.data = mapped.result()
+        self.identity = mapped.identity       # (st_dev, st_ino) of the file mapped
         if len(self.data) < elf.EHDR.size:
             if self.data:
                 self.data.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
 
 from ..fd import allocate
 from . import layout
@@ -89,7 +88,7 @@ class GatherWriter:
         for begin in range(0, count, RECORDS_PER_CALL):
             n = min(RECORDS_PER_CALL, count - begin)
             header = first_header + begin * size
-            struct.pack_into(f">{n}Q", self._headers, 0, *range(header, header + n * size, size))
+            self._headers[:n * layout.U64.size] = layout.page_headers(header, n)
             page = pages_address + begin * size
             self._iovecs[2:2 * IOVEC_WORDS * n:4] = range(page, page + size * n, size)
             self._allocate(n * layout.PAGE_RECORD)

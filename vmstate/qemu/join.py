@@ -33,6 +33,9 @@ from .stream import PageRun, QemuStream
 from .streamwrite import BlockMemory, write_stream
 
 
+FILL_COMPARE_PAGES = 256        # pages of a ZERO run compared with its fill at once
+
+
 class JoinError(VmstateError):
     pass
 
@@ -45,12 +48,12 @@ class JoinResult:
 
 
 def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | None,
-                symbols=None, mapped_core: BackgroundMapping | None = None) -> str:
-    """Validate, summarise and (unless output is None) write the joined stream.
-    `mapped_core`: the core's mapping, if the caller started it (prefetch)."""
+                symbols=None) -> str:
+    """Validate, summarise and (unless output is None) write the joined stream. The core's
+    mapping is filled in by a thread from when the XML is parsed (filling it in beside the
+    parse slowed the parse 35 -> 80 ms)."""
     document = from_xml(xml_data, xml_path)
-    if mapped_core is None:
-        mapped_core = BackgroundMapping(core_path, "core file", QemuCoreError)
+    mapped_core = BackgroundMapping(core_path, "core file", QemuCoreError)
     stream = document.stream
     with QemuCore(core_path, mapped_core) as core:
         _check_matches(core, document, core_path, xml_path)
@@ -280,7 +283,10 @@ def _zero_run_changes(core: QemuCore, stream: QemuStream, runs: list[PageRun],
     pages as holes, so a core nobody wrote to costs one FIEMAP, not a read of its zeros."""
     fd = open_to_read(core.path, "core file", QemuCoreError)
     try:
-        segments = data_segments(fd, 0, os.fstat(fd).st_size)
+        status = os.fstat(fd)
+        if (status.st_dev, status.st_ino) != core.identity:
+            raise JoinError(f"{core.path} was replaced while being joined")
+        segments = data_segments(fd, 0, status.st_size)
     finally:
         os.close(fd)
     starts = [start for start, _ in segments]
@@ -297,8 +303,8 @@ def _zero_run_changes(core: QemuCore, stream: QemuStream, runs: list[PageRun],
         else:
             base = offsets[run.block]
             stored = _overlaps(segments, starts, base + begin, base + end, base)
-        pages = [page for first, last in stored
-                 for page in _pages_not_filled(block.view, first, last, run.fill)]
+        pages = sorted({page for first, last in stored      # widened parts may share pages
+                        for page in _pages_not_filled(block.view, first, last, run.fill)})
         if pages:
             changes[number] = [page - run.first_page for page in pages]
     return changes
@@ -308,7 +314,8 @@ def _overlaps(segments, starts: list[int], begin: int, end: int, base: int):
     """The parts of [begin, end) inside `segments` (sorted (start, end) pairs), less
     `base`, widened to whole pages."""
     found = []
-    for start, stop in segments[max(0, bisect_right(starts, begin) - 1):]:
+    for index in range(max(0, bisect_right(starts, begin) - 1), len(segments)):
+        start, stop = segments[index]
         if start >= end:
             break
         if stop > begin:
@@ -320,18 +327,24 @@ def _overlaps(segments, starts: list[int], begin: int, end: int, base: int):
 
 def _pages_not_filled(view: memoryview, begin: int, end: int, fill: int) -> list[int]:
     """Page numbers in [begin, end) (page-aligned offsets in `view`) holding anything but
-    `fill`; the whole range is compared first, page by page only if it differs."""
-    size = layout.PAGE_SIZE
+    `fill`; each FILL_COMPARE_PAGES pages are compared at once, page by page only if they
+    differ."""
+    size, step = layout.PAGE_SIZE, FILL_COMPARE_PAGES * layout.PAGE_SIZE
     if fill == 0:
-        if is_zero(view[begin:end]):
-            return []
-        return [offset // size for offset in range(begin, end, size)
-                if not is_zero(view[offset:offset + size])]
-    page = bytes([fill]) * size
-    if view[begin:end] == page * ((end - begin) // size):
-        return []
-    return [offset // size for offset in range(begin, end, size)
-            if view[offset:offset + size] != page]
+        def filled(piece) -> bool:
+            return is_zero(piece)
+    else:
+        pattern = bytes([fill]) * step
+
+        def filled(piece) -> bool:
+            return piece == pattern[:len(piece)]
+    found = []
+    for start in range(begin, end, step):
+        stop = min(end, start + step)
+        if not filled(view[start:stop]):
+            found += [offset // size for offset in range(start, stop, size)
+                      if not filled(view[offset:offset + size])]
+    return found
 
 
 def _record_page(stream: QemuStream, block: int, page: int, result: JoinResult) -> None:

@@ -3,6 +3,7 @@ schemas/qemu-stream.md describes it in full."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 MAGIC = b"QEVM"
@@ -43,3 +44,17 @@ RAM_KNOWN_FLAGS = RAM_ZERO | RAM_MEM_SIZE | RAM_PAGE | RAM_EOS | RAM_CONTINUE
 PAGE_SIZE = 4096
 PAGE_RECORD = U64.size + PAGE_SIZE     # a PAGE record of the current block
 ZERO_RECORD = U64.size + 1             # a ZERO record of the current block
+
+
+def page_headers(first_header: int, count: int) -> bytes:
+    """The headers of `count` records that continue a run, back to back: be64 `first_header`
+    (offset | flags), then a page further each."""
+    return struct.pack(f">{count}Q", *range(first_header, first_header + count * PAGE_SIZE,
+                                            PAGE_SIZE))
+
+
+def zero_records(first_header: int, count: int, fill: int) -> bytes:
+    """`count` ZERO records that continue a run: each its be64 header, then the fill byte."""
+    headers = range(first_header, first_header + count * PAGE_SIZE, PAGE_SIZE)
+    return struct.pack(">" + "QB" * count, *itertools.chain.from_iterable(
+        zip(headers, itertools.repeat(fill))))

@@ -1,7 +1,6 @@
-"""Mapping an input file in a thread, started before the heavy imports and parsing of split
-and join, so that opening and mapping it, reading it from disk where it is not in the page
-cache, and filling in the mapping's page tables overlap with them and with the writing of
-the output. Keep this module's imports light: it is imported first."""
+"""Mapping an input file in a thread (join's core), so that opening and mapping it, reading
+it from disk where it is not in the page cache, and filling in the mapping's page tables
+overlap with the work before its bytes are needed. Keep this module's imports light."""
 
 from __future__ import annotations
 
@@ -53,6 +52,7 @@ class BackgroundMapping:
 
     def __init__(self, path: str, what: str, error: type[VmstateError]):
         self._mapping = None
+        self.identity: tuple[int, int] | None = None     # the file's (st_dev, st_ino)
         self._error: BaseException | None = None
         self._mapped = threading.Event()
         self._thread = threading.Thread(target=self._map, args=(path, what, error),
@@ -63,7 +63,8 @@ class BackgroundMapping:
         fd = None
         try:
             fd = open_to_read(path, what, error)
-            size = os.fstat(fd).st_size
+            status = os.fstat(fd)
+            size, self.identity = status.st_size, (status.st_dev, status.st_ino)
             self._mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
             address = mapping_address(self._mapping) if size else 0    # before the caller may close it
         except BaseException as e:          # handed to the caller of result()

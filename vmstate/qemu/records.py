@@ -2,9 +2,9 @@
 preadv per up to RECORDS_PER_READ records scatters each record's 8-byte header into one
 buffer and its payload (a PAGE record's 4096 bytes, a ZERO record's fill byte) into another,
 so the headers are checked with one comparison and a PAGE run's pages lie back to back,
-ready for one write or hash call. The cost follows the bytes: a read takes as many records
-as the previous one matched, twice over, so the bytes read past a run's end stay below the
-run's own.
+ready for one write or hash call. The cost follows the bytes: a run's first read takes
+FIRST_READ records, each next one twice as many as the one before (all matched), so the
+records read past a run's end are at most FIRST_READ or as many as the run has.
 
 A record matches when it continues the run exactly: the next page of the block, the same
 kind with RAM_CONTINUE, and for ZERO records the same fill byte."""
@@ -12,9 +12,9 @@ kind with RAM_CONTINUE, and for ZERO records the same fill byte."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
-import struct
 
 from . import layout
 
@@ -32,8 +32,9 @@ class RecordStaging:
     def __init__(self, payload_size: int):
         self.payload_size = payload_size
         self.record_size = layout.U64.size + payload_size
-        self.headers = mmap.mmap(-1, RECORDS_PER_READ * layout.U64.size)
-        self.payloads = mmap.mmap(-1, RECORDS_PER_READ * payload_size)
+        private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        self.headers = mmap.mmap(-1, RECORDS_PER_READ * layout.U64.size, private)
+        self.payloads = mmap.mmap(-1, RECORDS_PER_READ * payload_size, private)
         headers_at = _address(self.headers)
         payloads_at = _address(self.payloads)
         rows = []
@@ -50,7 +51,7 @@ class RecordStaging:
             if got >= 0:
                 return got // self.record_size
             err = ctypes.get_errno()
-            if err != 4:                                        # EINTR: again
+            if err != errno.EINTR:
                 raise OSError(err, os.strerror(err))
 
     def close(self) -> None:
@@ -65,9 +66,7 @@ def _address(buffer: mmap.mmap) -> int:
 def matching(staging: RecordStaging, count: int, first_header: int, fill: int | None) -> int:
     """How many of the `count` records just read continue the run: their headers are
     `first_header` plus a page each, and (ZERO records) their fill byte is `fill`."""
-    expected = struct.pack(f">{count}Q", *range(first_header,
-                                                first_header + count * layout.PAGE_SIZE,
-                                                layout.PAGE_SIZE))
+    expected = layout.page_headers(first_header, count)
     actual = staging.headers[:count * layout.U64.size]
     good = count if actual == expected else _common_records(actual, expected)
     if fill is not None:

@@ -86,9 +86,10 @@ class StreamMemory:
         return self.stream.page(run, page - run.first_page)[within:within + length]
 
 
-def _write_xml(path: str, core_path: str, fd: int) -> None:
-    """hw.xml into `fd`, from a reading of the stream of its own (run in a forked child, so
-    the page digests are taken on the other core while the parent writes the core)."""
+def _write_xml(path: str, core_path: str, xml_path: str, fd: int) -> None:
+    """The XML into `fd` (xml_path's file), from a reading of the stream of its own (run in
+    a forked child, so the page digests are taken on the other core while the parent writes
+    the core)."""
     digests = array("Q")
     with open_stream(path, partial(_hash_pages, digests)) as stream:
         views = vcpu_views(stream)
@@ -98,7 +99,10 @@ def _write_xml(path: str, core_path: str, fd: int) -> None:
         tree = document_tree(stream, provenance, views)
     if sys.byteorder != "little":
         digests.byteswap()
-    write_all_at(fd, render(tree, digests.tobytes()), 0)
+    try:
+        write_all_at(fd, render(tree, digests.tobytes()), 0)
+    except OSError as e:
+        raise VmstateError(f"cannot write {xml_path}: {e.strerror}") from None
 
 
 def _hash_pages(digests: array, blocks, run, index: int, payloads, count: int) -> None:
@@ -110,8 +114,7 @@ def _write_core(path: str, core_path: str, fd: int) -> tuple[QemuStream, int]:
     the device sections after the pages, and the page tables among them). Returns the
     stream and the number of PT_LOAD segments."""
     pages = CorePages(fd, core_path)
-    with open_stream(path, pages.write) as stream:
-        pages.write_fills(stream)
+    with open_stream(path, pages.write, pages.write_fill) as stream:
         views = vcpu_views(stream)
         digest = stream_digest(stream)
         mappings = guest_mappings(stream, views[0], StreamMemory(stream).read_phys)
@@ -126,7 +129,8 @@ def split_stream(path: str, core_path: str, xml_path: str) -> str:
             raise VmstateError(f"{output}: is the input stream; choose another output name")
     with atomic_output(core_path, durable=False) as core_file, \
             atomic_output(xml_path, durable=False) as xml_file:
-        describing = ForkedCall(partial(_write_xml, path, core_path, xml_file.fileno()),
+        describing = ForkedCall(partial(_write_xml, path, core_path, xml_path,
+                                        xml_file.fileno()),
                                 "hw.xml")
         try:
             stream, segments = _write_core(path, core_path, core_file.fileno())

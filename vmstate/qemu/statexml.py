@@ -18,7 +18,6 @@ A cpu-section field shown in <vcpu> is written `in-vcpu="yes"` without a value: 
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import importlib.resources
 import importlib.util
@@ -236,10 +235,14 @@ def _int(element, attribute: str, bits: int = 64) -> int:
     return value
 
 
+XML_WHITESPACE = str.maketrans("", "", " \t\r\n")
+
+
 def _strict_base64(text: str) -> bytes:
-    """base64 as XML Schema's base64Binary has it: whitespace anywhere, any other character
-    outside the alphabet an error (b64decode's default would skip it)."""
-    return base64.b64decode("".join(text.split()), validate=True)
+    """base64 as XML Schema's base64Binary has it: XML whitespace (space, tab, CR, LF)
+    anywhere, any other character outside the alphabet an error (b64decode's default would
+    skip it)."""
+    return base64.b64decode(text.translate(XML_WHITESPACE), validate=True)
 
 
 def _document(root) -> StateDocument:
@@ -250,7 +253,7 @@ def _document(root) -> StateDocument:
     try:
         digests = _strict_base64(root.findtext("page-digests") or "")
         description = _strict_base64(root.findtext("description") or "")
-    except binascii.Error:
+    except ValueError:                      # binascii.Error, or a character beyond ASCII
         raise _Invalid(root.find("description"), "page-digests or description is not "
                                                  "base64") from None
     views = [_vcpu_view(element) for element in root.findall("vcpu")]

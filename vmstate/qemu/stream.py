@@ -108,16 +108,19 @@ class QemuStream:
 
 # -- reading ------------------------------------------------------------------------------------
 
-def open_stream(path: str, sink: PageSink | None = None) -> QemuStream:
+def open_stream(path: str, sink: PageSink | None = None,
+                fills: Callable[[list[RamBlock], PageRun], None] | None = None) -> QemuStream:
     """Parse the stream at `path` (refused with a one-line StreamError if bad). Its page
     records are read in bulk (records.read_run), not through the mapping the rest is read
-    from; `sink` (a PageSink), if given, gets every PAGE record's page as read."""
+    from. `sink` (a PageSink), if given, gets every PAGE record's page as read, and
+    `fills(blocks, run)` every run of ZERO records with a fill other than 0, in stream
+    order with them."""
     fd = open_to_read(path, "QEMU stream", StreamError)
     try:
         size = os.fstat(fd).st_size
         data = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
         try:
-            return _Reader(path, data, fd, sink).read()
+            return _Reader(path, data, fd, sink, fills).read()
         except BaseException:
             if isinstance(data, mmap.mmap):
                 data.close()
@@ -127,9 +130,9 @@ def open_stream(path: str, sink: PageSink | None = None) -> QemuStream:
 
 
 class _Reader:
-    def __init__(self, path: str, data, fd: int, sink: PageSink | None):
+    def __init__(self, path: str, data, fd: int, sink: PageSink | None, fills):
         self.path, self.data, self.end = path, data, len(data)
-        self.fd, self.sink = fd, sink
+        self.fd, self.sink, self.fills = fd, sink, fills
         self.staging: dict[int, RecordStaging] = {}     # by payload size
         self.offset = 0
         self.blocks: list[RamBlock] = []
@@ -328,6 +331,8 @@ class _Reader:
                     self.take(run.record_size(self.blocks) - layout.U64.size, "page data")
                     raise self.error("a page record cannot be read", start)
                 self.offset = start + run.count * run.record_size(self.blocks)
+            if run.zero and run.fill and self.fills is not None:
+                self.fills(self.blocks, run)
             section.runs.append(run)
 
     def _continued(self, run: PageRun, header: int) -> int:

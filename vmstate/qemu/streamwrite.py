@@ -3,8 +3,6 @@ reads plus guest memory: with memory unchanged the bytes are those read."""
 
 from __future__ import annotations
 
-import itertools
-import struct
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,7 +111,4 @@ def _write_records(out, blocks: list[RamBlock], run: PageRun, memory: BlockMemor
         return
     for begin in range(0, run.count, ZERO_RECORDS_PER_WRITE):
         n = min(ZERO_RECORDS_PER_WRITE, run.count - begin)
-        header = first_header + begin * layout.PAGE_SIZE
-        headers = range(header, header + n * layout.PAGE_SIZE, layout.PAGE_SIZE)
-        out.write(struct.pack(">" + "QB" * n, *itertools.chain.from_iterable(
-            zip(headers, itertools.repeat(run.fill)))))
+        out.write(layout.zero_records(first_header + begin * layout.PAGE_SIZE, n, run.fill))
