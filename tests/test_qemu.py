@@ -125,6 +125,53 @@ def test_a_zero_page_stored_in_two_pieces_is_one_changed_page(vmstate, saved, tm
     assert (again / "new.state").read_bytes() == output.read_bytes()
 
 
+def old_layout_core(core: bytes) -> bytes:
+    """The core as split wrote it before the headers moved after the blocks: ELF header,
+    program headers and notes first, the blocks from the next page on (every p_offset and
+    the VMSTATE-QEMU note's block offsets moved with them)."""
+    from vmstate import elf
+    from vmstate.qemu import core as qemu_core
+    fields = list(elf.EHDR.unpack_from(core, 0))
+    phoff, phnum = fields[5], fields[10]
+    headers = [list(elf.PHDR.unpack_from(core, phoff + i * elf.PHDR.size)) for i in range(phnum)]
+    notes_at, notes_size = headers[0][2], headers[0][5]
+    notes = []
+    for name, kind, desc in elf.iter_notes(core[notes_at:notes_at + notes_size]):
+        notes.append((name, kind, bytearray(desc)))
+    blocks_start = qemu_core.BLOCKS_OFFSET
+    blocks_end = phoff
+    notes_size = len(b"".join(elf.note(n, k, bytes(d)) for n, k, d in notes))
+    head = elf.EHDR.size + elf.PHDR.size * phnum
+    new_start = -(-(head + notes_size) // 4096) * 4096
+    shift = new_start - blocks_start
+    for name, kind, desc in notes:
+        if name == qemu_core.NOTE_NAME:
+            header = qemu_core.BLOCK_NOTE_HEADER.unpack_from(desc)
+            position = qemu_core.BLOCK_NOTE_HEADER.size + header[3]
+            for _ in range(header[4]):
+                offset, size, length = qemu_core.BLOCK_ENTRY.unpack_from(desc, position)
+                qemu_core.BLOCK_ENTRY.pack_into(desc, position, offset + shift, size, length)
+                position += qemu_core.BLOCK_ENTRY.size + length
+    note_bytes = b"".join(elf.note(n, k, bytes(d)) for n, k, d in notes)
+    headers[0][2] = head
+    for h in headers[1:]:
+        h[2] += shift
+    fields[5] = elf.EHDR.size
+    out = elf.EHDR.pack(*fields) + b"".join(elf.PHDR.pack(*h) for h in headers) + note_bytes
+    return out.ljust(new_start, b"\0") + core[blocks_start:blocks_end]
+
+
+def test_a_core_split_before_the_headers_moved_still_joins(vmstate, saved, tmp_path):
+    stream = saved("pc")
+    core, xml = split(vmstate, stream, tmp_path)
+    old = tmp_path / "old.core"
+    old.write_bytes(old_layout_core(core.read_bytes()))
+    assert vmstate("join", old, xml, "-o", tmp_path / "new.state").returncode == 0
+    assert (tmp_path / "new.state").read_bytes() == stream.read_bytes()
+    readelf = subprocess.run(["readelf", "-lW", old], capture_output=True, text=True)
+    assert "LOAD" in readelf.stdout and not readelf.stderr
+
+
 def test_info_shows_machine_vcpu_blocks_and_devices(vmstate, saved):
     result = vmstate("info", "--json", saved("q35"))
     assert result.returncode == 0, result.stderr.decode()
