@@ -19,17 +19,18 @@ notes and the virtual mappings need.
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 
 from .. import elf, x86
 from ..errors import FormatError, VmstateError
-from ..fd import allocate, write_all_at
+from ..fd import allocate, open_to_read, write_all_at
 from ..paging import Mapping, PageTables, clip
 from . import cpu, layout
 from .description import encode_group
 from .machine import placements
-from .prefetch import BackgroundMapping, mapping_address
 from .stream import PageRun, QemuStream, RamBlock
 from .streamwrite import BlockMemory
 
@@ -276,22 +277,24 @@ class CorePages:
 # -- reading (join) --------------------------------------------------------------------------
 
 class QemuCore:
-    """A core written by split from a QEMU stream, mapped read-only: its blocks' bytes."""
+    """A core written by split from a QEMU stream: open as `fd` (for bulk reads of its
+    blocks) and mapped read-only as `data` (for its headers and small reads)."""
 
-    def __init__(self, path: str, mapped: BackgroundMapping | None = None):
+    def __init__(self, path: str):
         self.path = path
-        if mapped is None:
-            mapped = BackgroundMapping(path, "core file", QemuCoreError)
-        self.data = mapped.result()
-        self.identity = mapped.identity       # (st_dev, st_ino) of the file mapped
-        if len(self.data) < elf.EHDR.size:
-            if self.data:
-                self.data.close()
-            raise self._error("too short for an ELF header: not a core", 0)
+        self.fd = open_to_read(path, "core file", QemuCoreError)
         try:
-            self.digest, self.blocks = self._read()
+            size = os.fstat(self.fd).st_size
+            if size < elf.EHDR.size:
+                raise self._error("too short for an ELF header: not a core", 0)
+            self.data = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            try:
+                self.digest, self.blocks = self._read()
+            except BaseException:
+                self.data.close()
+                raise
         except BaseException:
-            self.data.close()
+            os.close(self.fd)
             raise
 
     def _error(self, message: str, offset: int) -> QemuCoreError:
@@ -366,15 +369,16 @@ class QemuCore:
         return digest, blocks
 
     def block_memory(self, name: str) -> BlockMemory:
-        """The block's bytes in the mapping; release its view before closing the core."""
+        """The block's bytes; release its view before closing the core."""
         block = self.blocks[name]
         return BlockMemory(memoryview(self.data)[block.offset:block.offset + block.size],
-                           mapping_address(self.data) + block.offset)
+                           self.fd, block.offset)
 
     def close(self) -> None:
+        os.close(self.fd)
         try:
             self.data.close()
-        except BufferError:     # arrays still borrow it (an error is on its way up): the
+        except BufferError:     # views still borrow it (an error is on its way up): the
             pass                # mapping goes when they do
 
     def __enter__(self):

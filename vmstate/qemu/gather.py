@@ -1,11 +1,11 @@
-"""Writing a stream of page records (join's output) from where the pages lie in a mapped
-input (the core's blocks) through the page cache, with pwritev: the kernel copies each page
-straight from the input's mapping into the output's page cache, one copy per byte as `cp`
-makes, with no staging buffer in user space. A QEMU stream's pages are 4104 bytes apart (an
-8-byte record header before each), so copy_file_range or sendfile would take one call per
-page; pwritev takes one per RECORDS_PER_CALL records, a header and a page iovec each.
-
-The memory an iovec points into must stay mapped until the write returns."""
+"""Writing a stream of page records (join's output) through the page cache: the pages of
+RECORDS_PER_CALL records are read from the input file (the core's blocks, where they lie
+back to back) into a buffer with one preadv, and written with one pwritev, a header and a
+page iovec per record. A QEMU stream's pages are 4104 bytes apart (an 8-byte record header
+before each), so copy_file_range or sendfile would take one call per page. Reading into a
+buffer that stays in the cache costs a copy, but no page tables: copying from a mapping of
+the input instead cost as much, and filling in its page tables made join's time vary from
+run to run on this machine by up to five times."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ IOVEC_WORDS = 2                                     # struct iovec: base, length
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.pwritev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
 _libc.pwritev.restype = ctypes.c_ssize_t
+
+
+def read_exactly(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` from file `fd` at `offset`; EOFError if the file ends first."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise EOFError(f"the file ends before offset {offset + len(buffer):#x}")
+        done += got
 
 
 def pwritev_all(fd: int, iovecs, count: int, offset: int, length: int) -> None:
@@ -66,13 +76,16 @@ class GatherWriter:
         self.position = position        # file offset of the next sequential byte
         self.small = bytearray()        # sequential bytes not written yet
         self._allocated = position      # blocks allocated up to here
-        # A header and a page iovec per record: the headers' and the lengths never change.
+        # A header and a page iovec per record, into two fixed buffers: they never change.
         self._headers = ctypes.create_string_buffer(RECORDS_PER_CALL * layout.U64.size)
+        self._pages = ctypes.create_string_buffer(RECORDS_PER_CALL * layout.PAGE_SIZE)
         self._iovecs = (ctypes.c_uint64 * (RECORDS_PER_CALL * 2 * IOVEC_WORDS))()
-        headers_at = ctypes.addressof(self._headers)
+        headers_at, pages_at = ctypes.addressof(self._headers), ctypes.addressof(self._pages)
         self._iovecs[0::4] = range(headers_at, headers_at + RECORDS_PER_CALL * layout.U64.size,
                                    layout.U64.size)
         self._iovecs[1::4] = [layout.U64.size] * RECORDS_PER_CALL
+        self._iovecs[2::4] = range(pages_at, pages_at + RECORDS_PER_CALL * layout.PAGE_SIZE,
+                                   layout.PAGE_SIZE)
         self._iovecs[3::4] = [layout.PAGE_SIZE] * RECORDS_PER_CALL
 
     def write(self, data) -> None:
@@ -80,20 +93,21 @@ class GatherWriter:
         if len(self.small) >= COALESCE_BYTES:
             self._flush_small()
 
-    def write_page_records(self, first_header: int, pages_address: int, count: int) -> None:
+    def write_page_records(self, first_header: int, source: int, offset: int,
+                           count: int) -> None:
         """`count` PAGE records: headers `first_header`, then one page more each; their
-        pages back to back in memory from `pages_address`."""
+        pages back to back in file `source` from `offset`."""
         self._flush_small()
         size = layout.PAGE_SIZE
-        for begin in range(0, count, RECORDS_PER_CALL):
-            n = min(RECORDS_PER_CALL, count - begin)
-            header = first_header + begin * size
-            self._headers[:n * layout.U64.size] = layout.page_headers(header, n)
-            page = pages_address + begin * size
-            self._iovecs[2:2 * IOVEC_WORDS * n:4] = range(page, page + size * n, size)
-            self._allocate(n * layout.PAGE_RECORD)
-            pwritev_all(self.fd, self._iovecs, 2 * n, self.position, n * layout.PAGE_RECORD)
-            self.position += n * layout.PAGE_RECORD
+        with memoryview(self._pages) as pages:
+            for begin in range(0, count, RECORDS_PER_CALL):
+                n = min(RECORDS_PER_CALL, count - begin)
+                read_exactly(source, pages[:n * size], offset + begin * size)
+                self._headers[:n * layout.U64.size] = \
+                    layout.page_headers(first_header + begin * size, n)
+                self._allocate(n * layout.PAGE_RECORD)
+                pwritev_all(self.fd, self._iovecs, 2 * n, self.position, n * layout.PAGE_RECORD)
+                self.position += n * layout.PAGE_RECORD
 
     def _allocate(self, length: int) -> None:
         if self.position + length > self._allocated:

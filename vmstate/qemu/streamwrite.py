@@ -15,10 +15,11 @@ ZERO_RECORDS_PER_WRITE = 4096          # ZERO records packed at a time
 
 @dataclass(frozen=True)
 class BlockMemory:
-    """A RAM block's bytes as mapped: `view` to read, `address` for the kernel to copy
-    from (mapped as long as the stream is written)."""
+    """A RAM block's bytes: `view` for small reads, and file `fd` from `offset` for bulk
+    ones (read into a buffer that stays in the cache, with no page tables to fill)."""
     view: memoryview
-    address: int
+    fd: int
+    offset: int
 
 
 def write_stream(out, stream: QemuStream, memory: list[BlockMemory],
@@ -92,8 +93,7 @@ def _piece(run: PageRun, begin: int, end: int, zero: bool) -> PageRun:
 
 
 def _write_records(out, blocks: list[RamBlock], run: PageRun, memory: BlockMemory) -> None:
-    """The records of a run: a named run is one record per page, each naming the block;
-    the pages of PAGE records are copied by the kernel from `memory`."""
+    """The records of a run: a named run is one record per page, each naming the block."""
     kind = layout.RAM_ZERO if run.zero else layout.RAM_PAGE
     if run.named:
         name = blocks[run.block].name.encode("latin-1")
@@ -106,8 +106,8 @@ def _write_records(out, blocks: list[RamBlock], run: PageRun, memory: BlockMemor
         return
     first_header = run.first_page * layout.PAGE_SIZE | kind | layout.RAM_CONTINUE
     if not run.zero:
-        out.write_page_records(first_header, memory.address + run.first_page * layout.PAGE_SIZE,
-                               run.count)
+        out.write_page_records(first_header, memory.fd,
+                               memory.offset + run.first_page * layout.PAGE_SIZE, run.count)
         return
     for begin in range(0, run.count, ZERO_RECORDS_PER_WRITE):
         n = min(ZERO_RECORDS_PER_WRITE, run.count - begin)
