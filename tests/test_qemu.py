@@ -82,6 +82,10 @@ def edit_xml(xml: Path, pattern: str, replacement: str) -> None:
 def test_join_of_split_is_the_stream_byte_for_byte(vmstate, saved, tmp_path, machine, fill):
     stream = saved(machine, fill)
     core, xml = split(vmstate, stream, tmp_path)
+    for tool in (["readelf", "-lW"], ["eu-readelf", "-n"]):    # headers after the blocks
+        shown = subprocess.run([*tool, core], capture_output=True, text=True)
+        assert shown.returncode == 0 and not shown.stderr, shown.stderr
+        assert ("LOAD" if tool[0] == "readelf" else "QEMU") in shown.stdout
     result = vmstate("join", core, xml, "-o", tmp_path / "new.state")
     assert result.returncode == 0, result.stderr.decode()
     assert "no changes" in result.stdout.decode()
