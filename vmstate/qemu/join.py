@@ -272,8 +272,11 @@ def _changed_page_records(runs: list[PageRun], memory: list[BlockMemory],
         block = memory[run.block]
         for begin in range(0, run.count, DIGEST_READ_PAGES):
             n = min(DIGEST_READ_PAGES, run.count - begin)
-            read_exactly(block.fd, buffer[:n * layout.PAGE_SIZE],
-                         block.offset + (run.first_page + begin) * layout.PAGE_SIZE)
+            try:
+                read_exactly(block.fd, buffer[:n * layout.PAGE_SIZE],
+                             block.offset + (run.first_page + begin) * layout.PAGE_SIZE)
+            except EOFError:
+                raise JoinError("the core was cut short while being joined") from None
             found.extend(page_digests(buffer, 0, layout.PAGE_SIZE, n))
         wanted = expected[position:position + run.count]
         if found != wanted:
