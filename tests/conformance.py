@@ -142,7 +142,7 @@ CASES = [
     applet("expr", "expr", "6", "*", "7"),
     applet("test", "test", "-d", "/data"),
     applet("true", "true"),
-    applet("false", "false"),
+    applet("false-applet", "false"),
     # signals
     sh("kill-0", "kill -0 $$ && echo alive"),
     sh("trap-exit", "trap 'echo bye' EXIT; echo hi"),
