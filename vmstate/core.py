@@ -23,9 +23,9 @@ from typing import Callable
 from . import elf, xsave
 from .atomic import atomic_output
 from .errors import FormatError, ImageError, VmstateError
-from .fd import FdOwner, open_to_read
+from .fd import FdOwner, open_to_read, pwrite_all
 from .image.reader import Image, ImageMetadata
-from .image.writer import RegionMemory, pwrite_all, write_runs
+from .image.writer import RegionMemory, write_runs
 from .paging import Mapping, PageTables, clip
 from .process import FileMapping, auxiliary_vector, guest_memory, program_mappings
 from .progress import progress_bar

@@ -50,13 +50,18 @@ def drain(fd: int) -> None:
         pass
 
 
-def write_all_at(fd: int, data, offset: int) -> None:
-    """pwrite all of `data` (bytes-like) at `offset`, resuming after short writes."""
+MAX_WRITE = 1 << 30          # Linux writes at most ~2 GiB per call; keep calls well below
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """pwrite all of `data` (bytes-like) at `offset`, at most MAX_WRITE bytes a call,
+    resuming after short writes. The views taken of `data` are released even when pwrite
+    raises (else the buffer, a mapping say, could not be closed while the error goes up)."""
     with memoryview(data) as whole, whole.cast("B") as view:
         done = 0
         while done < len(view):
-            with view[done:] as rest:        # released even when pwrite raises
-                done += os.pwrite(fd, rest, offset + done)
+            with view[done:done + MAX_WRITE] as part:
+                done += os.pwrite(fd, part, offset + done)
 
 
 def allocate(fd: int, offset: int, length: int) -> None:

@@ -15,6 +15,7 @@ from array import array
 from ..atomic import atomic_output
 from ..chunks import chunk_checksums
 from ..errors import VmstateError
+from ..fd import pwrite_all
 from ..pages import PageSet, Runs
 from ..progress import progress_bar
 from ..record import record
@@ -23,7 +24,6 @@ from . import codec
 from . import layout as L
 from .reader import MAX_SECTION_SIZE, checksum
 
-MAX_WRITE = 1 << 30          # Linux writes at most ~2 GiB per call; keep calls well below
 DIRECT_MIN_PAGES = 256       # runs from 1 MiB up bypass the page cache (O_DIRECT)
 PROGRESS_STEP = 64 << 20     # bytes of short runs between progress reports
 
@@ -135,13 +135,6 @@ def with_chunk_hashes(metadata: bytes, chunk_hashes: list[array]) -> bytes:
     body[:L.HEADER.size] = header[:L.HEADER_HASHED] + \
         checksum(header[:L.HEADER_HASHED]).to_bytes(8, "little")
     return bytes(body)
-
-
-def pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view[:MAX_WRITE], offset)
-        view, offset = view[written:], offset + written
 
 
 def write_runs(fd: int, regions, progress=None) -> None:

@@ -26,7 +26,8 @@ from ..atomic import PendingFile
 from ..errors import FormatError, ImageError, describe_error
 from ..image import layout as L
 from ..image.reader import Image, ImageMetadata, checksum
-from ..image.writer import pwrite_all, with_chunk_hashes
+from ..fd import pwrite_all
+from ..image.writer import with_chunk_hashes
 from ..rootfs import MODE_BITS, open_directory_beneath, open_root
 from ..state import FD_FILE, PAGE_SIZE
 from ..validate import is_inside_root

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .. import elf, x86
 from ..errors import FormatError, VmstateError
-from ..fd import allocate, open_to_read, write_all_at
+from ..fd import allocate, open_to_read, pwrite_all
 from ..paging import Mapping, PageTables, clip
 from . import cpu, layout
 from .description import encode_group
@@ -265,7 +265,7 @@ class CorePages:
         try:
             if len(data) >= ALLOCATE_MIN:
                 allocate(self.fd, offset, len(data))
-            write_all_at(self.fd, data, offset)
+            pwrite_all(self.fd, data, offset)
         except OSError as e:
             raise VmstateError(f"cannot write {self.path}: {e.strerror}") from None
 

@@ -13,7 +13,7 @@ import ctypes
 import errno
 import os
 
-from ..fd import allocate
+from ..fd import allocate, pwrite_all
 from . import layout
 
 RECORDS_PER_CALL = os.sysconf("SC_IOV_MAX") // 2     # (header, page) iovec pairs per pwritev
@@ -118,11 +118,8 @@ class GatherWriter:
     def _flush_small(self) -> None:
         if self.small:
             self._allocate(len(self.small))
-            view = memoryview(self.small)
-            while view:
-                written = os.pwrite(self.fd, view, self.position)
-                view, self.position = view[written:], self.position + written
-            view.release()
+            pwrite_all(self.fd, self.small, self.position)
+            self.position += len(self.small)
             self.small = bytearray()
 
     def finish(self) -> int:

@@ -14,7 +14,7 @@ import xxhash
 from ..atomic import atomic_output
 from ..background import ForkedCall
 from ..errors import VmstateError
-from ..fd import write_all_at
+from ..fd import pwrite_all
 from . import cpu, layout
 from .core import CorePages, QemuCore, guest_mappings, plan_core
 from .description import encode_group, leaves
@@ -100,7 +100,7 @@ def _write_xml(path: str, core_path: str, xml_path: str, fd: int) -> None:
     if sys.byteorder != "little":
         digests.byteswap()
     try:
-        write_all_at(fd, render(tree, digests.tobytes()), 0)
+        pwrite_all(fd, render(tree, digests.tobytes()), 0)
     except OSError as e:
         raise VmstateError(f"cannot write {xml_path}: {e.strerror}") from None
 
