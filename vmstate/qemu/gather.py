@@ -15,6 +15,7 @@ import os
 
 from ..fd import allocate, pwrite_all
 from . import layout
+from .records import record_iovecs
 
 RECORDS_PER_CALL = os.sysconf("SC_IOV_MAX") // 2     # (header, page) iovec pairs per pwritev
 COALESCE_BYTES = 1 << 16                            # small writes are gathered into one buffer
@@ -79,14 +80,9 @@ class GatherWriter:
         # A header and a page iovec per record, into two fixed buffers: they never change.
         self._headers = ctypes.create_string_buffer(RECORDS_PER_CALL * layout.U64.size)
         self._pages = ctypes.create_string_buffer(RECORDS_PER_CALL * layout.PAGE_SIZE)
-        self._iovecs = (ctypes.c_uint64 * (RECORDS_PER_CALL * 2 * IOVEC_WORDS))()
-        headers_at, pages_at = ctypes.addressof(self._headers), ctypes.addressof(self._pages)
-        self._iovecs[0::4] = range(headers_at, headers_at + RECORDS_PER_CALL * layout.U64.size,
-                                   layout.U64.size)
-        self._iovecs[1::4] = [layout.U64.size] * RECORDS_PER_CALL
-        self._iovecs[2::4] = range(pages_at, pages_at + RECORDS_PER_CALL * layout.PAGE_SIZE,
-                                   layout.PAGE_SIZE)
-        self._iovecs[3::4] = [layout.PAGE_SIZE] * RECORDS_PER_CALL
+        self._iovecs = record_iovecs(ctypes.addressof(self._headers),
+                                     ctypes.addressof(self._pages), layout.PAGE_SIZE,
+                                     RECORDS_PER_CALL)
 
     def write(self, data) -> None:
         self.small += memoryview(data).cast("B")

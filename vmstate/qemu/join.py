@@ -8,7 +8,6 @@ EFER, RFLAGS or CS/SS/DS/ES recomputes QEMU's hflags (cpu.derived_hflags)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from array import array
 from bisect import bisect_right
@@ -290,7 +289,7 @@ def _zero_run_changes(core: QemuCore, stream: QemuStream, runs: list[PageRun],
     """Run number -> pages (in the run) of each ZERO run no longer all its fill byte. For a
     fill of 0 only what the core's file system stores is looked at: split leaves such
     pages as holes, so a core nobody wrote to costs one FIEMAP, not a read of its zeros."""
-    segments = data_segments(core.fd, 0, os.fstat(core.fd).st_size)
+    segments = data_segments(core.fd, 0, len(core.data))
     starts = [start for start, _ in segments]
     offsets = [core.blocks[block.name].offset for block in stream.blocks]
     changes = {}

@@ -30,18 +30,12 @@ class RecordStaging:
     """The buffers and iovecs for up to RECORDS_PER_READ records of one payload size."""
 
     def __init__(self, payload_size: int):
-        self.payload_size = payload_size
         self.record_size = layout.U64.size + payload_size
         private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         self.headers = mmap.mmap(-1, RECORDS_PER_READ * layout.U64.size, private)
         self.payloads = mmap.mmap(-1, RECORDS_PER_READ * payload_size, private)
-        headers_at = _address(self.headers)
-        payloads_at = _address(self.payloads)
-        rows = []
-        for i in range(RECORDS_PER_READ):
-            rows += [headers_at + i * layout.U64.size, layout.U64.size,
-                     payloads_at + i * payload_size, payload_size]
-        self.iovecs = (ctypes.c_uint64 * len(rows))(*rows)
+        self.iovecs = record_iovecs(_address(self.headers), _address(self.payloads),
+                                    payload_size, RECORDS_PER_READ)
 
     def read(self, fd: int, offset: int, count: int) -> int:
         """Read `count` records from `offset`; the number read whole (fewer at the end of
@@ -57,6 +51,19 @@ class RecordStaging:
     def close(self) -> None:
         self.headers.close()
         self.payloads.close()
+
+
+def record_iovecs(headers_at: int, payloads_at: int, payload_size: int, count: int):
+    """`count` (header, payload) iovec pairs as a ctypes u64 array: record i's 8-byte header
+    at headers_at + 8 i, its payload at payloads_at + i payload_size (both buffers must
+    outlive the array's use)."""
+    header_size = layout.U64.size
+    iovecs = (ctypes.c_uint64 * (4 * count))()
+    iovecs[0::4] = range(headers_at, headers_at + count * header_size, header_size)
+    iovecs[1::4] = [header_size] * count
+    iovecs[2::4] = range(payloads_at, payloads_at + count * payload_size, payload_size)
+    iovecs[3::4] = [payload_size] * count
+    return iovecs
 
 
 def _address(buffer: mmap.mmap) -> int:
