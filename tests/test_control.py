@@ -24,6 +24,10 @@ from test_migration import Receiver
 pytestmark = pytest.mark.kvm
 
 
+def _command(command: str, arguments: dict) -> bytes:
+    return json.dumps({"execute": command, "arguments": arguments}).encode()
+
+
 class Client:
     def __init__(self, path):
         self.sock = socket.socket(socket.AF_UNIX)
@@ -39,8 +43,12 @@ class Client:
         self.stream.write(line + b"\n")
         return self.read()
 
+    def request(self, command: str, **arguments) -> None:
+        """Send a command without waiting for its reply (read() it later)."""
+        self.stream.write(_command(command, arguments) + b"\n")
+
     def execute(self, command: str, **arguments) -> dict:
-        return self.send_line(json.dumps({"execute": command, "arguments": arguments}).encode())
+        return self.send_line(_command(command, arguments))
 
     def ok(self, command: str, **arguments):
         reply = self.execute(command, **arguments)
@@ -406,8 +414,7 @@ def test_a_cold_migration_to_a_stalled_receiver_holds_up_only_its_vm(started, gu
     migrating, client = Client(tmp_path / "vmm.sock"), Client(tmp_path / "vmm.sock")
     peer = FailingReceiver(stall=True)
     try:
-        migrating.stream.write(json.dumps({"execute": "migrate", "arguments": {
-            "vm": "ticker", "address": f"127.0.0.1:{peer.port}"}}).encode() + b"\n")
+        migrating.request("migrate", vm="ticker", address=f"127.0.0.1:{peer.port}")
         assert peer.got_end.wait(60), peer.error
         first = query(client)                      # this query went unanswered before
         assert first["ticker"]["description"] == "running, handing over to a migration receiver"
@@ -435,8 +442,7 @@ def test_quit_during_a_cold_migration_answers_its_client(started, guest, tmp_pat
     migrating, client = Client(tmp_path / "vmm.sock"), Client(tmp_path / "vmm.sock")
     peer = FailingReceiver(stall=True)
     try:
-        migrating.stream.write(json.dumps({"execute": "migrate", "arguments": {
-            "vm": "ticker", "address": f"127.0.0.1:{peer.port}"}}).encode() + b"\n")
+        migrating.request("migrate", vm="ticker", address=f"127.0.0.1:{peer.port}")
         assert peer.got_end.wait(60), peer.error
         client.ok("quit")
         assert migrating.read() == {"error": {"class": "GenericError", "desc": (
