@@ -129,6 +129,28 @@ def test_a_zero_page_stored_in_two_pieces_is_one_changed_page(vmstate, saved, tm
     assert (again / "new.state").read_bytes() == output.read_bytes()
 
 
+def test_a_core_cut_short_while_joining_is_one_error_and_no_output(vmstate, saved, tmp_path,
+                                                                   monkeypatch):
+    """The core shrinks after join opened it (before the pages are read): the writer and
+    the forked digest check each meet the end early; join names the core, writes nothing."""
+    from vmstate.errors import VmstateError
+    from vmstate.qemu import join as qemu_join
+    core, xml = split(vmstate, saved("pc", fill=True), tmp_path)
+    zero_run_changes = qemu_join._zero_run_changes
+
+    def then_cut(*arguments):
+        changes = zero_run_changes(*arguments)
+        os.truncate(core, core.stat().st_size // 2)
+        return changes
+    monkeypatch.setattr(qemu_join, "_zero_run_changes", then_cut)
+    for output in (str(tmp_path / "new.state"), None):          # writing, and --dry-run
+        with pytest.raises(VmstateError, match=r"vm.core was cut short while being joined|"
+                                                r"the core was cut short while being joined"):
+            qemu_join.join_stream(str(core), str(xml), xml.read_bytes(), output)
+        core, xml = split(vmstate, saved("pc", fill=True), tmp_path)    # whole again
+    assert not (tmp_path / "new.state").exists()
+
+
 def old_layout_core(core: bytes) -> bytes:
     """The core as split wrote it before the headers moved after the blocks: ELF header,
     program headers and notes first, the blocks from the next page on (every p_offset and
