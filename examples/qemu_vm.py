@@ -113,6 +113,11 @@ class Qemu:
         except FileNotFoundError:
             return ""
 
+    def serial_lines(self) -> str:
+        """The serial output up to its last newline: QEMU may be writing the next line."""
+        text = self.serial_text()
+        return text[:text.rfind("\n") + 1]
+
     def stderr_text(self) -> str:
         if self.process.poll() is None:
             return ""
@@ -177,19 +182,19 @@ def save_running_guest(out: str | Path, machine: str = "pc", memory: str = "128M
     with Qemu(machine, memory, serial, kernel, append="fill" if fill else None) as qemu:
         qemu.wait_serial(f"tick {ticks} ", timeout=120)
         qemu.save(out)
-        return qemu.serial_text()
+        return qemu.serial_lines()
 
 
 def resume(state: str | Path, machine: str = "pc", memory: str = "128M",
            serial: str | Path = "resumed.log", seconds: float = 2.0,
            wait_for: str = "tick ") -> str:
-    """Load STATE into a new QEMU, continue it and return the serial output it produced."""
+    """Load STATE into a new QEMU, continue it and return the serial lines it printed."""
     with Qemu(machine, memory, serial, kernel=None, incoming=state) as qemu:
         qemu.wait_incoming()
         qemu.hmp("cont")
         qemu.wait_serial(wait_for, timeout=60)
         time.sleep(seconds)
-        return qemu.serial_text()
+        return qemu.serial_lines()
 
 
 def main() -> None:
