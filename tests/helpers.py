@@ -1,5 +1,6 @@
 """Assertions and waits shared by the tests."""
 
+import os
 import time
 
 
@@ -31,3 +32,21 @@ def wait_until_blocked(pid: int, still: float = 0.4, timeout: float = 60) -> Non
             return
         time.sleep(0.02)
     raise AssertionError(f"the VMM (pid {pid}) never blocked")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time the process has used so far (a KVM guest's time counts as user
+    time)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_computing(pid: int, seconds: float = 0.1, timeout: float = 60) -> None:
+    """Until the process has used `seconds` more of CPU time: a guest that only computes is
+    then in its loop, however long a loaded machine took to run it that far (a fixed sleep
+    measures the wrong clock: the guest may have had all of it, or none)."""
+    start, deadline = cpu_seconds(pid), time.monotonic() + timeout
+    while cpu_seconds(pid) - start < seconds:
+        assert time.monotonic() < deadline, f"process {pid} did not compute"
+        time.sleep(0.01)

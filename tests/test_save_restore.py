@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import wait_until_blocked
+from helpers import wait_until_blocked, wait_until_computing
 from vmstate.image.reader import Image
 
 pytestmark = pytest.mark.kvm
@@ -105,10 +105,14 @@ def _start(vmstate_cmd, cwd, *args, stdin=subprocess.DEVNULL):
 
 @pytest.mark.both_cpus
 def test_sigusr1_saves_a_computing_guest(vmstate_cmd, vmstate, guest, tmp_path, cpu):
-    millions = "20" if cpu == "soft" else "4000"       # the software CPU is ~100x slower here
+    # About 2 s of computing on either CPU (the software one is ~150x slower here): the signal
+    # comes 0.1 s into it by the VMM's own CPU time, so the guest cannot finish first, however
+    # loaded the machine (it counted to 4000 million, done after 0.6 s: a fixed 0.3 s sleep
+    # left too little on a busy one).
+    millions = "60" if cpu == "soft" else "12000"
     process = _start(vmstate_cmd, tmp_path, "run", "--save-on-signal", guest("spin"), millions)
     assert process.stdout.readline() == b"spinning\n"
-    time.sleep(0.3)
+    wait_until_computing(process.pid)
     process.send_signal(signal.SIGUSR1)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
@@ -122,12 +126,14 @@ def test_sigusr1_saves_a_computing_guest(vmstate_cmd, vmstate, guest, tmp_path, 
 
 
 def test_sigint_saves_only_when_asked(vmstate_cmd, guest, tmp_path):
-    plain = _start(vmstate_cmd, tmp_path, "run", guest("spin"), "4000")
+    # Minutes of counting, cut short by the signal: a guest that finished first (4000 million
+    # took under a second) would exit 0 without a save.
+    plain = _start(vmstate_cmd, tmp_path, "run", guest("spin"), "400000")
     assert plain.stdout.readline() == b"spinning\n"
     plain.send_signal(signal.SIGINT)
     assert plain.wait(timeout=30) == 130
     assert not (tmp_path / "vm_image.sav").exists()
-    asked = _start(vmstate_cmd, tmp_path, "run", "--save-on-interrupt", guest("spin"), "4000")
+    asked = _start(vmstate_cmd, tmp_path, "run", "--save-on-interrupt", guest("spin"), "400000")
     assert asked.stdout.readline() == b"spinning\n"
     asked.send_signal(signal.SIGINT)
     assert asked.wait(timeout=30) == 0
