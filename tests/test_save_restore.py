@@ -126,14 +126,16 @@ def test_sigusr1_saves_a_computing_guest(vmstate_cmd, vmstate, guest, tmp_path, 
 
 
 def test_sigint_saves_only_when_asked(vmstate_cmd, guest, tmp_path):
-    # Minutes of counting, cut short by the signal: a guest that finished first (4000 million
-    # took under a second) would exit 0 without a save.
-    plain = _start(vmstate_cmd, tmp_path, "run", guest("spin"), "400000")
+    # About 3 s of counting, cut short by the signal: a guest that finished first (4000 million
+    # took under a second) would exit 0 without a save. Not minutes: without
+    # --save-on-interrupt nothing kicks the vCPU, and a SIGINT that lands just before KVM_RUN
+    # is only seen at the guest's next exit (here its last write).
+    plain = _start(vmstate_cmd, tmp_path, "run", guest("spin"), "12000")
     assert plain.stdout.readline() == b"spinning\n"
     plain.send_signal(signal.SIGINT)
     assert plain.wait(timeout=30) == 130
     assert not (tmp_path / "vm_image.sav").exists()
-    asked = _start(vmstate_cmd, tmp_path, "run", "--save-on-interrupt", guest("spin"), "400000")
+    asked = _start(vmstate_cmd, tmp_path, "run", "--save-on-interrupt", guest("spin"), "12000")
     assert asked.stdout.readline() == b"spinning\n"
     asked.send_signal(signal.SIGINT)
     assert asked.wait(timeout=30) == 0
