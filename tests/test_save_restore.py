@@ -99,8 +99,12 @@ def test_second_save_may_replace_the_image_it_runs_from(vmstate, guest, tmp_path
 
 
 def _start(vmstate_cmd, cwd, *args, stdin=subprocess.DEVNULL):
+    """`vmstate ARGS` with SIGINT's default action, whatever the tests inherited: a shell
+    runs a background job (`make test &`, without job control) with SIGINT ignored, and a
+    VMM started so ignores Ctrl-C."""
     return subprocess.Popen([vmstate_cmd, *map(str, args)], cwd=cwd, stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.both_cpus
@@ -128,8 +132,9 @@ def test_sigusr1_saves_a_computing_guest(vmstate_cmd, vmstate, guest, tmp_path, 
 def test_sigint_saves_only_when_asked(vmstate_cmd, guest, tmp_path):
     # About 3 s of counting, cut short by the signal: a guest that finished first (4000 million
     # took under a second) would exit 0 without a save. Not minutes: without
-    # --save-on-interrupt nothing kicks the vCPU, and a SIGINT that lands just before KVM_RUN
-    # is only seen at the guest's next exit (here its last write).
+    # --save-on-interrupt nothing kicks the vCPU, so a SIGINT that lands between Python's
+    # last signal check and KVM_RUN would only be seen at the guest's next exit (its last
+    # write).
     plain = _start(vmstate_cmd, tmp_path, "run", guest("spin"), "12000")
     assert plain.stdout.readline() == b"spinning\n"
     plain.send_signal(signal.SIGINT)
