@@ -96,9 +96,11 @@ class Qemu:
         return self.command_qmp("human-monitor-command", **{"command-line": command})
 
     def wait_serial(self, text: str, timeout: float = 30.0, start: int = 0) -> str:
+        """Until `text` is in a complete line of the serial output: a line QEMU is still
+        writing could be all that is there when the caller reads the lines."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            output = self.serial_text()[start:]
+            output = self.serial_lines()[start:]
             if text in output:
                 return output
             if self.process.poll() is not None:

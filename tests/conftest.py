@@ -12,8 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from helpers import NETNS_RECEIVER, NETNS_SENDER
+
+# Property tests judge results, never time: Hypothesis's default 200 ms deadline per example
+# and its too-slow health check fail a test whose examples a loaded machine runs slowly
+# (pages' large byte maps take a Python loop over up to 400 000 bytes). Loaded here, before
+# the test modules: their own @settings start from this profile.
+settings.register_profile("vmstate", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("vmstate")
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

@@ -90,9 +90,12 @@ def states(client) -> dict[str, str]:
 
 
 def test_every_command_two_clients_and_garbage(started, vmstate, vmstate_cmd, guest, tmp_path):
+    # The first two must still be running when the test stops them: 40 ticks of 200 million
+    # spins take seconds with three VMs sharing the thread (of 20 million, they ended 0.64 s
+    # after the socket appeared, and a test held up that long found them gone).
     ticker = guest("ticker")
-    host = started("host", "--control", "vmm.sock", "-v", f"{ticker} 40 20 3",
-                   "-v", f"{ticker} 40 20 4", "-v", f"{ticker} 100000 20 5")
+    host = started("host", "--control", "vmm.sock", "-v", f"{ticker} 40 200 3",
+                   "-v", f"{ticker} 40 200 4", "-v", f"{ticker} 100000 20 5")
     assert os.stat(tmp_path / "vmm.sock").st_mode & 0o777 == 0o600
     first = Client(tmp_path / "vmm.sock")
     assert first.greeting["vmstate"]["vms"] == ["ticker", "ticker-2", "ticker-3"]
@@ -280,8 +283,11 @@ def test_migrate_live_from_the_control_socket(started, vmstate_cmd, guest, tmp_p
     """`migrate live=true`: the VM runs on in its slices while its memory goes, then ends here
     as migrated; the receiver goes on with the ticks, none lost or repeated. On KVM and on
     the software CPU."""
-    ticker = guest("ticker")
-    host = started("host", "--cpu", cpu, "--control", "vmm.sock", "-v", f"{ticker} 60 20 6",
+    # The VM must not reach its 60th tick before the hand-over: on KVM 20 million spins a tick
+    # left it about 15 ticks (0.2 s) to spare here; 200 million leave it seconds. The software
+    # CPU is some 150 times slower: 20 million are plenty.
+    ticker, spin = guest("ticker"), 200 if cpu == "kvm" else 20
+    host = started("host", "--cpu", cpu, "--control", "vmm.sock", "-v", f"{ticker} 60 {spin} 6",
                    "-v", f"{ticker} 100000 20 7")
     client = Client(tmp_path / "vmm.sock")
     receiver = Receiver(vmstate_cmd, tmp_path, "--run", "--once", "--root", tmp_path)

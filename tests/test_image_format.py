@@ -21,7 +21,8 @@ from vmstate.state import PAGE_SIZE, GuestOs, Pipe
 from vmstate.validate import problems
 
 SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
 
 
 @SETTINGS

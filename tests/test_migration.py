@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from helpers import NETNS_RECEIVER
+from helpers import NETNS_RECEIVER, HoldingRelay
 import xxhash
 
 from vmstate.image import layout as L
@@ -387,10 +387,11 @@ def test_metadata_frame_is_bounded_by_the_image_header(receivers, tmp_path):
 def test_receiver_killed_mid_transfer(vmstate_cmd, vmstate, example, receivers, two_dirs):
     sender_dir, receiver_dir = two_dirs
     receiver = receivers(receiver_dir, "-o", "got.sav", "--once")
+    relay = HoldingRelay(receiver.port, 200 << 20)
     sender = subprocess.Popen([vmstate_cmd, "run", "--memory", "2G", "--migrate-to",
-                               f"127.0.0.1:{receiver.port}", example("fill_memory"), "1500"],
+                               f"127.0.0.1:{relay.port}", example("fill_memory"), "1500"],
                               cwd=sender_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _kill_when_transferring(receiver, receiver.process)
+    _kill_when_transferring(receiver, relay, receiver.process)
     _, err = sender.communicate(timeout=120)
     assert sender.returncode == 125
     assert "the VM was saved to vm_image.sav instead" in err.decode()
@@ -406,9 +407,11 @@ def test_sender_killed_mid_transfer(vmstate_cmd, vmstate, example, receivers, tw
     image = sender_dir / "vm_image.sav"
     size_before = image.stat().st_size
     receiver = receivers(receiver_dir, "-o", "got.sav")
-    sender = subprocess.Popen([vmstate_cmd, "send", "vm_image.sav", f"127.0.0.1:{receiver.port}"],
+    relay = HoldingRelay(receiver.port, 200 << 20)
+    sender = subprocess.Popen([vmstate_cmd, "send", "vm_image.sav", f"127.0.0.1:{relay.port}"],
                               cwd=sender_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _kill_when_transferring(receiver, sender)
+    _kill_when_transferring(receiver, relay, sender)
+    relay.release()                     # what the sender sent before it died, then its end
     receiver.read_log_until("rejected VM from 127.0.0.1")
     assert sorted(p.name for p in receiver_dir.iterdir()) == []
     assert image.stat().st_size == size_before
@@ -431,11 +434,14 @@ def bytes_stored(pid: int) -> int:
     return most
 
 
-def _kill_when_transferring(receiver, victim, threshold=200 << 20, timeout=90):
-    """SIGKILL `victim` once the receiver has stored `threshold` bytes of the VM."""
+def _kill_when_transferring(receiver, relay, victim, threshold=100 << 20, timeout=90):
+    """SIGKILL `victim` once the relay holds back the rest of the VM and the receiver has
+    stored `threshold` bytes of it: mid-transfer for certain (killed as the receiver's
+    file reached 200 MiB of 1.5 GiB, a loaded machine could let the transfer end first)."""
+    assert relay.holding.wait(timeout), "the transfer never started"
     deadline = time.monotonic() + timeout
     while receiver.bytes_stored() < threshold:
-        assert time.monotonic() < deadline, "the transfer never started"
+        assert time.monotonic() < deadline, "the receiver stored nothing"
         time.sleep(0.005)
     victim.send_signal(signal.SIGKILL)
     victim.wait()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import wait_until_blocked
+from helpers import wait_until_blocked, wait_until_computing
 from vmstate.image.reader import Image
 
 pytestmark = pytest.mark.kvm
@@ -99,16 +99,24 @@ def test_second_save_may_replace_the_image_it_runs_from(vmstate, guest, tmp_path
 
 
 def _start(vmstate_cmd, cwd, *args, stdin=subprocess.DEVNULL):
+    """`vmstate ARGS` with SIGINT's default action, whatever the tests inherited: a shell
+    runs a background job (`make test &`, without job control) with SIGINT ignored, and a
+    VMM started so ignores Ctrl-C."""
     return subprocess.Popen([vmstate_cmd, *map(str, args)], cwd=cwd, stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.both_cpus
 def test_sigusr1_saves_a_computing_guest(vmstate_cmd, vmstate, guest, tmp_path, cpu):
-    millions = "20" if cpu == "soft" else "4000"       # the software CPU is ~100x slower here
+    # About 2 s of computing on either CPU (the software one is ~150x slower here): the signal
+    # comes 0.1 s into it by the VMM's own CPU time, so the guest cannot finish first, however
+    # loaded the machine (it counted to 4000 million, done after 0.6 s: a fixed 0.3 s sleep
+    # left too little on a busy one).
+    millions = "60" if cpu == "soft" else "12000"
     process = _start(vmstate_cmd, tmp_path, "run", "--save-on-signal", guest("spin"), millions)
     assert process.stdout.readline() == b"spinning\n"
-    time.sleep(0.3)
+    wait_until_computing(process.pid)
     process.send_signal(signal.SIGUSR1)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
@@ -122,12 +130,17 @@ def test_sigusr1_saves_a_computing_guest(vmstate_cmd, vmstate, guest, tmp_path, 
 
 
 def test_sigint_saves_only_when_asked(vmstate_cmd, guest, tmp_path):
-    plain = _start(vmstate_cmd, tmp_path, "run", guest("spin"), "4000")
+    # About 3 s of counting, cut short by the signal: a guest that finished first (4000 million
+    # took under a second) would exit 0 without a save. Not minutes: without
+    # --save-on-interrupt nothing kicks the vCPU, so a SIGINT that lands between Python's
+    # last signal check and KVM_RUN would only be seen at the guest's next exit (its last
+    # write).
+    plain = _start(vmstate_cmd, tmp_path, "run", guest("spin"), "12000")
     assert plain.stdout.readline() == b"spinning\n"
     plain.send_signal(signal.SIGINT)
     assert plain.wait(timeout=30) == 130
     assert not (tmp_path / "vm_image.sav").exists()
-    asked = _start(vmstate_cmd, tmp_path, "run", "--save-on-interrupt", guest("spin"), "4000")
+    asked = _start(vmstate_cmd, tmp_path, "run", "--save-on-interrupt", guest("spin"), "12000")
     assert asked.stdout.readline() == b"spinning\n"
     asked.send_signal(signal.SIGINT)
     assert asked.wait(timeout=30) == 0

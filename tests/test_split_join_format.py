@@ -65,7 +65,8 @@ def round_trip(tmp_path, state, contents):
     assert (tmp_path / "again.sav").read_bytes() == image.read_bytes()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(generated=vm_states())
 def test_join_of_split_is_byte_identical(tmp_path, generated):
     state, contents = generated

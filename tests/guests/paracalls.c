@@ -34,7 +34,7 @@ int main(int argc, char **argv)
             for (int i = 0; i < 60; i++) {
                 printf("live tick %d\n", i);
                 fflush(stdout);
-                usleep(20000);
+                usleep(50000);     /* 3 s in all: the hand-over comes first */
             }
             return 11;
         }
