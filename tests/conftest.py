@@ -18,9 +18,11 @@ from helpers import NETNS_RECEIVER, NETNS_SENDER
 
 # Property tests judge results, never time: Hypothesis's default 200 ms deadline per example
 # and its too-slow health check fail a test whose examples a loaded machine runs slowly
-# (pages' large byte maps take a Python loop over up to 400 000 bytes). Loaded here, before
-# the test modules: their own @settings start from this profile.
-settings.register_profile("vmstate", deadline=None,
+# (pages' large byte maps take a Python loop over up to 400 000 bytes). And a run's examples
+# are the same every time (derandomize), so a test run passes or fails on the code alone;
+# tests/fuzz explores at random. Loaded here, before the test modules: their own @settings
+# start from this profile.
+settings.register_profile("vmstate", deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("vmstate")
 
