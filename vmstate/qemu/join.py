@@ -60,7 +60,7 @@ def join_stream(core_path: str, xml_path: str, xml_data: bytes, output: str | No
         memory = [core.block_memory(block.name) for block in stream.blocks]
         try:
             runs = [run for section in stream.sections for run in section.runs]
-            zero_changes = _zero_run_changes(core, stream, runs, memory)
+            zero_changes = _zero_run_changes(core, runs, memory)
             checking = ForkedCall(partial(_changed_page_records, runs, memory, digests),
                                   "page digests")
             try:
@@ -284,14 +284,13 @@ def _changed_page_records(runs: list[PageRun], memory: list[BlockMemory],
     return changed
 
 
-def _zero_run_changes(core: QemuCore, stream: QemuStream, runs: list[PageRun],
+def _zero_run_changes(core: QemuCore, runs: list[PageRun],
                       memory: list[BlockMemory]) -> dict[int, list[int]]:
     """Run number -> pages (in the run) of each ZERO run no longer all its fill byte. For a
     fill of 0 only what the core's file system stores is looked at: split leaves such
     pages as holes, so a core nobody wrote to costs one FIEMAP, not a read of its zeros."""
     segments = data_segments(core.fd, 0, len(core.data))
     starts = [start for start, _ in segments]
-    offsets = [core.blocks[block.name].offset for block in stream.blocks]
     changes = {}
     for number, run in enumerate(runs):
         if not run.zero:
@@ -302,8 +301,8 @@ def _zero_run_changes(core: QemuCore, stream: QemuStream, runs: list[PageRun],
         if run.fill:
             stored = [(begin, end)]
         else:
-            base = offsets[run.block]
-            stored = _overlaps(segments, starts, base + begin, base + end, base)
+            stored = _overlaps(segments, starts, block.offset + begin, block.offset + end,
+                               block.offset)
         pages = sorted({page for first, last in stored      # widened parts may share pages
                         for page in _pages_not_filled(block.view, first, last, run.fill)})
         if pages:
