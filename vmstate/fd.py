@@ -1,5 +1,5 @@
-"""Objects that own one file descriptor, opening the regular files they read, and emptying a
-wake-up pipe."""
+"""Objects that own one file descriptor, opening the regular files they read, emptying a
+wake-up pipe, and whole reads, writes and allocations at file offsets."""
 
 import ctypes
 import os
@@ -62,6 +62,16 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         while done < len(view):
             with view[done:done + MAX_WRITE] as part:
                 done += os.pwrite(fd, part, offset + done)
+
+
+def read_exactly(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` from file `fd` at `offset`; EOFError if the file ends first."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise EOFError(f"the file ends before offset {offset + len(buffer):#x}")
+        done += got
 
 
 def allocate(fd: int, offset: int, length: int) -> None:

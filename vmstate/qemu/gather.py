@@ -13,7 +13,7 @@ import ctypes
 import errno
 import os
 
-from ..fd import allocate, pwrite_all
+from ..fd import allocate, pwrite_all, read_exactly
 from . import layout
 from .records import record_iovecs
 
@@ -25,16 +25,6 @@ IOVEC_WORDS = 2                                     # struct iovec: base, length
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.pwritev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
 _libc.pwritev.restype = ctypes.c_ssize_t
-
-
-def read_exactly(fd: int, buffer: memoryview, offset: int) -> None:
-    """Fill `buffer` from file `fd` at `offset`; EOFError if the file ends first."""
-    done = 0
-    while done < len(buffer):
-        got = os.preadv(fd, [buffer[done:]], offset + done)
-        if got == 0:
-            raise EOFError(f"the file ends before offset {offset + len(buffer):#x}")
-        done += got
 
 
 def pwritev_all(fd: int, iovecs, count: int, offset: int, length: int) -> None:

@@ -17,13 +17,14 @@ from functools import partial
 from ..atomic import atomic_output
 from ..background import ForkedCall
 from ..errors import VmstateError
+from ..fd import read_exactly
 from ..pages import is_zero
 from ..sparse import data_segments
 from . import cpu, layout
 from .core import QemuCore
 from .description import Decoder, DescriptionError, Leaf, leaves, parse_description
 from .digests import page_digests
-from .gather import GatherWriter, read_exactly
+from .gather import GatherWriter
 from .machine import placements
 from .statexml import StateDocument, format_leaf, from_xml
 from .stream import PageRun, QemuStream
