@@ -317,9 +317,8 @@ class _Reader:
                                  "bytes)", start)
             zero = kind == layout.RAM_ZERO
             named = not flags & layout.RAM_CONTINUE
-            run = PageRun(block, page, 1, zero, 0, named, start)
             fill = self.u8("zero page fill byte") if zero else 0
-            run.fill = fill
+            run = PageRun(block, page, 1, zero, fill, named, start)
             if named:
                 if not zero:
                     page_data = self.take(layout.PAGE_SIZE, "page data")
@@ -340,7 +339,9 @@ class _Reader:
         kind and fill, CONTINUE flag), read in bulk; each stretch of PAGE records goes to
         the sink as read."""
         size = 1 if run.zero else layout.PAGE_SIZE
-        staging = self.staging.get(size) or self.staging.setdefault(size, RecordStaging(size))
+        if size not in self.staging:
+            self.staging[size] = RecordStaging(size)
+        staging = self.staging[size]
         sink = None
         if self.sink is not None and not run.zero:
             sink = partial(self.sink, self.blocks, run)
