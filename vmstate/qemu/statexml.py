@@ -215,7 +215,8 @@ def from_xml(data: bytes, source: str) -> StateDocument:
     if not validator.validate(root):
         error = validator.error_log[0]
         raise XmlError(f"does not match the schema: {error.message}", f"{source}:{error.line}")
-    digests.text = digests_text
+    if digests is not None:
+        digests.text = digests_text
     try:
         return _document(root)
     except _Invalid as e:
